@@ -1,0 +1,61 @@
+// The averaging engine: a bucket plan over a fixed list of tensors, reusable staging buffers, and the
+// pack -> all_reduce -> unpack pipeline through a torch.distributed ProcessGroup.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <vector>
+
+#include "bucket_plan.h"
+
+namespace localsgd_ext {
+
+// Bucket starts are aligned to this many bytes so vectorized kernels can use 16-byte accesses.
+constexpr int64_t kBucketAlignmentBytes = 16;
+
+class BucketedAverager {
+ public:
+  // Plans buckets over `tensors` (kept by reference: in-place updates land in them). Staging memory is
+  // `buffers_in_flight` buffers per device, each as large as that device's largest bucket.
+  BucketedAverager(std::vector<at::Tensor> tensors, int64_t bucket_cap_bytes, int64_t buffers_in_flight);
+
+  // Replaces every tensor by its mean across `group`, in place. With `use_avg_op` the backend's AVG
+  // does the division; otherwise the all_reduce is a SUM and unpack divides by the group size.
+  // Bucket i+1 is packed while bucket i is on the wire. Blocks until every bucket is unpacked.
+  void average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
+
+  const std::vector<Bucket>& buckets() const { return buckets_; }
+  const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  // Bytes of staging buffers allocated so far (they are allocated at the first average()).
+  int64_t staging_bytes() const;
+
+ private:
+  struct BucketTensors {
+    std::vector<at::Tensor> tensors;
+    std::vector<int64_t> offsets;
+  };
+
+  void build_plan();
+  // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
+  bool plan_is_stale() const;
+  at::Tensor staging_view(size_t slot, const Bucket& bucket);
+
+  std::vector<at::Tensor> tensors_;
+  int64_t bucket_cap_bytes_;
+  int64_t buffers_in_flight_;
+
+  // Per tensor, what the plan was built from.
+  std::vector<PlanInput> planned_inputs_;
+  // Per group (index = PlanInput::group): its dtype and the index of its device in devices_.
+  std::vector<c10::ScalarType> group_dtypes_;
+  std::vector<size_t> group_device_index_;
+  std::vector<c10::Device> devices_;
+  std::vector<Bucket> buckets_;
+  std::vector<BucketTensors> bucket_tensors_;
+  // staging_[slot][device index]: a byte buffer as large as that device's largest bucket, allocated on
+  // first use and shared by every dtype on the device (viewed as the bucket's dtype).
+  std::vector<std::vector<at::Tensor>> staging_;
+};
+
+} // namespace localsgd_ext

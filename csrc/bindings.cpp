@@ -1,0 +1,62 @@
+// Python bindings for localsgd_ext._C. The operators (pack_into, unpack_from) register themselves
+// with the dispatcher when this library loads; this file only exposes the engine and the planner.
+#include <torch/extension.h>
+
+#include "averager.h"
+#include "bucket_plan.h"
+
+namespace py = pybind11;
+using localsgd_ext::Bucket;
+using localsgd_ext::BucketedAverager;
+using localsgd_ext::PlanInput;
+
+namespace {
+
+py::dict bucket_to_dict(const Bucket& bucket) {
+  py::dict d;
+  d["group"] = bucket.group;
+  d["element_size"] = bucket.element_size;
+  d["numel"] = bucket.numel;
+  d["tensor_indices"] = bucket.tensor_indices;
+  d["offsets"] = bucket.offsets;
+  return d;
+}
+
+py::list buckets_to_list(const std::vector<Bucket>& buckets) {
+  py::list out;
+  for (const Bucket& bucket : buckets) {
+    out.append(bucket_to_dict(bucket));
+  }
+  return out;
+}
+
+} // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Compiled core of localsgd_ext: bucket planner and bucketed parameter averaging engine.";
+  m.attr("BUCKET_ALIGNMENT_BYTES") = localsgd_ext::kBucketAlignmentBytes;
+
+  m.def(
+      "plan_buckets",
+      [](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& inputs, int64_t cap_bytes,
+         int64_t alignment_bytes) {
+        std::vector<PlanInput> plan_inputs;
+        plan_inputs.reserve(inputs.size());
+        for (const auto& [group, numel, element_size] : inputs) {
+          plan_inputs.push_back({group, numel, element_size});
+        }
+        return buckets_to_list(localsgd_ext::plan_buckets(plan_inputs, cap_bytes, alignment_bytes));
+      },
+      py::arg("inputs"), py::arg("cap_bytes"), py::arg("alignment_bytes"),
+      "Plans buckets over (group, numel, element_size) triples; returns one dict per bucket.");
+
+  py::class_<BucketedAverager>(m, "BucketedAverager")
+      .def(
+          py::init<std::vector<at::Tensor>, int64_t, int64_t>(),
+          py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2)
+      .def(
+          "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
+          py::call_guard<py::gil_scoped_release>())
+      .def("buckets", [](const BucketedAverager& self) { return buckets_to_list(self.buckets()); })
+      .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes);
+}

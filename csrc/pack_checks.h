@@ -1,0 +1,55 @@
+// Argument checks shared by every device's pack/unpack implementation, so a bad call gets the same
+// sentence whichever kernel it reaches.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace localsgd_ext {
+
+inline void check_pack_arguments(
+    const char* op,
+    at::TensorList tensors,
+    at::IntArrayRef offsets,
+    const at::Tensor& buffer) {
+  TORCH_CHECK_VALUE(
+      tensors.size() == offsets.size(),
+      op, ": tensors and offsets must have the same length, got ", tensors.size(), " tensors and ",
+      offsets.size(), " offsets.");
+  TORCH_CHECK_VALUE(
+      buffer.layout() == at::kStrided,
+      op, ": buffer must be a strided (dense) tensor, got layout ", buffer.layout(), ".");
+  TORCH_CHECK_VALUE(
+      buffer.dim() == 1 && buffer.is_contiguous(),
+      op, ": buffer must be 1-D and contiguous, got sizes ", buffer.sizes(), " and strides ",
+      buffer.strides(), ".");
+  const int64_t capacity = buffer.numel();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), op, ": tensors[", i, "] is undefined.");
+    TORCH_CHECK_VALUE(
+        t.layout() == at::kStrided,
+        op, ": tensors[", i, "] must be strided (dense), got layout ", t.layout(), ".");
+    TORCH_CHECK_TYPE(
+        t.scalar_type() == buffer.scalar_type(),
+        op, ": tensors[", i, "] has dtype ", t.scalar_type(), " but buffer has dtype ",
+        buffer.scalar_type(), "; a bucket holds one dtype.");
+    TORCH_CHECK_VALUE(
+        t.device() == buffer.device(),
+        op, ": tensors[", i, "] is on ", t.device(), " but buffer is on ", buffer.device(), ".");
+    TORCH_CHECK_VALUE(
+        offsets[i] >= 0 && offsets[i] <= capacity - t.numel(),
+        op, ": tensors[", i, "] with ", t.numel(), " elements at offset ", offsets[i],
+        " does not fit in a buffer of ", capacity, " elements.");
+  }
+}
+
+inline void check_divisor(const char* op, double divisor) {
+  TORCH_CHECK_VALUE(
+      divisor > 0 && divisor < std::numeric_limits<double>::infinity(),
+      op, ": divisor must be a finite positive number, got ", divisor, ".");
+}
+
+} // namespace localsgd_ext

@@ -1,0 +1,10 @@
+"""Local SGD for PyTorch with a compiled bucketed averaging engine; a drop-in for Accelerate's LocalSGD."""
+
+import torch  # noqa: F401  (loads libtorch before the compiled module, which has no RPATH to it)
+
+from . import ops
+from .averager import ParameterAverager
+from .local_sgd import LocalSGD
+
+__all__ = ["LocalSGD", "ParameterAverager", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,127 @@
+"""`ParameterAverager`: the compiled averaging engine for plain torch.distributed users."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+
+__all__ = ["ParameterAverager"]
+
+# Backends whose all_reduce implements ReduceOp.AVG for floating-point tensors. gloo computes it as
+# SUM then divide, which is bit-identical to Accelerate's `all_reduce(SUM); t /= world_size`.
+_BACKENDS_WITH_AVG = ("gloo", "nccl")
+_REDUCE_OPS = ("auto", "avg", "sum")
+
+
+def _check_bucket_cap_mb(bucket_cap_mb) -> float:
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real):
+        raise TypeError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+    if not bucket_cap_mb > 0 or bucket_cap_mb == float("inf"):
+        raise ValueError(f"bucket_cap_mb must be a positive finite number, got {bucket_cap_mb!r}")
+    return float(bucket_cap_mb)
+
+
+def _check_tensors(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors (e.g. model.parameters()), got a single Tensor")
+    tensors = list(params)
+    seen = set()
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"params[{i}] must be a dense (strided) tensor, got layout {t.layout}")
+        if t.is_meta:
+            raise ValueError(f"params[{i}] is on the meta device and has no data to average")
+        if not t.is_floating_point():
+            raise TypeError(f"params[{i}] must have a floating-point dtype to be averaged, got {t.dtype}")
+        if id(t) in seen:
+            raise ValueError(f"params[{i}] appears more than once; each tensor is averaged exactly once")
+        seen.add(id(t))
+    return tensors
+
+
+class ParameterAverager:
+    """
+    Averages a fixed list of tensors across the processes of a group, in place, with the compiled engine.
+
+    The tensors are grouped into buckets by device and dtype (each at most `bucket_cap_mb`, in the
+    tensors' order; a larger tensor gets a bucket of its own). A sync packs each bucket into a reusable
+    flat buffer in one compiled pass, runs one all_reduce per bucket, and unpacks the mean back into
+    the same tensors (same objects, same storage). The next bucket is packed while the previous one is
+    on the wire. Extra memory is two buckets per device, whatever the model size. The plan is built
+    once and rebuilt only when a tensor's size, dtype or device changes.
+
+    Every process of the group must call `average()` with the same list of tensors (same shapes and
+    dtypes, same order), as with any collective.
+
+    Args:
+        params (`Iterable[torch.Tensor]`):
+            The tensors to average, e.g. `model.parameters()`. Floating-point, dense, not meta.
+        process_group (`torch.distributed.ProcessGroup`, *optional*):
+            The group to average over. Defaults to the default (world) group, looked up at each call
+            so that no reference to it outlives `destroy_process_group()`.
+        bucket_cap_mb (`float`, defaults to 25):
+            Largest bucket, in MiB.
+        reduce_op (`str`, defaults to `"auto"`):
+            `"avg"`: the backend's ReduceOp.AVG divides. `"sum"`: ReduceOp.SUM, and the division by the
+            group size is fused into the unpack. `"auto"`: AVG on gloo and NCCL, SUM elsewhere.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        process_group: Optional[dist.ProcessGroup] = None,
+        bucket_cap_mb: float = 25,
+        *,
+        reduce_op: str = "auto",
+    ):
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        if reduce_op not in _REDUCE_OPS:
+            raise ValueError(f"reduce_op must be one of {_REDUCE_OPS}, got {reduce_op!r}")
+        self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
+        self.params = _check_tensors(params)
+        self.process_group = process_group
+        self.reduce_op = reduce_op
+        self._engine = _C.BucketedAverager(self.params, max(1, int(self.bucket_cap_mb * 2**20)))
+
+    @property
+    def buckets(self) -> List[dict]:
+        """The current plan: per bucket, its `tensor_indices` into `params`, their element `offsets`,
+        its `numel` (padding included) and `element_size`."""
+        return self._engine.buckets()
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging buffers held (allocated at the first `average()`, then reused)."""
+        return self._engine.staging_bytes
+
+    def _group(self) -> dist.ProcessGroup:
+        if self.process_group is not None:
+            return self.process_group
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ParameterAverager.average() needs torch.distributed to be initialized "
+                "(call torch.distributed.init_process_group first) or an explicit process_group"
+            )
+        return dist.group.WORLD
+
+    def _use_avg_op(self, group: dist.ProcessGroup) -> bool:
+        if self.reduce_op != "auto":
+            return self.reduce_op == "avg"
+        # A group may name one backend per device type, e.g. "cpu:gloo,cuda:nccl".
+        backends = [entry.split(":")[-1] for entry in str(dist.get_backend(group)).split(",")]
+        return all(backend in _BACKENDS_WITH_AVG for backend in backends)
+
+    def average(self) -> None:
+        """Replaces every tensor by its mean over the group's processes. Blocks until done."""
+        group = self._group()
+        if group.size() == 1:
+            return
+        self._engine.average(group, self._use_avg_op(group))

@@ -1,0 +1,127 @@
+"""`LocalSGD`: Accelerate's context manager, with the averaging done by the compiled engine."""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+from accelerate import Accelerator, DistributedType
+
+from .averager import ParameterAverager, _check_bucket_cap_mb
+
+__all__ = ["LocalSGD"]
+
+# Accelerate 1.15's list, in its order; getattr keeps older Accelerate versions importable.
+_SUPPORTED_DISTRIBUTED_TYPES = tuple(
+    getattr(DistributedType, name)
+    for name in (
+        "NO",
+        "MULTI_CPU",
+        "MULTI_GPU",
+        "MULTI_XPU",
+        "MULTI_MLU",
+        "MULTI_HPU",
+        "MULTI_SDAA",
+        "MULTI_MUSA",
+        "MULTI_NPU",
+        "MULTI_NEURON",
+    )
+    if hasattr(DistributedType, name)
+)
+
+
+class LocalSGD:
+    """
+    A drop-in for `accelerate.local_sgd.LocalSGD`: runs `local_sgd_steps` updates independently on each
+    process (gradient sync off through `model.no_sync()`), then averages the model's parameters across
+    processes; also averages once more when the `with` block ends.
+
+    The API and semantics are Accelerate 1.15's: the same constructor, attributes, `step()` counting and
+    `DistributedType` checks, disabled under `DistributedType.NO`. The averaging itself runs in the
+    compiled engine (`ParameterAverager`): bucketed, packed in one pass, one all_reduce per bucket,
+    results bit-identical to Accelerate's on gloo. Parameters are updated in place, so they stay the
+    same `Parameter` objects with the same storage (Accelerate rebinds `param.data` to a new tensor).
+
+    Differences, all additive: `accelerator`, `model` and `local_sgd_steps` are set even when disabled;
+    no barrier precedes the averaging (the all_reduce already synchronizes); `sync_count` and
+    `last_sync_seconds` report the averaging.
+
+    Args:
+        accelerator (`Accelerator`):
+            Accelerator object.
+        model (`torch.nn.Module`):
+            The model whose parameters we need to average.
+        local_sgd_steps (`int`):
+            A number of local SGD steps (before model parameters are synchronized).
+        enabled (`bool`, defaults to `True`):
+            Local SGD is disabled if this parameter set to `False`.
+        bucket_cap_mb (`float`, defaults to 25):
+            Keyword-only. Largest all_reduce bucket, in MiB.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        local_sgd_steps: int,
+        enabled: bool = True,
+        *,
+        bucket_cap_mb: float = 25,
+    ):
+        if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
+            raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
+        self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
+        self.num_steps = 0
+        self.accelerator = accelerator
+        self.model = model
+        self.local_sgd_steps = local_sgd_steps
+        self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
+        self.sync_count = 0
+        self.last_sync_seconds: Optional[float] = None
+        self._averager: Optional[ParameterAverager] = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.model_sync_obj = self.model.no_sync()
+            self.model_sync_obj.__enter__()
+
+        return self
+
+    def __exit__(self, type, value, tb):
+        if self.enabled:
+            # Average all models on exit
+            self._sync_and_avg_model_params()
+            self.model_sync_obj.__exit__(type, value, tb)
+
+    def step(self):
+        """
+        This function makes a "step" and synchronizes model parameters if necessary.
+        """
+        self.num_steps += 1
+        if not self.enabled:
+            return
+
+        if self.num_steps % self.local_sgd_steps == 0:
+            self._sync_and_avg_model_params()
+
+    def _current_averager(self) -> ParameterAverager:
+        # Accelerate walks model.parameters() at every sync; so do we, and re-plan only if the set of
+        # parameter objects changed (size/dtype/device changes are caught by the engine itself).
+        params: List[torch.nn.Parameter] = list(self.model.parameters())
+        averager = self._averager
+        if averager is None or len(averager.params) != len(params) or any(
+            a is not b for a, b in zip(averager.params, params)
+        ):
+            averager = ParameterAverager(params, bucket_cap_mb=self.bucket_cap_mb)
+            self._averager = averager
+        return averager
+
+    def _sync_and_avg_model_params(self):
+        """
+        Synchronize + Average model parameters across all processes
+        """
+        start = time.perf_counter()
+        self._current_averager().average()
+        self.last_sync_seconds = time.perf_counter() - start
+        self.sync_count += 1

@@ -1,0 +1,81 @@
+"""ParameterAverager across real gloo processes: correct means, identical ranks, storage kept."""
+
+import pytest
+import torch
+
+from multiprocess import run_ranks
+
+TOLERANCE = {  # for 3 ranks, where gloo's summation order may differ from a sequential sum
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def _expected_mean(per_rank_tensors):
+    stacked = torch.stack([t.double() for t in per_rank_tensors])
+    return stacked.mean(0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("bucket_cap_mb", [1, 25])
+def test_average_matches_mean_and_ranks_agree(world_size, bucket_cap_mb):
+    syncs = 3
+    results = run_ranks(world_size, "workers_averager:average_mixed", bucket_cap_mb, syncs)
+    for reduce_op in ("avg", "sum"):
+        ours = [r[reduce_op] for r in results]
+        for sync in range(syncs):
+            for i in range(len(ours[0]["after"][sync])):
+                inputs = [rank["before"][sync][i] for rank in ours]
+                outputs = [rank["after"][sync][i] for rank in ours]
+                # Bit-identical on every rank, same shape and dtype as before.
+                for out in outputs[1:]:
+                    assert torch.equal(out, outputs[0]), f"{reduce_op} sync {sync} tensor {i} differs across ranks"
+                assert outputs[0].dtype == inputs[0].dtype and outputs[0].shape == inputs[0].shape
+                if world_size == 2:
+                    # Two summands add the same way in any order: exactly torch's (a + b) / 2.
+                    assert torch.equal(outputs[0], (inputs[0] + inputs[1]) / 2), f"{reduce_op} tensor {i}"
+                else:
+                    torch.testing.assert_close(
+                        outputs[0].double(),
+                        _expected_mean(inputs),
+                        rtol=TOLERANCE[inputs[0].dtype],
+                        atol=TOLERANCE[inputs[0].dtype],
+                    )
+        for rank in ours:
+            assert rank["same_storage"], "averaging must update the tensors in place"
+    # AVG by the backend and SUM + fused division agree bit for bit.
+    for rank in results:
+        for a, b in zip(rank["avg"]["after"][-1], rank["sum"]["after"][-1]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bucket_cap_mb", [1, 25])
+def test_plan_covers_every_tensor_once_and_staging_is_bounded(bucket_cap_mb):
+    results = run_ranks(2, "workers_averager:average_mixed", bucket_cap_mb, 1)
+    plan = results[0]["avg"]["buckets"]
+    assert plan == results[1]["avg"]["buckets"], "every rank must build the same plan"
+    indices = sorted(i for bucket in plan for i in bucket["tensor_indices"])
+    assert indices == list(range(10))
+    cap_bytes = bucket_cap_mb * 2**20
+    largest_tensor_bytes = 600 * 500 * 4
+    # Two staging buffers (one in flight, one being packed), each at most one bucket.
+    assert results[0]["avg"]["staging_bytes"] <= 2 * max(cap_bytes, largest_tensor_bytes)
+
+
+def test_repointed_parameters_are_replanned_not_skipped():
+    results = run_ranks(2, "workers_averager:average_after_repointing")
+    for rank in results:
+        assert torch.equal(rank["first"][0], torch.full((4, 4), 0.5))
+        assert torch.equal(rank["first"][1], torch.full((3,), 5.0))
+        assert torch.equal(rank["second"][0], torch.full((2, 5), 1.5))
+        assert torch.equal(rank["second"][1], torch.full((3,), 1.0, dtype=torch.float64))
+        assert rank["dtypes"] == [torch.float32, torch.float64]
+
+
+def test_parameters_requiring_grad_are_averaged_in_place():
+    for rank in run_ranks(2, "workers_averager:average_leaf_parameters_requiring_grad"):
+        assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in rank["values"])
+        assert rank["versions_moved"] == [True, True]
+        assert rank["requires_grad"] == [True, True]

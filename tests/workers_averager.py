@@ -1,0 +1,88 @@
+"""Rank-side bodies of the ParameterAverager tests (run through multiprocess.run_ranks)."""
+
+import torch
+import torch.distributed as dist
+
+from localsgd_ext import ParameterAverager
+from rank_setup import init_gloo, snapshot
+
+
+def _mixed_tensors(seed: int):
+    """A parameter-like list: uneven sizes, empty and scalar tensors, one tensor larger than a 1 MiB cap,
+    every float dtype, and a non-contiguous view."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return [
+        randn(37, 11),
+        randn(0),
+        randn(()),
+        randn(600, 500),  # 1.1 MiB in fp32: bigger than a 1 MiB cap
+        randn(129, dtype=torch.bfloat16),
+        randn(5, 3, dtype=torch.float16),
+        randn(1000, dtype=torch.float64),
+        randn(9, 7).t(),  # non-contiguous
+        randn(3, 0, 2, dtype=torch.bfloat16),
+        randn(4097),
+    ]
+
+
+def average_mixed(bucket_cap_mb: float, syncs: int):
+    """Averages the same mixed list with reduce_op 'avg' and 'sum', `syncs` times with local updates
+    in between; returns what every sync left behind, plus whether the tensors kept their storage."""
+    init_gloo()
+    rank = dist.get_rank()
+    out = {}
+    for reduce_op in ("avg", "sum"):
+        tensors = _mixed_tensors(seed=100 + rank)
+        storages = [t.untyped_storage().data_ptr() for t in tensors]
+        averager = ParameterAverager(tensors, bucket_cap_mb=bucket_cap_mb, reduce_op=reduce_op)
+        before, after = [], []
+        for sync in range(syncs):
+            for t in tensors:  # a "local step" that differs per rank
+                t.add_(rank + sync + 1, alpha=0.25)
+            before.append(snapshot(tensors))
+            averager.average()
+            after.append(snapshot(tensors))
+        out[reduce_op] = {
+            "before": before,
+            "after": after,
+            "same_storage": storages == [t.untyped_storage().data_ptr() for t in tensors],
+            "buckets": averager.buckets,
+            "staging_bytes": averager.staging_bytes,
+        }
+    return out
+
+
+def average_after_repointing():
+    """`param.data = new tensor` of another shape between syncs: the engine must re-plan, not skip it."""
+    init_gloo()
+    rank = dist.get_rank()
+    params = [torch.nn.Parameter(torch.full((4, 4), float(rank))), torch.nn.Parameter(torch.full((3,), 10.0 * rank))]
+    averager = ParameterAverager(params, bucket_cap_mb=1)
+    averager.average()
+    first = snapshot(params)
+    params[0].data = torch.full((2, 5), float(rank + 1))
+    params[1].data = torch.full((3,), 2.0 * rank, dtype=torch.float64)
+    averager.average()
+    return {"first": first, "second": snapshot(params), "dtypes": [p.dtype for p in params]}
+
+
+def average_leaf_parameters_requiring_grad():
+    """Parameters that require grad are averaged in place outside torch.no_grad(), and their version
+    counter moves so autograd can detect the in-place change."""
+    init_gloo()
+    rank = dist.get_rank()
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(rank)
+    versions = [p._version for p in model.parameters()]
+    ParameterAverager(model.parameters()).average()
+    return {
+        "values": snapshot(model.parameters()),
+        "versions_moved": [p._version > v for p, v in zip(model.parameters(), versions)],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+    }
