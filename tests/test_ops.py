@@ -1,0 +1,164 @@
+"""The compiled pack_into / unpack_from operators on CPU (and CUDA when present)."""
+
+import random
+
+import pytest
+import torch
+
+from localsgd_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def random_tensors(rng: random.Random, dtype, device, count):
+    """Random shapes including empty and scalar tensors, plus transposed and sliced (offset) views."""
+    tensors = []
+    for _ in range(count):
+        kind = rng.choice(["flat", "matrix", "scalar", "empty", "transposed", "sliced", "large"])
+        if kind == "flat":
+            t = torch.randn(rng.randrange(1, 5000))
+        elif kind == "matrix":
+            t = torch.randn(rng.randrange(1, 60), rng.randrange(1, 60))
+        elif kind == "scalar":
+            t = torch.randn(())
+        elif kind == "empty":
+            t = torch.randn(rng.randrange(0, 3), 0)
+        elif kind == "large":
+            t = torch.randn(300_000)  # several copy chunks: the parallel path
+        else:
+            t = torch.randn(rng.randrange(3, 50), rng.randrange(3, 40))
+        t = t.to(dtype=dtype, device=device)
+        if kind == "transposed":
+            t = t.t()
+        elif kind == "sliced":
+            t = t[1:, ::2]
+        tensors.append(t)
+    return tensors
+
+
+def layout_offsets(tensors, pad):
+    offsets, cursor = [], 0
+    for t in tensors:
+        offsets.append(cursor)
+        cursor += t.numel() + pad
+    return offsets, cursor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_then_unpack_round_trips(device, dtype, seed):
+    rng = random.Random(seed)
+    tensors = random_tensors(rng, dtype, device, rng.randrange(1, 25))
+    offsets, total = layout_offsets(tensors, pad=rng.randrange(0, 5))
+    buffer = torch.full((total,), float("nan"), dtype=dtype, device=device)
+    ops.pack_into(tensors, offsets, buffer)
+    for t, off in zip(tensors, offsets):
+        assert torch.equal(buffer[off : off + t.numel()], t.reshape(-1))
+    # Destinations with the sources' strides: strided ones must be written through their strides.
+    targets = [torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device).fill_(7.0) for t in tensors]
+    ops.unpack_from(buffer, offsets, 1.0, targets)
+    for src, dst in zip(tensors, targets):
+        assert dst.stride() == src.stride()
+        assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divisor", [2.0, 3.0, 7.0])
+def test_unpack_divides_exactly_like_torch(device, dtype, divisor):
+    """The fused division rounds as torch's `tensor / divisor` (what Accelerate does after a SUM)."""
+    rng = random.Random(int(divisor))
+    tensors = random_tensors(rng, dtype, device, 12) + [torch.randn(100_003, device=device).to(dtype) * 1e3]
+    offsets, total = layout_offsets(tensors, pad=1)
+    buffer = torch.zeros(total, dtype=dtype, device=device)
+    ops.pack_into(tensors, offsets, buffer)
+    targets = [torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device) for t in tensors]
+    ops.unpack_from(buffer, offsets, divisor, targets)
+    for src, dst in zip(tensors, targets):
+        expected = src / divisor
+        assert torch.equal(dst, expected), f"max diff {(dst.double() - expected.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_lists_are_no_ops(device):
+    buffer = torch.arange(4.0, device=device)
+    ops.pack_into([], [], buffer)
+    ops.unpack_from(buffer, [], 2.0, [])
+    assert torch.equal(buffer, torch.arange(4.0, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    tensors = [torch.randn(3, 4, device=device), torch.randn(5, device=device), torch.randn(6, 2, device=device).t()]
+    offsets, total = layout_offsets(tensors, pad=2)
+    buffer = torch.zeros(total, device=device)
+    torch.library.opcheck(torch.ops.localsgd_ext.pack_into.default, (tensors, offsets, buffer))
+    targets = [torch.zeros_like(t) for t in tensors]
+    torch.library.opcheck(torch.ops.localsgd_ext.unpack_from.default, (buffer, offsets, 3.0, targets))
+
+
+BAD_CALLS = [
+    # (description, call, exception, message)
+    (
+        "length mismatch",
+        lambda: ops.pack_into([torch.zeros(2)], [0, 2], torch.zeros(4)),
+        ValueError,
+        "tensors and offsets must have the same length, got 1 tensors and 2 offsets",
+    ),
+    (
+        "dtype mismatch",
+        lambda: ops.pack_into([torch.zeros(2, dtype=torch.float64)], [0], torch.zeros(4)),
+        TypeError,
+        r"tensors\[0\] has dtype Double but buffer has dtype Float",
+    ),
+    (
+        "does not fit",
+        lambda: ops.pack_into([torch.zeros(3)], [2], torch.zeros(4)),
+        ValueError,
+        r"tensors\[0\] with 3 elements at offset 2 does not fit in a buffer of 4 elements",
+    ),
+    (
+        "negative offset",
+        lambda: ops.unpack_from(torch.zeros(4), [-1], 1.0, [torch.zeros(1)]),
+        ValueError,
+        "at offset -1 does not fit",
+    ),
+    (
+        "2-D buffer",
+        lambda: ops.pack_into([torch.zeros(2)], [0], torch.zeros(2, 2)),
+        ValueError,
+        r"buffer must be 1-D and contiguous, got sizes \[2, 2\]",
+    ),
+    (
+        "strided buffer",
+        lambda: ops.pack_into([torch.zeros(2)], [0], torch.zeros(8)[::2]),
+        ValueError,
+        "buffer must be 1-D and contiguous",
+    ),
+    (
+        "sparse tensor",
+        lambda: ops.pack_into([torch.zeros(2).to_sparse()], [0], torch.zeros(4)),
+        NotImplementedError,  # the dispatcher has no sparse kernel and says so before ours runs
+        "Could not run 'localsgd_ext::pack_into' with arguments from the 'SparseCPU' backend",
+    ),
+    (
+        "zero divisor",
+        lambda: ops.unpack_from(torch.zeros(4), [0], 0.0, [torch.zeros(2)]),
+        ValueError,
+        "divisor must be a finite positive number, got 0",
+    ),
+    (
+        "infinite divisor",
+        lambda: ops.unpack_from(torch.zeros(4), [0], float("inf"), [torch.zeros(2)]),
+        ValueError,
+        "divisor must be a finite positive number, got inf",
+    ),
+]
+
+
+@pytest.mark.parametrize("description, call, exception, message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_raise_clear_errors(description, call, exception, message):
+    with pytest.raises(exception, match=message):
+        call()
