@@ -1,0 +1,144 @@
+"""Local SGD training of a small MLP on scikit-learn's bundled digits data set (no download), with
+Accelerate and localsgd_ext's LocalSGD, on CPU ranks joined by gloo.
+
+    torchrun --standalone --nproc-per-node 2 examples/train_digits.py
+
+Rank 0 shows a progress bar with the loss and the latest parameter-averaging time, then a line per
+epoch (training loss, test accuracy) and a summary of the averaging latency.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from localsgd_ext import LocalSGD
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="per process")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--local-sgd-steps", type=int, default=8)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--bucket-cap-mb", type=float, default=25)
+    parser.add_argument(
+        "--implementation",
+        choices=["localsgd_ext", "accelerate"],
+        default="localsgd_ext",
+        help="whose LocalSGD averages the parameters (to compare the two)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def digits_data(seed: int):
+    digits = load_digits()
+    features = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_x, test_x, train_y, test_y = train_test_split(
+        features, labels, test_size=0.2, random_state=seed, stratify=labels
+    )
+    return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
+
+
+def make_model(hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
+    )
+
+
+@torch.no_grad()
+def accuracy(model, dataset) -> float:
+    x, y = dataset.tensors
+    return (model(x).argmax(dim=1) == y).float().mean().item()
+
+
+class TimedAccelerateLocalSGD(AccelerateLocalSGD):
+    """Accelerate's LocalSGD, timing each averaging the way ours reports it."""
+
+    last_sync_seconds = None
+
+    def _sync_and_avg_model_params(self):
+        start = time.perf_counter()
+        super()._sync_and_avg_model_params()
+        self.last_sync_seconds = time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    torch.manual_seed(args.seed)
+    train_set, test_set = digits_data(args.seed)
+    model = make_model(args.hidden)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    steps_per_epoch = len(train_loader) // accelerator.num_processes + 1
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"{accelerator.num_processes} processes ({accelerator.distributed_type}), {args.implementation} LocalSGD, "
+        f"local_sgd_steps={args.local_sgd_steps}, {n_params:,} parameters in "
+        f"{len(list(model.parameters()))} tensors, {len(train_set)} training digits"
+    )
+    local_sgd_cls = LocalSGD if args.implementation == "localsgd_ext" else TimedAccelerateLocalSGD
+    sync_seconds = []
+    for epoch in range(args.epochs):
+        model.train()
+        losses = []
+        progress = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process, leave=False
+        )
+        with local_sgd_cls(
+            accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, enabled=True
+        ) as local_sgd:
+            for x, y in progress:
+                with accelerator.accumulate(model):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    local_sgd.step()
+                losses.append(loss.item())
+                if local_sgd.num_steps % local_sgd.local_sgd_steps == 0:
+                    sync_seconds.append(local_sgd.last_sync_seconds)
+                    progress.set_postfix(loss=f"{loss.item():.3f}", sync_ms=f"{1e3 * sync_seconds[-1]:.2f}", refresh=False)
+        sync_seconds.append(local_sgd.last_sync_seconds)  # the averaging at the end of the block
+        model.eval()
+        # Every rank holds the same parameters after the closing average, so any rank can evaluate.
+        test_accuracy = accuracy(accelerator.unwrap_model(model), test_set)
+        mean_loss = torch.tensor(statistics.fmean(losses))
+        mean_loss = accelerator.reduce(mean_loss, reduction="mean").item()
+        accelerator.print(
+            f"epoch {epoch + 1}: train loss {mean_loss:.4f}  test accuracy {100 * test_accuracy:.1f}%  "
+            f"averaging median {1e3 * statistics.median(sync_seconds):.2f} ms over {len(sync_seconds)} syncs"
+        )
+
+    ms = sorted(1e3 * s for s in sync_seconds)
+    accelerator.print(
+        f"done: test accuracy {100 * test_accuracy:.1f}%; parameter averaging ({args.implementation}) per sync: "
+        f"median {statistics.median(ms):.2f} ms, min {ms[0]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms)} syncs"
+    )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
