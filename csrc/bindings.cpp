@@ -4,6 +4,7 @@
 
 #include "averager.h"
 #include "bucket_plan.h"
+#include "pack_unpack_generic.h"
 
 namespace py = pybind11;
 using localsgd_ext::Bucket;
@@ -49,6 +50,21 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("inputs"), py::arg("cap_bytes"), py::arg("alignment_bytes"),
       "Plans buckets over (group, numel, element_size) triples; returns one dict per bucket.");
+
+  // The device-generic kernels, reachable on CPU only through these (CPU dispatches to its own).
+  m.def(
+      "_pack_into_generic",
+      [](const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& offsets, const at::Tensor& buffer) {
+        localsgd_ext::pack_into_generic(tensors, offsets, buffer);
+      },
+      py::arg("tensors"), py::arg("offsets"), py::arg("buffer"));
+  m.def(
+      "_unpack_from_generic",
+      [](const at::Tensor& buffer, const std::vector<int64_t>& offsets, double divisor,
+         const std::vector<at::Tensor>& tensors) {
+        localsgd_ext::unpack_from_generic(buffer, offsets, divisor, tensors);
+      },
+      py::arg("buffer"), py::arg("offsets"), py::arg("divisor"), py::arg("tensors"));
 
   py::class_<BucketedAverager>(m, "BucketedAverager")
       .def(

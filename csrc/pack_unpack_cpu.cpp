@@ -11,7 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#include "pack_checks.h"
+#include "pack_common.h"
 
 namespace localsgd_ext {
 namespace {
@@ -46,10 +46,6 @@ void for_each_chunk(const std::vector<CopyChunk>& chunks, int64_t total_bytes, c
   } else {
     at::parallel_for(0, n, 1, run);
   }
-}
-
-at::Tensor slot_in_buffer(const at::Tensor& buffer, int64_t offset, const at::Tensor& like) {
-  return buffer.narrow(0, offset, like.numel()).view(like.sizes());
 }
 
 void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {

@@ -5,10 +5,16 @@ import random
 import pytest
 import torch
 
-from localsgd_ext import ops
+from localsgd_ext import _C, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# "dispatched": the device's own kernel (CPU: pack_unpack_cpu.cpp). "generic": the ATen-op fallback
+# that backends without a kernel use, called directly so that it is tested on CPU too.
+KERNELS = {
+    "dispatched": (ops.pack_into, ops.unpack_from),
+    "generic": (_C._pack_into_generic, _C._unpack_from_generic),
+}
 
 
 def random_tensors(rng: random.Random, dtype, device, count):
@@ -45,37 +51,41 @@ def layout_offsets(tensors, pad):
     return offsets, cursor
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(4))
-def test_pack_then_unpack_round_trips(device, dtype, seed):
+def test_pack_then_unpack_round_trips(kernel, device, dtype, seed):
+    pack_into, unpack_from = KERNELS[kernel]
     rng = random.Random(seed)
     tensors = random_tensors(rng, dtype, device, rng.randrange(1, 25))
     offsets, total = layout_offsets(tensors, pad=rng.randrange(0, 5))
     buffer = torch.full((total,), float("nan"), dtype=dtype, device=device)
-    ops.pack_into(tensors, offsets, buffer)
+    pack_into(tensors, offsets, buffer)
     for t, off in zip(tensors, offsets):
         assert torch.equal(buffer[off : off + t.numel()], t.reshape(-1))
     # Destinations with the sources' strides: strided ones must be written through their strides.
     targets = [torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device).fill_(7.0) for t in tensors]
-    ops.unpack_from(buffer, offsets, 1.0, targets)
+    unpack_from(buffer, offsets, 1.0, targets)
     for src, dst in zip(tensors, targets):
         assert dst.stride() == src.stride()
         assert torch.equal(dst, src)
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("divisor", [2.0, 3.0, 7.0])
-def test_unpack_divides_exactly_like_torch(device, dtype, divisor):
+def test_unpack_divides_exactly_like_torch(kernel, device, dtype, divisor):
     """The fused division rounds as torch's `tensor / divisor` (what Accelerate does after a SUM)."""
+    pack_into, unpack_from = KERNELS[kernel]
     rng = random.Random(int(divisor))
     tensors = random_tensors(rng, dtype, device, 12) + [torch.randn(100_003, device=device).to(dtype) * 1e3]
     offsets, total = layout_offsets(tensors, pad=1)
     buffer = torch.zeros(total, dtype=dtype, device=device)
-    ops.pack_into(tensors, offsets, buffer)
+    pack_into(tensors, offsets, buffer)
     targets = [torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device) for t in tensors]
-    ops.unpack_from(buffer, offsets, divisor, targets)
+    unpack_from(buffer, offsets, divisor, targets)
     for src, dst in zip(tensors, targets):
         expected = src / divisor
         assert torch.equal(dst, expected), f"max diff {(dst.double() - expected.double()).abs().max()}"
@@ -140,8 +150,8 @@ BAD_CALLS = [
     (
         "sparse tensor",
         lambda: ops.pack_into([torch.zeros(2).to_sparse()], [0], torch.zeros(4)),
-        NotImplementedError,  # the dispatcher has no sparse kernel and says so before ours runs
-        "Could not run 'localsgd_ext::pack_into' with arguments from the 'SparseCPU' backend",
+        ValueError,  # sparse tensors reach the generic kernel, whose checks refuse them
+        r"tensors\[0\] must be strided \(dense\), got layout Sparse",
     ),
     (
         "zero divisor",
@@ -162,3 +172,10 @@ BAD_CALLS = [
 def test_bad_arguments_raise_clear_errors(description, call, exception, message):
     with pytest.raises(exception, match=message):
         call()
+
+
+def test_generic_kernels_check_arguments_the_same_way():
+    with pytest.raises(ValueError, match="does not fit in a buffer of 4 elements"):
+        _C._pack_into_generic([torch.zeros(3)], [2], torch.zeros(4))
+    with pytest.raises(ValueError, match="divisor must be a finite positive number, got -1"):
+        _C._unpack_from_generic(torch.zeros(4), [0], -1.0, [torch.zeros(2)])

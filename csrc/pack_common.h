@@ -1,5 +1,5 @@
-// Argument checks shared by every device's pack/unpack implementation, so a bad call gets the same
-// sentence whichever kernel it reaches.
+// What every device's pack_into / unpack_from shares: the argument checks (so a bad call gets the
+// same sentence whichever kernel it reaches) and how a tensor's slot in the flat buffer is viewed.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -44,6 +44,11 @@ inline void check_pack_arguments(
         op, ": tensors[", i, "] with ", t.numel(), " elements at offset ", offsets[i],
         " does not fit in a buffer of ", capacity, " elements.");
   }
+}
+
+// The stretch of `buffer` that holds `like`, viewed in its shape.
+inline at::Tensor slot_in_buffer(const at::Tensor& buffer, int64_t offset, const at::Tensor& like) {
+  return buffer.narrow(0, offset, like.numel()).view(like.sizes());
 }
 
 inline void check_divisor(const char* op, double divisor) {

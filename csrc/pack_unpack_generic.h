@@ -1,0 +1,12 @@
+// Device-generic pack_into / unpack_from built from ATen ops: correct on any backend that has no
+// dedicated kernel (until csrc/cuda/ provides fused ones), one ATen copy per tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace localsgd_ext {
+
+void pack_into_generic(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer);
+void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors);
+
+} // namespace localsgd_ext

@@ -1,0 +1,93 @@
+"""In-process checks of the Python API: argument errors, single-process behaviour, Accelerate's checks."""
+
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, DistributedType
+
+from localsgd_ext import LocalSGD, ParameterAverager
+
+
+@pytest.fixture(scope="module")
+def single_process_accelerator():
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.distributed_type == DistributedType.NO
+    return accelerator
+
+
+@pytest.mark.parametrize(
+    "kwargs, exception, message",
+    [
+        (dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite number, got 0"),
+        (dict(bucket_cap_mb=-2.5), ValueError, r"bucket_cap_mb must be a positive finite number, got -2.5"),
+        (dict(bucket_cap_mb=float("inf")), ValueError, "got inf"),
+        (dict(bucket_cap_mb=float("nan")), ValueError, "got nan"),
+        (dict(bucket_cap_mb=True), TypeError, "bucket_cap_mb must be a positive number, got True"),
+        (dict(bucket_cap_mb="25"), TypeError, "bucket_cap_mb must be a positive number, got '25'"),
+        (dict(reduce_op="mean"), ValueError, r"reduce_op must be one of \('auto', 'avg', 'sum'\), got 'mean'"),
+        (dict(process_group="world"), TypeError, "process_group must be a torch.distributed.ProcessGroup or None, got 'world'"),
+    ],
+)
+def test_averager_rejects_bad_options(kwargs, exception, message):
+    with pytest.raises(exception, match=message):
+        ParameterAverager([torch.zeros(3)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "params, exception, message",
+    [
+        (torch.zeros(3), TypeError, "params must be an iterable of tensors"),
+        ([torch.zeros(3), [1.0]], TypeError, r"params\[1\] must be a torch.Tensor, got list"),
+        ([torch.zeros(3, dtype=torch.int64)], TypeError, r"params\[0\] must have a floating-point dtype .* got torch.int64"),
+        ([torch.zeros(3, device="meta")], ValueError, r"params\[0\] is on the meta device"),
+        ([torch.zeros(3).to_sparse()], ValueError, r"params\[0\] must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    ],
+)
+def test_averager_rejects_bad_params(params, exception, message):
+    with pytest.raises(exception, match=message):
+        ParameterAverager(params)
+
+
+def test_averager_rejects_a_tensor_listed_twice():
+    t = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"params\[2\] appears more than once"):
+        ParameterAverager([t, torch.zeros(2), t])
+
+
+def test_average_without_a_process_group_says_what_to_do():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialized"):
+        ParameterAverager([torch.zeros(3)]).average()
+
+
+def test_an_empty_parameter_list_plans_nothing():
+    assert ParameterAverager([]).buckets == []
+
+
+def test_local_sgd_is_disabled_without_distribution(single_process_accelerator):
+    model = torch.nn.Linear(3, 2)  # a plain module: no no_sync() needed when disabled
+    before = [p.detach().clone() for p in model.parameters()]
+    with LocalSGD(accelerator=single_process_accelerator, model=model, local_sgd_steps=2) as local_sgd:
+        assert local_sgd.enabled is False
+        for _ in range(5):
+            local_sgd.step()
+    assert local_sgd.num_steps == 5
+    assert local_sgd.sync_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert (local_sgd.accelerator, local_sgd.model, local_sgd.local_sgd_steps) == (single_process_accelerator, model, 2)
+
+
+def test_local_sgd_rejects_a_bad_bucket_cap(single_process_accelerator):
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a positive finite number, got 0"):
+        LocalSGD(single_process_accelerator, torch.nn.Linear(2, 2), 4, bucket_cap_mb=0)
+
+
+@pytest.mark.parametrize("distributed_type", [DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA])
+def test_local_sgd_refuses_what_accelerate_refuses(distributed_type):
+    # On a CPU-only machine a real Accelerator is only ever NO or MULTI_CPU, so the refused types are
+    # reached through an object that carries just the attribute LocalSGD checks.
+    accelerator = types.SimpleNamespace(distributed_type=distributed_type)
+    with pytest.raises(NotImplementedError, match=r"LocalSGD is supported only for CPUs and GPUs \(no DeepSpeed or MegatronLM\)"):
+        LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
