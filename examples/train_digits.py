@@ -137,6 +137,11 @@ def main():
         f"done: test accuracy {100 * test_accuracy:.1f}%; parameter averaging ({args.implementation}) per sync: "
         f"median {statistics.median(ms):.2f} ms, min {ms[0]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms)} syncs"
     )
+    # Release what holds the process group (the DDP-wrapped model) before destroying it, so no gloo
+    # thread outlives it at interpreter exit.
+    del local_sgd
+    accelerator.free_memory(model, optimizer, train_loader, scheduler)
+    del model, optimizer, train_loader, scheduler
     accelerator.end_training()
 
 

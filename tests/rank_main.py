@@ -1,5 +1,6 @@
 """Entry point of one rank started by multiprocess.run_ranks: runs the target, saves its result."""
 
+import gc
 import importlib
 import json
 import os
@@ -15,9 +16,23 @@ def main() -> None:
     function = getattr(importlib.import_module(module_name), function_name)
     result = function(*json.loads(args_json))
     torch.save(result, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
-    # Drop the group before exit: a ProcessGroup alive at interpreter exit can abort gloo's threads.
+    del result
+    release_process_groups()
+
+
+def release_process_groups() -> None:
+    """A ProcessGroup still referenced at interpreter exit can abort in gloo's threads ("terminate called
+    without an active exception"). Accelerate's singletons and the DDP wrappers it prepared (often in
+    reference cycles) hold the group: drop them, collect, then destroy it while Python is alive."""
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 if __name__ == "__main__":
