@@ -1,4 +1,5 @@
-"""Parameter-averaging latency: localsgd_ext vs Accelerate's LocalSGD sync vs one flat all_reduce.
+"""Parameter-averaging latency: localsgd_ext (its LocalSGD sync and the bare ParameterAverager) vs
+Accelerate's LocalSGD sync vs one flat all_reduce.
 
     torchrun --standalone --nproc-per-node 2 bench/averaging_latency.py [--shapes wide tiny] [--rounds 15]
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
 
-from localsgd_ext import ParameterAverager
+from localsgd_ext import LocalSGD, ParameterAverager
 
 SHAPES = {
     # 200 tensors, 26.06M fp32 (99.4 MiB): 100 x Linear(510, 510).
@@ -61,9 +62,12 @@ def bench_shape(name, args, accelerator):
     flat = torch.randn(nbytes // 4)
 
     ours = ParameterAverager(params, bucket_cap_mb=args.bucket_cap_mb)
+    ours_local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1, bucket_cap_mb=args.bucket_cap_mb)
     theirs = AccelerateLocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
+    # What LocalSGD.step() runs every local_sgd_steps steps, for both implementations.
     methods = {
         "localsgd_ext": ours.average,
+        "localsgd_ext LocalSGD": ours_local_sgd._sync_and_avg_model_params,
         "accelerate LocalSGD": theirs._sync_and_avg_model_params,
         "flat all_reduce (floor)": lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
     }

@@ -48,26 +48,57 @@ void for_each_chunk(const std::vector<CopyChunk>& chunks, int64_t total_bytes, c
   }
 }
 
-void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
-  check_pack_arguments("pack_into", tensors, offsets, buffer);
-  const int64_t element_size = buffer.element_size();
-  char* base = static_cast<char*>(buffer.data_ptr());
+// The raw copies for the contiguous tensors of a bucket (to or from the buffer), and the indices of
+// the strided ones, which the caller copies through ATen.
+struct BucketCopies {
   std::vector<CopyChunk> chunks;
   int64_t total_bytes = 0;
+  std::vector<size_t> strided;
+};
+
+enum class Direction { kIntoBuffer, kFromBuffer };
+
+BucketCopies plan_copies(
+    at::TensorList tensors,
+    at::IntArrayRef offsets,
+    const at::Tensor& buffer,
+    Direction direction) {
+  BucketCopies copies;
+  const int64_t element_size = buffer.element_size();
+  char* base = static_cast<char*>(buffer.data_ptr());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) {
       continue;
     }
-    if (t.is_contiguous()) {
-      const int64_t nbytes = t.numel() * element_size;
-      add_chunks(chunks, static_cast<const char*>(t.const_data_ptr()), base + offsets[i] * element_size, nbytes);
-      total_bytes += nbytes;
-    } else {
-      slot_in_buffer(buffer, offsets[i], t).copy_(t);
+    if (!t.is_contiguous()) {
+      copies.strided.push_back(i);
+      continue;
     }
+    const int64_t nbytes = t.numel() * element_size;
+    char* slot = base + offsets[i] * element_size;
+    char* data = static_cast<char*>(t.data_ptr());
+    if (direction == Direction::kIntoBuffer) {
+      add_chunks(copies.chunks, data, slot, nbytes);
+    } else {
+      add_chunks(copies.chunks, slot, data, nbytes);
+    }
+    copies.total_bytes += nbytes;
   }
-  for_each_chunk(chunks, total_bytes, [](const CopyChunk& c) { std::memcpy(c.dst, c.src, c.nbytes); });
+  return copies;
+}
+
+void copy_chunk(const CopyChunk& c) {
+  std::memcpy(c.dst, c.src, c.nbytes);
+}
+
+void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
+  check_pack_arguments("pack_into", tensors, offsets, buffer);
+  const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
+  for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
+  for (size_t i : copies.strided) {
+    slot_in_buffer(buffer, offsets[i], tensors[i]).copy_(tensors[i]);
+  }
 }
 
 template <typename scalar_t>
@@ -89,34 +120,22 @@ void unpack_from_cpu(
     at::TensorList tensors) {
   check_pack_arguments("unpack_from", tensors, offsets, buffer);
   check_divisor("unpack_from", divisor);
+  const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kFromBuffer);
   const bool plain_copy = divisor == 1.0;
-  const int64_t element_size = buffer.element_size();
-  const char* base = static_cast<const char*>(buffer.const_data_ptr());
-  std::vector<CopyChunk> chunks;
-  int64_t total_bytes = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) {
-      continue;
-    }
-    if (t.is_contiguous()) {
-      const int64_t nbytes = t.numel() * element_size;
-      add_chunks(chunks, base + offsets[i] * element_size, static_cast<char*>(t.data_ptr()), nbytes);
-      total_bytes += nbytes;
-    } else if (plain_copy) {
-      // const_cast: copy_ into the tensor the caller declared mutable (Tensor(a!)[]).
-      const_cast<at::Tensor&>(t).copy_(slot_in_buffer(buffer, offsets[i], t));
-    } else {
-      const_cast<at::Tensor&>(t).copy_(at::div(slot_in_buffer(buffer, offsets[i], t), divisor));
-    }
-  }
   if (plain_copy) {
-    for_each_chunk(chunks, total_bytes, [](const CopyChunk& c) { std::memcpy(c.dst, c.src, c.nbytes); });
-    return;
+    for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
+      for_each_chunk(
+          copies.chunks, copies.total_bytes, [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
-    for_each_chunk(chunks, total_bytes, [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
-  });
+  for (size_t i : copies.strided) {
+    const at::Tensor slot = slot_in_buffer(buffer, offsets[i], tensors[i]);
+    // const_cast: the schema declares these tensors mutable (Tensor(a!)[]). at::div rounds as the
+    // contiguous path's division does.
+    const_cast<at::Tensor&>(tensors[i]).copy_(plain_copy ? slot : at::div(slot, divisor));
+  }
 }
 
 } // namespace
