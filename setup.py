@@ -11,7 +11,6 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CPP_SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
@@ -29,7 +28,7 @@ def extension():
         return CUDAExtension(
             "localsgd_ext._C",
             CPP_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": cxx_flags + ["-DLOCALSGD_EXT_WITH_CUDA"], "nvcc": ["-O3", "-DLOCALSGD_EXT_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     return CppExtension("localsgd_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})
 

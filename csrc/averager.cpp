@@ -2,7 +2,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -40,6 +40,10 @@ BucketedAverager::BucketedAverager(
       bucket_cap_bytes_ > 0, "bucket_cap_bytes must be positive, got ", bucket_cap_bytes_, ".");
   TORCH_CHECK_VALUE(
       buffers_in_flight_ >= 1, "buffers_in_flight must be at least 1, got ", buffers_in_flight_, ".");
+  build_plan();
+}
+
+void BucketedAverager::check_tensors() const {
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const at::Tensor& t = tensors_[i];
     TORCH_CHECK_VALUE(t.defined(), "tensors[", i, "] is undefined.");
@@ -53,10 +57,11 @@ BucketedAverager::BucketedAverager(
         at::isFloatingType(t.scalar_type()),
         "tensors[", i, "] must have a floating-point dtype to be averaged, got ", t.scalar_type(), ".");
   }
-  build_plan();
 }
 
 void BucketedAverager::build_plan() {
+  // Checked at every (re)plan: a tensor re-pointed since (`param.data = ...`) may no longer qualify.
+  check_tensors();
   planned_inputs_.clear();
   group_dtypes_.clear();
   group_device_index_.clear();

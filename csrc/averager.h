@@ -36,6 +36,8 @@ class BucketedAverager {
     std::vector<int64_t> offsets;
   };
 
+  // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating.
+  void check_tensors() const;
   void build_plan();
   // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
   bool plan_is_stale() const;

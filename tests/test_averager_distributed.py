@@ -79,3 +79,10 @@ def test_parameters_requiring_grad_are_averaged_in_place():
         assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in rank["values"])
         assert rank["versions_moved"] == [True, True]
         assert rank["requires_grad"] == [True, True]
+
+
+def test_repointing_to_integer_data_is_refused_by_name():
+    for rank in run_ranks(2, "workers_averager:average_after_repointing_to_integers"):
+        assert rank["error"] is not None, "averaging integer data must be refused"
+        assert "tensors[1] must have a floating-point dtype to be averaged, got Long" in rank["error"]
+        assert torch.equal(rank["untouched"][0], torch.full((4,), 0.5))

@@ -86,3 +86,19 @@ def average_leaf_parameters_requiring_grad():
         "versions_moved": [p._version > v for p, v in zip(model.parameters(), versions)],
         "requires_grad": [p.requires_grad for p in model.parameters()],
     }
+
+
+def average_after_repointing_to_integers():
+    """A tensor re-pointed to integer data since the last plan: the re-plan refuses it by name, on every
+    rank, before any collective starts (so nothing hangs and nothing is half-averaged)."""
+    init_gloo()
+    rank = dist.get_rank()
+    tensors = [torch.full((4,), float(rank)), torch.full((3,), float(rank))]
+    averager = ParameterAverager(tensors)
+    averager.average()
+    tensors[1].data = torch.zeros(3, dtype=torch.int64)
+    try:
+        averager.average()
+    except TypeError as error:
+        return {"error": str(error), "untouched": snapshot(tensors)}
+    return {"error": None}
