@@ -8,6 +8,11 @@ repo=$(pwd)
 export PIP_ROOT_USER_ACTION=ignore
 
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# `python -m pip` does not refresh pyenv's shims: without this, the `torchrun` and `ninja` just installed
+# are not on PATH on a fresh pyenv machine.
+if command -v pyenv >/dev/null 2>&1; then
+  pyenv rehash
+fi
 
 module=$(ls localsgd_ext/_C*.so 2>/dev/null | head -n 1 || true)
 stale=yes
