@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
-from localsgd_ext import LocalSGD, ParameterAverager
+from localsgd_ext import LocalSGD, ParameterAverager, _C
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,28 @@ def test_local_sgd_refuses_what_accelerate_refuses(distributed_type):
     accelerator = types.SimpleNamespace(distributed_type=distributed_type)
     with pytest.raises(NotImplementedError, match=r"LocalSGD is supported only for CPUs and GPUs \(no DeepSpeed or MegatronLM\)"):
         LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bucket_cap_bytes=0), "bucket_cap_bytes must be positive, got 0"),
+        (dict(bucket_cap_bytes=1024, buffers_in_flight=0), "buffers_in_flight must be at least 1, got 0"),
+    ],
+)
+def test_engine_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _C.BucketedAverager([torch.zeros(3)], **kwargs)
+
+
+def test_engine_refuses_none_as_group_instead_of_crashing():
+    engine = _C.BucketedAverager([torch.zeros(3)], 1024)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        engine.average(None, True)
+
+
+def test_engine_refuses_what_the_python_layer_refuses():
+    with pytest.raises(TypeError, match=r"tensors\[0\] must have a floating-point dtype to be averaged, got Long"):
+        _C.BucketedAverager([torch.zeros(3, dtype=torch.int64)], 1024)
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on the meta device"):
+        _C.BucketedAverager([torch.zeros(3), torch.zeros(3, device="meta")], 1024)
