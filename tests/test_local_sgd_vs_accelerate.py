@@ -53,3 +53,9 @@ def test_parameters_stay_the_same_objects():
         assert rank["same"]
         assert rank["sync_count"] == 4  # three steps with local_sgd_steps=1, plus the one at exit
         assert rank["last"] is not None and rank["last"] >= 0
+
+
+def test_parameter_registered_between_syncs_is_averaged():
+    for rank in run_ranks(2, "workers_local_sgd:parameter_registered_between_syncs"):
+        assert torch.equal(rank["first"], torch.full((3,), 1.0))  # 0.5 on both, then +0 / +1, averaged
+        assert torch.equal(rank["second"], torch.full((2, 2), 2.0))

@@ -136,3 +136,20 @@ def parameters_stay_the_same_objects():
             local_sgd.step()
     after = [(id(p), p.untyped_storage().data_ptr(), p.device, p.dtype) for p in model.parameters()]
     return {"same": before == after, "sync_count": local_sgd.sync_count, "last": local_sgd.last_sync_seconds}
+
+
+def parameter_registered_between_syncs():
+    """Accelerate walks model.parameters() at every sync, so a parameter registered mid-run is averaged
+    from then on; ours re-plans for it."""
+    accelerator = _accelerator(1)
+    rank = dist.get_rank()
+    model = torch.nn.Module()
+    model.first = torch.nn.Parameter(torch.full((3,), float(rank)))
+    # model.no_sync() is entered only by __enter__; syncing directly needs no DDP wrapper.
+    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
+    local_sgd._sync_and_avg_model_params()
+    model.second = torch.nn.Parameter(torch.full((2, 2), 4.0 * rank))
+    with torch.no_grad():
+        model.first.add_(rank)
+    local_sgd._sync_and_avg_model_params()
+    return {"first": model.first.detach().clone(), "second": model.second.detach().clone()}
