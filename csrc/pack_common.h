@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/div.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -49,6 +50,19 @@ inline void check_pack_arguments(
 // The stretch of `buffer` that holds `like`, viewed in its shape.
 inline at::Tensor slot_in_buffer(const at::Tensor& buffer, int64_t offset, const at::Tensor& like) {
   return buffer.narrow(0, offset, like.numel()).view(like.sizes());
+}
+
+// One tensor copied through ATen (any device, any strides): the generic kernels' whole job, and the
+// CPU kernels' path for strided tensors.
+inline void pack_one_with_aten(const at::Tensor& tensor, int64_t offset, const at::Tensor& buffer) {
+  slot_in_buffer(buffer, offset, tensor).copy_(tensor);
+}
+
+inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, double divisor, const at::Tensor& tensor) {
+  const at::Tensor slot = slot_in_buffer(buffer, offset, tensor);
+  // const_cast: the schema declares these tensors mutable (Tensor(a!)[]). at::div, not a multiply:
+  // it rounds exactly as `tensor / divisor` does on the same device.
+  const_cast<at::Tensor&>(tensor).copy_(divisor == 1.0 ? slot : at::div(slot, divisor));
 }
 
 inline void check_divisor(const char* op, double divisor) {

@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/div.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -97,7 +96,7 @@ void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Te
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
   for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
   for (size_t i : copies.strided) {
-    slot_in_buffer(buffer, offsets[i], tensors[i]).copy_(tensors[i]);
+    pack_one_with_aten(tensors[i], offsets[i], buffer);
   }
 }
 
@@ -121,8 +120,7 @@ void unpack_from_cpu(
   check_pack_arguments("unpack_from", tensors, offsets, buffer);
   check_divisor("unpack_from", divisor);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kFromBuffer);
-  const bool plain_copy = divisor == 1.0;
-  if (plain_copy) {
+  if (divisor == 1.0) {
     for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
@@ -131,10 +129,7 @@ void unpack_from_cpu(
     });
   }
   for (size_t i : copies.strided) {
-    const at::Tensor slot = slot_in_buffer(buffer, offsets[i], tensors[i]);
-    // const_cast: the schema declares these tensors mutable (Tensor(a!)[]). at::div rounds as the
-    // contiguous path's division does.
-    const_cast<at::Tensor&>(tensors[i]).copy_(plain_copy ? slot : at::div(slot, divisor));
+    unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);
   }
 }
 

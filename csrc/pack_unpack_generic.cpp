@@ -1,15 +1,15 @@
 #include "pack_unpack_generic.h"
 
-#include <ATen/ops/div.h>
 #include <torch/library.h>
 
 #include "pack_common.h"
 
 namespace localsgd_ext {
+
 void pack_into_generic(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    slot_in_buffer(buffer, offsets[i], tensors[i]).copy_(tensors[i]);
+    pack_one_with_aten(tensors[i], offsets[i], buffer);
   }
 }
 
@@ -17,11 +17,7 @@ void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, doub
   check_pack_arguments("unpack_from", tensors, offsets, buffer);
   check_divisor("unpack_from", divisor);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor slot = slot_in_buffer(buffer, offsets[i], tensors[i]);
-    // const_cast: the schema declares these tensors mutable (Tensor(a!)[]).
-    auto& destination = const_cast<at::Tensor&>(tensors[i]);
-    // at::div, not a multiply: rounds exactly as `tensor / divisor` does on the same device.
-    destination.copy_(divisor == 1.0 ? slot : at::div(slot, divisor));
+    unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);
   }
 }
 

@@ -3,13 +3,16 @@
 import datetime
 import os
 
-import torch
 import torch.distributed as dist
 
 
+def group_timeout() -> datetime.timedelta:
+    """How long a collective may wait here before failing (set by multiprocess.run_ranks)."""
+    return datetime.timedelta(seconds=int(os.environ.get("LOCALSGD_TEST_GROUP_TIMEOUT", "30")))
+
+
 def init_gloo() -> None:
-    timeout = datetime.timedelta(seconds=int(os.environ.get("LOCALSGD_TEST_GROUP_TIMEOUT", "30")))
-    dist.init_process_group("gloo", timeout=timeout)
+    dist.init_process_group("gloo", timeout=group_timeout())
 
 
 def snapshot(tensors):

@@ -1,9 +1,6 @@
 """Rank-side bodies of the LocalSGD tests: the same seeded training run with Accelerate's LocalSGD and
 with ours, inside one real Accelerator on gloo (run through multiprocess.run_ranks)."""
 
-import datetime
-import os
-
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -12,6 +9,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd_ext import LocalSGD
+from rank_setup import group_timeout
 
 SCENARIOS = {
     "base": dict(local_sgd_steps=4, batches=12),
@@ -41,9 +39,10 @@ class SmallNet(torch.nn.Module):
 
 
 def _accelerator(grad_accum: int) -> Accelerator:
-    timeout = datetime.timedelta(seconds=int(os.environ.get("LOCALSGD_TEST_GROUP_TIMEOUT", "30")))
     return Accelerator(
-        cpu=True, gradient_accumulation_steps=grad_accum, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)]
+        cpu=True,
+        gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())],
     )
 
 
