@@ -1,7 +1,11 @@
 """Builds localsgd_ext._C against the torch that is installed (use `pip install --no-build-isolation .`).
 
-The CPU sources are always built. CUDA sources (csrc/cuda/*.cu) join when torch has CUDA and a CUDA
-toolkit is found; set LOCALSGD_EXT_SKIP_CUDA=1 to build the CPU-only extension regardless.
+The CPU sources are always built. The CUDA sources (csrc/cuda/) join when torch was built with CUDA and a
+CUDA toolkit is found (CUDA_HOME), whether or not a GPU is visible. Environment switches:
+  LOCALSGD_EXT_SKIP_CUDA=1   build the CPU-only extension regardless;
+  LOCALSGD_EXT_FORCE_CUDA=1  require the CUDA build: fail with the reason instead of falling back to CPU-only.
+  TORCH_CUDA_ARCH_LIST       GPU architectures to compile for; without it and without a visible GPU,
+                             8.0 and 9.0 (A100, H100/H200), plus PTX that newer GPUs compile at load time.
 """
 
 import glob
@@ -13,21 +17,46 @@ import torch
 
 CPP_SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def env_flag(name: str) -> bool:
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def build_cuda() -> bool:
-    if os.environ.get("LOCALSGD_EXT_SKIP_CUDA", "0") == "1":
+    skip, force = env_flag("LOCALSGD_EXT_SKIP_CUDA"), env_flag("LOCALSGD_EXT_FORCE_CUDA")
+    if skip and force:
+        raise SystemExit("LOCALSGD_EXT_SKIP_CUDA=1 and LOCALSGD_EXT_FORCE_CUDA=1 contradict each other; set one")
+    if skip:
         return False
-    return bool(torch.version.cuda and CUDA_HOME and CUDA_SOURCES)
+    missing = [
+        reason
+        for reason, ok in (
+            (f"torch {torch.__version__} was built without CUDA", torch.version.cuda),
+            ("no CUDA toolkit was found (set CUDA_HOME)", CUDA_HOME),
+        )
+        if not ok
+    ]
+    if force and missing:
+        raise SystemExit("LOCALSGD_EXT_FORCE_CUDA=1, but " + " and ".join(missing))
+    return not missing
 
 
 def extension():
     # -g0: debug info triples compile time and the binary size; -O3 for the copy loops.
     cxx_flags = ["-O3", "-g0"]
     if build_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            # torch derives the list from the visible GPUs and has nothing to go on without one.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         return CUDAExtension(
             "localsgd_ext._C",
             CPP_SOURCES + CUDA_SOURCES,
+            define_macros=[("LOCALSGD_EXT_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     return CppExtension("localsgd_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})

@@ -22,7 +22,9 @@ class BucketedAverager {
 
   // Replaces every tensor by its mean across `group`, in place. With `use_avg_op` the backend's AVG
   // does the division; otherwise the all_reduce is a SUM and unpack divides by the group size.
-  // Bucket i+1 is packed while bucket i is on the wire. Blocks until every bucket is unpacked.
+  // Bucket i+1 is packed while bucket i is on the wire. On CPU it returns when every bucket is
+  // unpacked. On CUDA, packs and unpacks run on the current stream and Work::wait() only makes that
+  // stream wait for NCCL's: it returns with the work queued and no host sync between buckets.
   void average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
 
   const std::vector<Bucket>& buckets() const { return buckets_; }

@@ -36,6 +36,12 @@ py::list buckets_to_list(const std::vector<Bucket>& buckets) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled core of localsgd_ext: bucket planner and bucketed parameter averaging engine.";
   m.attr("BUCKET_ALIGNMENT_BYTES") = localsgd_ext::kBucketAlignmentBytes;
+#ifdef LOCALSGD_EXT_WITH_CUDA
+  // The fused CUDA kernels (csrc/cuda/) are registered; without them CUDA uses the generic kernels.
+  m.attr("CUDA_KERNELS_BUILT") = true;
+#else
+  m.attr("CUDA_KERNELS_BUILT") = false;
+#endif
 
   m.def(
       "plan_buckets",

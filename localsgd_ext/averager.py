@@ -120,8 +120,12 @@ class ParameterAverager:
         return all(backend in _BACKENDS_WITH_AVG for backend in backends)
 
     def average(self) -> None:
-        """Replaces every tensor by its mean over the group's processes. Blocks until done."""
+        """Replaces every tensor by its mean over the group's processes.
+
+        On CPU it returns when every tensor holds the mean. On CUDA it returns once the work is queued
+        on the current stream, like any torch.distributed collective: later work on that stream sees
+        the means, with no host synchronization in between. A group of one process runs the same
+        collectives (the mean is then the tensor itself), as Accelerate's sync does.
+        """
         group = self._group()
-        if group.size() == 1:
-            return
         self._engine.average(group, self._use_avg_op(group))

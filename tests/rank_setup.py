@@ -3,6 +3,7 @@
 import datetime
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -11,9 +12,15 @@ def group_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=int(os.environ.get("LOCALSGD_TEST_GROUP_TIMEOUT", "30")))
 
 
-def init_gloo() -> None:
-    dist.init_process_group("gloo", timeout=group_timeout())
+def init_group(device: str = "cpu") -> None:
+    """gloo for CPU tensors; NCCL on this rank's GPU for CUDA tensors."""
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", timeout=group_timeout())
+    else:
+        dist.init_process_group("gloo", timeout=group_timeout())
 
 
 def snapshot(tensors):
-    return [t.detach().clone() for t in tensors]
+    """Copies on the CPU (what a rank returns must load in the parent)."""
+    return [t.detach().to("cpu", copy=True) for t in tensors]

@@ -18,11 +18,8 @@ def _expected_mean(per_rank_tensors):
     return stacked.mean(0)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("bucket_cap_mb", [1, 25])
-def test_average_matches_mean_and_ranks_agree(world_size, bucket_cap_mb):
-    syncs = 3
-    results = run_ranks(world_size, "workers_averager:average_mixed", bucket_cap_mb, syncs)
+def check_means(world_size, results, syncs):
+    """Every rank's tensors after each sync are the mean of what the ranks held before it."""
     for reduce_op in ("avg", "sum"):
         ours = [r[reduce_op] for r in results]
         for sync in range(syncs):
@@ -33,7 +30,10 @@ def test_average_matches_mean_and_ranks_agree(world_size, bucket_cap_mb):
                 for out in outputs[1:]:
                     assert torch.equal(out, outputs[0]), f"{reduce_op} sync {sync} tensor {i} differs across ranks"
                 assert outputs[0].dtype == inputs[0].dtype and outputs[0].shape == inputs[0].shape
-                if world_size == 2:
+                if world_size == 1:
+                    # The mean of one is the tensor itself, through the same pack, collective, unpack.
+                    assert torch.equal(outputs[0], inputs[0]), f"{reduce_op} tensor {i}"
+                elif world_size == 2:
                     # Two summands add the same way in any order: exactly torch's (a + b) / 2.
                     assert torch.equal(outputs[0], (inputs[0] + inputs[1]) / 2), f"{reduce_op} tensor {i}"
                 else:
@@ -49,6 +49,13 @@ def test_average_matches_mean_and_ranks_agree(world_size, bucket_cap_mb):
     for rank in results:
         for a, b in zip(rank["avg"]["after"][-1], rank["sum"]["after"][-1]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("bucket_cap_mb", [1, 25])
+def test_average_matches_mean_and_ranks_agree(world_size, bucket_cap_mb):
+    syncs = 3
+    check_means(world_size, run_ranks(world_size, "workers_averager:average_mixed", bucket_cap_mb, syncs), syncs)
 
 
 @pytest.mark.parametrize("bucket_cap_mb", [1, 25])

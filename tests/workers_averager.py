@@ -4,16 +4,16 @@ import torch
 import torch.distributed as dist
 
 from localsgd_ext import ParameterAverager
-from rank_setup import init_gloo, snapshot
+from rank_setup import init_group, snapshot
 
 
-def _mixed_tensors(seed: int):
+def _mixed_tensors(seed: int, device: str = "cpu"):
     """A parameter-like list: uneven sizes, empty and scalar tensors, one tensor larger than a 1 MiB cap,
     every float dtype, and a non-contiguous view."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(dtype)
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
     return [
         randn(37, 11),
@@ -29,14 +29,15 @@ def _mixed_tensors(seed: int):
     ]
 
 
-def average_mixed(bucket_cap_mb: float, syncs: int):
+def average_mixed(bucket_cap_mb: float, syncs: int, device: str = "cpu"):
     """Averages the same mixed list with reduce_op 'avg' and 'sum', `syncs` times with local updates
-    in between; returns what every sync left behind, plus whether the tensors kept their storage."""
-    init_gloo()
+    in between; returns what every sync left behind, plus whether the tensors kept their storage.
+    On "cuda" the group is NCCL and the tensors live on this rank's GPU."""
+    init_group(device)
     rank = dist.get_rank()
     out = {}
     for reduce_op in ("avg", "sum"):
-        tensors = _mixed_tensors(seed=100 + rank)
+        tensors = _mixed_tensors(seed=100 + rank, device=device)
         storages = [t.untyped_storage().data_ptr() for t in tensors]
         averager = ParameterAverager(tensors, bucket_cap_mb=bucket_cap_mb, reduce_op=reduce_op)
         before, after = [], []
@@ -52,13 +53,14 @@ def average_mixed(bucket_cap_mb: float, syncs: int):
             "same_storage": storages == [t.untyped_storage().data_ptr() for t in tensors],
             "buckets": averager.buckets,
             "staging_bytes": averager.staging_bytes,
+            "devices": [t.device.type for t in tensors],
         }
     return out
 
 
 def average_after_repointing():
     """`param.data = new tensor` of another shape between syncs: the engine must re-plan, not skip it."""
-    init_gloo()
+    init_group()
     rank = dist.get_rank()
     params = [torch.nn.Parameter(torch.full((4, 4), float(rank))), torch.nn.Parameter(torch.full((3,), 10.0 * rank))]
     averager = ParameterAverager(params, bucket_cap_mb=1)
@@ -73,7 +75,7 @@ def average_after_repointing():
 def average_leaf_parameters_requiring_grad():
     """Parameters that require grad are averaged in place outside torch.no_grad(), and their version
     counter moves so autograd can detect the in-place change."""
-    init_gloo()
+    init_group()
     rank = dist.get_rank()
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
@@ -91,7 +93,7 @@ def average_leaf_parameters_requiring_grad():
 def average_after_repointing_to_integers():
     """A tensor re-pointed to integer data since the last plan: the re-plan refuses it by name, on every
     rank, before any collective starts (so nothing hangs and nothing is half-averaged)."""
-    init_gloo()
+    init_group()
     rank = dist.get_rank()
     tensors = [torch.full((4,), float(rank)), torch.full((3,), float(rank))]
     averager = ParameterAverager(tensors)

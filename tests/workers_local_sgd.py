@@ -38,9 +38,10 @@ class SmallNet(torch.nn.Module):
         return self.head(torch.tanh(self.body(x)).to(self.head_dtype)).float()
 
 
-def _accelerator(grad_accum: int) -> Accelerator:
+def _accelerator(grad_accum: int, cpu: bool = True) -> Accelerator:
+    """On CPU: gloo. With cpu=False on a GPU: NCCL (Accelerate picks it when LOCAL_RANK is set)."""
     return Accelerator(
-        cpu=True,
+        cpu=cpu,
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())],
     )
@@ -88,7 +89,7 @@ def _train(accelerator, local_sgd_cls, scenario, check_ranks_agree: bool):
         num_steps.append(local_sgd.num_steps)
         if check_ranks_agree and local_sgd.enabled:
             agreed_syncs.append(("exit", _ranks_agree(model)))
-    params = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
+    params = [p.detach().to("cpu", copy=True) for p in accelerator.unwrap_model(model).parameters()]
     return params, num_steps, agreed_syncs, _ranks_agree(model)
 
 
@@ -100,12 +101,12 @@ def _ranks_agree(model) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def compare_with_accelerate(names):
+def compare_with_accelerate(names, cpu=True):
     """Runs each named scenario with Accelerate's LocalSGD and ours; returns per-scenario results."""
     results = {}
     for name in names:
         scenario = SCENARIOS[name]
-        accelerator = _accelerator(scenario.get("grad_accum", 1))
+        accelerator = _accelerator(scenario.get("grad_accum", 1), cpu)
         theirs, their_steps, _, their_final_agree = _train(accelerator, AccelerateLocalSGD, scenario, False)
         ours, our_steps, agreed, our_final_agree = _train(accelerator, LocalSGD, scenario, True)
         results[name] = {
@@ -116,6 +117,7 @@ def compare_with_accelerate(names):
             "agreed_syncs": agreed,
             "their_final_agree": their_final_agree,
             "our_final_agree": our_final_agree,
+            "backend": dist.get_backend(),
         }
     return results
 

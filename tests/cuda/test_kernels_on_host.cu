@@ -1,0 +1,224 @@
+// The fused pack/unpack kernels' per-thread code, run on the host: every chunk of a launch, every thread
+// of its block, through the same copy_chunk() the kernels call. No GPU is needed (built with nvcc, run
+// on the CPU), so this checks the chunk numbering, the slot search, the vector/scalar split at every
+// alignment and the unpack rounding on any machine with a CUDA toolkit. The kernels on a real GPU are
+// tested against torch by tests/test_cuda.py.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "multi_tensor_copy.cuh"
+#include "slot_table.h"
+
+using namespace localsgd_ext::cuda;
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                           \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                              \
+    }                                                                          \
+  } while (0)
+
+constexpr unsigned char kBufferPoison = 0xAB;
+constexpr unsigned char kTensorPoison = 0xCD;
+
+// Memory with a 16-byte-aligned start, like a CUDA allocation.
+struct AlignedBytes {
+  std::vector<uint4> words;
+  explicit AlignedBytes(size_t bytes) : words((bytes + 15) / 16 + 1) {}
+  unsigned char* data() { return reinterpret_cast<unsigned char*>(words.data()); }
+  size_t size() const { return words.size() * sizeof(uint4); }
+};
+
+// A tensor placed `misalign` elements past an aligned start, with poisoned slack on both sides.
+struct HostTensor {
+  AlignedBytes storage;
+  int64_t misalign;
+  int64_t numel;
+  HostTensor(int64_t numel_, int64_t misalign_, size_t element_size)
+      : storage((numel_ + misalign_ + 8) * element_size), misalign(misalign_), numel(numel_) {}
+  template <typename T>
+  T* elements() {
+    return reinterpret_cast<T*>(storage.data()) + misalign;
+  }
+};
+
+// What the kernel grid does, one block and one thread at a time.
+template <typename Element, typename Transform>
+void run_launch_on_host(
+    const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, bool into_buffer, const Transform& op) {
+  for (int64_t chunk = 0; chunk < total_chunks; ++chunk) {
+    for (int thread = 0; thread < kThreadsPerBlock; ++thread) {
+      copy_chunk(slots.data(), static_cast<int64_t>(slots.size()), static_cast<Element*>(buffer), into_buffer, chunk,
+                 thread, kThreadsPerBlock, op);
+    }
+  }
+}
+
+template <typename Element>
+Element random_value(std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 100.0f);
+  return from_opmath<Element>(static_cast<decltype(to_opmath(Element{}))>(normal(rng)));
+}
+
+int64_t pick_numel(std::mt19937& rng, int64_t chunk) {
+  const int64_t sizes[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 33, chunk - 1, chunk, chunk + 1, 2 * chunk + 3};
+  std::uniform_int_distribution<int> pick(0, static_cast<int>(std::size(sizes)));
+  const int i = pick(rng);
+  if (i == static_cast<int>(std::size(sizes))) {
+    return std::uniform_int_distribution<int64_t>(1, 3 * chunk)(rng);
+  }
+  return sizes[i];
+}
+
+// Packs random tensors at random alignments into a poisoned buffer, unpacks into poisoned tensors
+// (plain copy when divisor is 1, else the fused reciprocal multiply), and checks every byte.
+template <typename Element, typename Word>
+void check_pack_and_unpack(std::mt19937& rng, double divisor) {
+  static_assert(sizeof(Element) == sizeof(Word));
+  using Opmath = decltype(to_opmath(Element{}));
+  const int64_t chunk = chunk_elements(sizeof(Element));
+  const int count = std::uniform_int_distribution<int>(1, 12)(rng);
+  const int64_t per_vector = kVectorBytes / sizeof(Element);
+
+  std::vector<HostTensor> tensors;
+  std::vector<int64_t> offsets;
+  int64_t cursor = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t numel = pick_numel(rng, chunk);
+    // Mostly aligned tensors and slots (the fast path), sometimes off by a few elements.
+    const int64_t misalign =
+        std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? std::uniform_int_distribution<int64_t>(1, per_vector - 1)(rng) : 0;
+    tensors.emplace_back(numel, misalign, sizeof(Element));
+    cursor = (cursor + per_vector - 1) / per_vector * per_vector;
+    if (std::uniform_int_distribution<int>(0, 3)(rng) == 0) {
+      cursor += 1;
+    }
+    offsets.push_back(cursor);
+    cursor += numel;
+  }
+  AlignedBytes buffer((cursor + 1) * sizeof(Element));
+  std::memset(buffer.data(), kBufferPoison, buffer.size());
+
+  std::vector<std::vector<Element>> originals;
+  std::vector<TensorSlot> slots;
+  for (int i = 0; i < count; ++i) {
+    HostTensor& t = tensors[i];
+    std::memset(t.storage.data(), kTensorPoison, t.storage.size());
+    std::vector<Element> values(t.numel);
+    for (auto& v : values) {
+      v = random_value<Element>(rng);
+    }
+    std::memcpy(t.elements<Element>(), values.data(), t.numel * sizeof(Element));
+    originals.push_back(std::move(values));
+    slots.push_back({t.elements<Element>(), offsets[i], t.numel, 0});
+  }
+  const int64_t total_chunks = assign_chunks(slots.data(), static_cast<int64_t>(slots.size()), chunk);
+
+  run_launch_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/true, CopyBits{});
+
+  std::vector<bool> in_slot(buffer.size(), false);
+  for (int i = 0; i < count; ++i) {
+    const unsigned char* slot_bytes = buffer.data() + offsets[i] * sizeof(Element);
+    EXPECT(std::memcmp(slot_bytes, originals[i].data(), originals[i].size() * sizeof(Element)) == 0);
+    for (size_t b = 0; b < originals[i].size() * sizeof(Element); ++b) {
+      in_slot[offsets[i] * sizeof(Element) + b] = true;
+    }
+  }
+  bool padding_untouched = true;
+  for (size_t b = 0; b < buffer.size(); ++b) {
+    padding_untouched &= in_slot[b] || buffer.data()[b] == kBufferPoison;
+  }
+  EXPECT(padding_untouched);
+
+  for (HostTensor& t : tensors) {
+    std::memset(t.storage.data(), kTensorPoison, t.storage.size());
+  }
+  const Opmath factor = Opmath(1) / static_cast<Opmath>(divisor);
+  if (divisor == 1.0) {
+    run_launch_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/false, CopyBits{});
+  } else {
+    run_launch_on_host<Element>(slots, total_chunks, buffer.data(), /*into_buffer=*/false, MultiplyBy<Opmath>{factor});
+  }
+  for (int i = 0; i < count; ++i) {
+    HostTensor& t = tensors[i];
+    std::vector<Element> expected = originals[i];
+    if (divisor != 1.0) {
+      for (auto& v : expected) {
+        v = from_opmath<Element>(to_opmath(v) * factor);
+      }
+    }
+    EXPECT(std::memcmp(t.elements<Element>(), expected.data(), expected.size() * sizeof(Element)) == 0);
+    const unsigned char* bytes = t.storage.data();
+    const size_t first = t.misalign * sizeof(Element);
+    const size_t last = first + t.numel * sizeof(Element);
+    bool slack_untouched = true;
+    for (size_t b = 0; b < t.storage.size(); ++b) {
+      slack_untouched &= (b >= first && b < last) || bytes[b] == kTensorPoison;
+    }
+    EXPECT(slack_untouched);
+  }
+}
+
+void check_slot_search() {
+  // Sizes 1, chunk, chunk + 1 and 5 with a chunk of 4: chunks 0 | 1 | 2 3 | 4 5.
+  std::vector<TensorSlot> slots = {{nullptr, 0, 1, -1}, {nullptr, 0, 4, -1}, {nullptr, 0, 5, -1}, {nullptr, 0, 5, -1}};
+  EXPECT(assign_chunks(slots.data(), 4, 4) == 6);
+  EXPECT(slots[0].first_chunk == 0 && slots[1].first_chunk == 1 && slots[2].first_chunk == 2 && slots[3].first_chunk == 4);
+  const int64_t owner[] = {0, 1, 2, 2, 3, 3};
+  for (int64_t c = 0; c < 6; ++c) {
+    EXPECT(find_slot(slots.data(), 4, c) == owner[c]);
+  }
+  EXPECT(find_slot(slots.data(), 1, 0) == 0);
+  for (int64_t size : {1, 2, 4, 8}) {
+    EXPECT(chunk_elements(size) * size == kChunkBytes);
+    EXPECT(chunk_elements(size) % (kVectorBytes / size) == 0);
+  }
+}
+
+// The toolkit's bf16 rounding on the host is round-to-nearest-even, like c10::BFloat16 and the device.
+void check_bfloat16_rounding(std::mt19937& rng) {
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 100000; ++i) {
+    uint32_t u = bits(rng);
+    float f;
+    std::memcpy(&f, &u, 4);
+    if (f != f) {
+      continue;
+    }
+    const uint16_t expected = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const __nv_bfloat16 rounded = from_opmath<__nv_bfloat16>(f);
+    uint16_t got;
+    std::memcpy(&got, &rounded, 2);
+    EXPECT(got == expected);
+  }
+}
+
+} // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  check_slot_search();
+  check_bfloat16_rounding(rng);
+  for (int round = 0; round < 8; ++round) {
+    for (double divisor : {1.0, 2.0, 3.0, 7.0}) {
+      check_pack_and_unpack<float, uint32_t>(rng, divisor);
+      check_pack_and_unpack<double, uint64_t>(rng, divisor);
+      check_pack_and_unpack<__half, uint16_t>(rng, divisor);
+      check_pack_and_unpack<__nv_bfloat16, uint16_t>(rng, divisor);
+    }
+  }
+  if (failures != 0) {
+    std::fprintf(stderr, "%d expectation(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("multi-tensor pack/unpack on the host: all checks passed\n");
+  return 0;
+}
