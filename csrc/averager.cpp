@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -25,6 +26,10 @@ const c10::TypedOperatorHandle<UnpackFn>& unpack_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("localsgd_ext::unpack_from", "").typed<UnpackFn>();
   return op;
+}
+
+c10::Stream current_stream(const c10::Device& device) {
+  return c10::impl::VirtualGuardImpl(device.type()).getStream(device);
 }
 
 } // namespace
@@ -96,6 +101,28 @@ void BucketedAverager::build_plan() {
     bucket_tensors_.push_back(std::move(members));
   }
   staging_.assign(buffers_in_flight_, std::vector<at::Tensor>(devices_.size()));
+  staging_released_.clear();
+  staging_released_.resize(devices_.size());
+}
+
+void BucketedAverager::wait_for_previous_average() {
+  for (size_t d = 0; d < devices_.size(); ++d) {
+    if (staging_released_[d]) {
+      staging_released_[d]->block(current_stream(devices_[d]));
+    }
+  }
+}
+
+void BucketedAverager::mark_staging_released() {
+  for (size_t d = 0; d < devices_.size(); ++d) {
+    if (devices_[d].is_cpu()) {
+      continue;  // CPU work is done when average() returns
+    }
+    if (!staging_released_[d]) {
+      staging_released_[d] = std::make_unique<c10::Event>(devices_[d].type());
+    }
+    staging_released_[d]->record(current_stream(devices_[d]));
+  }
 }
 
 bool BucketedAverager::plan_is_stale() const {
@@ -140,6 +167,7 @@ int64_t BucketedAverager::staging_bytes() const {
 
 void BucketedAverager::average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
+  wait_for_previous_average();
   if (plan_is_stale()) {
     build_plan();
   }
@@ -189,6 +217,7 @@ void BucketedAverager::average(const c10::intrusive_ptr<c10d::ProcessGroup>& gro
   while (!in_flight.empty()) {
     finish_oldest();
   }
+  mark_staging_released();
 }
 
 } // namespace localsgd_ext

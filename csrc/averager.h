@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Event.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <memory>
 #include <vector>
 
 #include "bucket_plan.h"
@@ -44,6 +46,10 @@ class BucketedAverager {
   // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
   bool plan_is_stale() const;
   at::Tensor staging_view(size_t slot, const Bucket& bucket);
+  // Stream-ordered devices (CUDA): the next average() may run on another current stream, so it first
+  // waits for the point where this one's last unpack has read the staging buffers.
+  void wait_for_previous_average();
+  void mark_staging_released();
 
   std::vector<at::Tensor> tensors_;
   int64_t bucket_cap_bytes_;
@@ -60,6 +66,8 @@ class BucketedAverager {
   // staging_[slot][device index]: a byte buffer as large as that device's largest bucket, allocated on
   // first use and shared by every dtype on the device (viewed as the bucket's dtype).
   std::vector<std::vector<at::Tensor>> staging_;
+  // Per device index: recorded on the current stream at the end of average(); null on CPU.
+  std::vector<std::unique_ptr<c10::Event>> staging_released_;
 };
 
 } // namespace localsgd_ext

@@ -141,3 +141,9 @@ def test_local_sgd_on_nccl_matches_accelerate():
         assert r["our_num_steps"] == r["their_num_steps"], name
         for i, (ours, theirs) in enumerate(zip(r["ours"], r["theirs"])):
             assert torch.equal(ours, theirs), f"{name} parameter {i}: max diff {(ours - theirs).abs().max()}"
+
+
+def test_syncs_on_alternating_streams_see_each_other():
+    result = run_ranks(1, "workers_averager:average_on_alternating_streams", timeout=120)[0]
+    for got, expected in zip(result["got"], result["expected"]):
+        assert torch.equal(got, expected)

@@ -104,3 +104,24 @@ def average_after_repointing_to_integers():
     except TypeError as error:
         return {"error": str(error), "untouched": snapshot(tensors)}
     return {"error": None}
+
+
+def average_on_alternating_streams():
+    """CUDA: syncs issued on a side stream and on the default stream in turn, with no host sync in
+    between. Each must see the previous one's result (the engine orders its staging buffers across
+    streams with events)."""
+    init_group("cuda")
+    tensors = [torch.randn(1000, 37, device="cuda"), torch.randn(5, device="cuda", dtype=torch.bfloat16)]
+    averager = ParameterAverager(tensors, bucket_cap_mb=0.05, reduce_op="sum")
+    side = torch.cuda.Stream()
+    expected = snapshot(tensors)
+    for round_index in range(6):
+        stream = side if round_index % 2 == 0 else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for t in tensors:
+                t.add_(1)
+            averager.average()
+        torch.cuda.current_stream().wait_stream(stream)
+        expected = [e + 1 for e in expected]
+    return {"got": snapshot(tensors), "expected": expected}
