@@ -20,26 +20,54 @@ namespace {
 
 using cuda::TensorSlot;
 
-struct WorkTable {
-  std::vector<TensorSlot> slots;
-  int64_t total_chunks = 0;
-};
-
 bool kernel_can_take(const at::Tensor& t) {
   return t.is_contiguous() && cuda::packable_element_size(t.element_size());
 }
 
-// The table lives in device memory so that one launch covers any number of tensors. It goes up
-// through pinned memory with a non-blocking copy: no host sync, and torch's host allocator keeps the
-// pinned block alive until the copy has run. The device copy is freed on return; the caching
-// allocator hands it out again only to work queued after this launch on the same stream.
-at::Tensor upload(const WorkTable& table, const at::Device& device) {
-  const auto bytes = static_cast<int64_t>(table.slots.size() * sizeof(TensorSlot));
+// The kernel's work list, on the device. One launch covers any number of tensors because the list
+// lives in device memory: it goes up through pinned memory with a non-blocking copy (no host sync;
+// torch's host allocator keeps the pinned block alive until the copy has run). The device copy is
+// freed when the caller drops it, and the caching allocator hands it out again only to work queued
+// after the launch on the same stream.
+struct DeviceWorkList {
+  at::Tensor table;  // TensorSlot[num_slots], undefined when there is nothing for the kernel
+  int64_t num_slots = 0;
+  int64_t total_chunks = 0;
+
+  const TensorSlot* slots() const { return static_cast<const TensorSlot*>(table.const_data_ptr()); }
+};
+
+// Lists the non-empty tensors the kernel takes (their data written by the kernel when `writes_tensors`)
+// and hands each of the others to `copy_with_aten(i)`, on the same stream.
+template <typename CopyWithAten>
+DeviceWorkList list_work(
+    at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, bool writes_tensors,
+    const CopyWithAten& copy_with_aten) {
+  std::vector<TensorSlot> slots;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) {
+      continue;
+    }
+    if (!kernel_can_take(t)) {
+      copy_with_aten(i);
+      continue;
+    }
+    void* data = writes_tensors ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
+    slots.push_back({data, offsets[i], t.numel(), 0});
+  }
+  DeviceWorkList work;
+  if (slots.empty()) {
+    return work;
+  }
+  work.num_slots = static_cast<int64_t>(slots.size());
+  work.total_chunks = cuda::assign_chunks(slots.data(), work.num_slots, cuda::chunk_elements(buffer.element_size()));
+  const auto bytes = static_cast<int64_t>(slots.size() * sizeof(TensorSlot));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr(), table.slots.data(), bytes);
-  at::Tensor on_device = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  on_device.copy_(host, /*non_blocking=*/true);
-  return on_device;
+  std::memcpy(host.mutable_data_ptr(), slots.data(), bytes);
+  work.table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(buffer.device()));
+  work.table.copy_(host, /*non_blocking=*/true);
+  return work;
 }
 
 cuda::FloatKind float_kind(const at::Tensor& buffer) {
@@ -59,32 +87,21 @@ cuda::FloatKind float_kind(const at::Tensor& buffer) {
   }
 }
 
+cudaStream_t current_stream(const at::Tensor& buffer) {
+  return c10::cuda::getCurrentCUDAStream(buffer.device().index()).stream();
+}
+
 void pack_into_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
-  WorkTable table;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) {
-      continue;
-    }
-    if (!kernel_can_take(t)) {
-      pack_one_with_aten(t, offsets[i], buffer);
-      continue;
-    }
-    table.slots.push_back({const_cast<void*>(t.const_data_ptr()), offsets[i], t.numel(), 0});
+  const DeviceWorkList work = list_work(tensors, offsets, buffer, /*writes_tensors=*/false, [&](size_t i) {
+    pack_one_with_aten(tensors[i], offsets[i], buffer);
+  });
+  if (work.num_slots > 0) {
+    C10_CUDA_CHECK(cuda::launch_pack(
+        work.slots(), work.num_slots, work.total_chunks, buffer.mutable_data_ptr(), buffer.element_size(),
+        current_stream(buffer)));
   }
-  if (table.slots.empty()) {
-    return;
-  }
-  const int64_t element_size = buffer.element_size();
-  table.total_chunks = cuda::assign_chunks(
-      table.slots.data(), static_cast<int64_t>(table.slots.size()), cuda::chunk_elements(element_size));
-  const at::Tensor device_table = upload(table, buffer.device());
-  C10_CUDA_CHECK(cuda::launch_pack(
-      static_cast<const TensorSlot*>(device_table.const_data_ptr()), static_cast<int64_t>(table.slots.size()),
-      table.total_chunks, buffer.mutable_data_ptr(), element_size,
-      c10::cuda::getCurrentCUDAStream(buffer.device().index()).stream()));
 }
 
 void unpack_from_cuda(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
@@ -92,28 +109,14 @@ void unpack_from_cuda(const at::Tensor& buffer, at::IntArrayRef offsets, double 
   check_divisor("unpack_from", divisor);
   const cuda::FloatKind kind = float_kind(buffer);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
-  WorkTable table;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) {
-      continue;
-    }
-    if (!kernel_can_take(t)) {
-      unpack_one_with_aten(buffer, offsets[i], divisor, t);
-      continue;
-    }
-    table.slots.push_back({t.mutable_data_ptr(), offsets[i], t.numel(), 0});
+  const DeviceWorkList work = list_work(tensors, offsets, buffer, /*writes_tensors=*/true, [&](size_t i) {
+    unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);
+  });
+  if (work.num_slots > 0) {
+    C10_CUDA_CHECK(cuda::launch_unpack(
+        work.slots(), work.num_slots, work.total_chunks, buffer.const_data_ptr(), kind, divisor,
+        current_stream(buffer)));
   }
-  if (table.slots.empty()) {
-    return;
-  }
-  table.total_chunks = cuda::assign_chunks(
-      table.slots.data(), static_cast<int64_t>(table.slots.size()), cuda::chunk_elements(buffer.element_size()));
-  const at::Tensor device_table = upload(table, buffer.device());
-  C10_CUDA_CHECK(cuda::launch_unpack(
-      static_cast<const TensorSlot*>(device_table.const_data_ptr()), static_cast<int64_t>(table.slots.size()),
-      table.total_chunks, buffer.const_data_ptr(), kind, divisor,
-      c10::cuda::getCurrentCUDAStream(buffer.device().index()).stream()));
 }
 
 } // namespace

@@ -5,22 +5,13 @@
 #include <vector>
 
 #include "bucket_plan.h"
+#include "expect.h"
 
 using localsgd_ext::Bucket;
 using localsgd_ext::PlanInput;
 using localsgd_ext::plan_buckets;
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond)                                                  \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
 constexpr int64_t kMiB = 1 << 20;
 
@@ -104,11 +95,11 @@ void expect_invalid(const std::vector<PlanInput>& inputs, int64_t cap, int64_t a
   try {
     plan_buckets(inputs, cap, alignment);
     std::fprintf(stderr, "expected std::invalid_argument containing '%s'\n", text.c_str());
-    ++failures;
+    ++localsgd_ext::testing::failures;
   } catch (const std::invalid_argument& e) {
     if (std::string(e.what()).find(text) == std::string::npos) {
       std::fprintf(stderr, "message '%s' lacks '%s'\n", e.what(), text.c_str());
-      ++failures;
+      ++localsgd_ext::testing::failures;
     }
   }
 }
@@ -129,10 +120,5 @@ int main() {
   test_zero_size();
   test_many_tiny();
   test_bad_input();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("bucket plan: all checks passed\n");
-  return 0;
+  return localsgd_ext::testing::finish_tests("bucket plan");
 }

@@ -9,22 +9,13 @@
 #include <random>
 #include <vector>
 
+#include "../cpp/expect.h"
 #include "multi_tensor_copy.cuh"
 #include "slot_table.h"
 
 using namespace localsgd_ext::cuda;
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond)                                                           \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                              \
-    }                                                                          \
-  } while (0)
 
 constexpr unsigned char kBufferPoison = 0xAB;
 constexpr unsigned char kTensorPoison = 0xCD;
@@ -215,10 +206,5 @@ int main() {
       check_pack_and_unpack<__nv_bfloat16, uint16_t>(rng, divisor);
     }
   }
-  if (failures != 0) {
-    std::fprintf(stderr, "%d expectation(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("multi-tensor pack/unpack on the host: all checks passed\n");
-  return 0;
+  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack on the host");
 }
