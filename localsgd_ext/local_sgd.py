@@ -45,7 +45,8 @@ class LocalSGD:
 
     Differences, all additive: `accelerator`, `model` and `local_sgd_steps` are set even when disabled;
     no barrier precedes the averaging (the all_reduce already synchronizes); `sync_count` and
-    `last_sync_seconds` report the averaging.
+    `last_sync_seconds` report the averaging (host time of the last sync: on CUDA the time to queue it,
+    since the sync, like any collective, returns before the GPU has finished).
 
     Args:
         accelerator (`Accelerator`):
