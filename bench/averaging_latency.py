@@ -1,48 +1,67 @@
-"""Parameter-averaging latency: localsgd_ext (its LocalSGD sync and the bare ParameterAverager) vs
-Accelerate's LocalSGD sync vs one flat all_reduce.
+"""Parameter-averaging latency: localsgd_ext against every peer and against the floor.
 
-    torchrun --standalone --nproc-per-node 2 bench/averaging_latency.py [--shapes wide tiny] [--rounds 15]
+    python bench/averaging_latency.py                      # launches 2 and 4 ranks itself (CPU, gloo)
+    python bench/averaging_latency.py --ranks 2 --shapes wide tiny --rounds 21
+    torchrun --standalone --nproc-per-node 2 bench/averaging_latency.py     # one world size, as launched
 
-Each round times every method once, in turn (interleaved, so drift hits them alike), after a barrier.
-A method's time in a round is the slowest rank's; the table gives the median over rounds and the
-ratio to the floor: one all_reduce of an already-flat buffer holding the same bytes. Results are also
-written as JSON (--json).
+Shapes (bench/models.py): `wide` 200 tensors / 26M fp32; `tiny` 2000 tiny tensors; `transformer` BERT-base's
+parameter list (199 tensors, 110M fp32); `mixed` bf16 Linear layers with fp32 LayerNorms.
+
+Methods, interleaved within every round (so drift hits them alike), each after a barrier:
+  localsgd_ext                 our ParameterAverager.average() (25 MiB buckets; also at 1, 4 and 100 MiB)
+  localsgd_ext LocalSGD        what our LocalSGD.step() runs every K steps
+  accelerate LocalSGD          what Accelerate's LocalSGD.step() runs every K steps
+  torch average_parameters     torch.distributed.algorithms.model_averaging.utils.average_parameters
+  python cat buckets           25 MiB buckets by dtype: torch.cat, all_reduce(AVG), copy back, in Python
+  flat all_reduce (floor)      one all_reduce(AVG) of an already-flat buffer of the same bytes
+A method's time in a round is the slowest rank's; tables give the median over rounds and the ratio to
+the floor. Peak extra memory: each method's first (cold) sync, as the rise of the process's peak
+resident memory over what it held before (Linux /proc; max over ranks), after returning freed heap
+memory to the OS. Writes JSON per world size, a combined JSON and a PNG plot (x floor per shape) to --out.
 """
 
 import argparse
+import copy
+import ctypes
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
 
-from localsgd_ext import LocalSGD, ParameterAverager
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import SHAPES  # noqa: E402
 
-SHAPES = {
-    # 200 tensors, 26.06M fp32 (99.4 MiB): 100 x Linear(510, 510).
-    "wide": lambda: torch.nn.Sequential(*[torch.nn.Linear(510, 510) for _ in range(100)]),
-    # 2000 tensors, 0.6M fp32: 1000 x Linear(24, 24).
-    "tiny": lambda: torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(1000)]),
-}
+from localsgd_ext import LocalSGD, ParameterAverager  # noqa: E402
+
+FLOOR = "flat all_reduce (floor)"
+OURS = "localsgd_ext"
+SWEEP_CAPS_MB = (1, 4, 100)  # besides the default 25
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to launch (ignored under torchrun)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bucket-cap-mb", type=float, default=25)
-    parser.add_argument("--json", default="bench/out/averaging_latency.json")
+    parser.add_argument("--out", default="bench/out", help="folder for the JSON and PNG outputs")
+    parser.add_argument("--smoke", action="store_true", help="miniature shapes, for the smoke test")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the bucket_cap_mb sweep")
     return parser.parse_args()
 
 
-def slowest_rank(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
+# ---------------------------------------------------------------------------------------------------
+# Rank side
+
+
+def slowest_rank(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -54,23 +73,96 @@ def timed(fn) -> float:
     return slowest_rank(time.perf_counter() - start)
 
 
-def bench_shape(name, args, accelerator):
+class PeakMemory:
+    """Peak resident memory of this process during a call, above what it held just before (Linux)."""
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/self/clear_refs")
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+    def extra_bytes(self, fn):
+        if not self.available:
+            fn()
+            return None
+        if self.libc is not None:
+            self.libc.malloc_trim(0)  # freed heap back to the OS, so reuse does not hide a method's needs
+        before = self._status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        fn()
+        return 1024 * max(0, self._status_kib("VmHWM") - before)
+
+
+def python_cat_buckets(params, cap_bytes):
+    """The usual pure-Python bucketed average, for comparison: per dtype, buckets of up to cap_bytes are
+    flattened with torch.cat, averaged with one all_reduce, and copied back."""
+    buckets, current, current_bytes, current_dtype = [], [], 0, None
+    for p in sorted(params, key=lambda p: str(p.dtype)):  # stable: model order within a dtype
+        nbytes = p.numel() * p.element_size()
+        if current and (p.dtype != current_dtype or current_bytes + nbytes > cap_bytes):
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(p)
+        current_bytes += nbytes
+        current_dtype = p.dtype
+    if current:
+        buckets.append(current)
+
+    def average():
+        with torch.no_grad():
+            for bucket in buckets:
+                flat = torch.cat([p.reshape(-1) for p in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                for p, chunk in zip(bucket, flat.split([p.numel() for p in bucket])):
+                    p.copy_(chunk.view_as(p))
+
+    return average
+
+
+def bench_shape(name, args, accelerator, memory):
+    from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
     torch.manual_seed(dist.get_rank())
-    model = SHAPES[name]()
+    model = SHAPES[name](smoke=args.smoke)
     params = list(model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in params)
     flat = torch.randn(nbytes // 4)
+    # average_parameters rebinds every p.data to a slice of a fresh flat buffer: it gets its own copy,
+    # so that it cannot change the storage the other methods work on.
+    torch_copy = [p for p in copy.deepcopy(model).parameters()]
 
-    ours = ParameterAverager(params, bucket_cap_mb=args.bucket_cap_mb)
-    ours_local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1, bucket_cap_mb=args.bucket_cap_mb)
+    engines = {OURS: ParameterAverager(params, bucket_cap_mb=25)}
+    if not args.no_sweep:
+        engines.update({f"{OURS} cap={cap}": ParameterAverager(params, bucket_cap_mb=cap) for cap in SWEEP_CAPS_MB})
+    ours_local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
     theirs = AccelerateLocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
-    # What LocalSGD.step() runs every local_sgd_steps steps, for both implementations.
-    methods = {
-        "localsgd_ext": ours.average,
-        "localsgd_ext LocalSGD": ours_local_sgd._sync_and_avg_model_params,
+    methods = {name_: engine.average for name_, engine in engines.items()}
+    methods.update({
+        f"{OURS} LocalSGD": ours_local_sgd._sync_and_avg_model_params,
         "accelerate LocalSGD": theirs._sync_and_avg_model_params,
-        "flat all_reduce (floor)": lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
-    }
+        "torch average_parameters": lambda: average_parameters(iter(torch_copy), None),
+        "python cat buckets": python_cat_buckets(params, 25 * 2**20),
+        FLOOR: lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
+    })
+
+    extra = {}
+    for method, fn in methods.items():  # cold: each method's first sync
+        dist.barrier()
+        measured = memory.extra_bytes(fn)
+        extra[method] = None if measured is None else slowest_rank(float(measured))
+
     samples = {m: [] for m in methods}
     for round_index in range(args.warmup + args.rounds):
         for method, fn in methods.items():
@@ -78,45 +170,130 @@ def bench_shape(name, args, accelerator):
             if round_index >= args.warmup:
                 samples[method].append(seconds)
     medians = {m: statistics.median(s) for m, s in samples.items()}
-    floor = medians["flat all_reduce (floor)"]
+    floor = medians[FLOOR]
+    largest_bucket = max(b["numel"] * b["element_size"] for b in engines[OURS].buckets)
     return {
         "shape": name,
         "tensors": len(params),
         "numel": sum(p.numel() for p in params),
         "bytes": nbytes,
-        "buckets": len(ours.buckets),
+        "buckets": len(engines[OURS].buckets),
+        "largest_bucket_bytes": largest_bucket,
+        "staging_bytes": engines[OURS].staging_bytes,
         "methods": {
-            m: {"median_ms": 1e3 * medians[m], "x_floor": medians[m] / floor, "samples_ms": [1e3 * s for s in samples[m]]}
+            m: {
+                "median_ms": 1e3 * medians[m],
+                "x_floor": medians[m] / floor,
+                "peak_extra_bytes": extra[m],
+                "samples_ms": [1e3 * s for s in samples[m]],
+            }
             for m in methods
         },
     }
 
 
-def main():
-    args = parse_args()
+def run_rank(args):
+    from accelerate import Accelerator
+
     accelerator = Accelerator(cpu=True)
     if accelerator.num_processes < 2:
-        raise SystemExit("run under torchrun with at least 2 processes, e.g. torchrun --standalone --nproc-per-node 2 ...")
-    results = [bench_shape(name, args, accelerator) for name in args.shapes]
+        raise SystemExit("needs at least 2 processes: run without torchrun to launch them, or torchrun --nproc-per-node 2+")
+    memory = PeakMemory()
+    results = [bench_shape(name, args, accelerator, memory) for name in args.shapes]
+    report = {
+        "world_size": accelerator.num_processes,
+        "backend": dist.get_backend(),
+        "threads_per_rank": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "results": results,
+    }
     if accelerator.is_main_process:
-        print(
-            f"\n{accelerator.num_processes} ranks, gloo, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)/rank, {platform.processor() or platform.machine()}, "
-            f"median of {args.rounds} rounds (slowest rank), bucket_cap_mb={args.bucket_cap_mb}"
-        )
-        print(f"{'shape':<8}{'tensors':>8}{'MiB':>8}  {'method':<26}{'median ms':>11}{'x floor':>9}{'x ours':>8}")
-        for r in results:
-            ours_ms = r["methods"]["localsgd_ext"]["median_ms"]
-            for method, m in r["methods"].items():
-                print(
-                    f"{r['shape']:<8}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<26}"
-                    f"{m['median_ms']:>11.2f}{m['x_floor']:>9.2f}{m['median_ms'] / ours_ms:>8.2f}"
-                )
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"world_size": accelerator.num_processes, "torch": torch.__version__, "results": results}, f, indent=1)
-        print(f"wrote {args.json}")
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"averaging_latency_{accelerator.num_processes}ranks.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print_table(report)
+        print(f"wrote {path}")
+    accelerator.free_memory()
     accelerator.end_training()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher side: one torchrun per world size, then the combined table, JSON and plot
+
+
+def print_table(report):
+    print(f"\n{report['world_size']} ranks, {report['backend']}, {report['threads_per_rank']} thread(s)/rank, "
+          f"median of {report['rounds']} rounds (slowest rank)")
+    print(f"{'shape':<12}{'tensors':>8}{'MiB':>8}  {'method':<26}{'median ms':>11}{'x floor':>9}"
+          f"{'x ours':>8}{'extra MiB':>11}")
+    for r in report["results"]:
+        ours_ms = r["methods"][OURS]["median_ms"]
+        for method, m in r["methods"].items():
+            extra = "" if m["peak_extra_bytes"] is None else f"{m['peak_extra_bytes'] / 2**20:.1f}"
+            print(f"{r['shape']:<12}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<26}"
+                  f"{m['median_ms']:>11.2f}{m['x_floor']:>9.2f}{m['median_ms'] / ours_ms:>8.2f}{extra:>11}")
+        print(f"{'':<28}largest bucket {r['largest_bucket_bytes'] / 2**20:.1f} MiB, "
+              f"staging held {r['staging_bytes'] / 2**20:.1f} MiB")
+
+
+def plot(reports, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in reports[0]["results"][0]["methods"] if " cap=" not in m]
+    fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 4.8), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        shapes = [r["shape"] for r in report["results"]]
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            values = [r["methods"][method]["x_floor"] for r in report["results"]]
+            ax.bar([s + i * width for s in range(len(shapes))], values, width, label=method)
+        ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("time / one flat all_reduce (log)")
+        ax.set_title(f"{report['world_size']} ranks, {report['backend']}")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def launch(args):
+    script = os.path.abspath(__file__)
+    forwarded = ["--shapes", *args.shapes, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--out", args.out]
+    forwarded += ["--smoke"] if args.smoke else []
+    forwarded += ["--no-sweep"] if args.no_sweep else []
+    reports = []
+    for world_size in args.ranks:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+                   script, *forwarded]
+        print("$ " + " ".join(command[2:]), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        subprocess.run(command, check=True, env=env)
+        with open(os.path.join(args.out, f"averaging_latency_{world_size}ranks.json")) as f:
+            reports.append(json.load(f))
+    combined = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "command": " ".join([os.path.relpath(script)] + sys.argv[1:]),
+        "reports": reports,
+    }
+    with open(os.path.join(args.out, "averaging_latency.json"), "w") as f:
+        json.dump(combined, f, indent=1)
+    png = os.path.join(args.out, "averaging_latency.png")
+    plot(reports, png)
+    print(f"\nwrote {os.path.join(args.out, 'averaging_latency.json')} and {png}")
+
+
+def main():
+    args = parse_args()
+    if "LOCAL_RANK" in os.environ:
+        run_rank(args)
+    else:
+        launch(args)
 
 
 if __name__ == "__main__":

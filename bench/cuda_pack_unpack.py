@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from averaging_latency import SHAPES  # noqa: E402  (the same models as the CPU benchmark)
+from models import SHAPES  # noqa: E402  (the same models as the CPU benchmark)
 
 from localsgd_ext import LocalSGD, ParameterAverager, _C, ops  # noqa: E402
 

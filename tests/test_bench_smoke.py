@@ -22,3 +22,21 @@ def test_cuda_pack_unpack_bench_runs_in_cpu_mode(tmp_path):
     assert set(report["syncs"][0]["methods"]) == {
         "localsgd_ext LocalSGD", "accelerate LocalSGD", "localsgd_ext (bare engine)", "flat all_reduce"}
     assert "Accelerate / ours" in result.stdout
+
+
+def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/averaging_latency.py", "--smoke", "--ranks", "2", "--rounds", "1", "--warmup", "0",
+         "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "averaging_latency.json").read_text())
+    (per_world_size,) = report["reports"]
+    assert per_world_size["world_size"] == 2
+    assert [r["shape"] for r in per_world_size["results"]] == ["wide", "tiny", "transformer", "mixed"]
+    methods = per_world_size["results"][0]["methods"]
+    for method in ("localsgd_ext", "localsgd_ext LocalSGD", "accelerate LocalSGD", "torch average_parameters",
+                   "python cat buckets", "flat all_reduce (floor)", "localsgd_ext cap=1", "localsgd_ext cap=100"):
+        assert methods[method]["median_ms"] > 0, method
+    assert (tmp_path / "averaging_latency.png").stat().st_size > 0
