@@ -1,0 +1,234 @@
+"""Local SGD over a slow link, end to end: wall-clock time to a target loss with every-step gradient sync
+(plain DDP) against our LocalSGD with K = 4, 8 and 16.
+
+    sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.05]
+
+Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
+(`netem` does not work on every kernel; `tbf` does). gloo is bound to the veth (GLOO_SOCKET_IFNAME), so
+every byte between the ranks crosses the throttled link; traffic never leaves the two namespaces.
+Needs root and iproute2 (`ip`, `tc`; Debian package iproute2): the script checks and says what is
+missing. Every run is bounded (--max-seconds of training, plus a hard deadline per run), and the
+namespaces are removed at the end whatever happens.
+
+The job: an MLP (64 -> 1536 -> 1536 -> 10, 2.5M fp32 parameters) on scikit-learn's bundled digits, the
+same seeds and data order in every mode, through Accelerate. Every 16 steps (a sync point for every K),
+rank 0 measures the cross-entropy on the full training set; the clock stops while it does. A mode
+reaches the target when that loss is <= --target-loss. Output: a table, JSON, and a PNG of loss against
+wall-clock time (--out).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+NAMESPACES = ("lsgd_rank0", "lsgd_rank1")
+INTERFACES = ("lsgd_veth0", "lsgd_veth1")
+ADDRESSES = ("10.77.0.1", "10.77.0.2")
+EVAL_EVERY = 16
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", default="1gbit", help="tc tbf rate of the link, each direction")
+    parser.add_argument("--modes", nargs="+", default=["ddp", "4", "8", "16"], help="'ddp' or a local_sgd_steps K")
+    parser.add_argument("--target-loss", type=float, default=0.05)
+    parser.add_argument("--max-seconds", type=float, default=300, help="training-clock bound per mode")
+    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank side
+
+
+def train(args):
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from sklearn.datasets import load_digits
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from localsgd_ext import LocalSGD
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    digits = load_digits()
+    features = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, args.hidden), torch.nn.ReLU(),
+        torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU(),
+        torch.nn.Linear(args.hidden, 10),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(TensorDataset(features, labels), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ddp = args.mode == "ddp"
+    local_sgd_steps = 1 if ddp else int(args.mode)
+
+    def full_loss():
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(accelerator.unwrap_model(model)(features), labels).item()
+
+    trace = [(0, 0.0, full_loss())]
+    clock, step, reached = 0.0, 0, False
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, enabled=not ddp) as local_sgd:
+        while not reached and step < args.max_steps and clock < args.max_seconds:
+            for x, y in loader:
+                start = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                local_sgd.step()
+                clock += time.perf_counter() - start
+                step += 1
+                if step % EVAL_EVERY == 0:
+                    # Every mode's parameters agree here (DDP always; LocalSGD just synced): rank 0's
+                    # loss is the model's. The decision to stop goes to both ranks off the clock.
+                    value = full_loss() if accelerator.is_main_process else 0.0
+                    trace.append((step, clock, value))
+                    flag = torch.tensor([1.0 if value and value <= args.target_loss else 0.0])
+                    dist.broadcast(flag, src=0)
+                    reached = bool(flag.item())
+                if reached or step >= args.max_steps or clock >= args.max_seconds:
+                    break
+    if accelerator.is_main_process:
+        result = {"mode": args.mode, "steps": step, "seconds": clock, "reached": reached,
+                  "final_loss": trace[-1][2], "trace": trace, "syncs": local_sgd.sync_count if not ddp else step}
+        print("RESULT " + json.dumps(result), flush=True)
+    accelerator.free_memory(model, optimizer, loader)
+    accelerator.end_training()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher side
+
+
+def run(command, check=True):
+    return subprocess.run(command, check=check, capture_output=True, text=True)
+
+
+def missing_requirements():
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root (network namespaces and tc need it; run with sudo)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            problems.append(f"`{tool}` from iproute2 (apt-get install iproute2)")
+    return problems
+
+
+def teardown():
+    for ns in NAMESPACES:
+        run(["ip", "netns", "del", ns], check=False)
+
+
+def set_up_link(rate):
+    teardown()
+    for ns in NAMESPACES:
+        run(["ip", "netns", "add", ns])
+        run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+    run(["ip", "link", "add", INTERFACES[0], "netns", NAMESPACES[0], "type", "veth",
+         "peer", "name", INTERFACES[1], "netns", NAMESPACES[1]])
+    for ns, interface, address in zip(NAMESPACES, INTERFACES, ADDRESSES):
+        run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/30", "dev", interface])
+        run(["ip", "netns", "exec", ns, "ip", "link", "set", interface, "up"])
+        run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", interface, "root", "tbf",
+             "rate", rate, "burst", "256kb", "latency", "50ms"])
+
+
+def run_mode(args, mode, port):
+    script = os.path.abspath(__file__)
+    procs = []
+    for rank, (ns, interface) in enumerate(zip(NAMESPACES, INTERFACES)):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR=ADDRESSES[0], MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=interface,
+                   OMP_NUM_THREADS="1")
+        command = ["ip", "netns", "exec", ns, sys.executable, script, "--worker", "--mode", mode,
+                   "--target-loss", str(args.target_loss), "--max-seconds", str(args.max_seconds),
+                   "--max-steps", str(args.max_steps), "--hidden", str(args.hidden)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = args.max_seconds * 3 + 120  # training clock + evaluation + start-up
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"mode {mode}: no result within {deadline:.0f} s; killed")
+        outputs.append(out)
+    if any(p.returncode != 0 for p in procs):
+        raise SystemExit(f"mode {mode} failed:\n" + "\n".join(o[-3000:] for o in outputs))
+    (line,) = [l for l in outputs[0].splitlines() if l.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def plot(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        steps, seconds, losses = zip(*r["trace"])
+        label = "every-step sync (DDP)" if r["mode"] == "ddp" else f"localsgd_ext LocalSGD, K={r['mode']}"
+        ax.plot(seconds, losses, marker=".", label=label)
+    ax.axhline(args.target_loss, color="black", linewidth=0.8, linestyle="--", label="target")
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall-clock time (s)")
+    ax.set_ylabel("cross-entropy on the training set")
+    ax.set_title(f"2 ranks over a {args.rate}/s link (veth + tc tbf), gloo")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        train(args)
+        return
+    problems = missing_requirements()
+    if problems:
+        raise SystemExit("bench/slow_link.py cannot run here; it needs " + "; ".join(problems))
+    results = []
+    try:
+        set_up_link(args.rate)
+        for index, mode in enumerate(args.modes):
+            print(f"mode {mode} ...", flush=True)
+            results.append(run_mode(args, mode, port=29700 + index))
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(f"setting up the link failed: {' '.join(error.cmd)}\n{error.stderr}")
+    finally:
+        teardown()
+    baseline = next((r for r in results if r["mode"] == "ddp" and r["reached"]), None)
+    print(f"\n2 ranks, link {args.rate} (tbf), target loss {args.target_loss}")
+    print(f"{'mode':<22}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}")
+    for r in results:
+        speedup = f"{baseline['seconds'] / r['seconds']:.2f}" if baseline and r["reached"] else "-"
+        name = "DDP (every step)" if r["mode"] == "ddp" else f"LocalSGD K={r['mode']}"
+        print(f"{name:<22}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
+              f"{r['final_loss']:>12.4f}{speedup:>10}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "slow_link.json"), "w") as f:
+        json.dump({"rate": args.rate, "target_loss": args.target_loss, "results": results}, f, indent=1)
+    png = os.path.join(args.out, "slow_link.png")
+    plot(results, png, args)
+    print(f"wrote {os.path.join(args.out, 'slow_link.json')} and {png}")
+
+
+if __name__ == "__main__":
+    main()
