@@ -1,7 +1,7 @@
 """Local SGD over a slow link, end to end: wall-clock time to a target loss with every-step gradient sync
 (plain DDP) against our LocalSGD with K = 4, 8 and 16.
 
-    sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.05]
+    sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.02]
 
 Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
 (`netem` does not work on every kernel; `tbf` does). gloo is bound to the veth (GLOO_SOCKET_IFNAME), so
@@ -35,7 +35,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", default="1gbit", help="tc tbf rate of the link, each direction")
     parser.add_argument("--modes", nargs="+", default=["ddp", "4", "8", "16"], help="'ddp' or a local_sgd_steps K")
-    parser.add_argument("--target-loss", type=float, default=0.05)
+    parser.add_argument("--target-loss", type=float, default=0.02)
     parser.add_argument("--max-seconds", type=float, default=300, help="training-clock bound per mode")
     parser.add_argument("--max-steps", type=int, default=4000)
     parser.add_argument("--hidden", type=int, default=1536)

@@ -40,3 +40,16 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
                    "python cat buckets", "flat all_reduce (floor)", "localsgd_ext cap=1", "localsgd_ext cap=100"):
         assert methods[method]["median_ms"] > 0, method
     assert (tmp_path / "averaging_latency.png").stat().st_size > 0
+
+
+def test_slow_link_bench_names_what_it_lacks(monkeypatch):
+    """Without root or iproute2 the slow-link benchmark refuses to start and says why."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    import slow_link
+
+    monkeypatch.setattr(slow_link.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(slow_link.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/" + tool)
+    problems = slow_link.missing_requirements()
+    assert any("root" in p for p in problems)
+    assert any("`tc` from iproute2" in p for p in problems)
+    assert not any("`ip`" in p for p in problems)
