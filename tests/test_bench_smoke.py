@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from multiprocess import REPO_ROOT
 
 
@@ -53,3 +55,21 @@ def test_slow_link_bench_names_what_it_lacks(monkeypatch):
     assert any("root" in p for p in problems)
     assert any("`tc` from iproute2" in p for p in problems)
     assert not any("`ip`" in p for p in problems)
+
+
+def test_slow_link_bench_runs_briefly_where_it_can(tmp_path):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    import slow_link
+
+    if slow_link.missing_requirements():
+        pytest.skip("needs " + "; ".join(slow_link.missing_requirements()))
+    result = subprocess.run(
+        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "--max-steps", "32", "--hidden", "64",
+         "--target-loss", "0", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "slow_link.json").read_text())
+    assert [(r["mode"], r["steps"], r["reached"]) for r in report["results"]] == [("ddp", 32, False), ("4", 32, False)]
+    assert report["results"][1]["syncs"] == 9  # 32 / 4, plus the one at exit
+    assert (tmp_path / "slow_link.png").stat().st_size > 0
