@@ -2,6 +2,7 @@
 
     python bench/averaging_latency.py                      # launches 2 and 4 ranks itself (CPU, gloo)
     python bench/averaging_latency.py --ranks 2 --shapes wide tiny --rounds 21
+    python bench/averaging_latency.py --device cuda --ranks 2 4    # one GPU per rank, NCCL
     torchrun --standalone --nproc-per-node 2 bench/averaging_latency.py     # one world size, as launched
 
 Shapes (bench/models.py): `wide` 200 tensors / 26M fp32; `tiny` 2000 tiny tensors; `transformer` BERT-base's
@@ -17,7 +18,8 @@ Methods, interleaved within every round (so drift hits them alike), each after a
 A method's time in a round is the slowest rank's; tables give the median over rounds and the ratio to
 the floor. Peak extra memory: each method's first (cold) sync, as the rise of the process's peak
 resident memory over what it held before (Linux /proc; max over ranks), after returning freed heap
-memory to the OS. Writes JSON per world size, a combined JSON and a PNG plot (x floor per shape) to --out.
+memory to the OS; on CUDA, the rise of torch's peak allocated GPU memory. GPU times include the device
+finishing (synchronized before and after each call). Writes JSON per world size, a combined JSON and a PNG plot (x floor per shape) to --out.
 """
 
 import argparse
@@ -47,6 +49,7 @@ SWEEP_CAPS_MB = (1, 4, 100)  # besides the default 25
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to launch (ignored under torchrun)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL, one GPU per rank")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
@@ -61,16 +64,35 @@ def parse_args():
 
 
 def slowest_rank(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
-def timed(fn) -> float:
+def device_sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
     dist.barrier()
+    device_sync(device)
     start = time.perf_counter()
     fn()
+    device_sync(device)
     return slowest_rank(time.perf_counter() - start)
+
+
+class PeakGpuMemory:
+    """Peak memory torch allocated on this rank's GPU during a call, above what it held just before."""
+
+    def extra_bytes(self, fn):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
 
 
 class PeakMemory:
@@ -135,10 +157,10 @@ def bench_shape(name, args, accelerator, memory):
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
     torch.manual_seed(dist.get_rank())
-    model = SHAPES[name](smoke=args.smoke)
+    model = SHAPES[name](smoke=args.smoke).to(accelerator.device)
     params = list(model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    flat = torch.randn(nbytes // 4)
+    flat = torch.randn(nbytes // 4, device=accelerator.device)
     # average_parameters rebinds every p.data to a slice of a fresh flat buffer: it gets its own copy,
     # so that it cannot change the storage the other methods work on.
     torch_copy = [p for p in copy.deepcopy(model).parameters()]
@@ -160,13 +182,14 @@ def bench_shape(name, args, accelerator, memory):
     extra = {}
     for method, fn in methods.items():  # cold: each method's first sync
         dist.barrier()
+        device_sync(args.device)
         measured = memory.extra_bytes(fn)
         extra[method] = None if measured is None else slowest_rank(float(measured))
 
     samples = {m: [] for m in methods}
     for round_index in range(args.warmup + args.rounds):
         for method, fn in methods.items():
-            seconds = timed(fn)
+            seconds = timed(fn, args.device)
             if round_index >= args.warmup:
                 samples[method].append(seconds)
     medians = {m: statistics.median(s) for m, s in samples.items()}
@@ -195,10 +218,11 @@ def bench_shape(name, args, accelerator, memory):
 def run_rank(args):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
+    # With LOCAL_RANK set (torchrun), Accelerate picks gloo with cpu=True and NCCL on a GPU.
+    accelerator = Accelerator(cpu=args.device == "cpu")
     if accelerator.num_processes < 2:
         raise SystemExit("needs at least 2 processes: run without torchrun to launch them, or torchrun --nproc-per-node 2+")
-    memory = PeakMemory()
+    memory = PeakGpuMemory() if args.device == "cuda" else PeakMemory()
     results = [bench_shape(name, args, accelerator, memory) for name in args.shapes]
     report = {
         "world_size": accelerator.num_processes,
@@ -263,11 +287,15 @@ def plot(reports, path):
 
 def launch(args):
     script = os.path.abspath(__file__)
-    forwarded = ["--shapes", *args.shapes, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--out", args.out]
+    forwarded = ["--shapes", *args.shapes, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--out", args.out,
+                 "--device", args.device]
     forwarded += ["--smoke"] if args.smoke else []
     forwarded += ["--no-sweep"] if args.no_sweep else []
     reports = []
     for world_size in args.ranks:
+        if args.device == "cuda" and world_size > torch.cuda.device_count():
+            print(f"skipping {world_size} ranks: {torch.cuda.device_count()} GPU(s) here, one per rank needed")
+            continue
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
                    script, *forwarded]
         print("$ " + " ".join(command[2:]), flush=True)
@@ -279,8 +307,11 @@ def launch(args):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "command": " ".join([os.path.relpath(script)] + sys.argv[1:]),
+        "device": args.device,
         "reports": reports,
     }
+    if not reports:
+        raise SystemExit("no world size could run")
     with open(os.path.join(args.out, "averaging_latency.json"), "w") as f:
         json.dump(combined, f, indent=1)
     png = os.path.join(args.out, "averaging_latency.png")
