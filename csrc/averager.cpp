@@ -1,6 +1,7 @@
 #include "averager.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -123,6 +124,37 @@ void BucketedAverager::mark_staging_released() {
     }
     staging_released_[d]->record(current_stream(devices_[d]));
   }
+}
+
+int64_t BucketedAverager::layout_fingerprint() const {
+  // FNV-1a over (count, then dtype, rank and sizes of each tensor).
+  uint64_t hash = 1469598103934665603ULL;
+  const auto mix = [&hash](uint64_t value) {
+    for (int byte = 0; byte < 8; ++byte) {
+      hash ^= (value >> (8 * byte)) & 0xFF;
+      hash *= 1099511628211ULL;
+    }
+  };
+  mix(tensors_.size());
+  for (const at::Tensor& t : tensors_) {
+    mix(static_cast<uint64_t>(t.scalar_type()));
+    mix(static_cast<uint64_t>(t.dim()));
+    for (int64_t size : t.sizes()) {
+      mix(static_cast<uint64_t>(size));
+    }
+  }
+  // 62 bits: the value and its negation both fit in int64, so one MAX all_reduce gives max and min.
+  return static_cast<int64_t>(hash >> 2);
+}
+
+int64_t BucketedAverager::first_nonfinite() const {
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const at::Tensor& t = tensors_[i];
+    if (t.numel() > 0 && !at::isfinite(t).all().item<bool>()) {
+      return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
 }
 
 bool BucketedAverager::plan_is_stale() const {

@@ -29,6 +29,12 @@ class BucketedAverager {
   // stream wait for NCCL's: it returns with the work queued and no host sync between buckets.
   void average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
 
+  // A 62-bit digest of the tensors as they are now: their count, and each one's dtype and shape. Ranks
+  // compare it (one small all_reduce) before averaging, so that mismatched models raise, not hang.
+  int64_t layout_fingerprint() const;
+  // The index of the first tensor holding a NaN or an infinity, or -1 when all are finite.
+  int64_t first_nonfinite() const;
+
   const std::vector<Bucket>& buckets() const { return buckets_; }
   const std::vector<at::Tensor>& tensors() const { return tensors_; }
   // Bytes of staging buffers allocated so far (they are allocated at the first average()).

@@ -79,6 +79,8 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
           py::call_guard<py::gil_scoped_release>())
+      .def("layout_fingerprint", &BucketedAverager::layout_fingerprint)
+      .def("first_nonfinite", &BucketedAverager::first_nonfinite, py::call_guard<py::gil_scoped_release>())
       .def("buckets", [](const BucketedAverager& self) { return buckets_to_list(self.buckets()); })
       .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes);
 }

@@ -4,7 +4,8 @@ import torch  # noqa: F401  (loads libtorch before the compiled module, which ha
 
 from . import ops
 from .averager import ParameterAverager
+from .consistency import RanksDisagreeError
 from .local_sgd import LocalSGD
 
-__all__ = ["LocalSGD", "ParameterAverager", "ops"]
+__all__ = ["LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops"]
 __version__ = "0.1.0"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import _C
+from .consistency import RanksDisagreeError, check_ranks_agree
 
 __all__ = ["ParameterAverager"]
 
@@ -58,7 +60,10 @@ class ParameterAverager:
     once and rebuilt only when a tensor's size, dtype or device changes.
 
     Every process of the group must call `average()` with the same list of tensors (same shapes and
-    dtypes, same order), as with any collective.
+    dtypes, same order), as with any collective. Each call first checks that they do, with one small
+    all_reduce: ranks whose tensors differ all raise a `RuntimeError` naming the first difference,
+    instead of averaging the wrong numbers or hanging. A rank that died or stopped responding makes
+    the others raise a `RuntimeError` within the group's timeout.
 
     Args:
         params (`Iterable[torch.Tensor]`):
@@ -71,6 +76,13 @@ class ParameterAverager:
         reduce_op (`str`, defaults to `"auto"`):
             `"avg"`: the backend's ReduceOp.AVG divides. `"sum"`: ReduceOp.SUM, and the division by the
             group size is fused into the unpack. `"auto"`: AVG on gloo and NCCL, SUM elsewhere.
+        names (`Sequence[str]`, *optional*):
+            A name per tensor for error messages (e.g. from `model.named_parameters()`); default
+            `params[i]`.
+        check_finite (`bool`, defaults to `False`):
+            Before averaging, check every tensor for NaN and Inf; if any rank finds one, every rank
+            raises a `RuntimeError` naming the rank and the tensor, and nothing is averaged. Costs one
+            pass over the parameters per sync.
     """
 
     def __init__(
@@ -80,15 +92,23 @@ class ParameterAverager:
         bucket_cap_mb: float = 25,
         *,
         reduce_op: str = "auto",
+        names: Optional[Sequence[str]] = None,
+        check_finite: bool = False,
     ):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if reduce_op not in _REDUCE_OPS:
             raise ValueError(f"reduce_op must be one of {_REDUCE_OPS}, got {reduce_op!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
         self.params = _check_tensors(params)
+        self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
+        if len(self.names) != len(self.params):
+            raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
         self.process_group = process_group
         self.reduce_op = reduce_op
+        self.check_finite = check_finite
         self._engine = _C.BucketedAverager(self.params, max(1, int(self.bucket_cap_mb * 2**20)))
 
     @property
@@ -128,4 +148,35 @@ class ParameterAverager:
         collectives (the mean is then the tensor itself), as Accelerate's sync does.
         """
         group = self._group()
-        self._engine.average(group, self._use_avg_op(group))
+        with _lost_rank_errors(group):
+            check_ranks_agree(self._engine, self.params, self.names, group, self.check_finite)
+            self._engine.average(group, self._use_avg_op(group))
+
+    def verify_ranks_agree(self) -> None:
+        """Only the check `average()` starts with: every rank of the group raises the same `RuntimeError`
+        if their tensors' count, shapes or dtypes differ (or, with `check_finite`, if any holds NaN/Inf).
+        A collective: every rank must call it."""
+        group = self._group()
+        with _lost_rank_errors(group):
+            check_ranks_agree(self._engine, self.params, self.names, group, self.check_finite)
+
+
+@contextlib.contextmanager
+def _lost_rank_errors(group: dist.ProcessGroup):
+    """Turns a collective's failure (a peer died or timed out: gloo and NCCL raise RuntimeError or its
+    DistError subclasses) into an error that says what happened, keeping the backend's words."""
+    try:
+        yield
+    except RanksDisagreeError:
+        raise
+    except RuntimeError as error:
+        raise RuntimeError(_lost_rank_message(group, error)) from error
+
+
+def _lost_rank_message(group: dist.ProcessGroup, error: Exception) -> str:
+    return (
+        f"parameter averaging failed on rank {dist.get_rank(group)} of {dist.get_world_size(group)}: another "
+        "process of the group did not take part (it died, is stuck, or left the training loop early), so the "
+        "collective gave up when its connection dropped or the group's timeout ran out. The parameters on this "
+        f"rank may be partly averaged; restart from a checkpoint. Cause: {error}"
+    )

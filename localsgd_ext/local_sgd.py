@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import List, Optional
 
@@ -31,6 +32,20 @@ _SUPPORTED_DISTRIBUTED_TYPES = tuple(
 )
 
 
+def _check_local_sgd_steps(local_sgd_steps, enabled):
+    # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
+    if local_sgd_steps is None and not enabled:
+        return None
+    if isinstance(local_sgd_steps, bool) or not isinstance(local_sgd_steps, numbers.Integral):
+        raise TypeError(
+            f"local_sgd_steps must be an int >= 1 (None only with enabled=False), got {local_sgd_steps!r} "
+            f"({type(local_sgd_steps).__name__})"
+        )
+    if local_sgd_steps < 1:
+        raise ValueError(f"local_sgd_steps must be an int >= 1, got {local_sgd_steps}")
+    return int(local_sgd_steps)
+
+
 class LocalSGD:
     """
     A drop-in for `accelerate.local_sgd.LocalSGD`: runs `local_sgd_steps` updates independently on each
@@ -42,6 +57,12 @@ class LocalSGD:
     compiled engine (`ParameterAverager`): bucketed, packed in one pass, one all_reduce per bucket,
     results bit-identical to Accelerate's on gloo. Parameters are updated in place, so they stay the
     same `Parameter` objects with the same storage (Accelerate rebinds `param.data` to a new tensor).
+
+    Stricter than Accelerate: arguments are validated (`local_sgd_steps` an int >= 1, or None when
+    disabled; `enabled` a bool; `model` an `nn.Module`; parameters dense, floating, not meta); on enter
+    and at every sync, all ranks check they hold the same parameter layout and raise the same
+    `RuntimeError` if not; and when the `with` block raises, its exception propagates without the
+    final average (Accelerate averages anyway, which can hang when other ranks are not there to join).
 
     Differences, all additive: `accelerator`, `model` and `local_sgd_steps` are set even when disabled;
     no barrier precedes the averaging (the all_reduce already synchronizes); `sync_count` and
@@ -59,6 +80,9 @@ class LocalSGD:
             Local SGD is disabled if this parameter set to `False`.
         bucket_cap_mb (`float`, defaults to 25):
             Keyword-only. Largest all_reduce bucket, in MiB.
+        check_finite (`bool`, defaults to `False`):
+            Keyword-only. Before each average, check the parameters for NaN and Inf; if any rank finds
+            one, every rank raises a `RuntimeError` naming the rank and the parameter.
     """
 
     def __init__(
@@ -69,21 +93,31 @@ class LocalSGD:
         enabled: bool = True,
         *,
         bucket_cap_mb: float = 25,
+        check_finite: bool = False,
     ):
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r} ({type(enabled).__name__})")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
         self.num_steps = 0
         self.accelerator = accelerator
         self.model = model
-        self.local_sgd_steps = local_sgd_steps
+        self.local_sgd_steps = _check_local_sgd_steps(local_sgd_steps, enabled)
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
+        self.check_finite = check_finite
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         self._averager: Optional[ParameterAverager] = None
 
     def __enter__(self):
         if self.enabled:
+            # Refuse bad parameters, and ranks whose models differ, before any training happens.
+            self._current_averager().verify_ranks_agree()
             self.model_sync_obj = self.model.no_sync()
             self.model_sync_obj.__enter__()
 
@@ -91,9 +125,12 @@ class LocalSGD:
 
     def __exit__(self, type, value, tb):
         if self.enabled:
-            # Average all models on exit
-            self._sync_and_avg_model_params()
-            self.model_sync_obj.__exit__(type, value, tb)
+            try:
+                if type is None:
+                    # Average all models on exit; not after an exception, which other ranks may not share.
+                    self._sync_and_avg_model_params()
+            finally:
+                self.model_sync_obj.__exit__(type, value, tb)
 
     def step(self):
         """
@@ -114,7 +151,10 @@ class LocalSGD:
         if averager is None or len(averager.params) != len(params) or any(
             a is not b for a, b in zip(averager.params, params)
         ):
-            averager = ParameterAverager(params, bucket_cap_mb=self.bucket_cap_mb)
+            names = [name for name, _ in self.model.named_parameters()]
+            averager = ParameterAverager(
+                params, bucket_cap_mb=self.bucket_cap_mb, names=names, check_finite=self.check_finite
+            )
             self._averager = averager
         return averager
 

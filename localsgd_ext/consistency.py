@@ -1,0 +1,84 @@
+"""Before every average: do all ranks hold the same parameter layout, and (optionally) finite values?
+
+A collective over mismatched models either averages the wrong numbers or waits forever for a bucket
+that never comes. One small all_reduce settles it first: each rank contributes its layout fingerprint,
+the fingerprint negated, and a non-finite flag, reduced with MAX, which gives every rank the same
+max and min fingerprint and the same flag. All ranks therefore take the same branch: nothing more
+when they agree; otherwise they exchange descriptions of their parameters and raise the same
+RuntimeError, naming the first parameter that differs (or the rank and parameter holding NaN/Inf).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class RanksDisagreeError(RuntimeError):
+    """The ranks' parameters differ in layout, or (with check_finite) some hold NaN/Inf. Raised on every
+    rank of the group, with the same message."""
+
+
+def _status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> torch.device:
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")  # also "cpu:gloo,cuda:nccl"
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _describe(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> List[tuple]:
+    return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in zip(names, tensors)]
+
+
+def _first_difference(layouts: List[List[tuple]]) -> str:
+    reference = layouts[0]
+    for rank, layout in enumerate(layouts[1:], start=1):
+        for i in range(max(len(reference), len(layout))):
+            mine = reference[i] if i < len(reference) else None
+            theirs = layout[i] if i < len(layout) else None
+            if mine != theirs:
+                describe = lambda entry: "no such parameter" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
+                return (
+                    f"the first difference is at parameter index {i}: rank 0 has {describe(mine)}, rank {rank} has "
+                    f"{describe(theirs)} (rank 0 has {len(reference)} parameters, rank {rank} has {len(layout)})"
+                )
+    return "the ranks' layouts hash differently but describe the same (report this)"
+
+
+def check_ranks_agree(
+    engine, tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup, check_finite: bool
+) -> None:
+    """Raises the same RuntimeError on every rank of `group` when their layouts differ or, with
+    `check_finite`, when any rank holds a NaN or an infinity. A collective: every rank must call it."""
+    fingerprint = engine.layout_fingerprint()
+    nonfinite: Optional[int] = engine.first_nonfinite() if check_finite else -1
+    status = torch.tensor(
+        [fingerprint, -fingerprint, 1 if nonfinite >= 0 else 0], dtype=torch.int64, device=_status_device(group, tensors)
+    )
+    dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
+    highest, negated_lowest, any_nonfinite = status.tolist()
+    if highest == -negated_lowest and not any_nonfinite:
+        return
+    mine = {"rank": dist.get_rank(group), "layout": _describe(tensors, names), "nonfinite": nonfinite}
+    everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if highest != -negated_lowest:
+        raise RanksDisagreeError(
+            "LocalSGD/ParameterAverager: the ranks do not hold the same parameters, so they cannot be averaged; "
+            + _first_difference([entry["layout"] for entry in everyone])
+            + ". Every rank must average the same parameters (count, order, shapes, dtypes). Nothing was averaged."
+        )
+    culprits = [
+        f"rank {entry['rank']} at {entry['layout'][entry['nonfinite']][0]}"
+        for entry in everyone
+        if entry["nonfinite"] >= 0
+    ]
+    raise RanksDisagreeError(
+        "LocalSGD/ParameterAverager: non-finite values (NaN or Inf) before averaging (check_finite=True): "
+        + "; ".join(culprits)
+        + ". Nothing was averaged."
+    )
