@@ -28,6 +28,8 @@ def single_process_accelerator():
         (dict(bucket_cap_mb="25"), TypeError, "bucket_cap_mb must be a positive number, got '25'"),
         (dict(reduce_op="mean"), ValueError, r"reduce_op must be one of \('auto', 'avg', 'sum'\), got 'mean'"),
         (dict(process_group="world"), TypeError, "process_group must be a torch.distributed.ProcessGroup or None, got 'world'"),
+        (dict(check_finite=1), TypeError, "check_finite must be a bool, got 1"),
+        (dict(names=["a", "b"]), ValueError, "names must have one entry per tensor: got 2 names for 1 tensors"),
     ],
 )
 def test_averager_rejects_bad_options(kwargs, exception, message):
@@ -116,3 +118,35 @@ def test_engine_refuses_what_the_python_layer_refuses():
         _C.BucketedAverager([torch.zeros(3, dtype=torch.int64)], 1024)
     with pytest.raises(ValueError, match=r"tensors\[1\] is on the meta device"):
         _C.BucketedAverager([torch.zeros(3), torch.zeros(3, device="meta")], 1024)
+
+
+LOCAL_SGD_BAD_ARGUMENTS = [
+    # (description, constructor arguments, exception, message)
+    ("steps bool", dict(local_sgd_steps=True), TypeError, r"local_sgd_steps must be an int >= 1 \(None only with enabled=False\), got True \(bool\)"),
+    ("steps float", dict(local_sgd_steps=8.0), TypeError, r"local_sgd_steps must be an int >= 1 .*got 8.0 \(float\)"),
+    ("steps str", dict(local_sgd_steps="8"), TypeError, r"got '8' \(str\)"),
+    ("steps zero", dict(local_sgd_steps=0), ValueError, "local_sgd_steps must be an int >= 1, got 0"),
+    ("steps negative", dict(local_sgd_steps=-3), ValueError, "got -3"),
+    ("steps None while enabled", dict(local_sgd_steps=None), TypeError, r"None only with enabled=False\), got None"),
+    ("enabled not bool", dict(enabled="yes"), TypeError, r"enabled must be a bool, got 'yes' \(str\)"),
+    ("model not a module", dict(model=[torch.nn.Parameter(torch.zeros(2))]), TypeError, "model must be a torch.nn.Module, got list"),
+    ("bucket cap", dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite number, got 0"),
+    ("check_finite", dict(check_finite="no"), TypeError, "check_finite must be a bool, got 'no'"),
+]
+
+
+@pytest.mark.parametrize(
+    "description, kwargs, exception, message", LOCAL_SGD_BAD_ARGUMENTS, ids=[c[0] for c in LOCAL_SGD_BAD_ARGUMENTS]
+)
+def test_local_sgd_rejects_bad_arguments(single_process_accelerator, description, kwargs, exception, message):
+    arguments = dict(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+    arguments.update(kwargs)
+    with pytest.raises(exception, match=message):
+        LocalSGD(**arguments)
+
+
+def test_local_sgd_accepts_none_steps_when_disabled_as_accelerates_example_does(single_process_accelerator):
+    local_sgd = LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=None, enabled=False)
+    with local_sgd:
+        local_sgd.step()
+    assert local_sgd.num_steps == 1 and local_sgd.local_sgd_steps is None
