@@ -45,11 +45,43 @@ def unpack_from(
     torch.ops.localsgd_ext.unpack_from.default(buffer, list(offsets), float(divisor), list(tensors))
 
 
+def _check_arguments(op, tensors, offsets, buffer):
+    """The checks of csrc/pack_common.h, for the fake kernels. They matter beyond tracing: a call that
+    mixes meta and real tensors dispatches to the fake kernel, which must refuse it rather than do
+    nothing to the real ones."""
+    if len(tensors) != len(offsets):
+        raise ValueError(
+            f"{op}: tensors and offsets must have the same length, got {len(tensors)} tensors and {len(offsets)} offsets."
+        )
+    if buffer.layout != torch.strided:
+        raise ValueError(f"{op}: buffer must be a strided (dense) tensor, got layout {buffer.layout}.")
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(
+            f"{op}: buffer must be 1-D and contiguous, got sizes {list(buffer.shape)} and strides {list(buffer.stride())}."
+        )
+    for i, (t, offset) in enumerate(zip(tensors, offsets)):
+        if t.layout != torch.strided:
+            raise ValueError(f"{op}: tensors[{i}] must be strided (dense), got layout {t.layout}.")
+        if t.dtype != buffer.dtype:
+            raise TypeError(f"{op}: tensors[{i}] has dtype {t.dtype} but buffer has dtype {buffer.dtype}; a bucket holds one dtype.")
+        if t.device != buffer.device:
+            raise ValueError(f"{op}: tensors[{i}] is on {t.device} but buffer is on {buffer.device}.")
+        if not 0 <= offset <= buffer.numel() - t.numel():
+            raise ValueError(
+                f"{op}: tensors[{i}] with {t.numel()} elements at offset {offset} does not fit in a buffer of "
+                f"{buffer.numel()} elements."
+            )
+
+
 @torch.library.register_fake("localsgd_ext::pack_into")
 def _pack_into_fake(tensors, offsets, buffer):
+    _check_arguments("pack_into", tensors, offsets, buffer)
     return None
 
 
 @torch.library.register_fake("localsgd_ext::unpack_from")
 def _unpack_from_fake(buffer, offsets, divisor, tensors):
+    _check_arguments("unpack_from", tensors, offsets, buffer)
+    if not 0 < divisor < float("inf"):
+        raise ValueError(f"unpack_from: divisor must be a finite positive number, got {divisor}.")
     return None

@@ -154,6 +154,20 @@ BAD_CALLS = [
         r"tensors\[0\] must be strided \(dense\), got layout Sparse",
     ),
     (
+        # Found by tests/test_fuzz.py: a meta tensor sends the call to the fake kernel, which used to
+        # return without touching the real (CPU) tensors.
+        "meta tensor with a cpu buffer",
+        lambda: ops.pack_into([torch.zeros(2, device="meta")], [0], torch.zeros(4)),
+        ValueError,
+        r"pack_into: tensors\[0\] is on meta but buffer is on cpu",
+    ),
+    (
+        "cpu targets with a meta tensor among them",
+        lambda: ops.unpack_from(torch.zeros(4), [0, 2], 1.0, [torch.zeros(2), torch.zeros(2, device="meta")]),
+        ValueError,
+        r"unpack_from: tensors\[1\] is on meta but buffer is on cpu",
+    ),
+    (
         "zero divisor",
         lambda: ops.unpack_from(torch.zeros(4), [0], 0.0, [torch.zeros(2)]),
         ValueError,
