@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA path on a machine with nvcc, GPU or not, torch with CUDA or not:
 #   1. `nvcc -c` of the kernels (csrc/cuda/*.cu include no torch header) for each target architecture;
-#   2. the kernels' per-thread code run on the host (tests/cuda/test_kernels_on_host.cu);
+#   2. the kernels' per-thread code run on the host (tests/cuda/test_kernels_on_host.cu), built with
+#      AddressSanitizer and UBSan;
 #   3. the torch glue (csrc/cuda/*.cpp) through the host compiler's syntax check against the installed
 #      torch's headers. A CPU-only torch wheel lacks the one header its CMake configure step generates
 #      (c10/cuda/impl/cuda_cmake_macros.h); a copy with the value CUDA wheels ship is supplied then.
@@ -44,9 +45,12 @@ for source in csrc/cuda/*.cu; do
   "$NVCC" -c -std=c++20 -O3 "${torch_nvcc_flags[@]}" "${gencode[@]}" "$source" -o "$work/$(basename "$source").o"
 done
 
-echo "kernels' per-thread code on the host: tests/cuda/test_kernels_on_host.cu"
-"$NVCC" -std=c++20 -O2 "${torch_nvcc_flags[@]}" -Icsrc/cuda tests/cuda/test_kernels_on_host.cu -o "$work/test_kernels_on_host"
-"$work/test_kernels_on_host"
+echo "kernels' per-thread code on the host, under AddressSanitizer and UBSan: tests/cuda/test_kernels_on_host.cu"
+sanitize=(-Xcompiler=-fsanitize=address -Xcompiler=-fsanitize=undefined -Xcompiler=-fno-sanitize-recover=all
+          -Xcompiler=-fno-omit-frame-pointer)
+"$NVCC" -std=c++20 -O1 "${torch_nvcc_flags[@]}" "${sanitize[@]}" -Icsrc/cuda tests/cuda/test_kernels_on_host.cu \
+  -o "$work/test_kernels_on_host" -lasan -lubsan
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 "$work/test_kernels_on_host"
 
 torch_includes=$(python -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')
 torch_root=$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
