@@ -28,6 +28,12 @@ def _check_bucket_cap_mb(bucket_cap_mb) -> float:
     return float(bucket_cap_mb)
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _check_tensors(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors (e.g. model.parameters()), got a single Tensor")
@@ -99,8 +105,7 @@ class ParameterAverager:
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if reduce_op not in _REDUCE_OPS:
             raise ValueError(f"reduce_op must be one of {_REDUCE_OPS}, got {reduce_op!r}")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+        self.check_finite = _check_bool("check_finite", check_finite)
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
         self.params = _check_tensors(params)
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
@@ -108,7 +113,6 @@ class ParameterAverager:
             raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
         self.process_group = process_group
         self.reduce_op = reduce_op
-        self.check_finite = check_finite
         self._engine = _C.BucketedAverager(self.params, max(1, int(self.bucket_cap_mb * 2**20)))
 
     @property

@@ -34,6 +34,10 @@ def _describe(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> List[tup
     return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in zip(names, tensors)]
 
 
+def _entry(entry: Optional[tuple]) -> str:
+    return "no such parameter" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
+
+
 def _first_difference(layouts: List[List[tuple]]) -> str:
     reference = layouts[0]
     for rank, layout in enumerate(layouts[1:], start=1):
@@ -41,10 +45,9 @@ def _first_difference(layouts: List[List[tuple]]) -> str:
             mine = reference[i] if i < len(reference) else None
             theirs = layout[i] if i < len(layout) else None
             if mine != theirs:
-                describe = lambda entry: "no such parameter" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
                 return (
-                    f"the first difference is at parameter index {i}: rank 0 has {describe(mine)}, rank {rank} has "
-                    f"{describe(theirs)} (rank 0 has {len(reference)} parameters, rank {rank} has {len(layout)})"
+                    f"the first difference is at parameter index {i}: rank 0 has {_entry(mine)}, rank {rank} has "
+                    f"{_entry(theirs)} (rank 0 has {len(reference)} parameters, rank {rank} has {len(layout)})"
                 )
     return "the ranks' layouts hash differently but describe the same (report this)"
 
@@ -55,7 +58,7 @@ def check_ranks_agree(
     """Raises the same RuntimeError on every rank of `group` when their layouts differ or, with
     `check_finite`, when any rank holds a NaN or an infinity. A collective: every rank must call it."""
     fingerprint = engine.layout_fingerprint()
-    nonfinite: Optional[int] = engine.first_nonfinite() if check_finite else -1
+    nonfinite = engine.first_nonfinite() if check_finite else -1
     status = torch.tensor(
         [fingerprint, -fingerprint, 1 if nonfinite >= 0 else 0], dtype=torch.int64, device=_status_device(group, tensors)
     )

@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from accelerate import Accelerator, DistributedType
 
-from .averager import ParameterAverager, _check_bucket_cap_mb
+from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb
 
 __all__ = ["LocalSGD"]
 
@@ -97,19 +97,16 @@ class LocalSGD:
     ):
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r} ({type(enabled).__name__})")
+        _check_bool("enabled", enabled)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
         self.num_steps = 0
         self.accelerator = accelerator
         self.model = model
         self.local_sgd_steps = _check_local_sgd_steps(local_sgd_steps, enabled)
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
-        self.check_finite = check_finite
+        self.check_finite = _check_bool("check_finite", check_finite)
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         self._averager: Optional[ParameterAverager] = None

@@ -44,11 +44,16 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
     assert (tmp_path / "averaging_latency.png").stat().st_size > 0
 
 
-def test_slow_link_bench_names_what_it_lacks(monkeypatch):
-    """Without root or iproute2 the slow-link benchmark refuses to start and says why."""
+@pytest.fixture(scope="module")
+def slow_link():
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
     import slow_link
 
+    return slow_link
+
+
+def test_slow_link_bench_names_what_it_lacks(monkeypatch, slow_link):
+    """Without root or iproute2 the slow-link benchmark refuses to start and says why."""
     monkeypatch.setattr(slow_link.os, "geteuid", lambda: 1000)
     monkeypatch.setattr(slow_link.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/" + tool)
     problems = slow_link.missing_requirements()
@@ -57,12 +62,10 @@ def test_slow_link_bench_names_what_it_lacks(monkeypatch):
     assert not any("`ip`" in p for p in problems)
 
 
-def test_slow_link_bench_runs_briefly_where_it_can(tmp_path):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
-    import slow_link
-
-    if slow_link.missing_requirements():
-        pytest.skip("needs " + "; ".join(slow_link.missing_requirements()))
+def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
+    missing = slow_link.missing_requirements()
+    if missing:
+        pytest.skip("needs " + "; ".join(missing))
     result = subprocess.run(
         [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "--max-steps", "32", "--hidden", "64",
          "--target-loss", "0", "--out", str(tmp_path)],
