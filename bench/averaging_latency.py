@@ -11,6 +11,8 @@ parameter list (199 tensors, 110M fp32); `mixed` bf16 Linear layers with fp32 La
 Methods, interleaved within every round (so drift hits them alike), each after a barrier:
   localsgd_ext                 our ParameterAverager.average() (25 MiB buckets; also at 1, 4 and 100 MiB)
   localsgd_ext LocalSGD        what our LocalSGD.step() runs every K steps
+  localsgd_ext zero-copy       ParameterAverager(zero_copy=True).average(), on its own copy of the model
+  localsgd_ext LocalSGD zero-copy   LocalSGD(zero_copy=True)'s sync, on another copy
   accelerate LocalSGD          what Accelerate's LocalSGD.step() runs every K steps
   torch average_parameters     torch.distributed.algorithms.model_averaging.utils.average_parameters
   python cat buckets           25 MiB buckets by dtype: torch.cat, all_reduce(AVG), copy back, in Python
@@ -152,6 +154,17 @@ def python_cat_buckets(params, cap_bytes):
     return average
 
 
+def lazy_zero_copy_average(params):
+    averager = []
+
+    def average():
+        if not averager:
+            averager.append(ParameterAverager(params, bucket_cap_mb=25, zero_copy=True))
+        averager[0].average()
+
+    return average
+
+
 def bench_shape(name, args, accelerator, memory):
     from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
@@ -164,15 +177,23 @@ def bench_shape(name, args, accelerator, memory):
     # average_parameters rebinds every p.data to a slice of a fresh flat buffer: it gets its own copy,
     # so that it cannot change the storage the other methods work on.
     torch_copy = [p for p in copy.deepcopy(model).parameters()]
+    # Zero-copy mode rebinds the parameters into its own flat buffers, and Accelerate's sync rebinds
+    # `param.data` at every call: each zero-copy method gets a model of its own.
+    zero_copy_params = list(copy.deepcopy(model).parameters())
+    zero_copy_model = copy.deepcopy(model)
 
     engines = {OURS: ParameterAverager(params, bucket_cap_mb=25)}
     if not args.no_sweep:
         engines.update({f"{OURS} cap={cap}": ParameterAverager(params, bucket_cap_mb=cap) for cap in SWEEP_CAPS_MB})
     ours_local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
+    ours_zero_copy_local_sgd = LocalSGD(accelerator=accelerator, model=zero_copy_model, local_sgd_steps=1, zero_copy=True)
     theirs = AccelerateLocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
     methods = {name_: engine.average for name_, engine in engines.items()}
     methods.update({
         f"{OURS} LocalSGD": ours_local_sgd._sync_and_avg_model_params,
+        # Built lazily, so that flattening counts in the cold sync's memory.
+        f"{OURS} zero-copy": lazy_zero_copy_average(zero_copy_params),
+        f"{OURS} LocalSGD zero-copy": ours_zero_copy_local_sgd._sync_and_avg_model_params,
         "accelerate LocalSGD": theirs._sync_and_avg_model_params,
         "torch average_parameters": lambda: average_parameters(iter(torch_copy), None),
         "python cat buckets": python_cat_buckets(params, 25 * 2**20),
@@ -249,13 +270,13 @@ def run_rank(args):
 def print_table(report):
     print(f"\n{report['world_size']} ranks, {report['backend']}, {report['threads_per_rank']} thread(s)/rank, "
           f"median of {report['rounds']} rounds (slowest rank)")
-    print(f"{'shape':<12}{'tensors':>8}{'MiB':>8}  {'method':<26}{'median ms':>11}{'x floor':>9}"
+    print(f"{'shape':<12}{'tensors':>8}{'MiB':>8}  {'method':<33}{'median ms':>11}{'x floor':>9}"
           f"{'x ours':>8}{'extra MiB':>11}")
     for r in report["results"]:
         ours_ms = r["methods"][OURS]["median_ms"]
         for method, m in r["methods"].items():
             extra = "" if m["peak_extra_bytes"] is None else f"{m['peak_extra_bytes'] / 2**20:.1f}"
-            print(f"{r['shape']:<12}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<26}"
+            print(f"{r['shape']:<12}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<33}"
                   f"{m['median_ms']:>11.2f}{m['x_floor']:>9.2f}{m['median_ms'] / ours_ms:>8.2f}{extra:>11}")
         print(f"{'':<28}largest bucket {r['largest_bucket_bytes'] / 2**20:.1f} MiB, "
               f"staging held {r['staging_bytes'] / 2**20:.1f} MiB")

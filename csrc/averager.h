@@ -15,19 +15,41 @@ namespace localsgd_ext {
 
 // Bucket starts are aligned to this many bytes so vectorized kernels can use 16-byte accesses.
 constexpr int64_t kBucketAlignmentBytes = 16;
+// Copy mode holds at most this many staging buffers per device, so extra memory stays bounded by
+// that many buckets whatever the model size.
+constexpr int64_t kMaxBuffersInFlight = 3;
 
 class BucketedAverager {
  public:
-  // Plans buckets over `tensors` (kept by reference: in-place updates land in them). Staging memory is
-  // `buffers_in_flight` buffers per device, each as large as that device's largest bucket.
-  BucketedAverager(std::vector<at::Tensor> tensors, int64_t bucket_cap_bytes, int64_t buffers_in_flight);
+  // Plans buckets over `tensors` (kept by reference: in-place updates land in them).
+  // Copy mode: staging memory is `buffers_in_flight` buffers per device, each as large as that
+  // device's largest bucket. Zero-copy mode: the tensors are moved, here, into one persistent flat
+  // buffer per bucket and rebound (like `param.data = ...`) as views of it; no staging.
+  BucketedAverager(
+      std::vector<at::Tensor> tensors,
+      int64_t bucket_cap_bytes,
+      int64_t buffers_in_flight,
+      bool zero_copy);
 
-  // Replaces every tensor by its mean across `group`, in place. With `use_avg_op` the backend's AVG
-  // does the division; otherwise the all_reduce is a SUM and unpack divides by the group size.
-  // Bucket i+1 is packed while bucket i is on the wire. On CPU it returns when every bucket is
-  // unpacked. On CUDA, packs and unpacks run on the current stream and Work::wait() only makes that
-  // stream wait for NCCL's: it returns with the work queued and no host sync between buckets.
-  void average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
+  // Replaces every tensor by its mean across `group`, in place, after checking with one small
+  // all_reduce (on `status_device`) that every rank holds the same layout and, with `check_finite`,
+  // only finite values. Returns false, having averaged nothing, when the ranks disagree: every rank
+  // then returns false, and the caller explains. With `use_avg_op` the backend's AVG divides;
+  // otherwise the all_reduce is a SUM and the division by the group size is fused into the unpack.
+  // Copy mode: bucket 0 is packed while the check is on the wire, and bucket i+1 while bucket i is.
+  // Zero-copy mode: one in-place all_reduce per flat buffer; tensors re-pointed since the last sync
+  // (`param.data = ...`, `module.to(...)`) are first moved into fresh flat buffers.
+  // On CPU it returns when every tensor holds the mean. On CUDA, packs and unpacks run on the current
+  // stream and Work::wait() only makes that stream wait for NCCL's: the work is queued, with no host
+  // sync between buckets (the check's result is read on the host, a sync on the status device).
+  bool average(
+      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+      bool use_avg_op,
+      c10::Device status_device,
+      bool check_finite);
+
+  // Only the check average() starts with. A collective: every rank must call it.
+  bool ranks_agree(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device, bool check_finite);
 
   // A 62-bit digest of the tensors as they are now: their count, and each one's dtype and shape. Ranks
   // compare it (one small all_reduce) before averaging, so that mismatched models raise, not hang.
@@ -39,6 +61,9 @@ class BucketedAverager {
   const std::vector<at::Tensor>& tensors() const { return tensors_; }
   // Bytes of staging buffers allocated so far (they are allocated at the first average()).
   int64_t staging_bytes() const;
+  bool zero_copy() const { return zero_copy_; }
+  // Zero-copy mode: bytes of the flat buffers the tensors live in (0 in copy mode).
+  int64_t flat_bytes() const;
 
  private:
   struct BucketTensors {
@@ -49,6 +74,21 @@ class BucketedAverager {
   // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating.
   void check_tensors() const;
   void build_plan();
+  // Zero-copy: refuses tensors that share memory (flattening would untie them).
+  void check_no_shared_memory() const;
+  // Zero-copy: copies every tensor into a fresh flat buffer per bucket and rebinds it as a view there.
+  void flatten();
+  // Zero-copy: true when some tensor is no longer the view flatten() made of it (re-pointed).
+  bool flat_layout_broken() const;
+  // Re-plans (and in zero-copy mode re-flattens) when the tensors changed since the plan.
+  void refresh_plan();
+  // Starts the MAX all_reduce of [fingerprint, -fingerprint, non-finite flag] into `status`.
+  c10::intrusive_ptr<c10d::Work> start_agreement_check(
+      const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device, bool check_finite,
+      at::Tensor& status);
+  static bool agreement_holds(c10d::Work& work, const at::Tensor& status);
+  void average_zero_copy(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
+  void bump_versions(const std::vector<at::Tensor>& tensors) const;
   // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
   bool plan_is_stale() const;
   at::Tensor staging_view(size_t slot, const Bucket& bucket);
@@ -60,6 +100,7 @@ class BucketedAverager {
   std::vector<at::Tensor> tensors_;
   int64_t bucket_cap_bytes_;
   int64_t buffers_in_flight_;
+  bool zero_copy_;
 
   // Per tensor, what the plan was built from.
   std::vector<PlanInput> planned_inputs_;
@@ -72,6 +113,8 @@ class BucketedAverager {
   // staging_[slot][device index]: a byte buffer as large as that device's largest bucket, allocated on
   // first use and shared by every dtype on the device (viewed as the bucket's dtype).
   std::vector<std::vector<at::Tensor>> staging_;
+  // Zero-copy: per bucket, the flat buffer its tensors are views of.
+  std::vector<at::Tensor> flat_buffers_;
   // Per device index: recorded on the current stream at the end of average(); null on CPU.
   std::vector<std::unique_ptr<c10::Event>> staging_released_;
 };

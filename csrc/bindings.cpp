@@ -4,6 +4,7 @@
 
 #include "averager.h"
 #include "bucket_plan.h"
+#include "module_tree_snapshot.h"
 #include "pack_unpack_generic.h"
 
 namespace py = pybind11;
@@ -72,15 +73,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("buffer"), py::arg("offsets"), py::arg("divisor"), py::arg("tensors"));
 
+  localsgd_ext::bind_module_tree_snapshot(m);
+
   py::class_<BucketedAverager>(m, "BucketedAverager")
       .def(
-          py::init<std::vector<at::Tensor>, int64_t, int64_t>(),
-          py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2)
+          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool>(),
+          py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2,
+          py::arg("zero_copy") = false)
       .def(
           "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("status_device"), py::arg("check_finite"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "ranks_agree", &BucketedAverager::ranks_agree, py::arg("group").none(false), py::arg("status_device"),
+          py::arg("check_finite"), py::call_guard<py::gil_scoped_release>())
       .def("layout_fingerprint", &BucketedAverager::layout_fingerprint)
       .def("first_nonfinite", &BucketedAverager::first_nonfinite, py::call_guard<py::gil_scoped_release>())
       .def("buckets", [](const BucketedAverager& self) { return buckets_to_list(self.buckets()); })
-      .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes);
+      .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes)
+      .def_property_readonly("flat_bytes", &BucketedAverager::flat_bytes)
+      .def_property_readonly("zero_copy", &BucketedAverager::zero_copy);
 }

@@ -10,14 +10,20 @@ import torch
 import torch.distributed as dist
 
 from . import _C
-from .consistency import RanksDisagreeError, check_ranks_agree
+from .consistency import RanksDisagreeError, raise_disagreement, status_device
 
 __all__ = ["ParameterAverager"]
 
-# Backends whose all_reduce implements ReduceOp.AVG for floating-point tensors. gloo computes it as
-# SUM then divide, which is bit-identical to Accelerate's `all_reduce(SUM); t /= world_size`.
+# Backends whose all_reduce implements ReduceOp.AVG for floating-point tensors, both bit-identical to
+# Accelerate's `all_reduce(SUM); t /= world_size` on CPU. NCCL divides inside its kernel, for free. gloo
+# computes SUM and then divides in a separate pass over the buffer: in copy mode that pass is better
+# fused into the unpack (the same division, so the same bits), in zero-copy mode there is no unpack.
 _BACKENDS_WITH_AVG = ("gloo", "nccl")
+_BACKENDS_WITH_FREE_AVG = ("nccl",)
 _REDUCE_OPS = ("auto", "avg", "sum")
+# Copy mode: staging buffers per device. Two already overlap packing with the wire; three measured no
+# better on gloo (bench/RESULTS.md).
+_BUFFERS_IN_FLIGHT = 2
 
 
 def _check_bucket_cap_mb(bucket_cap_mb) -> float:
@@ -59,11 +65,22 @@ class ParameterAverager:
     Averages a fixed list of tensors across the processes of a group, in place, with the compiled engine.
 
     The tensors are grouped into buckets by device and dtype (each at most `bucket_cap_mb`, in the
-    tensors' order; a larger tensor gets a bucket of its own). A sync packs each bucket into a reusable
-    flat buffer in one compiled pass, runs one all_reduce per bucket, and unpacks the mean back into
-    the same tensors (same objects, same storage). The next bucket is packed while the previous one is
-    on the wire. Extra memory is two buckets per device, whatever the model size. The plan is built
-    once and rebuilt only when a tensor's size, dtype or device changes.
+    tensors' order; a larger tensor gets a bucket of its own). The plan is built once and rebuilt only
+    when a tensor's size, dtype or device changes. Two modes:
+
+    - Copy mode (default): a sync packs each bucket into a reusable flat buffer in one compiled pass,
+      runs one all_reduce per bucket, and unpacks the mean back into the same tensors (same objects,
+      same storage). The next bucket is packed while the previous one is on the wire. Extra memory is
+      two buckets per device, whatever the model size.
+    - Zero-copy mode (`zero_copy=True`): at construction, the tensors are moved into persistent flat
+      buffers, one per bucket, and rebound as views of them, as `param.data = view` would do (same
+      objects, new storage). A sync is then one in-place all_reduce per bucket and nothing else.
+      Memory: while flattening, about one bucket above the model (each old storage is freed when its
+      tensors are rebound, unless something else still holds it); afterwards no extra memory at all.
+      Optimizers, DDP and `state_dict()`/`load_state_dict()` keep working, since the tensors stay the
+      same objects. A tensor re-pointed later (`param.data = ...`, `module.to(...)`) is detected at the
+      next sync, and all tensors are moved into fresh flat buffers before averaging. Tensors that share
+      memory with each other are refused (flattening would untie them).
 
     Every process of the group must call `average()` with the same list of tensors (same shapes and
     dtypes, same order), as with any collective. Each call first checks that they do, with one small
@@ -81,7 +98,9 @@ class ParameterAverager:
             Largest bucket, in MiB.
         reduce_op (`str`, defaults to `"auto"`):
             `"avg"`: the backend's ReduceOp.AVG divides. `"sum"`: ReduceOp.SUM, and the division by the
-            group size is fused into the unpack. `"auto"`: AVG on gloo and NCCL, SUM elsewhere.
+            group size is fused into the unpack (zero-copy mode: one division pass). `"auto"`: AVG on
+            NCCL (free, inside its kernel); on gloo SUM with the fused division in copy mode, AVG in
+            zero-copy mode; SUM elsewhere. All give the same bits on CPU.
         names (`Sequence[str]`, *optional*):
             A name per tensor for error messages (e.g. from `model.named_parameters()`); default
             `params[i]`.
@@ -89,6 +108,9 @@ class ParameterAverager:
             Before averaging, check every tensor for NaN and Inf; if any rank finds one, every rank
             raises a `RuntimeError` naming the rank and the tensor, and nothing is averaged. Costs one
             pass over the parameters per sync.
+        zero_copy (`bool`, defaults to `False`):
+            Move the tensors into persistent flat buffers now, so that a sync is only the in-place
+            all_reduce (see above).
     """
 
     def __init__(
@@ -100,12 +122,14 @@ class ParameterAverager:
         reduce_op: str = "auto",
         names: Optional[Sequence[str]] = None,
         check_finite: bool = False,
+        zero_copy: bool = False,
     ):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if reduce_op not in _REDUCE_OPS:
             raise ValueError(f"reduce_op must be one of {_REDUCE_OPS}, got {reduce_op!r}")
         self.check_finite = _check_bool("check_finite", check_finite)
+        self.zero_copy = _check_bool("zero_copy", zero_copy)
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
         self.params = _check_tensors(params)
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
@@ -113,7 +137,9 @@ class ParameterAverager:
             raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
         self.process_group = process_group
         self.reduce_op = reduce_op
-        self._engine = _C.BucketedAverager(self.params, max(1, int(self.bucket_cap_mb * 2**20)))
+        self._engine = _C.BucketedAverager(
+            self.params, max(1, int(self.bucket_cap_mb * 2**20)), _BUFFERS_IN_FLIGHT, self.zero_copy
+        )
 
     @property
     def buckets(self) -> List[dict]:
@@ -123,8 +149,13 @@ class ParameterAverager:
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes of staging buffers held (allocated at the first `average()`, then reused)."""
+        """Bytes of staging buffers held (copy mode; allocated at the first `average()`, then reused)."""
         return self._engine.staging_bytes
+
+    @property
+    def flat_bytes(self) -> int:
+        """Bytes of the flat buffers the tensors live in (zero-copy mode; 0 in copy mode)."""
+        return self._engine.flat_bytes
 
     def _group(self) -> dist.ProcessGroup:
         if self.process_group is not None:
@@ -141,7 +172,8 @@ class ParameterAverager:
             return self.reduce_op == "avg"
         # A group may name one backend per device type, e.g. "cpu:gloo,cuda:nccl".
         backends = [entry.split(":")[-1] for entry in str(dist.get_backend(group)).split(",")]
-        return all(backend in _BACKENDS_WITH_AVG for backend in backends)
+        usable = _BACKENDS_WITH_AVG if self.zero_copy else _BACKENDS_WITH_FREE_AVG
+        return all(backend in usable for backend in backends)
 
     def average(self) -> None:
         """Replaces every tensor by its mean over the group's processes.
@@ -153,8 +185,9 @@ class ParameterAverager:
         """
         group = self._group()
         with _lost_rank_errors(group):
-            check_ranks_agree(self._engine, self.params, self.names, group, self.check_finite)
-            self._engine.average(group, self._use_avg_op(group))
+            device = status_device(group, self.params)
+            if not self._engine.average(group, self._use_avg_op(group), device, self.check_finite):
+                raise_disagreement(self._engine, self.params, self.names, group, self.check_finite)
 
     def verify_ranks_agree(self) -> None:
         """Only the check `average()` starts with: every rank of the group raises the same `RuntimeError`
@@ -162,7 +195,8 @@ class ParameterAverager:
         A collective: every rank must call it."""
         group = self._group()
         with _lost_rank_errors(group):
-            check_ranks_agree(self._engine, self.params, self.names, group, self.check_finite)
+            if not self._engine.ranks_agree(group, status_device(group, self.params), self.check_finite):
+                raise_disagreement(self._engine, self.params, self.names, group, self.check_finite)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,12 @@
 """Before every average: do all ranks hold the same parameter layout, and (optionally) finite values?
 
 A collective over mismatched models either averages the wrong numbers or waits forever for a bucket
-that never comes. One small all_reduce settles it first: each rank contributes its layout fingerprint,
-the fingerprint negated, and a non-finite flag, reduced with MAX, which gives every rank the same
-max and min fingerprint and the same flag. All ranks therefore take the same branch: nothing more
-when they agree; otherwise they exchange descriptions of their parameters and raise the same
-RuntimeError, naming the first parameter that differs (or the rank and parameter holding NaN/Inf).
+that never comes. One small all_reduce settles it first, in the compiled engine (overlapped with the
+first bucket's pack): each rank contributes its layout fingerprint, the fingerprint negated, and a
+non-finite flag, reduced with MAX, which gives every rank the same max and min fingerprint and the
+same flag. All ranks therefore take the same branch: nothing more when they agree; otherwise they
+exchange descriptions of their parameters here and raise the same RuntimeError, naming the first
+parameter that differs (or the rank and parameter holding NaN/Inf).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class RanksDisagreeError(RuntimeError):
     rank of the group, with the same message."""
 
 
-def _status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> torch.device:
+def status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> torch.device:
+    """Where the agreement check's small tensor must live for the group's backend."""
     backend = str(dist.get_backend(group))
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -49,30 +51,24 @@ def _first_difference(layouts: List[List[tuple]]) -> str:
                     f"the first difference is at parameter index {i}: rank 0 has {_entry(mine)}, rank {rank} has "
                     f"{_entry(theirs)} (rank 0 has {len(reference)} parameters, rank {rank} has {len(layout)})"
                 )
-    return "the ranks' layouts hash differently but describe the same (report this)"
+    raise AssertionError("called with identical layouts")
 
 
-def check_ranks_agree(
+def raise_disagreement(
     engine, tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup, check_finite: bool
 ) -> None:
-    """Raises the same RuntimeError on every rank of `group` when their layouts differ or, with
-    `check_finite`, when any rank holds a NaN or an infinity. A collective: every rank must call it."""
-    fingerprint = engine.layout_fingerprint()
+    """Called on every rank once the engine's check (one MAX all_reduce of [fingerprint, -fingerprint,
+    non-finite flag], which every rank reads alike) found a disagreement: exchanges descriptions of the
+    parameters and raises the same RanksDisagreeError everywhere. A collective: every rank calls it."""
     nonfinite = engine.first_nonfinite() if check_finite else -1
-    status = torch.tensor(
-        [fingerprint, -fingerprint, 1 if nonfinite >= 0 else 0], dtype=torch.int64, device=_status_device(group, tensors)
-    )
-    dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
-    highest, negated_lowest, any_nonfinite = status.tolist()
-    if highest == -negated_lowest and not any_nonfinite:
-        return
     mine = {"rank": dist.get_rank(group), "layout": _describe(tensors, names), "nonfinite": nonfinite}
     everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
-    if highest != -negated_lowest:
+    layouts = [entry["layout"] for entry in everyone]
+    if any(layout != layouts[0] for layout in layouts):
         raise RanksDisagreeError(
             "LocalSGD/ParameterAverager: the ranks do not hold the same parameters, so they cannot be averaged; "
-            + _first_difference([entry["layout"] for entry in everyone])
+            + _first_difference(layouts)
             + ". Every rank must average the same parameters (count, order, shapes, dtypes). Nothing was averaged."
         )
     culprits = [
@@ -80,8 +76,13 @@ def check_ranks_agree(
         for entry in everyone
         if entry["nonfinite"] >= 0
     ]
+    if culprits:
+        raise RanksDisagreeError(
+            "LocalSGD/ParameterAverager: non-finite values (NaN or Inf) before averaging (check_finite=True): "
+            + "; ".join(culprits)
+            + ". Nothing was averaged."
+        )
     raise RanksDisagreeError(
-        "LocalSGD/ParameterAverager: non-finite values (NaN or Inf) before averaging (check_finite=True): "
-        + "; ".join(culprits)
-        + ". Nothing was averaged."
+        "LocalSGD/ParameterAverager: the ranks' layouts hash differently but describe the same (report this). "
+        "Nothing was averaged."
     )

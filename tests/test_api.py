@@ -99,7 +99,8 @@ def test_local_sgd_refuses_what_accelerate_refuses(distributed_type):
     "kwargs, message",
     [
         (dict(bucket_cap_bytes=0), "bucket_cap_bytes must be positive, got 0"),
-        (dict(bucket_cap_bytes=1024, buffers_in_flight=0), "buffers_in_flight must be at least 1, got 0"),
+        (dict(bucket_cap_bytes=1024, buffers_in_flight=0), "buffers_in_flight must be between 1 and 3, got 0"),
+        (dict(bucket_cap_bytes=1024, buffers_in_flight=4), "buffers_in_flight must be between 1 and 3, got 4"),
     ],
 )
 def test_engine_rejects_bad_options(kwargs, message):
@@ -110,7 +111,7 @@ def test_engine_rejects_bad_options(kwargs, message):
 def test_engine_refuses_none_as_group_instead_of_crashing():
     engine = _C.BucketedAverager([torch.zeros(3)], 1024)
     with pytest.raises(TypeError, match="incompatible function arguments"):
-        engine.average(None, True)
+        engine.average(None, True, torch.device("cpu"), False)
 
 
 def test_engine_refuses_what_the_python_layer_refuses():

@@ -47,7 +47,7 @@ def _accelerator(grad_accum: int, cpu: bool = True) -> Accelerator:
     )
 
 
-def _train(accelerator, local_sgd_cls, scenario, check_ranks_agree: bool):
+def _train(accelerator, local_sgd_cls, scenario, check_ranks_agree: bool, **extra_kwargs):
     """One seeded run; returns final parameters, num_steps per epoch, and the sync points at which
     every rank held bit-identical parameters (when check_ranks_agree)."""
     torch.manual_seed(0)
@@ -70,6 +70,7 @@ def _train(accelerator, local_sgd_cls, scenario, check_ranks_agree: bool):
         model=model,
         local_sgd_steps=scenario["local_sgd_steps"],
         enabled=scenario.get("enabled", True),
+        **extra_kwargs,
     )
     agreed_syncs = []
     num_steps = []
@@ -101,45 +102,63 @@ def _ranks_agree(model) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+OUR_MODES = {"copy": {}, "zero_copy": {"zero_copy": True}}
+
+
 def compare_with_accelerate(names, cpu=True):
-    """Runs each named scenario with Accelerate's LocalSGD and ours; returns per-scenario results."""
+    """Runs each named scenario with Accelerate's LocalSGD and with ours in each mode (copy and
+    zero-copy); returns per-scenario results, ours per mode."""
     results = {}
     for name in names:
         scenario = SCENARIOS[name]
         accelerator = _accelerator(scenario.get("grad_accum", 1), cpu)
         theirs, their_steps, _, their_final_agree = _train(accelerator, AccelerateLocalSGD, scenario, False)
-        ours, our_steps, agreed, our_final_agree = _train(accelerator, LocalSGD, scenario, True)
         results[name] = {
             "theirs": theirs,
-            "ours": ours,
             "their_num_steps": their_steps,
-            "our_num_steps": our_steps,
-            "agreed_syncs": agreed,
             "their_final_agree": their_final_agree,
-            "our_final_agree": our_final_agree,
             "backend": dist.get_backend(),
+            "modes": {},
         }
+        for mode, extra_kwargs in OUR_MODES.items():
+            ours, our_steps, agreed, our_final_agree = _train(accelerator, LocalSGD, scenario, True, **extra_kwargs)
+            results[name]["modes"][mode] = {
+                "ours": ours,
+                "our_num_steps": our_steps,
+                "agreed_syncs": agreed,
+                "our_final_agree": our_final_agree,
+            }
     return results
 
 
-def parameters_stay_the_same_objects():
-    """After syncs, the model's parameters are the same Parameter objects with the same storage, on the
-    same device, with the same dtype."""
+def parameters_stay_the_same_objects(zero_copy=False):
+    """After syncs, the model's parameters are the same Parameter objects on the same device with the
+    same dtype; in copy mode also with the same storage (zero-copy mode moves them once, on enter)."""
     accelerator = _accelerator(1)
     torch.manual_seed(0)
     model = accelerator.prepare(SmallNet(bf16_head=True))
-    before = [(id(p), p.untyped_storage().data_ptr(), p.device, p.dtype) for p in model.parameters()]
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1) as local_sgd:
+
+    def identity():
+        return [(id(p), p.device, p.dtype, p.shape) + (() if zero_copy else (p.untyped_storage().data_ptr(),))
+                for p in model.parameters()]
+
+    before = identity()
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1, zero_copy=zero_copy) as local_sgd:
+        after_enter = [p.untyped_storage().data_ptr() for p in model.parameters()]
         for _ in range(3):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(dist.get_rank())
             local_sgd.step()
-    after = [(id(p), p.untyped_storage().data_ptr(), p.device, p.dtype) for p in model.parameters()]
-    return {"same": before == after, "sync_count": local_sgd.sync_count, "last": local_sgd.last_sync_seconds}
+    return {
+        "same": before == identity(),
+        "storage_kept_after_enter": after_enter == [p.untyped_storage().data_ptr() for p in model.parameters()],
+        "sync_count": local_sgd.sync_count,
+        "last": local_sgd.last_sync_seconds,
+    }
 
 
-def parameter_registered_between_syncs():
+def parameter_registered_between_syncs(zero_copy=False):
     """Accelerate walks model.parameters() at every sync, so a parameter registered mid-run is averaged
     from then on; ours re-plans for it."""
     accelerator = _accelerator(1)
@@ -147,7 +166,7 @@ def parameter_registered_between_syncs():
     model = torch.nn.Module()
     model.first = torch.nn.Parameter(torch.full((3,), float(rank)))
     # model.no_sync() is entered only by __enter__; syncing directly needs no DDP wrapper.
-    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
+    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1, zero_copy=zero_copy)
     local_sgd._sync_and_avg_model_params()
     model.second = torch.nn.Parameter(torch.full((2, 2), 4.0 * rank))
     with torch.no_grad():
