@@ -21,8 +21,8 @@ __all__ = ["ParameterAverager"]
 _BACKENDS_WITH_AVG = ("gloo", "nccl")
 _BACKENDS_WITH_FREE_AVG = ("nccl",)
 _REDUCE_OPS = ("auto", "avg", "sum")
-# Copy mode: staging buffers per device. Two already overlap packing with the wire; three measured no
-# better on gloo (bench/RESULTS.md).
+# Copy mode: staging buffers per device. Two already overlap packing with the wire; three measured the
+# same on gloo (bench/pipeline_depth.py, bench/RESULTS.md) for 50% more memory.
 _BUFFERS_IN_FLIGHT = 2
 
 

@@ -38,10 +38,31 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
     assert per_world_size["world_size"] == 2
     assert [r["shape"] for r in per_world_size["results"]] == ["wide", "tiny", "transformer", "mixed"]
     methods = per_world_size["results"][0]["methods"]
-    for method in ("localsgd_ext", "localsgd_ext LocalSGD", "accelerate LocalSGD", "torch average_parameters",
-                   "python cat buckets", "flat all_reduce (floor)", "localsgd_ext cap=1", "localsgd_ext cap=100"):
+    for method in ("localsgd_ext", "localsgd_ext LocalSGD", "localsgd_ext zero-copy", "localsgd_ext LocalSGD zero-copy",
+                   "accelerate LocalSGD", "torch average_parameters", "python cat buckets", "flat all_reduce (floor)",
+                   "localsgd_ext cap=1", "localsgd_ext cap=100"):
         assert methods[method]["median_ms"] > 0, method
     assert (tmp_path / "averaging_latency.png").stat().st_size > 0
+
+
+def test_pipeline_depth_bench_runs_at_tiny_sizes():
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "bench/pipeline_depth.py", "--smoke", "--rounds", "1", "--bucket-cap-mb", "0.001"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for variant in ("copy, 1 in flight", "copy, 3 in flight", "zero-copy", "flat all_reduce AVG (floor)"):
+        assert variant in result.stdout, variant
+
+
+def test_zero_copy_memory_bench_runs_at_tiny_sizes():
+    result = subprocess.run(
+        [sys.executable, "bench/zero_copy_memory.py", "--smoke", "--shape", "wide"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "flattening: peak +" in result.stdout
 
 
 @pytest.fixture(scope="module")
