@@ -5,7 +5,7 @@ namespace py = pybind11;
 namespace localsgd_ext {
 namespace {
 
-constexpr const char* kRecordedDicts[] = {"_parameters", "_modules"};
+constexpr const char* kRecordedDicts[] = {"_parameters", "_buffers", "_modules"};
 
 std::vector<py::object> dict_values(PyObject* dict) {
   std::vector<py::object> values;

@@ -11,6 +11,8 @@ from accelerate import Accelerator, DistributedType
 
 from . import _C
 from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb
+from .buffers import BufferSync
+from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 
 __all__ = ["LocalSGD"]
 
@@ -45,6 +47,14 @@ def _check_local_sgd_steps(local_sgd_steps, enabled):
     if local_sgd_steps < 1:
         raise ValueError(f"local_sgd_steps must be an int >= 1, got {local_sgd_steps}")
     return int(local_sgd_steps)
+
+
+def _check_warmup_steps(warmup_steps) -> int:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral):
+        raise TypeError(f"warmup_steps must be an int >= 0, got {warmup_steps!r} ({type(warmup_steps).__name__})")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps}")
+    return int(warmup_steps)
 
 
 class LocalSGD:
@@ -91,6 +101,22 @@ class LocalSGD:
             bucket of extra memory while flattening, none afterwards. A parameter re-pointed later
             (`model.to(...)`, `param.data = ...`) or replaced (`load_state_dict(assign=True)`) is
             detected at the next sync and the parameters are flattened again before averaging.
+        outer_optimizer (`None`, `"diloco"` or a callable, defaults to `None`):
+            Keyword-only. DiLoCo's outer step: at each sync, the difference between the anchor (the
+            parameters after the previous sync) and the parameters' average is a pseudo-gradient; the
+            optimizer built by `outer_optimizer(anchor_tensors)` steps the anchor with it, and the
+            result becomes the parameters on every rank. `"diloco"`: the paper's SGD(lr=0.7,
+            momentum=0.9, nesterov=True). The anchor is taken on enter (the parameters must be equal
+            on every rank then, as DDP makes them). `None`: plain averaging.
+        outer_anchor_device (`str`, defaults to `"device"`):
+            Keyword-only. Where the anchor and the outer optimizer's state live: `"device"` (each
+            parameter's device) or `"cpu"` (saves accelerator memory; costs a copy each way per sync).
+        sync_buffers (`bool`, defaults to `False`):
+            Keyword-only. At each sync also average the floating-point buffers (e.g. BatchNorm's
+            running statistics) and give every rank rank 0's integer buffers (`num_batches_tracked`).
+        warmup_steps (`int`, defaults to 0):
+            Keyword-only. Sync after every step for the first `warmup_steps` steps, then every
+            `local_sgd_steps` steps counted from there (post-local SGD).
     """
 
     def __init__(
@@ -103,6 +129,10 @@ class LocalSGD:
         bucket_cap_mb: float = 25,
         check_finite: bool = False,
         zero_copy: bool = False,
+        outer_optimizer=None,
+        outer_anchor_device: str = "device",
+        sync_buffers: bool = False,
+        warmup_steps: int = 0,
     ):
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
@@ -117,6 +147,12 @@ class LocalSGD:
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
         self.check_finite = _check_bool("check_finite", check_finite)
         self.zero_copy = _check_bool("zero_copy", zero_copy)
+        build_outer_optimizer = resolve_outer_optimizer(outer_optimizer)
+        self.outer_anchor_device = check_anchor_device(outer_anchor_device)
+        self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
+        self.sync_buffers = _check_bool("sync_buffers", sync_buffers)
+        self.warmup_steps = _check_warmup_steps(warmup_steps)
+        self._buffer_sync: Optional[BufferSync] = None
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         self._averager: Optional[ParameterAverager] = None
@@ -125,7 +161,10 @@ class LocalSGD:
     def __enter__(self):
         if self.enabled:
             # Refuse bad parameters, and ranks whose models differ, before any training happens.
-            self._current_averager().verify_ranks_agree()
+            averager = self._current_averager()
+            averager.verify_ranks_agree()
+            if self._outer is not None:
+                self._outer.take_anchor(averager.params)
             self.model_sync_obj = self.model.no_sync()
             self.model_sync_obj.__enter__()
 
@@ -148,8 +187,44 @@ class LocalSGD:
         if not self.enabled:
             return
 
-        if self.num_steps % self.local_sgd_steps == 0:
+        if self._sync_due():
             self._sync_and_avg_model_params()
+
+    @property
+    def last_step_synced(self) -> bool:
+        """Whether the last `step()` averaged: the moment at which every rank holds the same parameters,
+        hence the moment to checkpoint (Accelerate's `save_state()` writes rank 0's model only)."""
+        return self.enabled and self.num_steps > 0 and self._sync_due()
+
+    def _sync_due(self) -> bool:
+        if self.num_steps <= self.warmup_steps:
+            return True
+        return (self.num_steps - self.warmup_steps) % self.local_sgd_steps == 0
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue as if uninterrupted: the step count (so the sync cadence
+        carries on), the sync count, and the DiLoCo anchor with its outer optimizer's state. Register
+        the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`."""
+        return {
+            "num_steps": self.num_steps,
+            "sync_count": self.sync_count,
+            "outer": None if self._outer is None else self._outer.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores what `state_dict()` returned; call it before entering the `with` block."""
+        missing = {"num_steps", "sync_count", "outer"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
+        if (state_dict["outer"] is None) != (self._outer is None):
+            raise ValueError(
+                "state_dict was saved with outer_optimizer " + ("set" if state_dict["outer"] is not None else "None")
+                + ", but this LocalSGD has outer_optimizer " + ("None" if self._outer is None else "set")
+            )
+        self.num_steps = int(state_dict["num_steps"])
+        self.sync_count = int(state_dict["sync_count"])
+        if self._outer is not None:
+            self._outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
 
     def _current_averager(self) -> ParameterAverager:
         # Accelerate averages whatever model.parameters() lists at each sync. Walking the module tree in
@@ -174,6 +249,8 @@ class LocalSGD:
                 zero_copy=self.zero_copy,
             )
             self._averager = averager
+        if self.sync_buffers:
+            self._buffer_sync = BufferSync(list(self.model.named_buffers()), self.bucket_cap_mb)
         self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
         return averager
 
@@ -182,6 +259,11 @@ class LocalSGD:
         Synchronize + Average model parameters across all processes
         """
         start = time.perf_counter()
-        self._current_averager().average()
+        averager = self._current_averager()
+        averager.average()
+        if self._outer is not None:
+            self._outer.apply(averager.params)
+        if self.sync_buffers:
+            self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start
         self.sync_count += 1

@@ -32,11 +32,18 @@ class RanksFailed(AssertionError):
 
 
 def run_ranks(
-    world_size: int, target: str, *args: Any, timeout: float = 120, env: dict | None = None, may_fail: tuple = ()
+    world_size: int,
+    target: str,
+    *args: Any,
+    timeout: float = 120,
+    env: dict | None = None,
+    may_fail: tuple = (),
+    expect_killed: bool = False,
 ) -> List[Any]:
     """Runs `target` ("module:function", importable from tests/) on `world_size` ranks; returns each
     rank's return value, in rank order. Ranks in `may_fail` may die or hang (the tests that lose a rank
-    on purpose): they are killed once the others are done, and their result is None."""
+    on purpose): they are killed once the others are done, and their result is None. With
+    `expect_killed`, every rank must end by SIGKILL (a target that kills itself); the results are None."""
     store = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout)
     )
@@ -84,8 +91,13 @@ def run_ranks(
             log.close()
         if timed_out:
             raise RanksFailed(f"{target} did not finish within {timeout}s on {world_size} ranks\n" + "\n".join(outputs))
-        if any(proc.returncode != 0 for rank, proc in enumerate(procs) if rank not in may_fail):
-            raise RanksFailed(f"{target} failed on {world_size} ranks\n" + "\n".join(outputs))
+        expected_code = -signal.SIGKILL if expect_killed else 0
+        if any(proc.returncode != expected_code for rank, proc in enumerate(procs) if rank not in may_fail):
+            raise RanksFailed(
+                f"{target} failed on {world_size} ranks (expected exit code {expected_code})\n" + "\n".join(outputs)
+            )
+        if expect_killed:
+            return [None] * world_size
         return [
             None if rank in may_fail else torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False)
             for rank in range(world_size)

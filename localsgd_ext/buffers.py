@@ -1,0 +1,40 @@
+"""`sync_buffers=True`: a model's buffers at each sync. Floating-point ones (BatchNorm's running mean and
+variance) are averaged like the parameters, by the compiled engine; integer ones (`num_batches_tracked`)
+cannot be averaged meaningfully, so every rank takes rank 0's, in one broadcast per device."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from .averager import ParameterAverager
+
+
+class BufferSync:
+    def __init__(self, named_buffers: List[tuple], bucket_cap_mb: float):
+        floating = [(name, b) for name, b in named_buffers if b.is_floating_point()]
+        self.integer = [b for _, b in named_buffers if not b.is_floating_point()]
+        self.buffers = [b for _, b in named_buffers]
+        self.averager = (
+            ParameterAverager([b for _, b in floating], bucket_cap_mb=bucket_cap_mb, names=[n for n, _ in floating])
+            if floating
+            else None
+        )
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        if self.averager is not None:
+            self.averager.average()
+        by_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for b in self.integer:
+            by_device.setdefault(b.device, []).append(b)
+        for buffers in by_device.values():
+            # One int64 message per device; every integer dtype fits in int64 exactly.
+            flat = torch.cat([b.reshape(-1).to(torch.int64) for b in buffers])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()

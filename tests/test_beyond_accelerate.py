@@ -1,0 +1,76 @@
+"""LocalSGD's options beyond Accelerate, on real gloo ranks: warmup_steps, sync_buffers, DiLoCo's outer
+step, checkpointing through Accelerate (save, kill, resume), and their argument checks."""
+
+import pytest
+import torch
+
+from multiprocess import run_ranks
+from workers_beyond import CHECKPOINT_AT, CHECKPOINT_STEPS
+
+
+@pytest.mark.parametrize(
+    "local_sgd_steps, warmup_steps, steps, expected",
+    [
+        (4, 0, 10, [4, 8]),  # Accelerate's cadence
+        (4, 3, 12, [1, 2, 3, 7, 11]),  # every step for 3, then every 4 from there
+        (2, 5, 6, [1, 2, 3, 4, 5]),
+    ],
+)
+def test_warmup_syncs_every_step_then_every_k(local_sgd_steps, warmup_steps, steps, expected):
+    for rank in run_ranks(2, "workers_beyond:sync_points", local_sgd_steps, warmup_steps, steps):
+        assert rank["synced"] == expected
+        assert rank["final_sync_count"] == len(expected) + 1  # and once on exit
+
+
+def test_sync_buffers_averages_floats_and_copies_integers_from_rank_0():
+    ranks = run_ranks(2, "workers_beyond:buffers_synced", True)
+    before = [r["before"] for r in ranks]
+    assert not torch.equal(before[0]["norm.running_mean"], before[1]["norm.running_mean"])
+    assert before[0]["norm.num_batches_tracked"] != before[1]["norm.num_batches_tracked"]
+    for r in ranks:
+        for name in ("norm.running_mean", "norm.running_var"):
+            torch.testing.assert_close(r["after"][name], (before[0][name] + before[1][name]) / 2, rtol=0, atol=1e-6)
+        assert torch.equal(r["after"]["norm.num_batches_tracked"], before[0]["norm.num_batches_tracked"])
+    assert torch.equal(ranks[0]["after"]["norm.running_var"], ranks[1]["after"]["norm.running_var"])
+
+
+def test_without_sync_buffers_buffers_stay_local():
+    """The default keeps Accelerate's behaviour: parameters only."""
+    for r in run_ranks(2, "workers_beyond:buffers_synced", False):
+        for name, value in r["before"].items():
+            assert torch.equal(r["after"][name], value), name
+
+
+@pytest.fixture(scope="module", params=["device", "cpu"])
+def outer_runs(request):
+    return run_ranks(2, "workers_beyond:outer_step_runs", request.param, timeout=180)
+
+
+def test_outer_sgd_with_lr_1_and_no_momentum_is_plain_averaging(outer_runs):
+    for rank in outer_runs:
+        for ours, plain in zip(rank["sgd_lr1"]["params"], rank["plain"]["params"]):
+            # anchor - 1 * (anchor - mean) is the mean up to the rounding of that subtraction.
+            torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_diloco_recipe_converges_and_keeps_ranks_identical(outer_runs):
+    diloco = [rank["diloco"] for rank in outer_runs]
+    assert diloco[0]["last_loss"] < 0.1 * diloco[0]["first_loss"], diloco[0]
+    for a, b in zip(diloco[0]["params"], diloco[1]["params"]):
+        assert torch.equal(a, b)
+    # The outer step changes the trajectory: it is not plain averaging.
+    plain = outer_runs[0]["plain"]["params"]
+    assert any(not torch.allclose(a, b) for a, b in zip(diloco[0]["params"], plain))
+
+
+def test_save_kill_resume_matches_an_uninterrupted_run(tmp_path):
+    full = run_ranks(2, "workers_beyond:checkpointed_training", "full", str(tmp_path / "unused"), timeout=180)
+    directory = str(tmp_path / "checkpoint")
+    run_ranks(2, "workers_beyond:checkpointed_training", "save_and_die", directory, timeout=180, expect_killed=True)
+    resumed = run_ranks(2, "workers_beyond:checkpointed_training", "resume", directory, timeout=180)
+    for a, b in zip(full, resumed):
+        assert b["started_at"] == CHECKPOINT_AT
+        assert b["num_steps"] == a["num_steps"] == CHECKPOINT_STEPS
+        assert b["sync_count"] == a["sync_count"]
+        for x, y in zip(a["params"], b["params"]):
+            assert torch.equal(x, y), f"max diff {(x - y).abs().max()}"
