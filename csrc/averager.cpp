@@ -42,11 +42,19 @@ BucketedAverager::BucketedAverager(
     std::vector<at::Tensor> tensors,
     int64_t bucket_cap_bytes,
     int64_t buffers_in_flight,
-    bool zero_copy)
+    bool zero_copy,
+    std::optional<c10::ScalarType> comm_dtype)
     : tensors_(std::move(tensors)),
       bucket_cap_bytes_(bucket_cap_bytes),
       buffers_in_flight_(buffers_in_flight),
-      zero_copy_(zero_copy) {
+      zero_copy_(zero_copy),
+      comm_dtype_(comm_dtype) {
+  TORCH_CHECK_VALUE(
+      !comm_dtype_ || *comm_dtype_ == at::kBFloat16 || *comm_dtype_ == at::kHalf,
+      "comm_dtype must be BFloat16 or Half, got ", *comm_dtype_, ".");
+  TORCH_CHECK_VALUE(
+      !(comm_dtype_ && zero_copy_),
+      "comm_dtype needs copy mode: zero_copy all-reduces the parameters' own memory, in their dtype.");
   TORCH_CHECK_VALUE(
       bucket_cap_bytes_ > 0, "bucket_cap_bytes must be positive, got ", bucket_cap_bytes_, ".");
   TORCH_CHECK_VALUE(
@@ -80,6 +88,7 @@ void BucketedAverager::build_plan() {
   check_tensors();
   planned_inputs_.clear();
   group_dtypes_.clear();
+  group_wire_dtypes_.clear();
   group_device_index_.clear();
   devices_.clear();
   staging_.clear();
@@ -95,10 +104,12 @@ void BucketedAverager::build_plan() {
         device = devices_.insert(devices_.end(), t.device());
       }
       group_dtypes_.push_back(t.scalar_type());
+      group_wire_dtypes_.push_back(comm_dtype_ && t.scalar_type() == at::kFloat ? *comm_dtype_ : t.scalar_type());
       group_device_index_.push_back(static_cast<size_t>(device - devices_.begin()));
     }
     planned_inputs_.push_back(
-        {static_cast<int64_t>(group), t.numel(), static_cast<int64_t>(t.element_size())});
+        {static_cast<int64_t>(group), t.numel(),
+         static_cast<int64_t>(c10::elementSize(group_wire_dtypes_[group]))});
   }
   buckets_ = plan_buckets(planned_inputs_, bucket_cap_bytes_, kBucketAlignmentBytes);
   bucket_tensors_.clear();
@@ -290,6 +301,8 @@ int64_t BucketedAverager::layout_fingerprint() const {
     }
   };
   mix(tensors_.size());
+  // Ranks with different wire dtypes would send buckets of different sizes.
+  mix(comm_dtype_ ? static_cast<uint64_t>(*comm_dtype_) + 1 : 0);
   for (const at::Tensor& t : tensors_) {
     mix(static_cast<uint64_t>(t.scalar_type()));
     mix(static_cast<uint64_t>(t.dim()));
@@ -338,7 +351,7 @@ at::Tensor BucketedAverager::staging_view(size_t slot, const Bucket& bucket) {
     // Zeroed once: padding between tensors is never written by pack, so it averages zeros forever.
     bytes = at::zeros({largest}, at::TensorOptions().dtype(at::kByte).device(devices_[device]));
   }
-  return bytes.narrow(0, 0, bucket.nbytes()).view(group_dtypes_[group]);
+  return bytes.narrow(0, 0, bucket.nbytes()).view(group_wire_dtypes_[group]);
 }
 
 int64_t BucketedAverager::staging_bytes() const {

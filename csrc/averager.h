@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "bucket_plan.h"
@@ -25,11 +26,14 @@ class BucketedAverager {
   // Copy mode: staging memory is `buffers_in_flight` buffers per device, each as large as that
   // device's largest bucket. Zero-copy mode: the tensors are moved, here, into one persistent flat
   // buffer per bucket and rebound (like `param.data = ...`) as views of it; no staging.
+  // `comm_dtype` (copy mode only): float32 tensors travel in that dtype (BFloat16 or Half), cast by
+  // pack and unpack; bucket caps count wire bytes.
   BucketedAverager(
       std::vector<at::Tensor> tensors,
       int64_t bucket_cap_bytes,
       int64_t buffers_in_flight,
-      bool zero_copy);
+      bool zero_copy,
+      std::optional<c10::ScalarType> comm_dtype = std::nullopt);
 
   // Replaces every tensor by its mean across `group`, in place, after checking with one small
   // all_reduce (on `status_device`) that every rank holds the same layout and, with `check_finite`,
@@ -101,11 +105,14 @@ class BucketedAverager {
   int64_t bucket_cap_bytes_;
   int64_t buffers_in_flight_;
   bool zero_copy_;
+  std::optional<c10::ScalarType> comm_dtype_;
 
   // Per tensor, what the plan was built from.
   std::vector<PlanInput> planned_inputs_;
-  // Per group (index = PlanInput::group): its dtype and the index of its device in devices_.
+  // Per group (index = PlanInput::group): its dtype, its dtype on the wire, and the index of its device
+  // in devices_.
   std::vector<c10::ScalarType> group_dtypes_;
+  std::vector<c10::ScalarType> group_wire_dtypes_;
   std::vector<size_t> group_device_index_;
   std::vector<c10::Device> devices_;
   std::vector<Bucket> buckets_;

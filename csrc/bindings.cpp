@@ -77,9 +77,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<BucketedAverager>(m, "BucketedAverager")
       .def(
-          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool>(),
+          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool, std::optional<c10::ScalarType>>(),
           py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2,
-          py::arg("zero_copy") = false)
+          py::arg("zero_copy") = false, py::arg("comm_dtype") = py::none())
       .def(
           "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
           py::arg("status_device"), py::arg("check_finite"), py::call_guard<py::gil_scoped_release>())

@@ -10,6 +10,12 @@
 
 namespace localsgd_ext {
 
+// The one dtype change a bucket allows: float32 tensors on a narrower wire (comm_dtype), cast to the
+// buffer's dtype by pack and back to float32 by unpack.
+inline bool is_wire_cast(c10::ScalarType tensor_dtype, c10::ScalarType buffer_dtype) {
+  return tensor_dtype == at::kFloat && (buffer_dtype == at::kBFloat16 || buffer_dtype == at::kHalf);
+}
+
 inline void check_pack_arguments(
     const char* op,
     at::TensorList tensors,
@@ -34,9 +40,9 @@ inline void check_pack_arguments(
         t.layout() == at::kStrided,
         op, ": tensors[", i, "] must be strided (dense), got layout ", t.layout(), ".");
     TORCH_CHECK_TYPE(
-        t.scalar_type() == buffer.scalar_type(),
+        t.scalar_type() == buffer.scalar_type() || is_wire_cast(t.scalar_type(), buffer.scalar_type()),
         op, ": tensors[", i, "] has dtype ", t.scalar_type(), " but buffer has dtype ",
-        buffer.scalar_type(), "; a bucket holds one dtype.");
+        buffer.scalar_type(), "; a bucket holds one dtype (or float32 tensors in a BFloat16 or Half buffer).");
     TORCH_CHECK_VALUE(
         t.device() == buffer.device(),
         op, ": tensors[", i, "] is on ", t.device(), " but buffer is on ", buffer.device(), ".");
@@ -59,7 +65,8 @@ inline void pack_one_with_aten(const at::Tensor& tensor, int64_t offset, const a
 }
 
 inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, double divisor, const at::Tensor& tensor) {
-  const at::Tensor slot = slot_in_buffer(buffer, offset, tensor);
+  // A narrow wire is widened first, so that the division happens in the tensor's dtype (float32).
+  const at::Tensor slot = slot_in_buffer(buffer, offset, tensor).to(tensor.scalar_type());
   // const_cast: the schema declares these tensors mutable (Tensor(a!)[]). at::div, not a multiply:
   // it rounds exactly as `tensor / divisor` does on the same device.
   const_cast<at::Tensor&>(tensor).copy_(divisor == 1.0 ? slot : at::div(slot, divisor));

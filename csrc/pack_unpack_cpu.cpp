@@ -1,6 +1,7 @@
 // CPU kernels for pack_into / unpack_from: one call walks every tensor of a bucket. Contiguous
 // tensors are cut into chunks copied by raw loops across intra-op threads (no per-tensor
-// TensorIterator, which costs microseconds per tiny tensor); strided ones go through ATen's copy.
+// TensorIterator, which costs microseconds per tiny tensor); float32 tensors in a bfloat16/float16
+// buffer (comm_dtype) are converted by raw loops; strided ones go through ATen's copy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -53,6 +54,8 @@ struct BucketCopies {
   std::vector<CopyChunk> chunks;
   int64_t total_bytes = 0;
   std::vector<size_t> strided;
+  // Contiguous float32 tensors in a narrower buffer (comm_dtype): converted, not copied.
+  std::vector<size_t> casts;
 };
 
 enum class Direction { kIntoBuffer, kFromBuffer };
@@ -74,6 +77,10 @@ BucketCopies plan_copies(
       copies.strided.push_back(i);
       continue;
     }
+    if (t.scalar_type() != buffer.scalar_type()) {
+      copies.casts.push_back(i);
+      continue;
+    }
     const int64_t nbytes = t.numel() * element_size;
     char* slot = base + offsets[i] * element_size;
     char* data = static_cast<char*>(t.data_ptr());
@@ -91,10 +98,57 @@ void copy_chunk(const CopyChunk& c) {
   std::memcpy(c.dst, c.src, c.nbytes);
 }
 
+// Elements per task when a cast is spread over intra-op threads.
+constexpr int64_t kCastGrain = 64 * 1024;
+
+// float32 -> the wire dtype, rounding to nearest even (as `tensor.to(dtype)` does).
+void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, const std::vector<size_t>& casts) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
+    scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
+    for (size_t i : casts) {
+      const float* src = tensors[i].const_data_ptr<float>();
+      scalar_t* dst = base + offsets[i];
+      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          dst[k] = static_cast<scalar_t>(src[k]);
+        }
+      });
+    }
+  });
+}
+
+// The wire dtype -> float32, then the division in float32 (as `slot.float() / divisor` does).
+void unpack_casts(
+    const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
+    const std::vector<size_t>& casts) {
+  const float d = static_cast<float>(divisor);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
+    const scalar_t* base = buffer.const_data_ptr<scalar_t>();
+    for (size_t i : casts) {
+      const scalar_t* src = base + offsets[i];
+      float* dst = tensors[i].mutable_data_ptr<float>();
+      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+        if (divisor == 1.0) {
+          for (int64_t k = begin; k < end; ++k) {
+            dst[k] = static_cast<float>(src[k]);
+          }
+        } else {
+          for (int64_t k = begin; k < end; ++k) {
+            dst[k] = static_cast<float>(src[k]) / d;
+          }
+        }
+      });
+    }
+  });
+}
+
 void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
   for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
+  if (!copies.casts.empty()) {
+    pack_casts(tensors, offsets, buffer, copies.casts);
+  }
   for (size_t i : copies.strided) {
     pack_one_with_aten(tensors[i], offsets[i], buffer);
   }
@@ -127,6 +181,9 @@ void unpack_from_cpu(
       for_each_chunk(
           copies.chunks, copies.total_bytes, [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
     });
+  }
+  if (!copies.casts.empty()) {
+    unpack_casts(buffer, offsets, divisor, tensors, copies.casts);
   }
   for (size_t i : copies.strided) {
     unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);

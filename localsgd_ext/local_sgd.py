@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 
 from . import _C
-from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb
+from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb, _check_comm_dtype
 from .buffers import BufferSync
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 
@@ -101,6 +101,10 @@ class LocalSGD:
             bucket of extra memory while flattening, none afterwards. A parameter re-pointed later
             (`model.to(...)`, `param.data = ...`) or replaced (`load_state_dict(assign=True)`) is
             detected at the next sync and the parameters are flattened again before averaging.
+        comm_dtype (`torch.dtype`, *optional*):
+            Keyword-only. `torch.bfloat16` or `torch.float16`: float32 parameters travel in that dtype
+            (half the bytes), cast inside the compiled pack and unpack; the sum is widened to float32
+            and divided there. Copy mode only. See `ParameterAverager` for the error bound.
         outer_optimizer (`None`, `"diloco"` or a callable, defaults to `None`):
             Keyword-only. DiLoCo's outer step: at each sync, the difference between the anchor (the
             parameters after the previous sync) and the parameters' average is a pseudo-gradient; the
@@ -129,6 +133,7 @@ class LocalSGD:
         bucket_cap_mb: float = 25,
         check_finite: bool = False,
         zero_copy: bool = False,
+        comm_dtype: Optional[torch.dtype] = None,
         outer_optimizer=None,
         outer_anchor_device: str = "device",
         sync_buffers: bool = False,
@@ -147,6 +152,7 @@ class LocalSGD:
         self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
         self.check_finite = _check_bool("check_finite", check_finite)
         self.zero_copy = _check_bool("zero_copy", zero_copy)
+        self.comm_dtype = _check_comm_dtype(comm_dtype, self.zero_copy)
         build_outer_optimizer = resolve_outer_optimizer(outer_optimizer)
         self.outer_anchor_device = check_anchor_device(outer_anchor_device)
         self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
@@ -247,6 +253,7 @@ class LocalSGD:
                 names=names,
                 check_finite=self.check_finite,
                 zero_copy=self.zero_copy,
+                comm_dtype=self.comm_dtype,
             )
             self._averager = averager
         if self.sync_buffers:

@@ -15,7 +15,8 @@ def pack_into(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: t
 
     Args:
         tensors (`Sequence[torch.Tensor]`):
-            Tensors of `buffer`'s dtype and device, any shape and strides.
+            Tensors of `buffer`'s dtype and device, any shape and strides; or float32 tensors with a
+            bfloat16/float16 buffer, cast rounding to nearest even.
         offsets (`Sequence[int]`):
             Element offset of each tensor in `buffer`; `offsets[i] + tensors[i].numel()` must fit.
         buffer (`torch.Tensor`):
@@ -40,7 +41,8 @@ def unpack_from(
         divisor (`float`):
             Finite and positive; 1 makes a plain copy.
         tensors (`Sequence[torch.Tensor]`):
-            Destinations, updated in place, of `buffer`'s dtype and device.
+            Destinations, updated in place, of `buffer`'s dtype and device; or float32 tensors with a
+            bfloat16/float16 buffer, widened and then divided in float32.
     """
     torch.ops.localsgd_ext.unpack_from.default(buffer, list(offsets), float(divisor), list(tensors))
 
@@ -62,8 +64,12 @@ def _check_arguments(op, tensors, offsets, buffer):
     for i, (t, offset) in enumerate(zip(tensors, offsets)):
         if t.layout != torch.strided:
             raise ValueError(f"{op}: tensors[{i}] must be strided (dense), got layout {t.layout}.")
-        if t.dtype != buffer.dtype:
-            raise TypeError(f"{op}: tensors[{i}] has dtype {t.dtype} but buffer has dtype {buffer.dtype}; a bucket holds one dtype.")
+        wire_cast = t.dtype == torch.float32 and buffer.dtype in (torch.bfloat16, torch.float16)
+        if t.dtype != buffer.dtype and not wire_cast:
+            raise TypeError(
+                f"{op}: tensors[{i}] has dtype {t.dtype} but buffer has dtype {buffer.dtype}; a bucket holds one dtype "
+                "(or float32 tensors in a BFloat16 or Half buffer)."
+            )
         if t.device != buffer.device:
             raise ValueError(f"{op}: tensors[{i}] is on {t.device} but buffer is on {buffer.device}.")
         if not 0 <= offset <= buffer.numel() - t.numel():

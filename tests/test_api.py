@@ -133,6 +133,18 @@ LOCAL_SGD_BAD_ARGUMENTS = [
     ("model not a module", dict(model=[torch.nn.Parameter(torch.zeros(2))]), TypeError, "model must be a torch.nn.Module, got list"),
     ("bucket cap", dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite number, got 0"),
     ("check_finite", dict(check_finite="no"), TypeError, "check_finite must be a bool, got 'no'"),
+    ("zero_copy", dict(zero_copy=1), TypeError, "zero_copy must be a bool, got 1"),
+    ("sync_buffers", dict(sync_buffers=None), TypeError, "sync_buffers must be a bool, got None"),
+    ("warmup negative", dict(warmup_steps=-1), ValueError, "warmup_steps must be an int >= 0, got -1"),
+    ("warmup float", dict(warmup_steps=2.5), TypeError, r"warmup_steps must be an int >= 0, got 2.5 \(float\)"),
+    ("outer unknown name", dict(outer_optimizer="adam"), ValueError, "outer_optimizer must be None, \"diloco\" or a callable, got 'adam'"),
+    ("outer an optimizer instance", dict(outer_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)),
+     TypeError, "outer_optimizer must be None, \"diloco\", or a callable that builds an optimizer"),
+    ("anchor device", dict(outer_optimizer="diloco", outer_anchor_device="gpu"), ValueError,
+     r"outer_anchor_device must be one of \('device', 'cpu'\), got 'gpu'"),
+    ("comm_dtype not floating", dict(comm_dtype=torch.int8), ValueError, "comm_dtype must be None, torch.bfloat16 or torch.float16, got torch.int8"),
+    ("comm_dtype with zero_copy", dict(comm_dtype=torch.bfloat16, zero_copy=True), ValueError,
+     "comm_dtype needs copy mode"),
 ]
 
 

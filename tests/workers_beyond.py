@@ -154,3 +154,40 @@ def checkpointed_training(mode, directory):
                 os.kill(os.getpid(), signal.SIGKILL)
     return {"params": snapshot(model.parameters()), "num_steps": local_sgd.num_steps, "sync_count": local_sgd.sync_count,
             "started_at": start}
+
+
+def comm_dtype_average(comm_dtype_name):
+    """Averages fp32 tensors (one of them strided) and a bf16 one with comm_dtype; returns this rank's
+    inputs and the results."""
+    from localsgd_ext import ParameterAverager
+
+    dist.init_process_group("gloo", timeout=group_timeout())
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(10 + rank)
+    tensors = [
+        torch.randn(1000, generator=gen) * 100,
+        torch.randn(37, 5, generator=gen) * 1e-3,
+        torch.randn(6, 8, generator=gen).t(),  # strided: the ATen path
+        torch.randn(50, generator=gen).to(torch.bfloat16),
+    ]
+    inputs = snapshot(tensors)
+    averager = ParameterAverager(tensors, bucket_cap_mb=0.002, comm_dtype=getattr(torch, comm_dtype_name))
+    averager.average()
+    result = {
+        "inputs": inputs,
+        "outputs": snapshot(tensors),
+        "dtypes": [t.dtype for t in tensors],
+        "wire_element_sizes": sorted({b["element_size"] for b in averager.buckets}),
+        "staging_bytes": averager.staging_bytes,
+    }
+    dist.destroy_process_group()
+    return result
+
+
+def comm_dtype_training():
+    """The regression run with a bf16 wire: converges like the fp32 one, ranks identical."""
+    accelerator = _accelerator()
+    return {
+        "fp32": _regression_run(accelerator, 40, {}),
+        "bf16": _regression_run(accelerator, 40, {"comm_dtype": torch.bfloat16}),
+    }

@@ -20,8 +20,11 @@ namespace {
 
 using cuda::TensorSlot;
 
-bool kernel_can_take(const at::Tensor& t) {
-  return t.is_contiguous() && cuda::packable_element_size(t.element_size());
+// Casts (float32 tensors on a bfloat16/float16 wire) go through ATen, one tensor at a time: the fused
+// kernels copy bits of one dtype.
+bool kernel_can_take(const at::Tensor& t, const at::Tensor& buffer) {
+  return t.scalar_type() == buffer.scalar_type() && t.is_contiguous() &&
+      cuda::packable_element_size(t.element_size());
 }
 
 // The kernel's work list, on the device. One launch covers any number of tensors because the list
@@ -49,7 +52,7 @@ DeviceWorkList list_work(
     if (t.numel() == 0) {
       continue;
     }
-    if (!kernel_can_take(t)) {
+    if (!kernel_can_take(t, buffer)) {
       copy_with_aten(i);
       continue;
     }
