@@ -75,6 +75,12 @@ def training_function(config, args):
 
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     accelerator.print(f"parameter checksum {checksum:.12e}")
+    # Unlike Accelerate's example: release what holds the process group (the DDP-wrapped model) before
+    # end_training() destroys it. A group still referenced at exit makes gloo's threads abort now and
+    # then ("terminate called without an active exception"), whichever LocalSGD ran.
+    del local_sgd
+    accelerator.free_memory(model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    del model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     accelerator.end_training()
 
 
