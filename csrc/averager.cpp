@@ -61,10 +61,6 @@ BucketedAverager::BucketedAverager(
       buffers_in_flight_ >= 1 && buffers_in_flight_ <= kMaxBuffersInFlight,
       "buffers_in_flight must be between 1 and ", kMaxBuffersInFlight, ", got ", buffers_in_flight_, ".");
   build_plan();
-  if (zero_copy_) {
-    check_no_shared_memory();
-    flatten();
-  }
 }
 
 void BucketedAverager::check_tensors() const {
@@ -126,6 +122,10 @@ void BucketedAverager::build_plan() {
   staging_.assign(zero_copy_ ? 0 : buffers_in_flight_, std::vector<at::Tensor>(devices_.size()));
   staging_released_.clear();
   staging_released_.resize(devices_.size());
+  if (zero_copy_) {
+    check_no_shared_memory();
+    flatten();
+  }
 }
 
 void BucketedAverager::check_no_shared_memory() const {
@@ -203,16 +203,8 @@ bool BucketedAverager::flat_layout_broken() const {
 }
 
 void BucketedAverager::refresh_plan() {
-  if (!zero_copy_) {
-    if (plan_is_stale()) {
-      build_plan();
-    }
-    return;
-  }
-  if (flat_layout_broken()) {
+  if (zero_copy_ ? flat_layout_broken() : plan_is_stale()) {
     build_plan();
-    check_no_shared_memory();
-    flatten();
   }
 }
 

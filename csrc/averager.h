@@ -65,7 +65,6 @@ class BucketedAverager {
   const std::vector<at::Tensor>& tensors() const { return tensors_; }
   // Bytes of staging buffers allocated so far (they are allocated at the first average()).
   int64_t staging_bytes() const;
-  bool zero_copy() const { return zero_copy_; }
   // Zero-copy mode: bytes of the flat buffers the tensors live in (0 in copy mode).
   int64_t flat_bytes() const;
 
@@ -77,6 +76,7 @@ class BucketedAverager {
 
   // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating.
   void check_tensors() const;
+  // In zero-copy mode also moves the tensors into fresh flat buffers.
   void build_plan();
   // Zero-copy: refuses tensors that share memory (flattening would untie them).
   void check_no_shared_memory() const;
@@ -84,7 +84,7 @@ class BucketedAverager {
   void flatten();
   // Zero-copy: true when some tensor is no longer the view flatten() made of it (re-pointed).
   bool flat_layout_broken() const;
-  // Re-plans (and in zero-copy mode re-flattens) when the tensors changed since the plan.
+  // Re-plans (so, in zero-copy mode, re-flattens) when the tensors changed since the plan.
   void refresh_plan();
   // Starts the MAX all_reduce of [fingerprint, -fingerprint, non-finite flag] into `status`.
   c10::intrusive_ptr<c10d::Work> start_agreement_check(

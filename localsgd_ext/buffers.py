@@ -16,7 +16,6 @@ class BufferSync:
     def __init__(self, named_buffers: List[tuple], bucket_cap_mb: float):
         floating = [(name, b) for name, b in named_buffers if b.is_floating_point()]
         self.integer = [b for _, b in named_buffers if not b.is_floating_point()]
-        self.buffers = [b for _, b in named_buffers]
         self.averager = (
             ParameterAverager([b for _, b in floating], bucket_cap_mb=bucket_cap_mb, names=[n for n, _ in floating])
             if floating

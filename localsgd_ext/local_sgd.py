@@ -35,26 +35,19 @@ _SUPPORTED_DISTRIBUTED_TYPES = tuple(
 )
 
 
+def _check_int_at_least(name: str, value, minimum: int, type_note: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}{type_note}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
 def _check_local_sgd_steps(local_sgd_steps, enabled):
     # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
     if local_sgd_steps is None and not enabled:
         return None
-    if isinstance(local_sgd_steps, bool) or not isinstance(local_sgd_steps, numbers.Integral):
-        raise TypeError(
-            f"local_sgd_steps must be an int >= 1 (None only with enabled=False), got {local_sgd_steps!r} "
-            f"({type(local_sgd_steps).__name__})"
-        )
-    if local_sgd_steps < 1:
-        raise ValueError(f"local_sgd_steps must be an int >= 1, got {local_sgd_steps}")
-    return int(local_sgd_steps)
-
-
-def _check_warmup_steps(warmup_steps) -> int:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral):
-        raise TypeError(f"warmup_steps must be an int >= 0, got {warmup_steps!r} ({type(warmup_steps).__name__})")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps}")
-    return int(warmup_steps)
+    return _check_int_at_least("local_sgd_steps", local_sgd_steps, 1, " (None only with enabled=False)")
 
 
 class LocalSGD:
@@ -157,7 +150,7 @@ class LocalSGD:
         self.outer_anchor_device = check_anchor_device(outer_anchor_device)
         self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
         self.sync_buffers = _check_bool("sync_buffers", sync_buffers)
-        self.warmup_steps = _check_warmup_steps(warmup_steps)
+        self.warmup_steps = _check_int_at_least("warmup_steps", warmup_steps, 0)
         self._buffer_sync: Optional[BufferSync] = None
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None

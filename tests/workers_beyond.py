@@ -71,14 +71,28 @@ def _regression_data(rank, n=64):
     return x, x @ true_w + 0.01 * torch.randn(n, 1, generator=local)
 
 
-def _regression_run(accelerator, steps, local_sgd_kwargs, local_sgd_steps=4, lr=0.05):
-    """A seeded linear regression under LocalSGD; returns the final parameters and the loss over all
-    ranks' data before and after."""
+def _regression_setup(accelerator):
+    """The same seeded model on every rank, plain SGD (no per-rank optimizer state), this rank's data."""
     set_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer = accelerator.prepare(model, optimizer)
-    x, y = _regression_data(dist.get_rank())
+    return model, optimizer, *_regression_data(dist.get_rank())
+
+
+def _regression_step(accelerator, model, optimizer, local_sgd, x, y, step):
+    batch = slice((step * 8) % 64, (step * 8) % 64 + 8)
+    loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    local_sgd.step()
+
+
+def _regression_run(accelerator, steps, local_sgd_kwargs, local_sgd_steps=4):
+    """A seeded linear regression under LocalSGD; returns the final parameters and the loss over all
+    ranks' data before and after."""
+    model, optimizer, x, y = _regression_setup(accelerator)
 
     def global_loss():
         with torch.no_grad():
@@ -89,12 +103,7 @@ def _regression_run(accelerator, steps, local_sgd_kwargs, local_sgd_steps=4, lr=
     first = global_loss()
     with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, **local_sgd_kwargs) as local_sgd:
         for step in range(steps):
-            batch = slice((step * 8) % 64, (step * 8) % 64 + 8)
-            loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            local_sgd.step()
+            _regression_step(accelerator, model, optimizer, local_sgd, x, y, step)
     return {"params": snapshot(model.parameters()), "first_loss": first, "last_loss": global_loss()}
 
 
@@ -128,11 +137,7 @@ def checkpointed_training(mode, directory):
     """mode "full": all steps. "save_and_die": saves after CHECKPOINT_AT steps, then the process kills
     itself (SIGKILL, no cleanup). "resume": loads that state and runs the remaining steps."""
     accelerator = _accelerator()
-    set_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    x, y = _regression_data(dist.get_rank())
+    model, optimizer, x, y = _regression_setup(accelerator)
     local_sgd = LocalSGD(accelerator=accelerator, model=model, **CHECKPOINT_OPTIONS)
     accelerator.register_for_checkpointing(local_sgd)
     start = 0
@@ -141,12 +146,7 @@ def checkpointed_training(mode, directory):
         start = local_sgd.num_steps
     with local_sgd:
         for step in range(start, CHECKPOINT_STEPS):
-            batch = slice((step * 8) % 64, (step * 8) % 64 + 8)
-            loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            local_sgd.step()
+            _regression_step(accelerator, model, optimizer, local_sgd, x, y, step)
             if mode == "save_and_die" and step + 1 == CHECKPOINT_AT:
                 assert local_sgd.last_step_synced
                 accelerator.save_state(directory)
