@@ -2,22 +2,31 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <utility>
+
+#include "fingerprint.h"
+#include "interruptible_wait.h"
 
 namespace localsgd_ext {
 namespace {
 
-using PackFn = void(at::TensorList, at::IntArrayRef, const at::Tensor&);
+using PackFn = void(at::TensorList, at::IntArrayRef, const at::Tensor&, double);
 using UnpackFn = void(const at::Tensor&, at::IntArrayRef, double, at::TensorList);
 
 const c10::TypedOperatorHandle<PackFn>& pack_op() {
@@ -36,6 +45,27 @@ c10::Stream current_stream(const c10::Device& device) {
   return c10::impl::VirtualGuardImpl(device.type()).getStream(device);
 }
 
+// The furthest element a tensor can reach through its strides, in elements past its storage offset.
+int64_t last_reachable_element(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * std::abs(t.stride(d));
+  }
+  return last;
+}
+
+// fp16 holds magnitudes up to 65504. A power-of-two scale that brings the group's largest |value|
+// times the group size to at most 2^15 keeps every partial sum finite, and lifts small values out of
+// fp16's subnormal range. Powers of two scale without rounding, so wherever the unscaled values were
+// in fp16's normal range, the result has the same bits as without scaling.
+double narrow_wire_scale(double amax, int64_t world_size) {
+  if (!(amax > 0) || !std::isfinite(amax)) {
+    return 1.0;
+  }
+  const int exponent = std::ilogb(32768.0 / (amax * static_cast<double>(world_size)));
+  return std::ldexp(1.0, std::clamp(exponent, -100, 100));
+}
+
 } // namespace
 
 BucketedAverager::BucketedAverager(
@@ -43,12 +73,18 @@ BucketedAverager::BucketedAverager(
     int64_t bucket_cap_bytes,
     int64_t buffers_in_flight,
     bool zero_copy,
-    std::optional<c10::ScalarType> comm_dtype)
+    std::optional<c10::ScalarType> comm_dtype,
+    std::vector<std::string> names)
     : tensors_(std::move(tensors)),
       bucket_cap_bytes_(bucket_cap_bytes),
       buffers_in_flight_(buffers_in_flight),
       zero_copy_(zero_copy),
-      comm_dtype_(comm_dtype) {
+      comm_dtype_(comm_dtype),
+      names_(std::move(names)) {
+  TORCH_CHECK_VALUE(
+      names_.empty() || names_.size() == tensors_.size(),
+      "names must be empty or have one entry per tensor, got ", names_.size(), " names for ", tensors_.size(),
+      " tensors.");
   TORCH_CHECK_VALUE(
       !comm_dtype_ || *comm_dtype_ == at::kBFloat16 || *comm_dtype_ == at::kHalf,
       "comm_dtype must be BFloat16 or Half, got ", *comm_dtype_, ".");
@@ -76,12 +112,40 @@ void BucketedAverager::check_tensors() const {
     TORCH_CHECK_TYPE(
         at::isFloatingType(t.scalar_type()),
         "tensors[", i, "] must have a floating-point dtype to be averaged, got ", t.scalar_type(), ".");
+    TORCH_CHECK_VALUE(
+        at::has_internal_overlap(t) != at::MemOverlap::Yes,
+        label(i), " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
+        ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
+        "Give it memory of its own (e.g. .contiguous()).");
+  }
+}
+
+std::string BucketedAverager::label(size_t index) const {
+  std::string text = "tensors[" + std::to_string(index) + "]";
+  return names_.empty() ? text : text + " ('" + names_[index] + "')";
+}
+
+void BucketedAverager::check_storage() const {
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const at::Tensor& t = tensors_[i];
+    if (t.numel() == 0) {
+      continue;
+    }
+    const int64_t needed =
+        (t.storage_offset() + last_reachable_element(t) + 1) * static_cast<int64_t>(t.element_size());
+    const int64_t held = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
+    TORCH_CHECK_VALUE(
+        held >= needed,
+        label(i), " needs ", needed, " bytes of storage but its storage holds ", held,
+        ": its memory was freed or shrunk (e.g. by untyped_storage().resize_(0), as FSDP does to sharded "
+        "parameters). Restore it before averaging.");
   }
 }
 
 void BucketedAverager::build_plan() {
   // Checked at every (re)plan: a tensor re-pointed since (`param.data = ...`) may no longer qualify.
   check_tensors();
+  check_storage();
   planned_inputs_.clear();
   group_dtypes_.clear();
   group_wire_dtypes_.clear();
@@ -142,10 +206,7 @@ void BucketedAverager::check_no_shared_memory() const {
       continue;
     }
     // The furthest element reachable through the strides bounds what the tensor can touch.
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      last += (t.size(d) - 1) * std::abs(t.stride(d));
-    }
+    const int64_t last = last_reachable_element(t);
     const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.element_size());
     extents.push_back(
         {t.storage().unsafeGetStorageImpl(), begin, begin + (last + 1) * static_cast<int64_t>(t.element_size()), i});
@@ -175,7 +236,7 @@ void BucketedAverager::flatten() {
     const c10::Device device = devices_[group_device_index_[static_cast<size_t>(bucket.group)]];
     // Zeroed: the padding between tensors is never written, so it averages zeros forever.
     at::Tensor flat = at::zeros({bucket.numel}, at::TensorOptions().dtype(dtype).device(device));
-    pack_op().call(members.tensors, members.offsets, flat);
+    pack_op().call(members.tensors, members.offsets, flat, 1.0);
     // Rebinding frees each old storage as soon as nothing else holds it, so the peak is about one
     // bucket above the model, not two models.
     for (size_t k = 0; k < members.tensors.size(); ++k) {
@@ -224,43 +285,135 @@ void BucketedAverager::bump_versions(const std::vector<at::Tensor>& tensors) con
   }
 }
 
-c10::intrusive_ptr<c10d::Work> BucketedAverager::start_agreement_check(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    c10::Device status_device,
-    bool check_finite,
-    at::Tensor& status) {
-  const int64_t fingerprint = layout_fingerprint();
-  const int64_t any_nonfinite = check_finite && first_nonfinite() >= 0 ? 1 : 0;
-  status = at::empty({3}, at::TensorOptions().dtype(at::kLong));
-  int64_t* values = status.data_ptr<int64_t>();
-  values[0] = fingerprint;
-  values[1] = -fingerprint;
-  values[2] = any_nonfinite;
-  if (!status_device.is_cpu()) {
-    status = status.to(status_device);
+
+int64_t BucketedAverager::fingerprint(bool use_avg_op, int64_t extra_fingerprint) const {
+  Fnv1a hash;
+  mix_layout(hash, tensors_);
+  hash.mix(zero_copy_ ? 1 : 0);
+  hash.mix(comm_dtype_ ? static_cast<uint64_t>(*comm_dtype_) + 1 : 0);
+  hash.mix(use_avg_op ? 1 : 0);
+  // The plan decides the size of every message: ranks with other bucket caps must not meet on the wire.
+  hash.mix(buckets_.size());
+  for (const Bucket& bucket : buckets_) {
+    hash.mix(static_cast<uint64_t>(bucket.numel));
+    hash.mix(static_cast<uint64_t>(group_wire_dtypes_[static_cast<size_t>(bucket.group)]));
+    hash.mix(bucket.tensor_indices.size());
+    for (size_t k = 0; k < bucket.tensor_indices.size(); ++k) {
+      hash.mix(static_cast<uint64_t>(bucket.tensor_indices[k]));
+      hash.mix(static_cast<uint64_t>(bucket.offsets[k]));
+    }
   }
-  c10d::AllreduceOptions options;
-  options.reduceOp = c10d::ReduceOp::MAX;
-  std::vector<at::Tensor> wire{status};
-  return group->allreduce(wire, options);
+  hash.mix(static_cast<uint64_t>(extra_fingerprint));
+  return hash.digest();
 }
 
-bool BucketedAverager::agreement_holds(c10d::Work& work, const at::Tensor& status) {
-  work.wait();
-  // Every rank reads the same reduced values, so every rank takes the same branch.
-  const at::Tensor values = status.is_cpu() ? status : status.to(at::kCPU);
-  const int64_t* v = values.data_ptr<int64_t>();
-  return v[0] == -v[1] && v[2] == 0;
+std::string BucketedAverager::local_error() const {
+  if (!local_error_) {
+    return "";
+  }
+  try {
+    std::rethrow_exception(local_error_);
+  } catch (const c10::Error& error) {
+    return error.what_without_backtrace();
+  } catch (const std::exception& error) {
+    return error.what();
+  }
+}
+
+void BucketedAverager::rethrow_local_error() const {
+  if (local_error_) {
+    std::rethrow_exception(local_error_);
+  }
+}
+
+void BucketedAverager::refuse_after_abandoned_sync() const {
+  TORCH_CHECK(
+      !sync_abandoned_,
+      "a previous average() was interrupted (KeyboardInterrupt, or a collective that failed) while its "
+      "collectives were in flight: the tensors may be partly averaged and the other ranks were left waiting. "
+      "This averager cannot be used again; restart the group and resume from a checkpoint.");
+}
+
+void BucketedAverager::allocate_staging() {
+  // The slots average() will take, in its order (round-robin over non-empty buckets), allocated now so
+  // that a failed allocation stops this rank before anything is on the wire.
+  size_t slot = 0;
+  for (const Bucket& bucket : buckets_) {
+    if (bucket.numel > 0 && !zero_copy_) {
+      staging_view(slot, bucket);
+      slot = (slot + 1) % static_cast<size_t>(buffers_in_flight_);
+    }
+  }
+}
+
+bool BucketedAverager::bucket_is_scaled(const Bucket& bucket) const {
+  const size_t group = static_cast<size_t>(bucket.group);
+  return group_wire_dtypes_[group] == at::kHalf && group_dtypes_[group] == at::kFloat;
+}
+
+double BucketedAverager::narrow_wire_amax() const {
+  // Indexed like devices_.
+  std::vector<std::vector<at::Tensor>> by_device(devices_.size());
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    if (!bucket_is_scaled(buckets_[b])) {
+      continue;
+    }
+    for (const at::Tensor& t : bucket_tensors_[b].tensors) {
+      if (t.numel() > 0) {
+        by_device[group_device_index_[static_cast<size_t>(buckets_[b].group)]].push_back(t);
+      }
+    }
+  }
+  double amax = 0;
+  for (const std::vector<at::Tensor>& tensors : by_device) {
+    if (tensors.empty()) {
+      continue;
+    }
+    // One host sync per device, not per tensor. NaN propagates through the max.
+    const std::vector<at::Tensor> norms = at::_foreach_norm(tensors, std::numeric_limits<double>::infinity());
+    const double device_amax = at::max(at::stack(norms)).item<double>();
+    amax = std::isnan(device_amax) || std::isnan(amax) ? device_amax + amax : std::max(amax, device_amax);
+  }
+  return amax;
+}
+
+AgreementInput BucketedAverager::prepare(
+    bool use_avg_op,
+    bool check_finite,
+    int64_t extra_fingerprint,
+    bool for_average) {
+  local_error_ = nullptr;
+  AgreementInput mine;
+  try {
+    check_storage();
+    refresh_plan();
+    if (for_average) {
+      allocate_staging();
+      mine.narrow_wire_amax = narrow_wire_amax();
+    }
+    mine.nonfinite = check_finite && first_nonfinite() >= 0;
+    mine.fingerprint = fingerprint(use_avg_op, extra_fingerprint);
+  } catch (const std::exception&) {
+    local_error_ = std::current_exception();
+    mine.local_error = true;
+  }
+  return mine;
 }
 
 bool BucketedAverager::ranks_agree(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    bool use_avg_op,
     c10::Device status_device,
-    bool check_finite) {
+    bool check_finite,
+    int64_t extra_fingerprint) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
-  at::Tensor status;
-  auto work = start_agreement_check(group, status_device, check_finite, status);
-  return agreement_holds(*work, status);
+  refuse_after_abandoned_sync();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // zero-copy re-flattening rebinds parameters
+  const AgreementInput mine = prepare(use_avg_op, check_finite, extra_fingerprint, /*for_average=*/false);
+  sync_abandoned_ = true;
+  const bool holds = AgreementCheck(group, status_device, mine).finish().holds();
+  sync_abandoned_ = false;
+  return holds;
 }
 
 void BucketedAverager::wait_for_previous_average() {
@@ -283,28 +436,6 @@ void BucketedAverager::mark_staging_released() {
   }
 }
 
-int64_t BucketedAverager::layout_fingerprint() const {
-  // FNV-1a over (count, then dtype, rank and sizes of each tensor).
-  uint64_t hash = 1469598103934665603ULL;
-  const auto mix = [&hash](uint64_t value) {
-    for (int byte = 0; byte < 8; ++byte) {
-      hash ^= (value >> (8 * byte)) & 0xFF;
-      hash *= 1099511628211ULL;
-    }
-  };
-  mix(tensors_.size());
-  // Ranks with different wire dtypes would send buckets of different sizes.
-  mix(comm_dtype_ ? static_cast<uint64_t>(*comm_dtype_) + 1 : 0);
-  for (const at::Tensor& t : tensors_) {
-    mix(static_cast<uint64_t>(t.scalar_type()));
-    mix(static_cast<uint64_t>(t.dim()));
-    for (int64_t size : t.sizes()) {
-      mix(static_cast<uint64_t>(size));
-    }
-  }
-  // 62 bits: the value and its negation both fit in int64, so one MAX all_reduce gives max and min.
-  return static_cast<int64_t>(hash >> 2);
-}
 
 int64_t BucketedAverager::first_nonfinite() const {
   for (size_t i = 0; i < tensors_.size(); ++i) {
@@ -356,20 +487,21 @@ int64_t BucketedAverager::staging_bytes() const {
   return total;
 }
 
+
 void BucketedAverager::average_zero_copy(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op) {
   c10d::AllreduceOptions options;
   options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
   // Nothing to overlap: every flat buffer goes on the wire at once, in place.
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::vector<std::pair<c10::intrusive_ptr<c10d::Work>, bool>> works;
   works.reserve(flat_buffers_.size());
   for (const at::Tensor& flat : flat_buffers_) {
     if (flat.numel() > 0) {
       std::vector<at::Tensor> wire{flat};
-      works.push_back(group->allreduce(wire, options));
+      works.emplace_back(group->allreduce(wire, options), flat.is_cpu());
     }
   }
-  for (const auto& work : works) {
-    work->wait();
+  for (const auto& [work, on_host] : works) {
+    wait_interruptibly(*work, on_host);
   }
   if (!use_avg_op) {
     for (at::Tensor& flat : flat_buffers_) {
@@ -381,29 +513,11 @@ void BucketedAverager::average_zero_copy(const c10::intrusive_ptr<c10d::ProcessG
   }
 }
 
-bool BucketedAverager::average(
+bool BucketedAverager::average_copy_mode(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     bool use_avg_op,
-    c10::Device status_device,
-    bool check_finite) {
-  TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
-  wait_for_previous_average();
-  refresh_plan();
-  // Parameters are leaves that require grad; the copies must bypass autograd like an optimizer's
-  // torch.no_grad() update does. Their version counters are bumped by hand.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
-  at::Tensor status;
-  auto check = start_agreement_check(group, status_device, check_finite, status);
-  if (zero_copy_) {
-    if (!agreement_holds(*check, status)) {
-      return false;
-    }
-    average_zero_copy(group, use_avg_op);
-    mark_staging_released();
-    return true;
-  }
-
+    std::optional<AgreementCheck>& check,
+    double narrow_wire_scale) {
   const double divisor = use_avg_op ? 1.0 : static_cast<double>(group->getSize());
   c10d::AllreduceOptions options;
   options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
@@ -417,14 +531,14 @@ bool BucketedAverager::average(
   const auto finish_oldest = [&] {
     InFlight done = std::move(in_flight.front());
     in_flight.pop_front();
-    done.work->wait();
+    wait_interruptibly(*done.work, done.buffer.is_cpu());
     const BucketTensors& members = bucket_tensors_[done.bucket];
-    unpack_op().call(done.buffer, members.offsets, divisor, members.tensors);
+    const double scale = bucket_is_scaled(buckets_[done.bucket]) ? narrow_wire_scale : 1.0;
+    unpack_op().call(done.buffer, members.offsets, divisor * scale, members.tensors);
     bump_versions(members.tensors);
   };
 
   size_t next_slot = 0;
-  bool checked = false;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     if (buckets_[b].numel == 0) {
       continue;
@@ -436,25 +550,79 @@ bool BucketedAverager::average(
     at::Tensor buffer = staging_view(next_slot, buckets_[b]);
     next_slot = (next_slot + 1) % static_cast<size_t>(buffers_in_flight_);
     const BucketTensors& members = bucket_tensors_[b];
-    pack_op().call(members.tensors, members.offsets, buffer);
+    pack_op().call(members.tensors, members.offsets, buffer, bucket_is_scaled(buckets_[b]) ? narrow_wire_scale : 1.0);
     // The first pack overlaps the agreement check; nothing is sent before it passed.
-    if (!checked) {
-      checked = true;
-      if (!agreement_holds(*check, status)) {
-        return false;
-      }
+    if (check && !check->finish().holds()) {
+      return false;
     }
+    check.reset();
     std::vector<at::Tensor> wire{buffer};
     in_flight.push_back({b, buffer, group->allreduce(wire, options)});
   }
-  if (!checked && !agreement_holds(*check, status)) {
+  // Still pending when no bucket had elements.
+  if (check && !check->finish().holds()) {
     return false;
   }
   while (!in_flight.empty()) {
     finish_oldest();
   }
-  mark_staging_released();
   return true;
+}
+
+bool BucketedAverager::average(
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    bool use_avg_op,
+    c10::Device status_device,
+    bool check_finite,
+    int64_t extra_fingerprint,
+    bool run_check) {
+  TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
+  TORCH_CHECK_VALUE(
+      !(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype: the division must happen in float32.");
+  TORCH_CHECK_VALUE(
+      run_check || comm_dtype_ != at::kHalf, "run_check=false cannot be combined with an fp16 wire, whose scale the check agrees on.");
+  refuse_after_abandoned_sync();
+  wait_for_previous_average();
+  // Parameters are leaves that require grad; the copies must bypass autograd like an optimizer's
+  // torch.no_grad() update does. Their version counters are bumped by hand.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  const AgreementInput mine = prepare(use_avg_op, check_finite, extra_fingerprint, /*for_average=*/true);
+  if (!run_check) {
+    rethrow_local_error();
+  }
+  // Until this sync ends normally, an exception leaves collectives behind (see refuse_after_abandoned_sync).
+  sync_abandoned_ = true;
+  std::optional<AgreementCheck> check;
+  double scale = 1.0;
+  if (run_check) {
+    check.emplace(group, status_device, mine);
+    // A rank that failed to prepare packs nothing (its plan may be stale); the fp16 scale must be the
+    // same on every rank before the first fp16 bucket is packed.
+    if (mine.local_error || comm_dtype_ == at::kHalf) {
+      const AgreementOutcome outcome = check->finish();
+      check.reset();
+      if (!outcome.holds()) {
+        sync_abandoned_ = false;
+        return false;
+      }
+      scale = narrow_wire_scale(outcome.narrow_wire_amax, group->getSize());
+    }
+  }
+  bool averaged;
+  if (zero_copy_) {
+    averaged = !check || check->finish().holds();
+    if (averaged) {
+      average_zero_copy(group, use_avg_op);
+    }
+  } else {
+    averaged = average_copy_mode(group, use_avg_op, check, scale);
+  }
+  sync_abandoned_ = false;
+  if (averaged) {
+    mark_staging_released();
+  }
+  return averaged;
 }
 
 } // namespace localsgd_ext

@@ -6,10 +6,13 @@
 #include <c10/core/Event.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <exception>
 #include <memory>
+#include <string>
 #include <optional>
 #include <vector>
 
+#include "agreement.h"
 #include "bucket_plan.h"
 
 namespace localsgd_ext {
@@ -33,13 +36,18 @@ class BucketedAverager {
       int64_t bucket_cap_bytes,
       int64_t buffers_in_flight,
       bool zero_copy,
-      std::optional<c10::ScalarType> comm_dtype = std::nullopt);
+      std::optional<c10::ScalarType> comm_dtype = std::nullopt,
+      std::vector<std::string> names = {});
 
   // Replaces every tensor by its mean across `group`, in place, after checking with one small
-  // all_reduce (on `status_device`) that every rank holds the same layout and, with `check_finite`,
-  // only finite values. Returns false, having averaged nothing, when the ranks disagree: every rank
-  // then returns false, and the caller explains. With `use_avg_op` the backend's AVG divides;
-  // otherwise the all_reduce is a SUM and the division by the group size is fused into the unpack.
+  // all_reduce (on `status_device`, see agreement.h) that every rank holds the same layout, plan and
+  // settings (`extra_fingerprint`: the caller's, e.g. its sync cadence) and, with `check_finite`, only
+  // finite values, and that no rank failed to prepare (`local_error()`). Returns false, having
+  // averaged nothing anywhere, when any of that fails: every rank then returns false, and the caller
+  // explains. With `use_avg_op` the backend's AVG divides; otherwise the all_reduce is a SUM and the
+  // division by the group size is fused into the unpack. `run_check` false skips the check, for a
+  // caller that has just checked these tensors' layout within its own check (a local failure then
+  // throws at once); it cannot be combined with an fp16 wire, whose scale the check agrees on.
   // Copy mode: bucket 0 is packed while the check is on the wire, and bucket i+1 while bucket i is.
   // Zero-copy mode: one in-place all_reduce per flat buffer; tensors re-pointed since the last sync
   // (`param.data = ...`, `module.to(...)`) are first moved into fresh flat buffers.
@@ -50,14 +58,25 @@ class BucketedAverager {
       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
       bool use_avg_op,
       c10::Device status_device,
-      bool check_finite);
+      bool check_finite,
+      int64_t extra_fingerprint = 0,
+      bool run_check = true);
 
   // Only the check average() starts with. A collective: every rank must call it.
-  bool ranks_agree(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device, bool check_finite);
+  bool ranks_agree(
+      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+      bool use_avg_op,
+      c10::Device status_device,
+      bool check_finite,
+      int64_t extra_fingerprint = 0);
 
-  // A 62-bit digest of the tensors as they are now: their count, and each one's dtype and shape. Ranks
-  // compare it (one small all_reduce) before averaging, so that mismatched models raise, not hang.
-  int64_t layout_fingerprint() const;
+  // A 62-bit digest of everything that decides what this rank would send: the tensors' count, dtypes
+  // and shapes, the bucket plan (sizes, offsets, wire dtypes), zero_copy, the reduce op, and the
+  // caller's `extra_fingerprint`.
+  int64_t fingerprint(bool use_avg_op, int64_t extra_fingerprint) const;
+  // Why this rank could not take part in the last check ("" when it could), and that error rethrown.
+  std::string local_error() const;
+  void rethrow_local_error() const;
   // The index of the first tensor holding a NaN or an infinity, or -1 when all are finite.
   int64_t first_nonfinite() const;
 
@@ -74,8 +93,24 @@ class BucketedAverager {
     std::vector<int64_t> offsets;
   };
 
-  // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating.
+  // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating,
+  // or with elements that share memory (an expanded view).
   void check_tensors() const;
+  // Refuses tensors whose storage no longer holds their elements (freed, e.g. resize_(0)): run before
+  // anything reads or writes them, at every sync.
+  void check_storage() const;
+  std::string label(size_t index) const;
+  // Everything a sync does locally before anything is sent: re-plan, check storage, allocate staging,
+  // scan for NaN/Inf and the fp16 range. A failure is kept in local_error_ and flagged in the check,
+  // so that every rank stops before any bucket is on the wire.
+  AgreementInput prepare(bool use_avg_op, bool check_finite, int64_t extra_fingerprint, bool for_average);
+  void allocate_staging();
+  // The largest |value| among the float32 tensors that travel as fp16 (0 when there are none).
+  double narrow_wire_amax() const;
+  bool bucket_is_scaled(const Bucket& bucket) const;
+  // A sync that threw with buckets on the wire (Ctrl-C, a failed collective) leaves them to finish
+  // in the background; the engine refuses to be used again.
+  void refuse_after_abandoned_sync() const;
   // In zero-copy mode also moves the tensors into fresh flat buffers.
   void build_plan();
   // Zero-copy: refuses tensors that share memory (flattening would untie them).
@@ -86,12 +121,11 @@ class BucketedAverager {
   bool flat_layout_broken() const;
   // Re-plans (so, in zero-copy mode, re-flattens) when the tensors changed since the plan.
   void refresh_plan();
-  // Starts the MAX all_reduce of [fingerprint, -fingerprint, non-finite flag] into `status`.
-  c10::intrusive_ptr<c10d::Work> start_agreement_check(
-      const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device, bool check_finite,
-      at::Tensor& status);
-  static bool agreement_holds(c10d::Work& work, const at::Tensor& status);
   void average_zero_copy(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op);
+  // False when the check (still pending in `check`) failed: nothing was sent.
+  bool average_copy_mode(
+      const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, std::optional<AgreementCheck>& check,
+      double narrow_wire_scale);
   void bump_versions(const std::vector<at::Tensor>& tensors) const;
   // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
   bool plan_is_stale() const;
@@ -106,6 +140,9 @@ class BucketedAverager {
   int64_t buffers_in_flight_;
   bool zero_copy_;
   std::optional<c10::ScalarType> comm_dtype_;
+  std::vector<std::string> names_;
+  std::exception_ptr local_error_;
+  bool sync_abandoned_ = false;
 
   // Per tensor, what the plan was built from.
   std::vector<PlanInput> planned_inputs_;

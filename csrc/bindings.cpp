@@ -2,8 +2,11 @@
 // with the dispatcher when this library loads; this file only exposes the engine and the planner.
 #include <torch/extension.h>
 
+#include "agreement.h"
 #include "averager.h"
 #include "bucket_plan.h"
+#include "fingerprint.h"
+#include "interruptible_wait.h"
 #include "module_tree_snapshot.h"
 #include "pack_unpack_generic.h"
 
@@ -61,10 +64,9 @@ PYBIND11_MODULE(_C, m) {
   // The device-generic kernels, reachable on CPU only through these (CPU dispatches to its own).
   m.def(
       "_pack_into_generic",
-      [](const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& offsets, const at::Tensor& buffer) {
-        localsgd_ext::pack_into_generic(tensors, offsets, buffer);
-      },
-      py::arg("tensors"), py::arg("offsets"), py::arg("buffer"));
+      [](const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& offsets, const at::Tensor& buffer,
+         double scale) { localsgd_ext::pack_into_generic(tensors, offsets, buffer, scale); },
+      py::arg("tensors"), py::arg("offsets"), py::arg("buffer"), py::arg("scale") = 1.0);
   m.def(
       "_unpack_from_generic",
       [](const at::Tensor& buffer, const std::vector<int64_t>& offsets, double divisor,
@@ -75,18 +77,47 @@ PYBIND11_MODULE(_C, m) {
 
   localsgd_ext::bind_module_tree_snapshot(m);
 
+  // Collectives wait in slices (interruptible_wait.h); between slices, Ctrl-C raises KeyboardInterrupt.
+  localsgd_ext::set_interrupt_check([] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      throw py::error_already_set();
+    }
+  });
+
+  m.def(
+      "layout_fingerprint", [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::layout_fingerprint(tensors); },
+      py::arg("tensors"), "62-bit digest of the tensors' count, dtypes and shapes.");
+  m.def(
+      "content_fingerprints",
+      [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::content_fingerprints(tensors); },
+      py::arg("tensors"), py::call_guard<py::gil_scoped_release>(), "62-bit digest of each tensor's bytes.");
+  m.def(
+      "join_agreement_check_as_failed", &localsgd_ext::join_agreement_check_as_failed, py::arg("group").none(false),
+      py::arg("status_device"), py::call_guard<py::gil_scoped_release>(),
+      "Takes part in an averager's agreement check as a rank that failed to prepare.");
+
   py::class_<BucketedAverager>(m, "BucketedAverager")
       .def(
-          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool, std::optional<c10::ScalarType>>(),
+          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool, std::optional<c10::ScalarType>,
+                   std::vector<std::string>>(),
           py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2,
-          py::arg("zero_copy") = false, py::arg("comm_dtype") = py::none())
+          py::arg("zero_copy") = false, py::arg("comm_dtype") = py::none(),
+          py::arg("names") = std::vector<std::string>())
       .def(
           "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
-          py::arg("status_device"), py::arg("check_finite"), py::call_guard<py::gil_scoped_release>())
+          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+          py::arg("run_check") = true, py::call_guard<py::gil_scoped_release>())
       .def(
-          "ranks_agree", &BucketedAverager::ranks_agree, py::arg("group").none(false), py::arg("status_device"),
-          py::arg("check_finite"), py::call_guard<py::gil_scoped_release>())
-      .def("layout_fingerprint", &BucketedAverager::layout_fingerprint)
+          "ranks_agree", &BucketedAverager::ranks_agree, py::arg("group").none(false), py::arg("use_avg_op"),
+          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "fingerprint", &BucketedAverager::fingerprint, py::arg("use_avg_op") = false,
+          py::arg("extra_fingerprint") = 0)
+      .def("layout_fingerprint", [](const BucketedAverager& self) { return self.fingerprint(false, 0); })
+      .def("local_error", &BucketedAverager::local_error)
+      .def("rethrow_local_error", &BucketedAverager::rethrow_local_error)
       .def("first_nonfinite", &BucketedAverager::first_nonfinite, py::call_guard<py::gil_scoped_release>())
       .def("buckets", [](const BucketedAverager& self) { return buckets_to_list(self.buckets()); })
       .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes)

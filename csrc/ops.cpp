@@ -4,7 +4,9 @@
 
 TORCH_LIBRARY(localsgd_ext, m) {
   // Copies each tensor into `buffer` (1-D, contiguous, same dtype and device) at its element offset.
-  m.def("pack_into(Tensor[] tensors, int[] offsets, Tensor(a!) buffer) -> ()");
+  // `scale` (a power of two, in practice) multiplies float32 values cast to a narrower buffer before
+  // the cast, so that an fp16 wire neither overflows nor flushes small values; it must be 1 otherwise.
+  m.def("pack_into(Tensor[] tensors, int[] offsets, Tensor(a!) buffer, float scale=1.0) -> ()");
   // Copies `buffer` back into each tensor from its element offset, dividing by `divisor` on the way
   // (computed in float for fp16/bf16, like torch's `tensor / divisor`). A divisor of 1 is a plain copy.
   m.def("unpack_from(Tensor buffer, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -53,6 +54,19 @@ inline void check_pack_arguments(
   }
 }
 
+// `scale` multiplies float32 values on their way into a narrower buffer; every other copy is exact.
+inline void check_scale(const char* op, at::TensorList tensors, const at::Tensor& buffer, double scale) {
+  TORCH_CHECK_VALUE(
+      scale > 0 && scale < std::numeric_limits<double>::infinity(),
+      op, ": scale must be a finite positive number, got ", scale, ".");
+  for (size_t i = 0; i < tensors.size() && scale != 1.0; ++i) {
+    TORCH_CHECK_VALUE(
+        is_wire_cast(tensors[i].scalar_type(), buffer.scalar_type()),
+        op, ": scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; tensors[", i,
+        "] has dtype ", tensors[i].scalar_type(), " and buffer ", buffer.scalar_type(), ", got scale ", scale, ".");
+  }
+}
+
 // The stretch of `buffer` that holds `like`, viewed in its shape.
 inline at::Tensor slot_in_buffer(const at::Tensor& buffer, int64_t offset, const at::Tensor& like) {
   return buffer.narrow(0, offset, like.numel()).view(like.sizes());
@@ -60,8 +74,9 @@ inline at::Tensor slot_in_buffer(const at::Tensor& buffer, int64_t offset, const
 
 // One tensor copied through ATen (any device, any strides): the generic kernels' whole job, and the
 // CPU kernels' path for strided tensors.
-inline void pack_one_with_aten(const at::Tensor& tensor, int64_t offset, const at::Tensor& buffer) {
-  slot_in_buffer(buffer, offset, tensor).copy_(tensor);
+inline void pack_one_with_aten(const at::Tensor& tensor, int64_t offset, const at::Tensor& buffer, double scale = 1.0) {
+  // Multiplied in float32, then rounded to the buffer's dtype: what the fused kernels do.
+  slot_in_buffer(buffer, offset, tensor).copy_(scale == 1.0 ? tensor : at::mul(tensor, scale));
 }
 
 inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, double divisor, const at::Tensor& tensor) {

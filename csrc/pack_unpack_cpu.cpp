@@ -101,8 +101,12 @@ void copy_chunk(const CopyChunk& c) {
 // Elements per task when a cast is spread over intra-op threads.
 constexpr int64_t kCastGrain = 64 * 1024;
 
-// float32 -> the wire dtype, rounding to nearest even (as `tensor.to(dtype)` does).
-void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, const std::vector<size_t>& casts) {
+// float32 (times `scale`, in float32) -> the wire dtype, rounding to nearest even (as
+// `(tensor * scale).to(dtype)` does).
+void pack_casts(
+    at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
+    const std::vector<size_t>& casts) {
+  const float s = static_cast<float>(scale);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
     scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
     for (size_t i : casts) {
@@ -110,7 +114,7 @@ void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tenso
       scalar_t* dst = base + offsets[i];
       at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
-          dst[k] = static_cast<scalar_t>(src[k]);
+          dst[k] = static_cast<scalar_t>(src[k] * s);
         }
       });
     }
@@ -142,15 +146,16 @@ void unpack_casts(
   });
 }
 
-void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
+void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
+  check_scale("pack_into", tensors, buffer, scale);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
   for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
   if (!copies.casts.empty()) {
-    pack_casts(tensors, offsets, buffer, copies.casts);
+    pack_casts(tensors, offsets, buffer, scale, copies.casts);
   }
   for (size_t i : copies.strided) {
-    pack_one_with_aten(tensors[i], offsets[i], buffer);
+    pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
   }
 }
 

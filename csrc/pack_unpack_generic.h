@@ -6,7 +6,7 @@
 
 namespace localsgd_ext {
 
-void pack_into_generic(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer);
+void pack_into_generic(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale);
 void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors);
 
 } // namespace localsgd_ext

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from .consistency import RanksDisagreeError, raise_disagreement, status_device
+from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
 
 __all__ = ["ParameterAverager"]
 
@@ -24,6 +24,9 @@ _REDUCE_OPS = ("auto", "avg", "sum")
 # Copy mode: staging buffers per device. Two already overlap packing with the wire; three measured the
 # same on gloo (bench/pipeline_depth.py, bench/RESULTS.md) for 50% more memory.
 _BUFFERS_IN_FLIGHT = 2
+# Any cap at or above the model's size plans one bucket per device and dtype; larger ones would only
+# overflow the engine's int64.
+_LARGEST_BUCKET_CAP_BYTES = 2**62
 
 
 def _check_bucket_cap_mb(bucket_cap_mb) -> float:
@@ -96,11 +99,17 @@ class ParameterAverager:
       next sync, and all tensors are moved into fresh flat buffers before averaging. Tensors that share
       memory with each other are refused (flattening would untie them).
 
-    Every process of the group must call `average()` with the same list of tensors (same shapes and
-    dtypes, same order), as with any collective. Each call first checks that they do, with one small
-    all_reduce: ranks whose tensors differ all raise a `RuntimeError` naming the first difference,
-    instead of averaging the wrong numbers or hanging. A rank that died or stopped responding makes
-    the others raise a `RuntimeError` within the group's timeout.
+    Every process of the group must call `average()` with the same list of tensors (same names,
+    shapes and dtypes, same order) and the same settings, as with any collective. Each call first
+    checks that they do, with one small all_reduce that covers everything deciding what goes on the
+    wire (layout, names, bucket plan, wire dtype, reduce op, zero_copy, check_finite, the caller's
+    `agreement_settings` and the layout of its `agreement_tensors`): ranks that differ all raise a
+    `RanksDisagreeError` naming the first difference, instead of averaging the wrong numbers, hanging
+    or crashing. A rank that fails to prepare (a tensor whose memory was freed, a staging allocation
+    that failed) raises its own error, and the others a `RanksDisagreeError` naming it; nothing is
+    averaged anywhere. A rank that died or stopped responding makes the others raise a `RuntimeError`
+    within the group's timeout. Ctrl-C during a sync on CPU raises `KeyboardInterrupt` within about
+    0.1 s; the averager is then unusable (its collectives were left in flight).
 
     Args:
         params (`Iterable[torch.Tensor]`):
@@ -130,7 +139,19 @@ class ParameterAverager:
             pack casts them (round to nearest even), the all_reduce sums in that dtype, and unpack
             widens the sum to float32 and divides there. Other dtypes travel as they are. Copy mode
             only. The mean then carries the wire dtype's rounding: at most about `world_size * 2**-8`
-            (bf16) times the mean magnitude of the ranks' values, per element.
+            (bf16) times the mean magnitude of the ranks' values, per element. fp16 holds only
+            magnitudes up to 65504 and flushes those below 6e-8 to zero, so for fp16 the ranks agree
+            (within the check) on the largest |value| and scale every fp16 value by one power of two
+            that brings it times the group size to at most 2**15: sums cannot overflow, and values
+            down to about `2**-40 * world_size` times that largest one survive. In range, the bits
+            are those of the unscaled computation. `check_finite` sees the float32 values; with the
+            scale, finite values stay finite on the wire.
+        agreement_settings (`Mapping[str, Any]`, *optional*):
+            The caller's settings that every rank must share (e.g. a sync cadence), compared in the
+            same check; a difference raises naming the setting. Values need a stable `repr`.
+        agreement_tensors (`Sequence[Tuple[str, torch.Tensor]]`, *optional*):
+            Named tensors synced alongside (e.g. buffers) whose layout (names, shapes, dtypes) every
+            rank must share, compared in the same check at every sync.
     """
 
     def __init__(
@@ -144,6 +165,8 @@ class ParameterAverager:
         check_finite: bool = False,
         zero_copy: bool = False,
         comm_dtype: Optional[torch.dtype] = None,
+        agreement_settings: Optional[Mapping[str, Any]] = None,
+        agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
     ):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
@@ -157,11 +180,42 @@ class ParameterAverager:
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
         if len(self.names) != len(self.params):
             raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
+        if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
+            raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
         self.process_group = process_group
         self.reduce_op = reduce_op
+        self.settings = {
+            "bucket_cap_mb": self.bucket_cap_mb,
+            "check_finite": self.check_finite,
+            "comm_dtype": str(self.comm_dtype),
+            "reduce_op": self.reduce_op,
+            "zero_copy": self.zero_copy,
+            **(agreement_settings or {}),
+        }
+        self._settings_fingerprint = settings_fingerprint(self.settings, self.names)
+        self.agreement_tensors = agreement_tensors
         self._engine = _C.BucketedAverager(
-            self.params, max(1, int(self.bucket_cap_mb * 2**20)), _BUFFERS_IN_FLIGHT, self.zero_copy, self.comm_dtype
+            self.params,
+            min(max(1, int(self.bucket_cap_mb * 2**20)), _LARGEST_BUCKET_CAP_BYTES),
+            _BUFFERS_IN_FLIGHT,
+            self.zero_copy,
+            self.comm_dtype,
+            self.names,
         )
+
+    @property
+    def agreement_tensors(self) -> List[Tuple[str, torch.Tensor]]:
+        """Named tensors whose layout every rank must share, checked with the parameters (may be reassigned)."""
+        return self._agreement_tensors
+
+    @agreement_tensors.setter
+    def agreement_tensors(self, named_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]]) -> None:
+        named = list(named_tensors or [])
+        for i, item in enumerate(named):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+                raise TypeError(f"agreement_tensors[{i}] must be a (name, tensor) pair, got {item!r}")
+        self._agreement_tensors = named
+        self._agreement_tensor_list = [t for _, t in named]
 
     @property
     def buckets(self) -> List[dict]:
@@ -199,6 +253,35 @@ class ParameterAverager:
         usable = _BACKENDS_WITH_AVG if self.zero_copy else _BACKENDS_WITH_FREE_AVG
         return all(backend in usable for backend in backends)
 
+    def _extra_fingerprint(self) -> int:
+        if not self._agreement_tensor_list:
+            return self._settings_fingerprint
+        return digest(self._settings_fingerprint, _C.layout_fingerprint(self._agreement_tensor_list))
+
+    def _explain_failed_check(self, group: dist.ProcessGroup, values: Optional[List[int]] = None) -> RanksDisagreeError:
+        """A collective, after a check failed on every rank: the error every rank raises."""
+        mine = {
+            "rank": dist.get_rank(group),
+            "error": self._engine.local_error(),
+            "settings": self.settings,
+            "layout": describe(self.params, self.names),
+            "companions": describe(self._agreement_tensor_list, [name for name, _ in self._agreement_tensors]),
+            "values": values,
+            "nonfinite": self._engine.first_nonfinite() if self.check_finite and not self._engine.local_error() else -1,
+        }
+        return explain(gather(group, mine))
+
+    def _run_checked(self, group: dist.ProcessGroup, run, values: Optional[List[int]] = None) -> None:
+        """Runs `run()` (an engine call that returns False on every rank when the check failed) and raises
+        what a failed check calls for: this rank's own error if it was the one that failed, else the
+        explanation every rank shares."""
+        with _lost_rank_errors(group):
+            if run():
+                return
+            failure = self._explain_failed_check(group, values)
+        self._engine.rethrow_local_error()
+        raise failure
+
     def average(self) -> None:
         """Replaces every tensor by its mean over the group's processes.
 
@@ -208,19 +291,43 @@ class ParameterAverager:
         collectives (the mean is then the tensor itself), as Accelerate's sync does.
         """
         group = self._group()
-        with _lost_rank_errors(group):
-            device = status_device(group, self.params)
-            if not self._engine.average(group, self._use_avg_op(group), device, self.check_finite):
-                raise_disagreement(self._engine, self.params, self.names, group, self.check_finite)
+        device = status_device(group, self.params)
+        use_avg_op = self._use_avg_op(group)
+        self._run_checked(
+            group,
+            lambda: self._engine.average(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()),
+        )
 
-    def verify_ranks_agree(self) -> None:
-        """Only the check `average()` starts with: every rank of the group raises the same `RuntimeError`
-        if their tensors' count, shapes or dtypes differ (or, with `check_finite`, if any holds NaN/Inf).
-        A collective: every rank must call it."""
+    def _average_unchecked(self) -> None:
+        """average() without its check, for a caller whose own check has just covered these tensors'
+        layout (LocalSGD's buffers). A local failure raises here only."""
         group = self._group()
         with _lost_rank_errors(group):
-            if not self._engine.ranks_agree(group, status_device(group, self.params), self.check_finite):
-                raise_disagreement(self._engine, self.params, self.names, group, self.check_finite)
+            self._engine.average(
+                group, self._use_avg_op(group), status_device(group, self.params), False, 0, run_check=False
+            )
+
+    def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Only the check `average()` starts with: every rank of the group raises the same
+        `RanksDisagreeError` if they differ in anything the check covers (see the class docstring), or,
+        with `check_finite`, if any holds NaN/Inf. A collective: every rank must call it.
+
+        Args:
+            equal_values (`Sequence[torch.Tensor]`, *optional*):
+                One tensor per parameter (e.g. DiLoCo's anchor) whose values must also be bit-identical on
+                every rank; compared by a digest of their bytes, in the same collective.
+        """
+        group = self._group()
+        values = None
+        extra = self._extra_fingerprint()
+        if equal_values is not None:
+            values = _C.content_fingerprints(list(equal_values))
+            extra = digest(extra, *values)
+        device = status_device(group, self.params)
+        use_avg_op = self._use_avg_op(group)
+        self._run_checked(
+            group, lambda: self._engine.ranks_agree(group, use_avg_op, device, self.check_finite, extra), values
+        )
 
 
 @contextlib.contextmanager

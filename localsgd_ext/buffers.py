@@ -1,6 +1,8 @@
 """`sync_buffers=True`: a model's buffers at each sync. Floating-point ones (BatchNorm's running mean and
-variance) are averaged like the parameters, by the compiled engine; integer ones (`num_batches_tracked`)
-cannot be averaged meaningfully, so every rank takes rank 0's, in one broadcast per device."""
+variance) are averaged like the parameters, by the compiled engine, and complex ones (rotary
+embeddings' `freqs_cis`) as pairs of reals, through a real view of the same memory; integer and bool
+ones (`num_batches_tracked`) cannot be averaged meaningfully, so every rank takes rank 0's, in one
+broadcast per device. The buffers' layout is part of LocalSGD's agreement check, so this runs unchecked."""
 
 from __future__ import annotations
 
@@ -14,18 +16,22 @@ from .averager import ParameterAverager
 
 class BufferSync:
     def __init__(self, named_buffers: List[tuple], bucket_cap_mb: float):
-        floating = [(name, b) for name, b in named_buffers if b.is_floating_point()]
-        self.integer = [b for _, b in named_buffers if not b.is_floating_point()]
+        averaged = [
+            (name, torch.view_as_real(b) if b.is_complex() else b)
+            for name, b in named_buffers
+            if b.is_floating_point() or b.is_complex()
+        ]
+        self.integer = [b for _, b in named_buffers if not (b.is_floating_point() or b.is_complex())]
         self.averager = (
-            ParameterAverager([b for _, b in floating], bucket_cap_mb=bucket_cap_mb, names=[n for n, _ in floating])
-            if floating
+            ParameterAverager([b for _, b in averaged], bucket_cap_mb=bucket_cap_mb, names=[n for n, _ in averaged])
+            if averaged
             else None
         )
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.averager is not None:
-            self.averager.average()
+            self.averager._average_unchecked()
         by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for b in self.integer:
             by_device.setdefault(b.device, []).append(b)

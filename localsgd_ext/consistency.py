@@ -1,25 +1,33 @@
-"""Before every average: do all ranks hold the same parameter layout, and (optionally) finite values?
+"""Before every average: do all ranks agree on everything that decides what goes on the wire?
 
-A collective over mismatched models either averages the wrong numbers or waits forever for a bucket
-that never comes. One small all_reduce settles it first, in the compiled engine (overlapped with the
-first bucket's pack): each rank contributes its layout fingerprint, the fingerprint negated, and a
-non-finite flag, reduced with MAX, which gives every rank the same max and min fingerprint and the
-same flag. All ranks therefore take the same branch: nothing more when they agree; otherwise they
-exchange descriptions of their parameters here and raise the same RuntimeError, naming the first
-parameter that differs (or the rank and parameter holding NaN/Inf).
+A collective over mismatched ranks either averages the wrong numbers, waits forever for a bucket that
+never comes, or aborts a process (gloo: "Received data size doesn't match"). One small all_reduce
+settles it first, in the compiled engine (csrc/agreement.h), overlapped with the first bucket's pack.
+Each rank contributes a fingerprint of its parameter layout and names, its bucket plan, wire dtype and
+reduce op, the settings every rank must share (`settings_fingerprint`: the averager's, and the
+caller's, e.g. LocalSGD's sync cadence), the layout of tensors synced alongside (buffers), and flags
+for NaN/Inf and for a local failure. All ranks read the same reduced values and so take the same
+branch: nothing more when they agree; otherwise they exchange descriptions here and raise the same
+`RanksDisagreeError`, naming the first thing that differs. A rank whose own preparation failed raises
+its own error instead, and the others name it.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import hashlib
+import struct
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from . import _C
+
 
 class RanksDisagreeError(RuntimeError):
-    """The ranks' parameters differ in layout, or (with check_finite) some hold NaN/Inf. Raised on every
-    rank of the group, with the same message."""
+    """The ranks differ in what they would average (layout, names, settings, buffers, starting values),
+    some hold NaN/Inf (with check_finite), or one of them failed before averaging. Raised on every rank
+    of the group (the failing rank raises its own error), with the same message."""
 
 
 def status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> torch.device:
@@ -32,15 +40,31 @@ def status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> 
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _describe(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> List[tuple]:
+def digest(*parts: Any) -> int:
+    """A signed 64-bit digest, stable across processes (unlike hash()), of ints and reprs."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, int):
+            h.update(struct.pack("<q", part))
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\0")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def settings_fingerprint(settings: Mapping[str, Any], names: Sequence[str]) -> int:
+    return digest(sorted(settings.items()), list(names))
+
+
+def describe(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> List[tuple]:
     return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in zip(names, tensors)]
 
 
 def _entry(entry: Optional[tuple]) -> str:
-    return "no such parameter" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
+    return "no such entry" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
 
 
-def _first_difference(layouts: List[List[tuple]]) -> str:
+def _first_difference(layouts: List[List[tuple]], what: str) -> Optional[str]:
     reference = layouts[0]
     for rank, layout in enumerate(layouts[1:], start=1):
         for i in range(max(len(reference), len(layout))):
@@ -48,41 +72,96 @@ def _first_difference(layouts: List[List[tuple]]) -> str:
             theirs = layout[i] if i < len(layout) else None
             if mine != theirs:
                 return (
-                    f"the first difference is at parameter index {i}: rank 0 has {_entry(mine)}, rank {rank} has "
-                    f"{_entry(theirs)} (rank 0 has {len(reference)} parameters, rank {rank} has {len(layout)})"
+                    f"the first difference is at {what} index {i}: rank 0 has {_entry(mine)}, rank {rank} has "
+                    f"{_entry(theirs)} (rank 0 has {len(reference)} {what}s, rank {rank} has {len(layout)})"
+                ).replace("no such entry", f"no such {what}")
+    return None
+
+
+def _first_setting_difference(everyone: List[dict]) -> Optional[str]:
+    keys = sorted(set().union(*(entry["settings"] for entry in everyone)))
+    for key in keys:
+        values = [entry["settings"].get(key, "<unset>") for entry in everyone]
+        if any(value != values[0] for value in values):
+            per_rank = ", ".join(f"{value!r} on rank {entry['rank']}" for value, entry in zip(values, everyone))
+            return f"the ranks' settings differ: {key} is {per_rank}"
+    return None
+
+
+def _first_value_difference(everyone: List[dict], names: Sequence[str]) -> Optional[str]:
+    reference = everyone[0]["values"]
+    for entry in everyone[1:]:
+        for i, (mine, theirs) in enumerate(zip(reference, entry["values"])):
+            if mine != theirs:
+                return (
+                    f"the ranks start from different values, first at {names[i]} (rank 0 and rank {entry['rank']} "
+                    "differ); the outer optimizer (DiLoCo) needs the same starting parameters on every rank, as DDP "
+                    "makes them (broadcast from rank 0, or seed every rank alike)"
                 )
-    raise AssertionError("called with identical layouts")
+    return None
 
 
-def raise_disagreement(
-    engine, tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup, check_finite: bool
-) -> None:
-    """Called on every rank once the engine's check (one MAX all_reduce of [fingerprint, -fingerprint,
-    non-finite flag], which every rank reads alike) found a disagreement: exchanges descriptions of the
-    parameters and raises the same RanksDisagreeError everywhere. A collective: every rank calls it."""
-    nonfinite = engine.first_nonfinite() if check_finite else -1
-    mine = {"rank": dist.get_rank(group), "layout": _describe(tensors, names), "nonfinite": nonfinite}
+def gather(group: dist.ProcessGroup, mine: Dict[str, Any]) -> List[dict]:
     everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
-    layouts = [entry["layout"] for entry in everyone]
-    if any(layout != layouts[0] for layout in layouts):
-        raise RanksDisagreeError(
-            "LocalSGD/ParameterAverager: the ranks do not hold the same parameters, so they cannot be averaged; "
-            + _first_difference(layouts)
-            + ". Every rank must average the same parameters (count, order, shapes, dtypes). Nothing was averaged."
+    return everyone
+
+
+def explain(everyone: List[dict]) -> RanksDisagreeError:
+    """What every rank raises after a failed check, from every rank's description (see `gather`)."""
+    failed = [entry for entry in everyone if entry.get("error")]
+    if failed:
+        return RanksDisagreeError(
+            "LocalSGD/ParameterAverager: "
+            + "; ".join(f"rank {entry['rank']} could not take part in averaging: {entry['error']}" for entry in failed)
+            + ". Nothing was averaged on any rank."
         )
+    reason = _first_setting_difference(everyone)
+    if reason:
+        return RanksDisagreeError(
+            f"LocalSGD/ParameterAverager: {reason}. Every rank must be configured alike, or they would send "
+            "different messages. Nothing was averaged."
+        )
+    reason = _first_difference([entry["layout"] for entry in everyone], "parameter")
+    if reason:
+        return RanksDisagreeError(
+            "LocalSGD/ParameterAverager: the ranks do not hold the same parameters, so they cannot be averaged; "
+            + reason
+            + ". Every rank must average the same parameters (names, count, order, shapes, dtypes). Nothing was "
+            "averaged."
+        )
+    reason = _first_difference([entry["companions"] for entry in everyone], "buffer")
+    if reason:
+        return RanksDisagreeError(
+            "LocalSGD/ParameterAverager: the ranks do not hold the same buffers, so they cannot be synced "
+            f"(sync_buffers=True); {reason}. Nothing was averaged."
+        )
+    if everyone[0].get("values") is not None:
+        reason = _first_value_difference(everyone, [name for name, _, _ in everyone[0]["layout"]])
+        if reason:
+            return RanksDisagreeError(f"LocalSGD/ParameterAverager: {reason}. Nothing was averaged.")
     culprits = [
-        f"rank {entry['rank']} at {entry['layout'][entry['nonfinite']][0]}"
-        for entry in everyone
-        if entry["nonfinite"] >= 0
+        f"rank {entry['rank']} at {entry['layout'][entry['nonfinite']][0]}" for entry in everyone if entry["nonfinite"] >= 0
     ]
     if culprits:
-        raise RanksDisagreeError(
+        return RanksDisagreeError(
             "LocalSGD/ParameterAverager: non-finite values (NaN or Inf) before averaging (check_finite=True): "
             + "; ".join(culprits)
             + ". Nothing was averaged."
         )
-    raise RanksDisagreeError(
-        "LocalSGD/ParameterAverager: the ranks' layouts hash differently but describe the same (report this). "
+    return RanksDisagreeError(
+        "LocalSGD/ParameterAverager: the ranks' fingerprints differ but their descriptions agree (report this). "
         "Nothing was averaged."
     )
+
+
+def fail_together(group: dist.ProcessGroup, error: BaseException) -> None:
+    """For a rank that failed before its averager could take part (e.g. a parameter refused while
+    planning): joins the agreement check as failed, so that the others raise at once naming this rank
+    and its error, instead of waiting out the group's timeout; then raises `error` here."""
+    try:
+        _C.join_agreement_check_as_failed(group, status_device(group, []))
+        gather(group, {"rank": dist.get_rank(group), "error": f"{type(error).__name__}: {error}"})
+    except RuntimeError:
+        pass  # the others are gone too; this rank's own error is the one to report
+    raise error

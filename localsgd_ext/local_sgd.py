@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
 from . import _C
 from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb, _check_comm_dtype
 from .buffers import BufferSync
+from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 
 __all__ = ["LocalSGD"]
@@ -62,11 +64,15 @@ class LocalSGD:
     results bit-identical to Accelerate's on gloo. Parameters are updated in place, so they stay the
     same `Parameter` objects with the same storage (Accelerate rebinds `param.data` to a new tensor).
 
-    Stricter than Accelerate: arguments are validated (`local_sgd_steps` an int >= 1, or None when
-    disabled; `enabled` a bool; `model` an `nn.Module`; parameters dense, floating, not meta); on enter
-    and at every sync, all ranks check they hold the same parameter layout and raise the same
-    `RuntimeError` if not; and when the `with` block raises, its exception propagates without the
-    final average (Accelerate averages anyway, which can hang when other ranks are not there to join).
+    Stricter than Accelerate: arguments are validated (`accelerator` an `Accelerator`,
+    `local_sgd_steps` an int >= 1, or None when disabled; `enabled` a bool; `model` an `nn.Module`;
+    parameters dense, floating, not meta, not expanded); on enter and at every sync, all ranks check in
+    one small collective that they agree on everything that decides what goes on the wire (parameter
+    names and layout, bucket plan, options, sync cadence, buffers when synced) and raise the same
+    `RanksDisagreeError` if not; a rank that fails to prepare raises its own error and the others name
+    it; the `with` block cannot be nested on one object; and when the block raises, its exception
+    propagates without the final average (Accelerate averages anyway, which can hang when other ranks
+    are not there to join). Ctrl-C during a sync on CPU takes effect within about 0.1 s.
 
     Differences, all additive: `accelerator`, `model` and `local_sgd_steps` are set even when disabled;
     no barrier precedes the averaging (the all_reduce already synchronizes); `sync_count` and
@@ -104,13 +110,17 @@ class LocalSGD:
             optimizer built by `outer_optimizer(anchor_tensors)` steps the anchor with it, and the
             result becomes the parameters on every rank. `"diloco"`: the paper's SGD(lr=0.7,
             momentum=0.9, nesterov=True). The anchor is taken on enter (the parameters must be equal
-            on every rank then, as DDP makes them). `None`: plain averaging.
+            on every rank then, as DDP makes them: checked on enter, by a digest of their bytes, and
+            refused with a `RanksDisagreeError` naming the first parameter that differs). `None`:
+            plain averaging.
         outer_anchor_device (`str`, defaults to `"device"`):
             Keyword-only. Where the anchor and the outer optimizer's state live: `"device"` (each
             parameter's device) or `"cpu"` (saves accelerator memory; costs a copy each way per sync).
         sync_buffers (`bool`, defaults to `False`):
             Keyword-only. At each sync also average the floating-point buffers (e.g. BatchNorm's
-            running statistics) and give every rank rank 0's integer buffers (`num_batches_tracked`).
+            running statistics; complex ones as pairs of reals) and give every rank rank 0's integer
+            and bool buffers (`num_batches_tracked`). The buffers' names, shapes and dtypes join the
+            ranks' agreement check.
         warmup_steps (`int`, defaults to 0):
             Keyword-only. Sync after every step for the first `warmup_steps` steps, then every
             `local_sgd_steps` steps counted from there (post-local SGD).
@@ -132,6 +142,11 @@ class LocalSGD:
         sync_buffers: bool = False,
         warmup_steps: int = 0,
     ):
+        # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
+        if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
+            raise TypeError(
+                f"accelerator must be an accelerate.Accelerator, got {accelerator!r} ({type(accelerator).__name__})"
+            )
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
         _check_bool("enabled", enabled)
@@ -156,20 +171,39 @@ class LocalSGD:
         self.last_sync_seconds: Optional[float] = None
         self._averager: Optional[ParameterAverager] = None
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
+        self._entered = False
+
+    def _agreement_settings(self) -> Mapping[str, object]:
+        """What every rank must share beyond the averager's own options: when it syncs, and what it does
+        around the average."""
+        return {
+            "local_sgd_steps": self.local_sgd_steps,
+            "warmup_steps": self.warmup_steps,
+            "outer_optimizer": self._outer is not None,
+            "sync_buffers": self.sync_buffers,
+        }
 
     def __enter__(self):
+        if self._entered:
+            raise RuntimeError(
+                "this LocalSGD is already inside its `with` block: nesting it would sync twice and switch "
+                "gradient sync back on at the inner exit. Enter each LocalSGD object once at a time."
+            )
         if self.enabled:
-            # Refuse bad parameters, and ranks whose models differ, before any training happens.
-            averager = self._current_averager()
-            averager.verify_ranks_agree()
+            # Refuse bad parameters, and ranks whose models or settings differ, before any training happens.
+            averager = self._averager_or_fail_together()
             if self._outer is not None:
                 self._outer.take_anchor(averager.params)
+                averager.verify_ranks_agree(equal_values=self._outer.anchors)
+            else:
+                averager.verify_ranks_agree()
             self.model_sync_obj = self.model.no_sync()
             self.model_sync_obj.__enter__()
-
+        self._entered = True
         return self
 
     def __exit__(self, type, value, tb):
+        self._entered = False
         if self.enabled:
             try:
                 if type is None:
@@ -212,16 +246,20 @@ class LocalSGD:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores what `state_dict()` returned; call it before entering the `with` block."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from LocalSGD.state_dict(), got {type(state_dict).__name__}")
         missing = {"num_steps", "sync_count", "outer"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
+        num_steps = _check_int_at_least("state_dict['num_steps']", state_dict["num_steps"], 0)
+        sync_count = _check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
         if (state_dict["outer"] is None) != (self._outer is None):
             raise ValueError(
                 "state_dict was saved with outer_optimizer " + ("set" if state_dict["outer"] is not None else "None")
                 + ", but this LocalSGD has outer_optimizer " + ("None" if self._outer is None else "set")
             )
-        self.num_steps = int(state_dict["num_steps"])
-        self.sync_count = int(state_dict["sync_count"])
+        self.num_steps = num_steps
+        self.sync_count = sync_count
         if self._outer is not None:
             self._outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
 
@@ -247,19 +285,32 @@ class LocalSGD:
                 check_finite=self.check_finite,
                 zero_copy=self.zero_copy,
                 comm_dtype=self.comm_dtype,
+                agreement_settings=self._agreement_settings(),
             )
             self._averager = averager
         if self.sync_buffers:
-            self._buffer_sync = BufferSync(list(self.model.named_buffers()), self.bucket_cap_mb)
+            named_buffers = list(self.model.named_buffers())
+            self._buffer_sync = BufferSync(named_buffers, self.bucket_cap_mb)
+            # Checked with the parameters, in the same collective: the buffers' sync runs unchecked.
+            averager.agreement_tensors = named_buffers
         self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
         return averager
+
+    def _averager_or_fail_together(self) -> ParameterAverager:
+        """The current averager; if this rank cannot build one (a parameter refused), the other ranks,
+        waiting in the agreement check, are told, and this rank raises its own error."""
+        try:
+            return self._current_averager()
+        except Exception as error:
+            fail_together(dist.group.WORLD, error)
+            raise  # unreachable: fail_together raises
 
     def _sync_and_avg_model_params(self):
         """
         Synchronize + Average model parameters across all processes
         """
         start = time.perf_counter()
-        averager = self._current_averager()
+        averager = self._averager_or_fail_together()
         averager.average()
         if self._outer is not None:
             self._outer.apply(averager.params)

@@ -10,7 +10,9 @@ from . import _C  # noqa: F401
 __all__ = ["pack_into", "unpack_from"]
 
 
-def pack_into(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor) -> None:
+def pack_into(
+    tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, scale: float = 1.0
+) -> None:
     """Copies each tensor into `buffer` at its element offset, in one compiled pass.
 
     Args:
@@ -21,8 +23,12 @@ def pack_into(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: t
             Element offset of each tensor in `buffer`; `offsets[i] + tensors[i].numel()` must fit.
         buffer (`torch.Tensor`):
             1-D contiguous destination.
+        scale (`float`, defaults to 1):
+            Finite and positive. Multiplies float32 values (in float32) before their cast to a
+            bfloat16/float16 buffer, as `(tensor * scale).to(dtype)` does; must be 1 for plain copies.
+            The engine passes a power of two that keeps an fp16 wire in range.
     """
-    torch.ops.localsgd_ext.pack_into.default(list(tensors), list(offsets), buffer)
+    torch.ops.localsgd_ext.pack_into.default(list(tensors), list(offsets), buffer, float(scale))
 
 
 def unpack_from(
@@ -79,9 +85,21 @@ def _check_arguments(op, tensors, offsets, buffer):
             )
 
 
+def _check_scale(tensors, buffer, scale):
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"pack_into: scale must be a finite positive number, got {scale}.")
+    for i, t in enumerate(tensors):
+        if scale != 1.0 and not (t.dtype == torch.float32 and buffer.dtype in (torch.bfloat16, torch.float16)):
+            raise ValueError(
+                "pack_into: scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; "
+                f"tensors[{i}] has dtype {t.dtype} and buffer {buffer.dtype}, got scale {scale}."
+            )
+
+
 @torch.library.register_fake("localsgd_ext::pack_into")
-def _pack_into_fake(tensors, offsets, buffer):
+def _pack_into_fake(tensors, offsets, buffer, scale=1.0):
     _check_arguments("pack_into", tensors, offsets, buffer)
+    _check_scale(tensors, buffer, scale)
     return None
 
 

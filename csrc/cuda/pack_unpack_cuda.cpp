@@ -94,11 +94,13 @@ cudaStream_t current_stream(const at::Tensor& buffer) {
   return c10::cuda::getCurrentCUDAStream(buffer.device().index()).stream();
 }
 
-void pack_into_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer) {
+void pack_into_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
+  check_scale("pack_into", tensors, buffer, scale);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
+  // A scale applies only to casts, which the kernel leaves to ATen.
   const DeviceWorkList work = list_work(tensors, offsets, buffer, /*writes_tensors=*/false, [&](size_t i) {
-    pack_one_with_aten(tensors[i], offsets[i], buffer);
+    pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
   });
   if (work.num_slots > 0) {
     C10_CUDA_CHECK(cuda::launch_pack(
