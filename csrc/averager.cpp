@@ -112,11 +112,6 @@ void BucketedAverager::check_tensors() const {
     TORCH_CHECK_TYPE(
         at::isFloatingType(t.scalar_type()),
         "tensors[", i, "] must have a floating-point dtype to be averaged, got ", t.scalar_type(), ".");
-    TORCH_CHECK_VALUE(
-        at::has_internal_overlap(t) != at::MemOverlap::Yes,
-        label(i), " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
-        ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
-        "Give it memory of its own (e.g. .contiguous()).");
   }
 }
 
@@ -125,7 +120,7 @@ std::string BucketedAverager::label(size_t index) const {
   return names_.empty() ? text : text + " ('" + names_[index] + "')";
 }
 
-void BucketedAverager::check_storage() const {
+void BucketedAverager::check_memory() const {
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const at::Tensor& t = tensors_[i];
     if (t.numel() == 0) {
@@ -134,6 +129,11 @@ void BucketedAverager::check_storage() const {
     const int64_t needed =
         (t.storage_offset() + last_reachable_element(t) + 1) * static_cast<int64_t>(t.element_size());
     const int64_t held = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
+    TORCH_CHECK_VALUE(
+        at::has_internal_overlap(t) != at::MemOverlap::Yes,
+        label(i), " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
+        ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
+        "Give it memory of its own (e.g. .contiguous()).");
     TORCH_CHECK_VALUE(
         held >= needed,
         label(i), " needs ", needed, " bytes of storage but its storage holds ", held,
@@ -145,7 +145,7 @@ void BucketedAverager::check_storage() const {
 void BucketedAverager::build_plan() {
   // Checked at every (re)plan: a tensor re-pointed since (`param.data = ...`) may no longer qualify.
   check_tensors();
-  check_storage();
+  check_memory();
   planned_inputs_.clear();
   group_dtypes_.clear();
   group_wire_dtypes_.clear();
@@ -385,7 +385,7 @@ AgreementInput BucketedAverager::prepare(
   local_error_ = nullptr;
   AgreementInput mine;
   try {
-    check_storage();
+    check_memory();
     refresh_plan();
     if (for_average) {
       allocate_staging();

@@ -93,12 +93,12 @@ class BucketedAverager {
     std::vector<int64_t> offsets;
   };
 
-  // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating,
-  // or with elements that share memory (an expanded view).
+  // Refuses tensors that cannot be averaged: undefined, not dense, on the meta device, not floating.
   void check_tensors() const;
-  // Refuses tensors whose storage no longer holds their elements (freed, e.g. resize_(0)): run before
-  // anything reads or writes them, at every sync.
-  void check_storage() const;
+  // Refuses tensors whose elements share memory (an expanded view: `param.data = t.expand(...)` keeps
+  // numel and dtype, so no re-plan notices) or whose storage no longer holds them (freed, e.g.
+  // resize_(0)): run before anything reads or writes them, at every plan and every sync.
+  void check_memory() const;
   std::string label(size_t index) const;
   // Everything a sync does locally before anything is sent: re-plan, check storage, allocate staging,
   // scan for NaN/Inf and the fp16 range. A failure is kept in local_error_ and flagged in the check,

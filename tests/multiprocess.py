@@ -57,6 +57,7 @@ def run_ranks(
             TORCHELASTIC_USE_AGENT_STORE="True",
             OMP_NUM_THREADS="1",
             LOCALSGD_TEST_GROUP_TIMEOUT=str(GROUP_TIMEOUT_SECONDS),
+            LOCALSGD_TEST_OUT_DIR=out_dir,
             PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO_ROOT, base_env.get("PYTHONPATH", "")]),
         )
         base_env.update(env or {})

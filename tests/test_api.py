@@ -163,3 +163,58 @@ def test_local_sgd_accepts_none_steps_when_disabled_as_accelerates_example_does(
     with local_sgd:
         local_sgd.step()
     assert local_sgd.num_steps == 1 and local_sgd.local_sgd_steps is None
+
+
+@pytest.mark.parametrize("accelerator", [None, "accelerator"])
+def test_local_sgd_names_a_missing_accelerator(accelerator):
+    with pytest.raises(TypeError, match=rf"accelerator must be an accelerate.Accelerator, got {accelerator!r}"):
+        LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+
+
+def test_a_huge_bucket_cap_plans_one_bucket_instead_of_overflowing():
+    averager = ParameterAverager([torch.zeros(3), torch.zeros(5)], bucket_cap_mb=1e13)
+    assert [b["tensor_indices"] for b in averager.buckets] == [[0, 1]]
+
+
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (torch.zeros(1, 1).expand(4, 3), r"tensors\[0\] \('w'\) has elements that share memory \(sizes \[4, 3\], strides \[0, 0\]"),
+        (torch.zeros(6)[::2].unsqueeze(0).expand(2, 3), "has elements that share memory"),
+    ],
+)
+def test_expanded_tensors_are_refused_before_anything_is_written(tensor, message):
+    with pytest.raises(ValueError, match=message):
+        ParameterAverager([tensor], names=["w"])
+
+
+def test_freed_storage_is_refused_instead_of_read():
+    t = torch.zeros(4, 3)
+    t.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match=r"tensors\[0\] \('w'\) needs 48 bytes of storage but its storage holds 0"):
+        ParameterAverager([t], names=["w"])
+
+
+@pytest.mark.parametrize(
+    "state, exception, message",
+    [
+        ({"num_steps": "abc", "sync_count": 0, "outer": None}, TypeError, r"state_dict\['num_steps'\] must be an int >= 0, got 'abc' \(str\)"),
+        ({"num_steps": 3, "sync_count": -1, "outer": None}, ValueError, r"state_dict\['sync_count'\] must be an int >= 0, got -1"),
+        ([("num_steps", 3)], TypeError, "state_dict must be a dict from LocalSGD.state_dict"),
+    ],
+)
+def test_load_state_dict_names_bad_entries(single_process_accelerator, state, exception, message):
+    local_sgd = LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+    with pytest.raises(exception, match=message):
+        local_sgd.load_state_dict(state)
+    assert local_sgd.num_steps == 0
+
+
+def test_nesting_one_local_sgd_is_refused(single_process_accelerator):
+    local_sgd = LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+    with local_sgd:
+        with pytest.raises(RuntimeError, match="already inside its `with` block"):
+            with local_sgd:
+                pass
+    with local_sgd:  # entering again after the block ended is fine
+        local_sgd.step()

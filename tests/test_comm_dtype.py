@@ -42,6 +42,30 @@ def test_opcheck_with_a_cast():
     )
 
 
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [2.0**-3, 2.0**14])
+def test_pack_scales_in_float32_before_the_cast(wire, scale):
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(3000, generator=gen), torch.randn(7, 9, generator=gen).t()]  # contiguous and strided
+    buffer = torch.zeros(3072, dtype=wire)
+    ops.pack_into(tensors, [0, 3008], buffer, scale)
+    for t, offset in zip(tensors, [0, 3008]):
+        assert torch.equal(buffer[offset : offset + t.numel()], (t.reshape(-1) * scale).to(wire))
+    torch.library.opcheck(torch.ops.localsgd_ext.pack_into.default, (tensors, [0, 3008], buffer, scale))
+
+
+@pytest.mark.parametrize("packer", ["dispatched", "generic"])
+def test_pack_refuses_a_scale_on_plain_copies_and_bad_scales(packer):
+    from localsgd_ext import _C
+
+    pack = ops.pack_into if packer == "dispatched" else _C._pack_into_generic
+    with pytest.raises(ValueError, match=r"scale must be 1 unless every tensor is float32 cast .* tensors\[0\] has dtype Float and buffer Float, got scale 2"):
+        pack([torch.zeros(4)], [0], torch.zeros(4), 2.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            pack([torch.zeros(4)], [0], torch.zeros(4, dtype=torch.float16), bad)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
 def test_mean_on_a_narrow_wire_is_within_the_rounding_bound(world_size, wire):
