@@ -45,6 +45,18 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
     assert (tmp_path / "averaging_latency.png").stat().st_size > 0
 
 
+def test_agreement_check_bench_runs_at_tiny_sizes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/agreement_check.py", "--smoke", "--rounds", "2", "--big-rounds", "1", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "agreement_check_2ranks.json").read_text())
+    assert set(report["median_ms"]) == {
+        "small all_reduce (floor)", "check: 2000 tensors", "check: + 2000 named buffers", "sync: tiny",
+        "sync: wide bf16 wire", "sync: wide fp16 wire", "DiLoCo enter digest (wide)"}
+
+
 def test_pipeline_depth_bench_runs_at_tiny_sizes():
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
