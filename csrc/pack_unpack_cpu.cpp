@@ -100,6 +100,14 @@ void copy_chunk(const CopyChunk& c) {
 
 // Elements per task when a cast is spread over intra-op threads.
 constexpr int64_t kCastGrain = 64 * 1024;
+// From this many elements an fp16 cast goes through ATen's kernels, which are built for the CPU's
+// vector units (this extension is not: its fp16 conversion is scalar, 2-4x slower on `wide`; bf16's is
+// a shift and stays here). Below it, ATen's per-call cost (microseconds) outweighs that.
+constexpr int64_t kAtenCastElements = 16 * 1024;
+
+bool cast_through_aten(const at::Tensor& tensor, const at::Tensor& buffer) {
+  return buffer.scalar_type() == at::kHalf && tensor.numel() >= kAtenCastElements;
+}
 
 // float32 (times `scale`, in float32) -> the wire dtype, rounding to nearest even (as
 // `(tensor * scale).to(dtype)` does).
@@ -110,6 +118,11 @@ void pack_casts(
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
     scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
     for (size_t i : casts) {
+      if (cast_through_aten(tensors[i], buffer)) {
+        // Multiplied in float32 (a power of two: exact), rounded once to the buffer's dtype.
+        pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
+        continue;
+      }
       const float* src = tensors[i].const_data_ptr<float>();
       scalar_t* dst = base + offsets[i];
       at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
@@ -129,8 +142,20 @@ void unpack_casts(
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
     const scalar_t* base = buffer.const_data_ptr<scalar_t>();
     for (size_t i : casts) {
-      const scalar_t* src = base + offsets[i];
       float* dst = tensors[i].mutable_data_ptr<float>();
+      if (cast_through_aten(tensors[i], buffer)) {
+        // Widened by ATen's vectorized copy, then divided in place here, as `slot.float() / divisor`.
+        const_cast<at::Tensor&>(tensors[i]).copy_(slot_in_buffer(buffer, offsets[i], tensors[i]));
+        if (divisor != 1.0) {
+          at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t k = begin; k < end; ++k) {
+              dst[k] = dst[k] / d;
+            }
+          });
+        }
+        continue;
+      }
+      const scalar_t* src = base + offsets[i];
       at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
         if (divisor == 1.0) {
           for (int64_t k = begin; k < end; ++k) {

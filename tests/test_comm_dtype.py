@@ -46,12 +46,18 @@ def test_opcheck_with_a_cast():
 @pytest.mark.parametrize("scale", [2.0**-3, 2.0**14])
 def test_pack_scales_in_float32_before_the_cast(wire, scale):
     gen = torch.Generator().manual_seed(1)
-    tensors = [torch.randn(3000, generator=gen), torch.randn(7, 9, generator=gen).t()]  # contiguous and strided
-    buffer = torch.zeros(3072, dtype=wire)
-    ops.pack_into(tensors, [0, 3008], buffer, scale)
-    for t, offset in zip(tensors, [0, 3008]):
+    # Small and large contiguous tensors (the CPU kernel converts large fp16 ones through ATen) and a strided one.
+    tensors = [torch.randn(3000, generator=gen), torch.randn(7, 9, generator=gen).t(), torch.randn(40000, generator=gen)]
+    offsets = [0, 3008, 3072]
+    buffer = torch.zeros(43072, dtype=wire)
+    ops.pack_into(tensors, offsets, buffer, scale)
+    for t, offset in zip(tensors, offsets):
         assert torch.equal(buffer[offset : offset + t.numel()], (t.reshape(-1) * scale).to(wire))
-    torch.library.opcheck(torch.ops.localsgd_ext.pack_into.default, (tensors, [0, 3008], buffer, scale))
+    outputs = [torch.empty_like(t) for t in tensors]
+    ops.unpack_from(buffer, offsets, 3.0 * scale, outputs)
+    for out, offset in zip(outputs, offsets):
+        assert torch.equal(out, buffer[offset : offset + out.numel()].float().view(out.shape) / (3.0 * scale))
+    torch.library.opcheck(torch.ops.localsgd_ext.pack_into.default, (tensors, offsets, buffer, scale))
 
 
 @pytest.mark.parametrize("packer", ["dispatched", "generic"])
