@@ -288,7 +288,7 @@ void BucketedAverager::bump_versions(const std::vector<at::Tensor>& tensors) con
 
 
 int64_t BucketedAverager::fingerprint(bool use_avg_op, int64_t extra_fingerprint) const {
-  Fnv1a hash;
+  WordHash hash;
   mix_layout(hash, tensors_);
   hash.mix(zero_copy_ ? 1 : 0);
   hash.mix(comm_dtype_ ? static_cast<uint64_t>(*comm_dtype_) + 1 : 0);

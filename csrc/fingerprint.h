@@ -9,14 +9,14 @@
 
 namespace localsgd_ext {
 
-// FNV-1a over 64-bit words, byte by byte: stable across processes and builds (unlike std::hash).
-class Fnv1a {
+// A digest over 64-bit words: xor, multiply by a 64-bit odd constant, fold the high half down. Stable
+// across processes and builds (unlike std::hash), and one multiply per word: a sync hashes every
+// tensor's layout and the plan (2000 tensors: ~20 us).
+class WordHash {
  public:
   void mix(uint64_t value) {
-    for (int byte = 0; byte < 8; ++byte) {
-      hash_ ^= (value >> (8 * byte)) & 0xFF;
-      hash_ *= 1099511628211ULL;
-    }
+    hash_ = (hash_ ^ value) * 0x9E3779B97F4A7C15ULL;
+    hash_ ^= hash_ >> 32;
   }
   // 62 bits: the value and its negation both fit in int64, so one MAX all_reduce gives max and min.
   int64_t digest() const { return static_cast<int64_t>(hash_ >> 2); }
@@ -26,7 +26,7 @@ class Fnv1a {
 };
 
 // Mixes the count, then each tensor's dtype, rank and sizes.
-void mix_layout(Fnv1a& hash, at::TensorList tensors);
+void mix_layout(WordHash& hash, at::TensorList tensors);
 int64_t layout_fingerprint(at::TensorList tensors);
 
 // One 62-bit digest of each tensor's bytes, in its logical (row-major) order; tensors on other
