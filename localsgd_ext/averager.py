@@ -260,14 +260,15 @@ class ParameterAverager:
 
     def _explain_failed_check(self, group: dist.ProcessGroup, values: Optional[List[int]] = None) -> RanksDisagreeError:
         """A collective, after a check failed on every rank: the error every rank raises."""
+        local_error = self._engine.local_error()
         mine = {
             "rank": dist.get_rank(group),
-            "error": self._engine.local_error(),
+            "error": local_error,
             "settings": self.settings,
             "layout": describe(self.params, self.names),
             "companions": describe(self._agreement_tensor_list, [name for name, _ in self._agreement_tensors]),
             "values": values,
-            "nonfinite": self._engine.first_nonfinite() if self.check_finite and not self._engine.local_error() else -1,
+            "nonfinite": self._engine.first_nonfinite() if self.check_finite and not local_error else -1,
         }
         return explain(gather(group, mine))
 
