@@ -5,7 +5,8 @@ CUDA toolkit is found (CUDA_HOME), whether or not a GPU is visible. Environment 
   LOCALSGD_EXT_SKIP_CUDA=1   build the CPU-only extension regardless;
   LOCALSGD_EXT_FORCE_CUDA=1  require the CUDA build: fail with the reason instead of falling back to CPU-only.
   TORCH_CUDA_ARCH_LIST       GPU architectures to compile for; without it and without a visible GPU,
-                             8.0 and 9.0 (A100, H100/H200), plus PTX that newer GPUs compile at load time.
+                             csrc/cuda/ARCH_LIST (8.0 and 9.0: A100, H100/H200, plus PTX that newer GPUs
+                             compile at load time), which CMakeLists.txt and the compile check read too.
 """
 
 import glob
@@ -17,7 +18,8 @@ import torch
 
 CPP_SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda", "ARCH_LIST")) as arch_file:
+    DEFAULT_CUDA_ARCH_LIST = arch_file.read().strip()
 
 
 def env_flag(name: str) -> bool:

@@ -1,19 +1,54 @@
-"""Local SGD for PyTorch with a compiled bucketed averaging engine; a drop-in for Accelerate's LocalSGD."""
+"""Local SGD for PyTorch with a compiled bucketed averaging engine; a drop-in for Accelerate's LocalSGD.
 
-import torch  # noqa: F401  (loads libtorch before the compiled module, which has no RPATH to it)
+`ParameterAverager` needs only torch. `LocalSGD` and `patch_accelerate` need Hugging Face Accelerate
+(`pip install "localsgd_ext[accelerate]"`) and load it on first use."""
 
-from . import ops
-from .averager import ParameterAverager
-from .consistency import RanksDisagreeError
-from .local_sgd import LocalSGD
+__version__ = "0.1.0"
 
-__all__ = ["LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops", "patch_accelerate"]
+import torch  # noqa: F401, E402  (loads libtorch before the compiled module, which has no RPATH to it)
+
+from . import ops  # noqa: E402
+from .averager import ParameterAverager  # noqa: E402
+from .consistency import RanksDisagreeError  # noqa: E402
+from .options import AveragingOptions  # noqa: E402
+
+__all__ = ["AveragingOptions", "LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops", "patch_accelerate"]
+
+_NEEDS_ACCELERATE = (
+    "{what} needs Hugging Face Accelerate, which is not installed: pip install \"localsgd_ext[accelerate]\" "
+    "(or pip install accelerate). ParameterAverager works without it."
+)
+
+
+def _import_needing_accelerate(what: str, run):
+    try:
+        return run()
+    except ImportError as error:
+        if (error.name or "").split(".")[0] == "accelerate":
+            raise ImportError(_NEEDS_ACCELERATE.format(what=what), name=error.name) from error
+        raise
+
+
+def __getattr__(name: str):
+    if name == "LocalSGD":
+        def load():
+            from .local_sgd import LocalSGD
+
+            return LocalSGD
+
+        local_sgd = _import_needing_accelerate("localsgd_ext.LocalSGD", load)
+        globals()["LocalSGD"] = local_sgd
+        return local_sgd
+    raise AttributeError(f"module 'localsgd_ext' has no attribute {name!r}")
 
 
 def patch_accelerate() -> type:
     """Makes `accelerate.local_sgd.LocalSGD` ours for every import that follows; see `localsgd_ext.patch`.
     (Imported lazily, so that `python -m localsgd_ext.patch` finds its module unimported.)"""
-    from .patch import patch_accelerate as patch
 
-    return patch()
-__version__ = "0.1.0"
+    def patch():
+        from .patch import patch_accelerate as patch_now
+
+        return patch_now()
+
+    return _import_needing_accelerate("localsgd_ext.patch_accelerate", patch)

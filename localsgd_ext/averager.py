@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 
 from . import _C
 from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
+from .options import AveragingOptions
 
 __all__ = ["ParameterAverager"]
 
@@ -20,41 +20,9 @@ __all__ = ["ParameterAverager"]
 # fused into the unpack (the same division, so the same bits), in zero-copy mode there is no unpack.
 _BACKENDS_WITH_AVG = ("gloo", "nccl")
 _BACKENDS_WITH_FREE_AVG = ("nccl",)
-_REDUCE_OPS = ("auto", "avg", "sum")
 # Copy mode: staging buffers per device. Two already overlap packing with the wire; three measured the
 # same on gloo (bench/pipeline_depth.py, bench/RESULTS.md) for 50% more memory.
 _BUFFERS_IN_FLIGHT = 2
-# Any cap at or above the model's size plans one bucket per device and dtype; larger ones would only
-# overflow the engine's int64.
-_LARGEST_BUCKET_CAP_BYTES = 2**62
-
-
-def _check_bucket_cap_mb(bucket_cap_mb) -> float:
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real):
-        raise TypeError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-    if not bucket_cap_mb > 0 or bucket_cap_mb == float("inf"):
-        raise ValueError(f"bucket_cap_mb must be a positive finite number, got {bucket_cap_mb!r}")
-    return float(bucket_cap_mb)
-
-
-_COMM_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _check_comm_dtype(comm_dtype, zero_copy: bool):
-    if comm_dtype is not None and comm_dtype not in _COMM_DTYPES:
-        raise ValueError(f"comm_dtype must be None, torch.bfloat16 or torch.float16, got {comm_dtype!r}")
-    if comm_dtype is not None and zero_copy:
-        raise ValueError(
-            "comm_dtype needs copy mode (zero_copy=False): zero-copy mode all-reduces the parameters' own memory, "
-            "in their own dtype"
-        )
-    return comm_dtype
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def _check_tensors(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
@@ -170,12 +138,37 @@ class ParameterAverager:
     ):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
-        if reduce_op not in _REDUCE_OPS:
-            raise ValueError(f"reduce_op must be one of {_REDUCE_OPS}, got {reduce_op!r}")
-        self.check_finite = _check_bool("check_finite", check_finite)
-        self.zero_copy = _check_bool("zero_copy", zero_copy)
-        self.comm_dtype = _check_comm_dtype(comm_dtype, self.zero_copy)
-        self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
+        options = AveragingOptions(
+            bucket_cap_mb=bucket_cap_mb,
+            check_finite=check_finite,
+            zero_copy=zero_copy,
+            comm_dtype=comm_dtype,
+            reduce_op=reduce_op,
+        )
+        self._setup(params, options, process_group, names, agreement_settings, agreement_tensors)
+
+    @classmethod
+    def with_options(
+        cls,
+        params: Iterable[torch.Tensor],
+        options: AveragingOptions,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        names: Optional[Sequence[str]] = None,
+        agreement_settings: Optional[Mapping[str, Any]] = None,
+        agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
+    ) -> "ParameterAverager":
+        """The same averager, from options already built and checked (as `LocalSGD` holds them)."""
+        if not isinstance(options, AveragingOptions):
+            raise TypeError(f"options must be an AveragingOptions, got {type(options).__name__}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        averager = cls.__new__(cls)
+        averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors)
+        return averager
+
+    def _setup(self, params, options, process_group, names, agreement_settings, agreement_tensors) -> None:
+        self.options = options
         self.params = _check_tensors(params)
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
         if len(self.names) != len(self.params):
@@ -183,25 +176,24 @@ class ParameterAverager:
         if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
             raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
         self.process_group = process_group
-        self.reduce_op = reduce_op
-        self.settings = {
-            "bucket_cap_mb": self.bucket_cap_mb,
-            "check_finite": self.check_finite,
-            "comm_dtype": str(self.comm_dtype),
-            "reduce_op": self.reduce_op,
-            "zero_copy": self.zero_copy,
-            **(agreement_settings or {}),
-        }
+        self.settings = {**options.settings(), **(agreement_settings or {})}
         self._settings_fingerprint = settings_fingerprint(self.settings, self.names)
         self.agreement_tensors = agreement_tensors
         self._engine = _C.BucketedAverager(
             self.params,
-            min(max(1, int(self.bucket_cap_mb * 2**20)), _LARGEST_BUCKET_CAP_BYTES),
+            options.bucket_cap_bytes,
             _BUFFERS_IN_FLIGHT,
-            self.zero_copy,
-            self.comm_dtype,
+            options.zero_copy,
+            options.comm_dtype,
             self.names,
         )
+
+    # The options, as attributes of their own (read-only).
+    bucket_cap_mb = property(lambda self: self.options.bucket_cap_mb)
+    check_finite = property(lambda self: self.options.check_finite)
+    zero_copy = property(lambda self: self.options.zero_copy)
+    comm_dtype = property(lambda self: self.options.comm_dtype)
+    reduce_op = property(lambda self: self.options.reduce_op)
 
     @property
     def agreement_tensors(self) -> List[Tuple[str, torch.Tensor]]:

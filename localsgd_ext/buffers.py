@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 from .averager import ParameterAverager
+from .options import AveragingOptions
 
 
 class BufferSync:
-    def __init__(self, named_buffers: List[tuple], bucket_cap_mb: float):
+    def __init__(self, named_buffers: List[tuple], options: AveragingOptions):
         averaged = [
             (name, torch.view_as_real(b) if b.is_complex() else b)
             for name, b in named_buffers
@@ -23,7 +24,7 @@ class BufferSync:
         ]
         self.integer = [b for _, b in named_buffers if not (b.is_floating_point() or b.is_complex())]
         self.averager = (
-            ParameterAverager([b for _, b in averaged], bucket_cap_mb=bucket_cap_mb, names=[n for n, _ in averaged])
+            ParameterAverager.with_options([b for _, b in averaged], options, names=[n for n, _ in averaged])
             if averaged
             else None
         )

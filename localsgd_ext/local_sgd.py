@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import List, Mapping, Optional
 
@@ -11,10 +10,11 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
 from . import _C
-from .averager import ParameterAverager, _check_bool, _check_bucket_cap_mb, _check_comm_dtype
+from .averager import ParameterAverager
 from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
+from .options import AveragingOptions, check_bool, check_int_at_least
 
 __all__ = ["LocalSGD"]
 
@@ -37,19 +37,11 @@ _SUPPORTED_DISTRIBUTED_TYPES = tuple(
 )
 
 
-def _check_int_at_least(name: str, value, minimum: int, type_note: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}{type_note}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_local_sgd_steps(local_sgd_steps, enabled):
     # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
     if local_sgd_steps is None and not enabled:
         return None
-    return _check_int_at_least("local_sgd_steps", local_sgd_steps, 1, " (None only with enabled=False)")
+    return check_int_at_least("local_sgd_steps", local_sgd_steps, 1, " (None only with enabled=False)")
 
 
 class LocalSGD:
@@ -149,7 +141,7 @@ class LocalSGD:
             )
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
-        _check_bool("enabled", enabled)
+        check_bool("enabled", enabled)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
@@ -157,21 +149,26 @@ class LocalSGD:
         self.accelerator = accelerator
         self.model = model
         self.local_sgd_steps = _check_local_sgd_steps(local_sgd_steps, enabled)
-        self.bucket_cap_mb = _check_bucket_cap_mb(bucket_cap_mb)
-        self.check_finite = _check_bool("check_finite", check_finite)
-        self.zero_copy = _check_bool("zero_copy", zero_copy)
-        self.comm_dtype = _check_comm_dtype(comm_dtype, self.zero_copy)
+        self.options = AveragingOptions(
+            bucket_cap_mb=bucket_cap_mb, check_finite=check_finite, zero_copy=zero_copy, comm_dtype=comm_dtype
+        )
         build_outer_optimizer = resolve_outer_optimizer(outer_optimizer)
         self.outer_anchor_device = check_anchor_device(outer_anchor_device)
         self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
-        self.sync_buffers = _check_bool("sync_buffers", sync_buffers)
-        self.warmup_steps = _check_int_at_least("warmup_steps", warmup_steps, 0)
+        self.sync_buffers = check_bool("sync_buffers", sync_buffers)
+        self.warmup_steps = check_int_at_least("warmup_steps", warmup_steps, 0)
         self._buffer_sync: Optional[BufferSync] = None
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         self._averager: Optional[ParameterAverager] = None
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
         self._entered = False
+
+    # The averaging options, as attributes of their own (read-only).
+    bucket_cap_mb = property(lambda self: self.options.bucket_cap_mb)
+    check_finite = property(lambda self: self.options.check_finite)
+    zero_copy = property(lambda self: self.options.zero_copy)
+    comm_dtype = property(lambda self: self.options.comm_dtype)
 
     def _agreement_settings(self) -> Mapping[str, object]:
         """What every rank must share beyond the averager's own options: when it syncs, and what it does
@@ -251,8 +248,8 @@ class LocalSGD:
         missing = {"num_steps", "sync_count", "outer"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
-        num_steps = _check_int_at_least("state_dict['num_steps']", state_dict["num_steps"], 0)
-        sync_count = _check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
+        num_steps = check_int_at_least("state_dict['num_steps']", state_dict["num_steps"], 0)
+        sync_count = check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
         if (state_dict["outer"] is None) != (self._outer is None):
             raise ValueError(
                 "state_dict was saved with outer_optimizer " + ("set" if state_dict["outer"] is not None else "None")
@@ -278,19 +275,13 @@ class LocalSGD:
             names = [name for name, _ in self.model.named_parameters()]
             # Dropped first: in zero-copy mode its flat buffers are freed once the new ones hold the values.
             self._averager = averager = None
-            averager = ParameterAverager(
-                params,
-                bucket_cap_mb=self.bucket_cap_mb,
-                names=names,
-                check_finite=self.check_finite,
-                zero_copy=self.zero_copy,
-                comm_dtype=self.comm_dtype,
-                agreement_settings=self._agreement_settings(),
+            averager = ParameterAverager.with_options(
+                params, self.options, names=names, agreement_settings=self._agreement_settings()
             )
             self._averager = averager
         if self.sync_buffers:
             named_buffers = list(self.model.named_buffers())
-            self._buffer_sync = BufferSync(named_buffers, self.bucket_cap_mb)
+            self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.bucket_cap_mb))
             # Checked with the parameters, in the same collective: the buffers' sync runs unchecked.
             averager.agreement_tensors = named_buffers
         self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))

@@ -6,7 +6,7 @@
 #   3. the torch glue (csrc/cuda/*.cpp) through the host compiler's syntax check against the installed
 #      torch's headers. A CPU-only torch wheel lacks the one header its CMake configure step generates
 #      (c10/cuda/impl/cuda_cmake_macros.h); a copy with the value CUDA wheels ship is supplied then.
-# Architectures: TORCH_CUDA_ARCH_LIST if set (e.g. "8.0;9.0"), else 8.0 and 9.0, setup.py's default.
+# Architectures: TORCH_CUDA_ARCH_LIST if set (e.g. "8.0;9.0"), else csrc/cuda/ARCH_LIST, setup.py's default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +30,9 @@ cuda_include="$cuda_home/include"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+arch_list=${TORCH_CUDA_ARCH_LIST:-$(tr -d '[:space:]' < csrc/cuda/ARCH_LIST)}
 gencode=()
-IFS=';' read -ra archs <<< "${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+IFS=';' read -ra archs <<< "$arch_list"
 for arch in "${archs[@]}"; do
   number=${arch%+PTX}
   number=${number//./}
@@ -41,7 +42,7 @@ done
 # The flags torch's CUDAExtension adds (no implicit half/bf16 conversions, ...), so this is the real build.
 read -ra torch_nvcc_flags <<< "$(python -c 'from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(" ".join(f))')"
 for source in csrc/cuda/*.cu; do
-  echo "nvcc -c $source (${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+  echo "nvcc -c $source ($arch_list)"
   "$NVCC" -c -std=c++20 -O3 "${torch_nvcc_flags[@]}" "${gencode[@]}" "$source" -o "$work/$(basename "$source").o"
 done
 

@@ -1,0 +1,26 @@
+// Refusals of tensors the engine cannot average, each a sentence naming the tensor, raised before any
+// memory is read or written.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+namespace localsgd_ext {
+
+// "tensors[3]", or "tensors[3] ('layer.weight')" when names are known.
+std::string tensor_label(const std::vector<std::string>& names, size_t index);
+
+// Undefined, not dense, on the meta device, or not floating: refused whenever a plan is built.
+void check_averageable(const std::vector<at::Tensor>& tensors);
+
+// Elements that share memory (an expanded view: `param.data = t.expand(...)` keeps numel and dtype, so
+// no re-plan notices), or storage that no longer holds them (freed, e.g. resize_(0)): checked at every
+// plan and every sync, since either can happen between syncs.
+void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names);
+
+// Zero-copy: tensors that overlap each other in one storage cannot be flattened apart.
+void check_no_shared_memory(const std::vector<at::Tensor>& tensors);
+
+} // namespace localsgd_ext
