@@ -1,3 +1,4 @@
+// The agreement check's collective: encoding, the MAX all_reduce, decoding (see agreement.h).
 #include "agreement.h"
 
 #include <ATen/ops/empty.h>

@@ -1,3 +1,4 @@
+// BucketedAverager: one sync, from local preparation through the check to the ring or the flat buffers.
 #include "averager.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>

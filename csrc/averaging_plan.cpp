@@ -1,3 +1,4 @@
+// Building an AveragingPlan from the tensors, and telling when it went stale.
 #include "averaging_plan.h"
 
 #include <algorithm>

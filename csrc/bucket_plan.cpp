@@ -1,3 +1,4 @@
+// The bucket planner (see bucket_plan.h); no torch, so ctest checks it in seconds.
 #include "bucket_plan.h"
 
 #include <map>

@@ -1,3 +1,4 @@
+// Layout and content digests that ranks compare (see fingerprint.h).
 #include "fingerprint.h"
 
 #include <ATen/Parallel.h>

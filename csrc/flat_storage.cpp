@@ -1,3 +1,4 @@
+// Zero-copy mode's flat buffers: flatten, re-point detection, in-place all_reduce.
 #include "flat_storage.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>

@@ -1,3 +1,4 @@
+// Sliced waits on collectives, with the interrupt hook between slices.
 #include "interruptible_wait.h"
 
 #include <c10/util/Exception.h>

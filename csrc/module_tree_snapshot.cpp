@@ -1,3 +1,4 @@
+// ModuleTreeSnapshot: record a module tree's registrations, and compare them again.
 #include "module_tree_snapshot.h"
 
 namespace py = pybind11;

@@ -1,3 +1,4 @@
+// The ATen-op pack/unpack every backend without its own kernels falls back to.
 #include "pack_unpack_generic.h"
 
 #include <torch/library.h>

@@ -1,3 +1,4 @@
+// Copy mode's staging buffers and the pack -> all_reduce -> unpack ring.
 #include "staging_ring.h"
 
 #include <ATen/ops/zeros.h>

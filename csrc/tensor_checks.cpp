@@ -1,3 +1,4 @@
+// The engine's refusals of tensors, each naming the tensor.
 #include "tensor_checks.h"
 
 #include <ATen/MemoryOverlap.h>

@@ -1,3 +1,4 @@
+// NaN/Inf and magnitude scans, one host sync per device.
 #include "tensor_scans.h"
 
 #include <ATen/ops/aminmax.h>

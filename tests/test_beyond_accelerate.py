@@ -1,25 +1,12 @@
-"""LocalSGD's options beyond Accelerate, on real gloo ranks: warmup_steps, sync_buffers, DiLoCo's outer
-step, checkpointing through Accelerate (save, kill, resume), and their argument checks."""
+"""LocalSGD's options beyond Accelerate, on real gloo ranks: sync_buffers, DiLoCo's outer step,
+checkpointing through Accelerate (save, kill, resume). The sync cadence (warmup_steps) is pure logic,
+tested in-process in test_cadence.py."""
 
 import pytest
 import torch
 
 from multiprocess import run_ranks
 from workers_beyond import CHECKPOINT_AT, CHECKPOINT_STEPS
-
-
-@pytest.mark.parametrize(
-    "local_sgd_steps, warmup_steps, steps, expected",
-    [
-        (4, 0, 10, [4, 8]),  # Accelerate's cadence
-        (4, 3, 12, [1, 2, 3, 7, 11]),  # every step for 3, then every 4 from there
-        (2, 5, 6, [1, 2, 3, 4, 5]),
-    ],
-)
-def test_warmup_syncs_every_step_then_every_k(local_sgd_steps, warmup_steps, steps, expected):
-    for rank in run_ranks(2, "workers_beyond:sync_points", local_sgd_steps, warmup_steps, steps):
-        assert rank["synced"] == expected
-        assert rank["final_sync_count"] == len(expected) + 1  # and once on exit
 
 
 def test_sync_buffers_averages_floats_and_copies_integers_from_rank_0():

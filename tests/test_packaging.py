@@ -64,3 +64,20 @@ def test_the_cuda_arch_list_is_defined_once():
         assert "csrc/cuda/ARCH_LIST" in text or '"cuda", "ARCH_LIST"' in text, path
         assert own_copy not in text, path
 
+
+
+def test_every_test_the_reliability_table_names_exists():
+    """docs/reliability.md names a test for each bad input; a renamed or deleted test must fail here."""
+    import re
+
+    with open(os.path.join(REPO_ROOT, "docs", "reliability.md")) as f:
+        rows = [line for line in f if line.startswith("| ") and not line.startswith("| input") and "---" not in line]
+    assert len(rows) >= 29
+    for row in rows:
+        references = re.findall(r"`((?:tests/cpp/)?\w+\.(?:py|cpp))(?:::(\w+))?`", row.split("|")[3])
+        assert references, f"a row without a test: {row}"
+        for path, name in references:
+            full = os.path.join(REPO_ROOT, path if path.startswith("tests/") else os.path.join("tests", path))
+            with open(full) as f:
+                source = f.read()
+            assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} does not exist"

@@ -18,22 +18,6 @@ def _accelerator(*handlers) -> Accelerator:
     return Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout()), *handlers])
 
 
-def sync_points(local_sgd_steps, warmup_steps, steps):
-    """The steps after which a sync ran."""
-    accelerator = _accelerator()
-    model = accelerator.prepare(torch.nn.Linear(2, 2))
-    synced = []
-    with LocalSGD(
-        accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, warmup_steps=warmup_steps
-    ) as local_sgd:
-        for step in range(1, steps + 1):
-            before = local_sgd.sync_count
-            local_sgd.step()
-            if local_sgd.sync_count > before:
-                synced.append(step)
-    return {"synced": synced, "final_sync_count": local_sgd.sync_count}
-
-
 class BatchNormNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,0 +1,134 @@
+"""LocalSGD's pure logic, in-process with a fake averager (as torchft tests its LocalSGD with
+create_autospec(Manager)): when it syncs (local_sgd_steps, warmup_steps, the exit sync), what it hands
+the averager, and how it treats no_sync(). What is collective is tested on real ranks elsewhere."""
+
+import contextlib
+import types
+from unittest import mock
+
+import pytest
+import torch
+from accelerate import DistributedType
+
+import localsgd_ext.local_sgd as local_sgd_module
+from localsgd_ext import AveragingOptions, LocalSGD, ParameterAverager
+
+
+class NoSyncModel(torch.nn.Module):
+    """What LocalSGD needs of a DDP model: parameters, and no_sync() switching gradient sync off."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.require_backward_grad_sync = True
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        before, self.require_backward_grad_sync = self.require_backward_grad_sync, False
+        try:
+            yield
+        finally:
+            self.require_backward_grad_sync = before
+
+
+@pytest.fixture
+def fake_averager(monkeypatch):
+    """Replaces the engine: `with_options` returns autospec'd averagers that record the step of each
+    average() call in `synced`."""
+    record = types.SimpleNamespace(synced=[], built=[], local_sgd=None)
+
+    def build(params, options, **kwargs):
+        averager = mock.create_autospec(ParameterAverager, instance=True)
+        averager.params = list(params)
+        averager.average.side_effect = lambda: record.synced.append(record.local_sgd.num_steps)
+        record.built.append((options, kwargs, averager))
+        return averager
+
+    fake_class = mock.create_autospec(ParameterAverager)
+    fake_class.with_options.side_effect = build
+    monkeypatch.setattr(local_sgd_module, "ParameterAverager", fake_class)
+    return record
+
+
+def local_sgd_over(record, **kwargs):
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    record.local_sgd = LocalSGD(accelerator=accelerator, model=NoSyncModel(), **kwargs)
+    return record.local_sgd
+
+
+@pytest.mark.parametrize(
+    "local_sgd_steps, warmup_steps, steps, expected",
+    [
+        (4, 0, 10, [4, 8]),  # Accelerate's cadence
+        (4, 3, 12, [1, 2, 3, 7, 11]),  # every step for 3, then every 4 from there
+        (2, 5, 6, [1, 2, 3, 4, 5]),
+    ],
+)
+def test_warmup_syncs_every_step_then_every_k(fake_averager, local_sgd_steps, warmup_steps, steps, expected):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=local_sgd_steps, warmup_steps=warmup_steps)
+    last_step_synced = []
+    with local_sgd:
+        for _ in range(steps):
+            local_sgd.step()
+            last_step_synced.append(local_sgd.last_step_synced)
+    assert fake_averager.synced == expected + [steps]  # and once on exit
+    assert local_sgd.sync_count == len(expected) + 1
+    assert [step for step, synced in enumerate(last_step_synced, start=1) if synced] == expected
+
+
+def test_an_exception_in_the_block_skips_the_exit_sync_and_restores_grad_sync(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=2)
+    with pytest.raises(KeyError):
+        with local_sgd:
+            assert local_sgd.model.require_backward_grad_sync is False
+            local_sgd.step()
+            local_sgd.step()
+            raise KeyError("bug")
+    assert fake_averager.synced == [2]
+    assert local_sgd.model.require_backward_grad_sync is True
+
+
+def test_disabled_builds_no_averager_and_counts_steps(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=2, enabled=False)
+    with local_sgd:
+        for _ in range(5):
+            local_sgd.step()
+    assert fake_averager.built == [] and local_sgd.num_steps == 5 and local_sgd.sync_count == 0
+
+
+def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=3, warmup_steps=1, bucket_cap_mb=4, check_finite=True)
+    with local_sgd:
+        local_sgd.step()
+    ((options, kwargs, averager),) = fake_averager.built
+    assert options is local_sgd.options
+    assert options == AveragingOptions(bucket_cap_mb=4, check_finite=True)
+    assert kwargs["names"] == ["linear.weight", "linear.bias"]
+    assert kwargs["agreement_settings"] == {
+        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False}
+    averager.verify_ranks_agree.assert_called_once_with()
+
+
+def test_the_averager_is_rebuilt_only_when_the_parameters_change(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=1)
+    with local_sgd:
+        local_sgd.step()
+        local_sgd.step()
+        local_sgd.model.extra = torch.nn.Linear(1, 1)  # registers two parameters
+        local_sgd.step()
+    assert len(fake_averager.built) == 2
+    assert len(fake_averager.built[1][2].params) == 4
+
+
+def test_a_resumed_run_keeps_the_cadence(fake_averager):
+    first = local_sgd_over(fake_averager, local_sgd_steps=4)
+    with first:
+        for _ in range(6):
+            first.step()
+    resumed = local_sgd_over(fake_averager, local_sgd_steps=4)
+    resumed.load_state_dict(first.state_dict())
+    fake_averager.synced.clear()
+    with resumed:
+        for _ in range(3):
+            resumed.step()
+    assert fake_averager.synced == [8, 9]  # step 8 as if uninterrupted, then the exit
