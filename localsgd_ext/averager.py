@@ -136,8 +136,6 @@ class ParameterAverager:
         agreement_settings: Optional[Mapping[str, Any]] = None,
         agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
     ):
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         options = AveragingOptions(
             bucket_cap_mb=bucket_cap_mb,
             check_finite=check_finite,
@@ -161,13 +159,13 @@ class ParameterAverager:
         """The same averager, from options already built and checked (as `LocalSGD` holds them)."""
         if not isinstance(options, AveragingOptions):
             raise TypeError(f"options must be an AveragingOptions, got {type(options).__name__}")
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         averager = cls.__new__(cls)
         averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors)
         return averager
 
     def _setup(self, params, options, process_group, names, agreement_settings, agreement_tensors) -> None:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         self.options = options
         self.params = _check_tensors(params)
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)

@@ -218,3 +218,27 @@ def test_nesting_one_local_sgd_is_refused(single_process_accelerator):
                 pass
     with local_sgd:  # entering again after the block ended is fine
         local_sgd.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(agreement_settings=[("local_sgd_steps", 4)]), "agreement_settings must be a mapping or None, got list"),
+        (dict(agreement_tensors=[torch.zeros(2)]), r"agreement_tensors\[0\] must be a \(name, tensor\) pair, got tensor"),
+        (dict(agreement_tensors=[("b", "not a tensor")]), r"agreement_tensors\[0\] must be a \(name, tensor\) pair"),
+    ],
+)
+def test_averager_rejects_bad_agreement_arguments(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        ParameterAverager([torch.zeros(3)], **kwargs)
+
+
+def test_with_options_takes_built_options_only():
+    from localsgd_ext import AveragingOptions
+
+    averager = ParameterAverager.with_options([torch.zeros(3)], AveragingOptions(bucket_cap_mb=1, check_finite=True))
+    assert (averager.bucket_cap_mb, averager.check_finite, averager.reduce_op) == (1.0, True, "auto")
+    with pytest.raises(TypeError, match="options must be an AveragingOptions, got dict"):
+        ParameterAverager.with_options([torch.zeros(3)], {"bucket_cap_mb": 1})
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a positive finite number, got 0"):
+        AveragingOptions(bucket_cap_mb=0)
