@@ -13,6 +13,7 @@
 
 #include "agreement.h"
 #include "averaging_plan.h"
+#include "delayed_average.h"
 #include "flat_storage.h"
 #include "staging_ring.h"
 
@@ -56,6 +57,23 @@ class BucketedAverager {
       int64_t extra_fingerprint = 0,
       bool run_check = true);
 
+  // The overlapped sync: prepares and checks as average() does (the check is waited for), then packs
+  // every bucket into a snapshot and starts its all_reduce, and returns without waiting. Copy mode,
+  // no fp16 wire. False, with nothing started, when the check fails.
+  bool start_delayed(
+      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+      bool use_avg_op,
+      c10::Device status_device,
+      bool check_finite,
+      int64_t extra_fingerprint = 0);
+  // Waits for the started average and merges it: each tensor t += mean(snapshot) - snapshot. Refuses,
+  // after waiting, when a tensor changed numel, dtype or device meanwhile.
+  void finish_delayed();
+  // Waits for the started average without merging (after an exception): nothing stays on the wire.
+  void drain_delayed() { delayed_.drain(); }
+  bool delayed_pending() const { return delayed_.pending(); }
+  int64_t delayed_bytes() const { return delayed_.bytes(); }
+
   // Only the check average() starts with. A collective: every rank must call it.
   bool ranks_agree(
       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
@@ -87,7 +105,8 @@ class BucketedAverager {
   // Everything a sync does locally before anything is sent: check memory, re-plan when the tensors
   // changed, allocate staging, scan for NaN/Inf and the fp16 range. A failure is kept in local_error_
   // and flagged in the check, so that every rank stops before any bucket is on the wire.
-  AgreementInput prepare(bool use_avg_op, bool check_finite, int64_t extra_fingerprint, bool for_average);
+  AgreementInput prepare(
+      bool use_avg_op, bool check_finite, int64_t extra_fingerprint, bool for_average, bool allocate_staging = true);
   // A sync that threw with collectives in flight (Ctrl-C, a failed collective) leaves them to finish
   // in the background; the engine refuses to be used again.
   void refuse_after_abandoned_sync() const;
@@ -100,6 +119,7 @@ class BucketedAverager {
   AveragingPlan plan_;
   StagingRing ring_;   // copy mode
   FlatStorage flat_;   // zero-copy mode
+  DelayedAverage delayed_;
   std::exception_ptr local_error_;
   bool sync_abandoned_ = false;
 };

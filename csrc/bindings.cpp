@@ -116,6 +116,14 @@ PYBIND11_MODULE(_C, m) {
           "fingerprint", &BucketedAverager::fingerprint, py::arg("use_avg_op") = false,
           py::arg("extra_fingerprint") = 0)
       .def("layout_fingerprint", [](const BucketedAverager& self) { return self.fingerprint(false, 0); })
+      .def(
+          "start_delayed", &BucketedAverager::start_delayed, py::arg("group").none(false), py::arg("use_avg_op"),
+          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+          py::call_guard<py::gil_scoped_release>())
+      .def("finish_delayed", &BucketedAverager::finish_delayed, py::call_guard<py::gil_scoped_release>())
+      .def("drain_delayed", &BucketedAverager::drain_delayed, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("delayed_pending", &BucketedAverager::delayed_pending)
+      .def_property_readonly("delayed_bytes", &BucketedAverager::delayed_bytes)
       .def("local_error", &BucketedAverager::local_error)
       .def("rethrow_local_error", &BucketedAverager::rethrow_local_error)
       .def("first_nonfinite", &BucketedAverager::first_nonfinite, py::call_guard<py::gil_scoped_release>())

@@ -10,4 +10,8 @@ TORCH_LIBRARY(localsgd_ext, m) {
   // Copies `buffer` back into each tensor from its element offset, dividing by `divisor` on the way
   // (computed in float for fp16/bf16, like torch's `tensor / divisor`). A divisor of 1 is a plain copy.
   m.def("unpack_from(Tensor buffer, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");
+  // Overlapped sync's merge: each tensor t becomes t + (sum / divisor - snapshot), reading sum and
+  // snapshot (the buffer as packed before its all_reduce) from its offset; computed in float32 for
+  // fp16/bf16 tensors, in the tensor's dtype otherwise.
+  m.def("merge_into(Tensor sum, Tensor snapshot, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");
 }

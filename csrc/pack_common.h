@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
 
@@ -85,6 +88,16 @@ inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, doubl
   // const_cast: the schema declares these tensors mutable (Tensor(a!)[]). at::div, not a multiply:
   // it rounds exactly as `tensor / divisor` does on the same device.
   const_cast<at::Tensor&>(tensor).copy_(divisor == 1.0 ? slot : at::div(slot, divisor));
+}
+
+// Overlapped sync's merge through ATen (any device, any strides): t + (sum / divisor - snapshot), each
+// operand widened to the tensor's math dtype (float32 for fp16/bf16), rounded once into the tensor.
+inline void merge_one_with_aten(
+    const at::Tensor& sum, const at::Tensor& snapshot, int64_t offset, double divisor, const at::Tensor& tensor) {
+  const c10::ScalarType math = at::toOpMathType(tensor.scalar_type());
+  const at::Tensor mean = at::div(slot_in_buffer(sum, offset, tensor).to(math), divisor);
+  const at::Tensor merged = at::add(tensor.to(math), at::sub(mean, slot_in_buffer(snapshot, offset, tensor).to(math)));
+  const_cast<at::Tensor&>(tensor).copy_(merged);
 }
 
 inline void check_divisor(const char* op, double divisor) {

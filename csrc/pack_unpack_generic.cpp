@@ -23,10 +23,26 @@ void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, doub
   }
 }
 
+void merge_into_generic(
+    const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
+  check_pack_arguments("merge_into", tensors, offsets, sum);
+  check_pack_arguments("merge_into", tensors, offsets, snapshot);
+  check_divisor("merge_into", divisor);
+  TORCH_CHECK_TYPE(
+      sum.scalar_type() == snapshot.scalar_type(),
+      "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ", snapshot.scalar_type(), ".");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() > 0) {
+      merge_one_with_aten(sum, snapshot, offsets[i], divisor, tensors[i]);
+    }
+  }
+}
+
 // Any backend without its own kernel (CPU has one in pack_unpack_cpu.cpp) falls back to these.
 TORCH_LIBRARY_IMPL(localsgd_ext, CompositeExplicitAutograd, m) {
   m.impl("pack_into", &pack_into_generic);
   m.impl("unpack_from", &unpack_from_generic);
+  m.impl("merge_into", &merge_into_generic);
 }
 
 } // namespace localsgd_ext

@@ -298,6 +298,37 @@ class ParameterAverager:
                 group, self._use_avg_op(group), status_device(group, self.params), False, 0, run_check=False
             )
 
+    def start_average(self) -> None:
+        """Starts an overlapped average and returns without waiting for the wire: the same check as
+        `average()` (waited for), then every bucket is packed into a snapshot and its all_reduce started.
+        Later `finish_average()` adds to each tensor `mean(snapshot) - snapshot`, the averaged correction,
+        so that what the tensors learned meanwhile is kept. A collective: every rank must call it. Copy
+        mode only; `comm_dtype` may be bfloat16, not float16. Extra memory: two copies of the model in
+        its wire dtype, kept for the next call."""
+        group = self._group()
+        device = status_device(group, self.params)
+        use_avg_op = self._use_avg_op(group)
+        self._run_checked(
+            group,
+            lambda: self._engine.start_delayed(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()),
+        )
+
+    def finish_average(self) -> None:
+        """Waits for the average `start_average()` started and merges it: each tensor `t` becomes
+        `t + (mean(snapshot) - snapshot)`, in one compiled pass."""
+        with _lost_rank_errors(self._group()):
+            self._engine.finish_delayed()
+
+    @property
+    def average_pending(self) -> bool:
+        """Whether `start_average()` started an average that `finish_average()` has not merged yet."""
+        return self._engine.delayed_pending
+
+    def _drain_pending_average(self) -> None:
+        """Waits for a started average without merging it (an exception is on its way): nothing stays on
+        the wire, so the group can be torn down cleanly."""
+        self._engine.drain_delayed()
+
     def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
         """Only the check `average()` starts with: every rank of the group raises the same
         `RanksDisagreeError` if they differ in anything the check covers (see the class docstring), or,

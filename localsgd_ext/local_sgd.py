@@ -116,6 +116,15 @@ class LocalSGD:
         warmup_steps (`int`, defaults to 0):
             Keyword-only. Sync after every step for the first `warmup_steps` steps, then every
             `local_sgd_steps` steps counted from there (post-local SGD).
+        sync_delay (`int`, defaults to 0):
+            Keyword-only. Overlap each sync with the next `sync_delay` local steps (0: wait, as
+            Accelerate does). At a sync step the parameters are snapshotted and their average started,
+            and `step()` returns at once; `sync_delay` steps later each rank adds the averaged
+            correction `mean(snapshot) - snapshot` to its parameters, keeping what it learned
+            meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
+            ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
+            below `local_sgd_steps` (one average in flight at a time); copy mode, `comm_dtype` None or
+            bfloat16, no `outer_optimizer` yet. Extra memory: two copies of the parameters.
     """
 
     def __init__(
@@ -133,6 +142,7 @@ class LocalSGD:
         outer_anchor_device: str = "device",
         sync_buffers: bool = False,
         warmup_steps: int = 0,
+        sync_delay: int = 0,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
@@ -157,6 +167,23 @@ class LocalSGD:
         self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
         self.sync_buffers = check_bool("sync_buffers", sync_buffers)
         self.warmup_steps = check_int_at_least("warmup_steps", warmup_steps, 0)
+        self.sync_delay = check_int_at_least("sync_delay", sync_delay, 0)
+        if self.sync_delay > 0:
+            if self.local_sgd_steps is not None and self.sync_delay >= self.local_sgd_steps:
+                raise ValueError(
+                    f"sync_delay must be below local_sgd_steps (one average in flight at a time), got sync_delay="
+                    f"{self.sync_delay} with local_sgd_steps={self.local_sgd_steps}"
+                )
+            if self.zero_copy or self.comm_dtype == torch.float16:
+                raise ValueError(
+                    "sync_delay needs copy mode with comm_dtype None or torch.bfloat16, got "
+                    f"zero_copy={self.zero_copy}, comm_dtype={self.comm_dtype}"
+                )
+            if self._outer is not None:
+                raise NotImplementedError("sync_delay with an outer_optimizer (Streaming DiLoCo) is not implemented yet")
+        # The step at which the delayed average in flight was started (None: nothing in flight).
+        self._delayed_since: Optional[int] = None
+        self._last_step_synced = False
         self._buffer_sync: Optional[BufferSync] = None
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
@@ -178,6 +205,7 @@ class LocalSGD:
             "warmup_steps": self.warmup_steps,
             "outer_optimizer": self._outer is not None,
             "sync_buffers": self.sync_buffers,
+            "sync_delay": self.sync_delay,
         }
 
     def __enter__(self):
@@ -205,8 +233,13 @@ class LocalSGD:
             try:
                 if type is None:
                     # Average all models on exit; not after an exception, which other ranks may not share.
+                    self._finish_delayed_sync()
                     self._sync_and_avg_model_params()
             finally:
+                if type is not None and self._delayed_since is not None:
+                    # Started on every rank, so it completes: wait for it rather than leave it on the wire.
+                    self._averager._drain_pending_average()
+                    self._delayed_since = None
                 self.model_sync_obj.__exit__(type, value, tb)
 
     def step(self):
@@ -217,14 +250,21 @@ class LocalSGD:
         if not self.enabled:
             return
 
+        self._last_step_synced = False
+        if self._delayed_since is not None and self.num_steps - self._delayed_since >= self.sync_delay:
+            self._finish_delayed_sync()
+            self._last_step_synced = True
         if self._sync_due():
-            self._sync_and_avg_model_params()
+            delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps
+            self._sync_and_avg_model_params(delayed=delayed)
+            self._last_step_synced = not delayed
 
     @property
     def last_step_synced(self) -> bool:
-        """Whether the last `step()` averaged: the moment at which every rank holds the same parameters,
-        hence the moment to checkpoint (Accelerate's `save_state()` writes rank 0's model only)."""
-        return self.enabled and self.num_steps > 0 and self._sync_due()
+        """Whether the last `step()` completed a sync and left none in flight: the moment to checkpoint
+        (Accelerate's `save_state()` writes rank 0's model only). Without `sync_delay` every rank then
+        holds the same parameters; with it, the step that merged a delayed average."""
+        return self.enabled and self._last_step_synced
 
     def _sync_due(self) -> bool:
         if self.num_steps <= self.warmup_steps:
@@ -234,7 +274,13 @@ class LocalSGD:
     def state_dict(self) -> dict:
         """What a resumed run needs to continue as if uninterrupted: the step count (so the sync cadence
         carries on), the sync count, and the DiLoCo anchor with its outer optimizer's state. Register
-        the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`."""
+        the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`.
+        Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true."""
+        if self._delayed_since is not None:
+            raise RuntimeError(
+                "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
+                "last_step_synced is True"
+            )
         return {
             "num_steps": self.num_steps,
             "sync_count": self.sync_count,
@@ -296,12 +342,26 @@ class LocalSGD:
             fail_together(dist.group.WORLD, error)
             raise  # unreachable: fail_together raises
 
-    def _sync_and_avg_model_params(self):
+    def _finish_delayed_sync(self) -> None:
+        if self._delayed_since is None:
+            return
+        self._delayed_since = None
+        self._averager.finish_average()
+        self.sync_count += 1
+
+    def _sync_and_avg_model_params(self, delayed: bool = False):
         """
         Synchronize + Average model parameters across all processes
         """
         start = time.perf_counter()
         averager = self._averager_or_fail_together()
+        if delayed:
+            averager.start_average()
+            self._delayed_since = self.num_steps
+            if self.sync_buffers:
+                self._buffer_sync.sync()
+            self.last_sync_seconds = time.perf_counter() - start
+            return
         averager.average()
         if self._outer is not None:
             self._outer.apply(averager.params)

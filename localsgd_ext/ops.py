@@ -7,7 +7,7 @@ import torch
 # Loading the compiled library registers the localsgd_ext::* operators with the dispatcher.
 from . import _C  # noqa: F401
 
-__all__ = ["pack_into", "unpack_from"]
+__all__ = ["merge_into", "pack_into", "unpack_from"]
 
 
 def pack_into(
@@ -51,6 +51,28 @@ def unpack_from(
             bfloat16/float16 buffer, widened and then divided in float32.
     """
     torch.ops.localsgd_ext.unpack_from.default(buffer, list(offsets), float(divisor), list(tensors))
+
+
+def merge_into(
+    sum: torch.Tensor, snapshot: torch.Tensor, offsets: Sequence[int], divisor: float, tensors: Sequence[torch.Tensor]
+) -> None:
+    """An overlapped sync's merge, in one compiled pass: each tensor `t` becomes
+    `t + (sum / divisor - snapshot)`, with `sum` and `snapshot` read from its offset, computed in the
+    tensor's dtype (float32 for fp16/bf16 tensors, each operand widened first) and rounded once.
+
+    Args:
+        sum (`torch.Tensor`):
+            1-D contiguous: the all-reduced snapshot.
+        snapshot (`torch.Tensor`):
+            1-D contiguous, `sum`'s dtype: the buffer as packed before its all_reduce.
+        offsets (`Sequence[int]`):
+            Element offset of each tensor in both buffers.
+        divisor (`float`):
+            Finite and positive (the group size after a SUM, 1 after an AVG).
+        tensors (`Sequence[torch.Tensor]`):
+            Updated in place; of the buffers' dtype and device, or float32 with bfloat16/float16 buffers.
+    """
+    torch.ops.localsgd_ext.merge_into.default(sum, snapshot, list(offsets), float(divisor), list(tensors))
 
 
 def _check_arguments(op, tensors, offsets, buffer):
@@ -100,6 +122,17 @@ def _check_scale(tensors, buffer, scale):
 def _pack_into_fake(tensors, offsets, buffer, scale=1.0):
     _check_arguments("pack_into", tensors, offsets, buffer)
     _check_scale(tensors, buffer, scale)
+    return None
+
+
+@torch.library.register_fake("localsgd_ext::merge_into")
+def _merge_into_fake(sum, snapshot, offsets, divisor, tensors):
+    _check_arguments("merge_into", tensors, offsets, sum)
+    _check_arguments("merge_into", tensors, offsets, snapshot)
+    if sum.dtype != snapshot.dtype:
+        raise TypeError(f"merge_into: sum and snapshot must have one dtype, got {sum.dtype} and {snapshot.dtype}.")
+    if not 0 < divisor < float("inf"):
+        raise ValueError(f"merge_into: divisor must be a finite positive number, got {divisor}.")
     return None
 
 

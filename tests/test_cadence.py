@@ -35,12 +35,15 @@ class NoSyncModel(torch.nn.Module):
 def fake_averager(monkeypatch):
     """Replaces the engine: `with_options` returns autospec'd averagers that record the step of each
     average() call in `synced`."""
-    record = types.SimpleNamespace(synced=[], built=[], local_sgd=None)
+    record = types.SimpleNamespace(synced=[], started=[], merged=[], drained=[], built=[], local_sgd=None)
 
     def build(params, options, **kwargs):
         averager = mock.create_autospec(ParameterAverager, instance=True)
         averager.params = list(params)
         averager.average.side_effect = lambda: record.synced.append(record.local_sgd.num_steps)
+        averager.start_average.side_effect = lambda: record.started.append(record.local_sgd.num_steps)
+        averager.finish_average.side_effect = lambda: record.merged.append(record.local_sgd.num_steps)
+        averager._drain_pending_average.side_effect = lambda: record.drained.append(record.local_sgd.num_steps)
         record.built.append((options, kwargs, averager))
         return averager
 
@@ -105,7 +108,7 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert options == AveragingOptions(bucket_cap_mb=4, check_finite=True)
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
-        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False}
+        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0}
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -132,3 +135,54 @@ def test_a_resumed_run_keeps_the_cadence(fake_averager):
         for _ in range(3):
             resumed.step()
     assert fake_averager.synced == [8, 9]  # step 8 as if uninterrupted, then the exit
+
+
+@pytest.mark.parametrize(
+    "local_sgd_steps, sync_delay, warmup_steps, steps, started, merged, waited, checkpointable",
+    [
+        (4, 2, 0, 10, [4, 8], [6, 10], [10], [6, 10]),  # nothing in flight at the end: only the exit sync waits
+        (4, 3, 0, 9, [4, 8], [7, 9], [9], [7]),  # the exit merges the average in flight, then syncs
+        (4, 1, 2, 8, [6], [7], [1, 2, 8], [1, 2, 7]),  # warm-up syncs wait
+    ],
+)
+def test_sync_delay_starts_at_each_sync_and_merges_sync_delay_steps_later(
+    fake_averager, local_sgd_steps, sync_delay, warmup_steps, steps, started, merged, waited, checkpointable
+):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=local_sgd_steps, sync_delay=sync_delay, warmup_steps=warmup_steps)
+    synced_steps = []
+    with local_sgd:
+        for _ in range(steps):
+            local_sgd.step()
+            if local_sgd.last_step_synced:
+                synced_steps.append(local_sgd.num_steps)
+    assert (fake_averager.started, fake_averager.merged, fake_averager.synced) == (started, merged, waited)
+    assert local_sgd.sync_count == len(merged) + len(waited)
+    assert synced_steps == checkpointable  # last_step_synced: a sync completed, none in flight
+
+
+def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=4, sync_delay=2)
+    with pytest.raises(KeyError):
+        with local_sgd:
+            for _ in range(5):
+                local_sgd.step()
+            with pytest.raises(RuntimeError, match="while a delayed average .* is in flight"):
+                local_sgd.state_dict()
+            raise KeyError("bug")
+    assert fake_averager.drained == [5] and fake_averager.merged == [] and fake_averager.synced == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, exception, message",
+    [
+        (dict(sync_delay=4), ValueError, "sync_delay must be below local_sgd_steps .* got sync_delay=4 with local_sgd_steps=4"),
+        (dict(sync_delay=-1), ValueError, "sync_delay must be an int >= 0, got -1"),
+        (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
+        (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
+        (dict(sync_delay=1, comm_dtype=torch.float16), ValueError, "sync_delay needs copy mode with comm_dtype None or torch.bfloat16"),
+        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, "Streaming DiLoCo"),
+    ],
+)
+def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
+    with pytest.raises(exception, match=message):
+        local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)

@@ -99,6 +99,29 @@ def test_unpack_from_is_correct_or_refuses_cleanly(kernel, case, divisor):
 
 
 @FUZZ
+@given(case=pack_cases(), divisor=st.sampled_from([1.0, 2.0, 3.0, 0.0, -1.0, float("nan"), float("inf")]))
+def test_merge_into_is_correct_or_refuses_cleanly(case, divisor):
+    items, offsets, buffer = case
+    snapshot = buffer.clone()
+    if not buffer.is_meta:
+        buffer.copy_(torch.arange(buffer.numel(), dtype=torch.float64).to(buffer.dtype))
+        snapshot.copy_(torch.arange(buffer.numel(), dtype=torch.float64).flip(0).to(buffer.dtype))
+    targets = [t.clone() for t in items]
+    try:
+        ops.merge_into(buffer, snapshot, offsets, divisor, targets)
+    except CLEAN_ERRORS:
+        return
+    if buffer.is_meta:
+        return
+    for t, before, offset in zip(targets, items, offsets):
+        def slot(b):
+            return b[offset:offset + t.numel()].view(t.shape).to(torch.float64)
+
+        expected = before.to(torch.float64) + (slot(buffer) / divisor - slot(snapshot))
+        assert torch.allclose(t.to(torch.float64), expected.to(t.dtype).to(torch.float64), rtol=1e-2, atol=1e-2, equal_nan=True)
+
+
+@FUZZ
 @given(
     inputs=st.lists(st.tuples(st.integers(-3, 5), st.integers(-10, 10**6), st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 16])), max_size=12),
     cap=st.integers(-5, 2**22),

@@ -1,0 +1,76 @@
+// The overlapped sync's buffers, its started all_reduces, and the fused merge (see delayed_average.h).
+#include "delayed_average.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "interruptible_wait.h"
+#include "op_handles.h"
+
+namespace localsgd_ext {
+
+void DelayedAverage::reset() {
+  TORCH_CHECK(in_flight_.empty(), "DelayedAverage::reset with buckets still on the wire.");
+  buffers_.clear();
+}
+
+void DelayedAverage::start(
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const AveragingPlan& plan,
+    bool use_avg_op) {
+  TORCH_CHECK(in_flight_.empty(), "a delayed average is already in flight: finish it before starting another.");
+  if (buffers_.size() != plan.buckets.size()) {
+    buffers_.clear();
+    for (const Bucket& bucket : plan.buckets) {
+      // Zeroed once: padding between tensors is never written by pack, so it averages zeros forever.
+      const auto options = at::TensorOptions().dtype(plan.group_of(bucket).wire_dtype).device(plan.device_of(bucket));
+      buffers_.push_back({at::zeros({bucket.numel}, options), at::zeros({bucket.numel}, options)});
+    }
+  }
+  divisor_ = use_avg_op ? 1.0 : static_cast<double>(group->getSize());
+  c10d::AllreduceOptions options;
+  options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
+  for (size_t b = 0; b < plan.buckets.size(); ++b) {
+    if (plan.buckets[b].numel == 0) {
+      continue;
+    }
+    BucketBuffers& buffers = buffers_[b];
+    pack_op().call(plan.members[b].tensors, plan.members[b].offsets, buffers.snapshot, 1.0);
+    buffers.sum.copy_(buffers.snapshot);
+    std::vector<at::Tensor> wire{buffers.sum};
+    in_flight_.push_back({b, group->allreduce(wire, options)});
+  }
+}
+
+void DelayedAverage::finish(const AveragingPlan& plan) {
+  for (const InFlight& done : in_flight_) {
+    wait_interruptibly(*done.work, buffers_[done.bucket].sum.is_cpu());
+  }
+  for (const InFlight& done : in_flight_) {
+    const BucketTensors& members = plan.members[done.bucket];
+    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, divisor_, members.tensors);
+    bump_versions(members.tensors);
+  }
+  in_flight_.clear();
+}
+
+void DelayedAverage::drain() {
+  for (const InFlight& done : in_flight_) {
+    try {
+      done.work->wait();
+    } catch (const std::exception&) {
+      // Called while another error propagates: a collective that failed too is the lesser news.
+    }
+  }
+  in_flight_.clear();
+}
+
+int64_t DelayedAverage::bytes() const {
+  int64_t total = 0;
+  for (const BucketBuffers& buffers : buffers_) {
+    total += 2 * buffers.sum.numel() * static_cast<int64_t>(buffers.sum.element_size());
+  }
+  return total;
+}
+
+} // namespace localsgd_ext

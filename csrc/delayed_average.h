@@ -1,0 +1,44 @@
+// Overlapped sync (LocalSGD's sync_delay): at a sync step every bucket is packed into a snapshot
+// buffer and a copy of it goes on the wire at once, without waiting; steps later the sums come back
+// and each tensor takes the averaged correction, t += mean(snapshot) - snapshot, in one fused pass
+// (the merge_into operator). Training runs on while the buckets are on the wire.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <vector>
+
+#include "averaging_plan.h"
+
+namespace localsgd_ext {
+
+class DelayedAverage {
+ public:
+  // Drops the buffers (a new plan may need other sizes).
+  void reset();
+  // Packs every bucket into its snapshot and starts one all_reduce per bucket on a copy of it.
+  void start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan, bool use_avg_op);
+  bool pending() const { return !in_flight_.empty(); }
+  // Waits for every bucket (interruptibly on CPU) and merges the correction into the tensors.
+  void finish(const AveragingPlan& plan);
+  // Waits for every bucket without merging: nothing is left on the wire (after an exception).
+  void drain();
+  int64_t bytes() const;
+
+ private:
+  struct BucketBuffers {
+    at::Tensor snapshot;  // the bucket as packed at the sync step
+    at::Tensor sum;       // its copy, all-reduced in place
+  };
+  struct InFlight {
+    size_t bucket;
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+
+  std::vector<BucketBuffers> buffers_;  // per bucket, allocated at the first start() after a reset()
+  std::vector<InFlight> in_flight_;
+  double divisor_ = 1.0;
+};
+
+} // namespace localsgd_ext

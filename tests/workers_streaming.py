@@ -1,0 +1,54 @@
+"""Rank-side bodies of the overlapped-sync tests (sync_delay): the merge formula on the engine, and a real
+LocalSGD training with averages in flight while it trains."""
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from localsgd_ext import LocalSGD, ParameterAverager
+from rank_setup import group_timeout, init_group, snapshot
+
+
+def delayed_merge():
+    """Start an average, keep training locally (add a rank-specific delta), then merge: each rank must
+    hold its own progress plus the averaged correction, mean(snapshot) - snapshot."""
+    init_group()
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    tensors = [torch.randn(300, generator=generator), torch.randn(5, 7, generator=generator).bfloat16()]
+    averager = ParameterAverager(tensors)
+    snapshots = snapshot(tensors)
+    averager.start_average()
+    pending = averager.average_pending
+    deltas = [torch.randn(t.shape, generator=generator).to(t.dtype) for t in tensors]
+    for t, delta in zip(tensors, deltas):
+        t.add_(delta)
+    progressed = snapshot(tensors)
+    averager.finish_average()
+    return {"snapshots": snapshots, "progressed": progressed, "merged": snapshot(tensors), "pending": pending,
+            "pending_after": averager.average_pending}
+
+
+def streaming_training(sync_delay: int):
+    """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=...): losses, the syncs
+    counted, and the parameters after the exit sync."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    true_weight = torch.randn(8, 1)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    data = torch.Generator().manual_seed(10 + rank)
+    losses = []
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay) as local_sgd:
+        for _ in range(60):
+            x = torch.randn(16, 8, generator=data)
+            loss = (model(x) - x @ true_weight).pow(2).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            local_sgd.step()
+            losses.append(loss.item())
+    return {"losses": losses, "sync_count": local_sgd.sync_count, "params": snapshot(model.parameters())}
