@@ -2,6 +2,12 @@
 (plain DDP) against our LocalSGD with K = 4, 8 and 16.
 
     sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.02]
+    sudo python bench/slow_link.py --modes none ddp 8 8d2 8d4      # the floor, and overlapped syncs
+
+Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `KdT` (the same with
+sync_delay=T: each sync overlapped with the next T steps), `none` (no communication at all: each rank
+trains alone; the compute-only floor). With sync_delay the loss is measured on rank 0's parameters,
+which then include its last T local steps.
 
 Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
 (`netem` does not work on every kernel; `tbf` does). gloo is bound to the veth (GLOO_SOCKET_IFNAME), so
@@ -18,6 +24,7 @@ wall-clock time (--out).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -73,8 +80,9 @@ def train(args):
     loader = DataLoader(TensorDataset(features, labels), batch_size=32, shuffle=True,
                         generator=torch.Generator().manual_seed(0), drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ddp = args.mode == "ddp"
-    local_sgd_steps = 1 if ddp else int(args.mode)
+    mode = parse_mode(args.mode)
+    ddp = mode["kind"] == "ddp"
+    communicating = mode["kind"] != "none"
 
     def full_loss():
         with torch.no_grad():
@@ -82,7 +90,10 @@ def train(args):
 
     trace = [(0, 0.0, full_loss())]
     clock, step, reached = 0.0, 0, False
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, enabled=not ddp) as local_sgd:
+    no_communication = model.no_sync() if not communicating else contextlib.nullcontext()
+    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=mode["steps"],
+                         enabled=mode["kind"] == "local_sgd", sync_delay=mode["delay"])
+    with no_communication, local_sgd:
         while not reached and step < args.max_steps and clock < args.max_seconds:
             for x, y in loader:
                 start = time.perf_counter()
@@ -94,8 +105,9 @@ def train(args):
                 clock += time.perf_counter() - start
                 step += 1
                 if step % EVAL_EVERY == 0:
-                    # Every mode's parameters agree here (DDP always; LocalSGD just synced): rank 0's
-                    # loss is the model's. The decision to stop goes to both ranks off the clock.
+                    # Every mode's parameters agree here (DDP always; LocalSGD just synced, but with
+                    # sync_delay the last T steps are rank 0's own): rank 0's loss is the model's. The
+                    # decision to stop goes to both ranks off the clock.
                     value = full_loss() if accelerator.is_main_process else 0.0
                     trace.append((step, clock, value))
                     flag = torch.tensor([1.0 if value and value <= args.target_loss else 0.0])
@@ -105,10 +117,30 @@ def train(args):
                     break
     if accelerator.is_main_process:
         result = {"mode": args.mode, "steps": step, "seconds": clock, "reached": reached,
-                  "final_loss": trace[-1][2], "trace": trace, "syncs": local_sgd.sync_count if not ddp else step}
+                  "final_loss": trace[-1][2], "trace": trace,
+                  "syncs": step if ddp else local_sgd.sync_count}
         print("RESULT " + json.dumps(result), flush=True)
     accelerator.free_memory(model, optimizer, loader)
     accelerator.end_training()
+
+
+def parse_mode(mode: str) -> dict:
+    """'ddp', 'none', 'K' or 'KdT' (see the module docstring)."""
+    if mode in ("ddp", "none"):
+        return {"kind": mode, "steps": 1, "delay": 0}
+    steps, _, delay = mode.partition("d")
+    if not steps.isdigit() or (delay and not delay.isdigit()):
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none', 'K' or 'KdT' (e.g. 8d2), got {mode!r}")
+    return {"kind": "local_sgd", "steps": int(steps), "delay": int(delay or 0)}
+
+
+def describe_mode(mode: str) -> str:
+    parsed = parse_mode(mode)
+    if parsed["kind"] == "ddp":
+        return "DDP (every step)"
+    if parsed["kind"] == "none":
+        return "no communication"
+    return f"LocalSGD K={parsed['steps']}" + (f", delay {parsed['delay']}" if parsed["delay"] else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +216,7 @@ def plot(results, path, args):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         steps, seconds, losses = zip(*r["trace"])
-        label = "every-step sync (DDP)" if r["mode"] == "ddp" else f"localsgd_ext LocalSGD, K={r['mode']}"
+        label = describe_mode(r["mode"])
         ax.plot(seconds, losses, marker=".", label=label)
     ax.axhline(args.target_loss, color="black", linewidth=0.8, linestyle="--", label="target")
     ax.set_yscale("log")
@@ -201,6 +233,8 @@ def main():
     if args.worker:
         train(args)
         return
+    for mode in args.modes:
+        parse_mode(mode)
     problems = missing_requirements()
     if problems:
         raise SystemExit("bench/slow_link.py cannot run here; it needs " + "; ".join(problems))
@@ -216,11 +250,11 @@ def main():
         teardown()
     baseline = next((r for r in results if r["mode"] == "ddp" and r["reached"]), None)
     print(f"\n2 ranks, link {args.rate} (tbf), target loss {args.target_loss}")
-    print(f"{'mode':<22}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}")
+    print(f"{'mode':<26}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}")
     for r in results:
         speedup = f"{baseline['seconds'] / r['seconds']:.2f}" if baseline and r["reached"] else "-"
-        name = "DDP (every step)" if r["mode"] == "ddp" else f"LocalSGD K={r['mode']}"
-        print(f"{name:<22}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
+        name = describe_mode(r["mode"])
+        print(f"{name:<26}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
               f"{r['final_loss']:>12.4f}{speedup:>10}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "slow_link.json"), "w") as f:

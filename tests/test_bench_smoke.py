@@ -100,12 +100,16 @@ def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
     if missing:
         pytest.skip("needs " + "; ".join(missing))
     result = subprocess.run(
-        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "--max-steps", "32", "--hidden", "64",
+        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "4d2", "none", "--max-steps", "32", "--hidden", "64",
          "--target-loss", "0", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "slow_link.json").read_text())
-    assert [(r["mode"], r["steps"], r["reached"]) for r in report["results"]] == [("ddp", 32, False), ("4", 32, False)]
+    assert [(r["mode"], r["steps"], r["reached"]) for r in report["results"]] == [
+        ("ddp", 32, False), ("4", 32, False), ("4d2", 32, False), ("none", 32, False)]
     assert report["results"][1]["syncs"] == 9  # 32 / 4, plus the one at exit
+    assert report["results"][2]["syncs"] == 9  # 8 merged (the last at exit), plus the exit sync
+    assert report["results"][3]["syncs"] == 0
+    assert "LocalSGD K=4, delay 2" in result.stdout and "no communication" in result.stdout
     assert (tmp_path / "slow_link.png").stat().st_size > 0
