@@ -145,46 +145,6 @@ AgreementInput BucketedAverager::prepare(
   return mine;
 }
 
-bool BucketedAverager::start_delayed(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    bool use_avg_op,
-    c10::Device status_device,
-    bool check_finite,
-    int64_t extra_fingerprint) {
-  TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
-  TORCH_CHECK_VALUE(!zero_copy_, "a delayed average needs copy mode: zero_copy averages the parameters' own memory.");
-  TORCH_CHECK_VALUE(
-      comm_dtype_ != at::kHalf, "a delayed average cannot use an fp16 wire (its scale is agreed per sync); use bfloat16.");
-  TORCH_CHECK_VALUE(!(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype.");
-  TORCH_CHECK(!delayed_.pending(), "a delayed average is already in flight: finish_delayed() it first.");
-  refuse_after_abandoned_sync();
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const AgreementInput mine =
-      prepare(use_avg_op, check_finite, extra_fingerprint, /*for_average=*/true, /*allocate_staging=*/false);
-  sync_abandoned_ = true;
-  const bool holds = AgreementCheck(group, status_device, mine).finish().holds();
-  if (holds) {
-    delayed_.start(group, plan_, use_avg_op);
-  }
-  sync_abandoned_ = false;
-  return holds;
-}
-
-void BucketedAverager::finish_delayed() {
-  TORCH_CHECK(delayed_.pending(), "no delayed average is in flight: start_delayed() one first.");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (plan_.stale(tensors_)) {
-    delayed_.drain();
-    TORCH_CHECK_VALUE(
-        false,
-        "a tensor changed numel, dtype or device while a delayed average was in flight; its correction cannot be "
-        "merged. Nothing was merged.");
-  }
-  sync_abandoned_ = true;
-  delayed_.finish(plan_);
-  sync_abandoned_ = false;
-}
-
 bool BucketedAverager::ranks_agree(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     bool use_avg_op,

@@ -31,12 +31,7 @@ void merge_into_cpu(
     at::IntArrayRef offsets,
     double divisor,
     at::TensorList tensors) {
-  check_pack_arguments("merge_into", tensors, offsets, sum);
-  check_pack_arguments("merge_into", tensors, offsets, snapshot);
-  check_divisor("merge_into", divisor);
-  TORCH_CHECK_TYPE(
-      sum.scalar_type() == snapshot.scalar_type(),
-      "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ", snapshot.scalar_type(), ".");
+  check_merge_arguments(sum, snapshot, offsets, divisor, tensors);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) {

@@ -106,4 +106,14 @@ inline void check_divisor(const char* op, double divisor) {
       op, ": divisor must be a finite positive number, got ", divisor, ".");
 }
 
+inline void check_merge_arguments(
+    const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
+  check_pack_arguments("merge_into", tensors, offsets, sum);
+  check_pack_arguments("merge_into", tensors, offsets, snapshot);
+  check_divisor("merge_into", divisor);
+  TORCH_CHECK_TYPE(
+      sum.scalar_type() == snapshot.scalar_type(),
+      "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ", snapshot.scalar_type(), ".");
+}
+
 } // namespace localsgd_ext

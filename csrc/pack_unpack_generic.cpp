@@ -25,12 +25,7 @@ void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, doub
 
 void merge_into_generic(
     const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
-  check_pack_arguments("merge_into", tensors, offsets, sum);
-  check_pack_arguments("merge_into", tensors, offsets, snapshot);
-  check_divisor("merge_into", divisor);
-  TORCH_CHECK_TYPE(
-      sum.scalar_type() == snapshot.scalar_type(),
-      "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ", snapshot.scalar_type(), ".");
+  check_merge_arguments(sum, snapshot, offsets, divisor, tensors);
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() > 0) {
       merge_one_with_aten(sum, snapshot, offsets[i], divisor, tensors[i]);

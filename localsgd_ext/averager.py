@@ -273,6 +273,16 @@ class ParameterAverager:
         self._engine.rethrow_local_error()
         raise failure
 
+    def _run_engine_checked(self, engine_call) -> None:
+        """`engine_call(group, use_avg_op, status_device, check_finite, extra_fingerprint)`: an engine sync
+        that starts with the agreement check, through `_run_checked`."""
+        group = self._group()
+        device = status_device(group, self.params)
+        use_avg_op = self._use_avg_op(group)
+        self._run_checked(
+            group, lambda: engine_call(group, use_avg_op, device, self.check_finite, self._extra_fingerprint())
+        )
+
     def average(self) -> None:
         """Replaces every tensor by its mean over the group's processes.
 
@@ -281,13 +291,7 @@ class ParameterAverager:
         the means, with no host synchronization in between. A group of one process runs the same
         collectives (the mean is then the tensor itself), as Accelerate's sync does.
         """
-        group = self._group()
-        device = status_device(group, self.params)
-        use_avg_op = self._use_avg_op(group)
-        self._run_checked(
-            group,
-            lambda: self._engine.average(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()),
-        )
+        self._run_engine_checked(self._engine.average)
 
     def _average_unchecked(self) -> None:
         """average() without its check, for a caller whose own check has just covered these tensors'
@@ -305,13 +309,7 @@ class ParameterAverager:
         so that what the tensors learned meanwhile is kept. A collective: every rank must call it. Copy
         mode only; `comm_dtype` may be bfloat16, not float16. Extra memory: two copies of the model in
         its wire dtype, kept for the next call."""
-        group = self._group()
-        device = status_device(group, self.params)
-        use_avg_op = self._use_avg_op(group)
-        self._run_checked(
-            group,
-            lambda: self._engine.start_delayed(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()),
-        )
+        self._run_engine_checked(self._engine.start_delayed)
 
     def finish_average(self) -> None:
         """Waits for the average `start_average()` started and merges it: each tensor `t` becomes
