@@ -19,8 +19,8 @@ namespaces are removed at the end whatever happens.
 The job: an MLP (64 -> 1536 -> 1536 -> 10, 2.5M fp32 parameters) on scikit-learn's bundled digits, the
 same seeds and data order in every mode, through Accelerate. Every 16 steps (a sync point for every K),
 rank 0 measures the cross-entropy on the full training set; the clock stops while it does. A mode
-reaches the target when that loss is <= --target-loss. Output: a table, JSON, and a PNG of loss against
-wall-clock time (--out).
+reaches the target when that loss is <= --target-loss. The veth's byte counters give the bytes each
+mode put on the link. Output: a table, JSON, and a PNG of loss against wall-clock time (--out).
 """
 
 import argparse
@@ -180,8 +180,19 @@ def set_up_link(rate):
              "rate", rate, "burst", "256kb", "latency", "50ms"])
 
 
+def link_bytes() -> int:
+    """Bytes the veth has carried so far, both directions: the kernel's own counters, read in rank 0's
+    namespace (counted, not estimated; the process group's set-up and the stop flags are in them too)."""
+    total = 0
+    for counter in ("rx_bytes", "tx_bytes"):
+        path = f"/sys/class/net/{INTERFACES[0]}/statistics/{counter}"
+        total += int(run(["ip", "netns", "exec", NAMESPACES[0], "cat", path]).stdout)
+    return total
+
+
 def run_mode(args, mode, port):
     script = os.path.abspath(__file__)
+    bytes_before = link_bytes()
     procs = []
     for rank, (ns, interface) in enumerate(zip(NAMESPACES, INTERFACES)):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -204,7 +215,9 @@ def run_mode(args, mode, port):
     if any(p.returncode != 0 for p in procs):
         raise SystemExit(f"mode {mode} failed:\n" + "\n".join(o[-3000:] for o in outputs))
     (line,) = [l for l in outputs[0].splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    result["link_bytes"] = link_bytes() - bytes_before
+    return result
 
 
 def plot(results, path, args):
@@ -250,12 +263,14 @@ def main():
         teardown()
     baseline = next((r for r in results if r["mode"] == "ddp" and r["reached"]), None)
     print(f"\n2 ranks, link {args.rate} (tbf), target loss {args.target_loss}")
-    print(f"{'mode':<26}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}")
+    print(f"{'mode':<26}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}"
+          f"{'link MB':>10}{'MB/sync':>9}")
     for r in results:
         speedup = f"{baseline['seconds'] / r['seconds']:.2f}" if baseline and r["reached"] else "-"
         name = describe_mode(r["mode"])
         print(f"{name:<26}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
-              f"{r['final_loss']:>12.4f}{speedup:>10}")
+              f"{r['final_loss']:>12.4f}{speedup:>10}{r['link_bytes'] / 1e6:>10.1f}"
+              f"{r['link_bytes'] / 1e6 / r['syncs'] if r['syncs'] else 0:>9.2f}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "slow_link.json"), "w") as f:
         json.dump({"rate": args.rate, "target_loss": args.target_loss, "results": results}, f, indent=1)

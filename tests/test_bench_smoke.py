@@ -112,4 +112,7 @@ def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
     assert report["results"][2]["syncs"] == 9  # 8 merged (the last at exit), plus the exit sync
     assert report["results"][3]["syncs"] == 0
     assert "LocalSGD K=4, delay 2" in result.stdout and "no communication" in result.stdout
+    # Counted on the link: DDP sends a gradient every step, LocalSGD a model every 4, `none` almost nothing.
+    link = [r["link_bytes"] for r in report["results"]]
+    assert link[0] > 2 * link[1] > 0 and link[3] < link[1] / 4
     assert (tmp_path / "slow_link.png").stat().st_size > 0
