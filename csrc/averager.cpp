@@ -65,6 +65,7 @@ void BucketedAverager::build_plan() {
   ring_.reset(plan_);
   delayed_.reset();
   if (zero_copy_) {
+    check_no_shared_memory(tensors_);  // flattening would untie them
     flat_.flatten(plan_);
   }
 }

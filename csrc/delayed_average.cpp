@@ -19,8 +19,7 @@ void DelayedAverage::start(
     const AveragingPlan& plan,
     bool use_avg_op) {
   TORCH_CHECK(in_flight_.empty(), "a delayed average is already in flight: finish it before starting another.");
-  if (buffers_.size() != plan.buckets.size()) {
-    buffers_.clear();
+  if (buffers_.empty()) {  // first start() since the plan was built (reset())
     for (const Bucket& bucket : plan.buckets) {
       // Zeroed once: padding between tensors is never written by pack, so it averages zeros forever.
       const auto options = at::TensorOptions().dtype(plan.group_of(bucket).wire_dtype).device(plan.device_of(bucket));

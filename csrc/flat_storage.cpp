@@ -8,16 +8,10 @@
 
 #include "interruptible_wait.h"
 #include "op_handles.h"
-#include "tensor_checks.h"
 
 namespace localsgd_ext {
 
 void FlatStorage::flatten(const AveragingPlan& plan) {
-  std::vector<at::Tensor> all;
-  for (const BucketTensors& members : plan.members) {
-    all.insert(all.end(), members.tensors.begin(), members.tensors.end());
-  }
-  check_no_shared_memory(all);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   buffers_.clear();
   buffers_.reserve(plan.buckets.size());

@@ -16,7 +16,7 @@ class FlatStorage {
  public:
   // Copies every bucket's tensors into a fresh zeroed buffer and rebinds them as views of it. Each old
   // storage is freed as soon as nothing else holds it, so the peak is about one bucket above the model.
-  // Refuses tensors that share memory with each other (flattening would untie them).
+  // The caller has refused tensors that share memory with each other (check_no_shared_memory).
   void flatten(const AveragingPlan& plan);
   // True when some tensor is no longer the view flatten() made of it (`param.data = ...`, `.to(...)`).
   bool broken(const AveragingPlan& plan) const;

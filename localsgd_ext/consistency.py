@@ -60,8 +60,8 @@ def describe(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> List[tupl
     return [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in zip(names, tensors)]
 
 
-def _entry(entry: Optional[tuple]) -> str:
-    return "no such entry" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
+def _entry(entry: Optional[tuple], what: str) -> str:
+    return f"no such {what}" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
 
 
 def _first_difference(layouts: List[List[tuple]], what: str) -> Optional[str]:
@@ -72,9 +72,9 @@ def _first_difference(layouts: List[List[tuple]], what: str) -> Optional[str]:
             theirs = layout[i] if i < len(layout) else None
             if mine != theirs:
                 return (
-                    f"the first difference is at {what} index {i}: rank 0 has {_entry(mine)}, rank {rank} has "
-                    f"{_entry(theirs)} (rank 0 has {len(reference)} {what}s, rank {rank} has {len(layout)})"
-                ).replace("no such entry", f"no such {what}")
+                    f"the first difference is at {what} index {i}: rank 0 has {_entry(mine, what)}, rank {rank} has "
+                    f"{_entry(theirs, what)} (rank 0 has {len(reference)} {what}s, rank {rank} has {len(layout)})"
+                )
     return None
 
 

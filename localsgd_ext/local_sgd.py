@@ -356,16 +356,15 @@ class LocalSGD:
         start = time.perf_counter()
         averager = self._averager_or_fail_together()
         if delayed:
+            # Counted in sync_count when it is merged (_finish_delayed_sync).
             averager.start_average()
             self._delayed_since = self.num_steps
-            if self.sync_buffers:
-                self._buffer_sync.sync()
-            self.last_sync_seconds = time.perf_counter() - start
-            return
-        averager.average()
-        if self._outer is not None:
-            self._outer.apply(averager.params)
+        else:
+            averager.average()
+            if self._outer is not None:
+                self._outer.apply(averager.params)
         if self.sync_buffers:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start
-        self.sync_count += 1
+        if not delayed:
+            self.sync_count += 1
