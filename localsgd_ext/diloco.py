@@ -70,25 +70,28 @@ class OuterStep:
         else:
             self._check_matches(params)
 
-    def _check_matches(self, params: Sequence[torch.Tensor]) -> None:
+    def _check_matches(self, params: Sequence[torch.Tensor], anchors: Optional[Sequence[torch.Tensor]] = None) -> None:
+        anchors = self.anchors if anchors is None else anchors
         described = [(tuple(p.shape), p.dtype) for p in params]
-        anchored = [(tuple(a.shape), a.dtype) for a in self.anchors]
+        anchored = [(tuple(a.shape), a.dtype) for a in anchors]
         if described != anchored:
             raise RuntimeError(
                 "outer_optimizer: the model's parameters (count, shapes or dtypes) no longer match the anchor "
-                f"taken from them ({len(params)} parameters now, {len(self.anchors)} anchored); the outer step "
+                f"taken from them ({len(params)} parameters now, {len(anchors)} anchored); the outer step "
                 "cannot continue. Start a new LocalSGD for the new model."
             )
 
     @torch.no_grad()
-    def apply(self, averaged: Sequence[torch.Tensor]) -> None:
-        """`averaged` holds the parameters' means; afterwards it holds the outer optimizer's result, which
-        is also the new anchor."""
-        self._check_matches(averaged)
-        for anchor, mean in zip(self.anchors, averaged):
+    def apply(self, averaged: Sequence[torch.Tensor], first: int = 0) -> None:
+        """`averaged` holds the means of the parameters from index `first` on (a fragment; all of them by
+        default); afterwards it holds the outer optimizer's result, which is also their new anchor. The
+        other anchors have no gradient, so the optimizer leaves them and their state alone."""
+        anchors = self.anchors[first : first + len(averaged)]
+        self._check_matches(averaged, anchors)
+        for anchor, mean in zip(anchors, averaged):
             anchor.grad = anchor - mean.to(anchor.device)
         self.optimizer.step()
-        for anchor, param in zip(self.anchors, averaged):
+        for anchor, param in zip(anchors, averaged):
             param.copy_(anchor)
             anchor.grad = None
 

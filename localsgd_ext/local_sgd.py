@@ -14,6 +14,7 @@ from .averager import ParameterAverager
 from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
+from .fragments import FragmentCadence, fragment_bounds
 from .options import AveragingOptions, check_bool, check_int_at_least
 
 __all__ = ["LocalSGD"]
@@ -123,8 +124,15 @@ class LocalSGD:
             correction `mean(snapshot) - snapshot` to its parameters, keeping what it learned
             meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
-            below `local_sgd_steps` (one average in flight at a time); copy mode, `comm_dtype` None or
-            bfloat16, no `outer_optimizer` yet. Extra memory: two copies of the parameters.
+            below `local_sgd_steps / num_fragments` (one average in flight at a time); copy mode,
+            `comm_dtype` None or bfloat16, no `outer_optimizer` yet. Extra memory: two copies of the
+            parameters (of one fragment).
+        num_fragments (`int`, defaults to 1):
+            Keyword-only. Streaming DiLoCo's fragments: the parameters are split, in the model's order,
+            into `num_fragments` contiguous groups of about equal bytes; each group syncs every
+            `local_sgd_steps` steps, in turn, one every `local_sgd_steps / num_fragments` steps (which must
+            be a whole number), so each sync moves, and stages, one fragment. Warm-up steps and the exit
+            sync average every fragment. `sync_count` counts fragment syncs. 1: Accelerate's behaviour.
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class LocalSGD:
         sync_buffers: bool = False,
         warmup_steps: int = 0,
         sync_delay: int = 0,
+        num_fragments: int = 1,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
@@ -168,11 +177,16 @@ class LocalSGD:
         self.sync_buffers = check_bool("sync_buffers", sync_buffers)
         self.warmup_steps = check_int_at_least("warmup_steps", warmup_steps, 0)
         self.sync_delay = check_int_at_least("sync_delay", sync_delay, 0)
+        self.num_fragments = check_int_at_least("num_fragments", num_fragments, 1)
+        self._cadence = None
+        if self.local_sgd_steps is not None:
+            self._cadence = FragmentCadence(self.local_sgd_steps, self.warmup_steps, self.num_fragments)
         if self.sync_delay > 0:
-            if self.local_sgd_steps is not None and self.sync_delay >= self.local_sgd_steps:
+            if self._cadence is not None and self.sync_delay >= self._cadence.stride:
                 raise ValueError(
-                    f"sync_delay must be below local_sgd_steps (one average in flight at a time), got sync_delay="
-                    f"{self.sync_delay} with local_sgd_steps={self.local_sgd_steps}"
+                    "sync_delay must be below local_sgd_steps / num_fragments (one average in flight at a time), got "
+                    f"sync_delay={self.sync_delay} with local_sgd_steps={self.local_sgd_steps}, "
+                    f"num_fragments={self.num_fragments}"
                 )
             if self.zero_copy or self.comm_dtype == torch.float16:
                 raise ValueError(
@@ -181,13 +195,16 @@ class LocalSGD:
                 )
             if self._outer is not None:
                 raise NotImplementedError("sync_delay with an outer_optimizer (Streaming DiLoCo) is not implemented yet")
-        # The step at which the delayed average in flight was started (None: nothing in flight).
+        # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
         self._delayed_since: Optional[int] = None
+        self._delayed_fragment = 0
         self._last_step_synced = False
         self._buffer_sync: Optional[BufferSync] = None
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
-        self._averager: Optional[ParameterAverager] = None
+        # One averager per fragment, over the parameters model.parameters()[bounds[i]:bounds[i + 1]].
+        self._averagers: List[ParameterAverager] = []
+        self._fragment_starts: List[int] = []
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
         self._entered = False
 
@@ -206,6 +223,7 @@ class LocalSGD:
             "outer_optimizer": self._outer is not None,
             "sync_buffers": self.sync_buffers,
             "sync_delay": self.sync_delay,
+            "num_fragments": self.num_fragments,
         }
 
     def __enter__(self):
@@ -216,12 +234,14 @@ class LocalSGD:
             )
         if self.enabled:
             # Refuse bad parameters, and ranks whose models or settings differ, before any training happens.
-            averager = self._averager_or_fail_together()
+            averagers = self._averagers_or_fail_together()
             if self._outer is not None:
-                self._outer.take_anchor(averager.params)
-                averager.verify_ranks_agree(equal_values=self._outer.anchors)
-            else:
-                averager.verify_ranks_agree()
+                self._outer.take_anchor([p for averager in averagers for p in averager.params])
+            for averager, first in zip(averagers, self._fragment_starts):
+                if self._outer is not None:
+                    averager.verify_ranks_agree(equal_values=self._outer.anchors[first : first + len(averager.params)])
+                else:
+                    averager.verify_ranks_agree()
             self.model_sync_obj = self.model.no_sync()
             self.model_sync_obj.__enter__()
         self._entered = True
@@ -238,7 +258,7 @@ class LocalSGD:
             finally:
                 if type is not None and self._delayed_since is not None:
                     # Started on every rank, so it completes: wait for it rather than leave it on the wire.
-                    self._averager._drain_pending_average()
+                    self._averagers[self._delayed_fragment]._drain_pending_average()
                     self._delayed_since = None
                 self.model_sync_obj.__exit__(type, value, tb)
 
@@ -254,22 +274,19 @@ class LocalSGD:
         if self._delayed_since is not None and self.num_steps - self._delayed_since >= self.sync_delay:
             self._finish_delayed_sync()
             self._last_step_synced = True
-        if self._sync_due():
+        fragments = self._cadence.due(self.num_steps)
+        if fragments is not None:
             delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps
-            self._sync_and_avg_model_params(delayed=delayed)
+            self._sync_and_avg_model_params(delayed=delayed, fragments=fragments)
             self._last_step_synced = not delayed
 
     @property
     def last_step_synced(self) -> bool:
         """Whether the last `step()` completed a sync and left none in flight: the moment to checkpoint
         (Accelerate's `save_state()` writes rank 0's model only). Without `sync_delay` every rank then
-        holds the same parameters; with it, the step that merged a delayed average."""
+        holds the same parameters; with it, the step that merged a delayed average. With fragments, the
+        ranks agree then on the fragment just synced only."""
         return self.enabled and self._last_step_synced
-
-    def _sync_due(self) -> bool:
-        if self.num_steps <= self.warmup_steps:
-            return True
-        return (self.num_steps - self.warmup_steps) % self.local_sgd_steps == 0
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue as if uninterrupted: the step count (so the sync cadence
@@ -306,38 +323,45 @@ class LocalSGD:
         if self._outer is not None:
             self._outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
 
-    def _current_averager(self) -> ParameterAverager:
+    def _current_averagers(self) -> List[ParameterAverager]:
         # Accelerate averages whatever model.parameters() lists at each sync. Walking the module tree in
         # Python costs ~1.4 ms per 1000 modules; the compiled snapshot answers "would it still list the
         # same objects?" in microseconds, and the walk runs again only when something was registered,
         # replaced or removed. (A tensor re-pointed inside a Parameter is the engine's to catch.)
-        averager = self._averager
-        if averager is not None and self._module_tree is not None and self._module_tree.unchanged():
-            return averager
+        averagers = self._averagers
+        if averagers and self._module_tree is not None and self._module_tree.unchanged():
+            return averagers
         params: List[torch.nn.Parameter] = list(self.model.parameters())
-        if averager is None or len(averager.params) != len(params) or any(
-            a is not b for a, b in zip(averager.params, params)
-        ):
+        current = [p for averager in averagers for p in averager.params]
+        if not averagers or len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
             names = [name for name, _ in self.model.named_parameters()]
-            # Dropped first: in zero-copy mode its flat buffers are freed once the new ones hold the values.
-            self._averager = averager = None
-            averager = ParameterAverager.with_options(
-                params, self.options, names=names, agreement_settings=self._agreement_settings()
-            )
-            self._averager = averager
+            bounds = fragment_bounds([p.numel() * p.element_size() for p in params], self.num_fragments)
+            # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
+            self._averagers = averagers = []
+            for start, end in zip(bounds, bounds[1:]):
+                averagers.append(
+                    ParameterAverager.with_options(
+                        params[start:end],
+                        self.options,
+                        names=names[start:end],
+                        agreement_settings=self._agreement_settings(),
+                    )
+                )
+            self._fragment_starts = bounds[:-1]
         if self.sync_buffers:
             named_buffers = list(self.model.named_buffers())
             self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.bucket_cap_mb))
-            # Checked with the parameters, in the same collective: the buffers' sync runs unchecked.
-            averager.agreement_tensors = named_buffers
+            # Checked with the last fragment's parameters, in the same collective: the buffers' sync
+            # runs unchecked, with that fragment's (or every fragment's) sync.
+            averagers[-1].agreement_tensors = named_buffers
         self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
-        return averager
+        return averagers
 
-    def _averager_or_fail_together(self) -> ParameterAverager:
-        """The current averager; if this rank cannot build one (a parameter refused), the other ranks,
+    def _averagers_or_fail_together(self) -> List[ParameterAverager]:
+        """The current averagers; if this rank cannot build them (a parameter refused), the other ranks,
         waiting in the agreement check, are told, and this rank raises its own error."""
         try:
-            return self._current_averager()
+            return self._current_averagers()
         except Exception as error:
             fail_together(dist.group.WORLD, error)
             raise  # unreachable: fail_together raises
@@ -346,25 +370,28 @@ class LocalSGD:
         if self._delayed_since is None:
             return
         self._delayed_since = None
-        self._averager.finish_average()
+        self._averagers[self._delayed_fragment].finish_average()
         self.sync_count += 1
 
-    def _sync_and_avg_model_params(self, delayed: bool = False):
+    def _sync_and_avg_model_params(self, delayed: bool = False, fragments: Optional[List[int]] = None):
         """
-        Synchronize + Average model parameters across all processes
+        Synchronize + Average model parameters across all processes (those of `fragments`; all by default)
         """
         start = time.perf_counter()
-        averager = self._averager_or_fail_together()
-        if delayed:
-            # Counted in sync_count when it is merged (_finish_delayed_sync).
-            averager.start_average()
-            self._delayed_since = self.num_steps
-        else:
-            averager.average()
-            if self._outer is not None:
-                self._outer.apply(averager.params)
-        if self.sync_buffers:
+        averagers = self._averagers_or_fail_together()
+        if fragments is None:
+            fragments = list(range(len(averagers)))
+        for fragment in fragments:
+            averager = averagers[fragment]
+            if delayed:
+                # Counted in sync_count when it is merged (_finish_delayed_sync).
+                averager.start_average()
+                self._delayed_since, self._delayed_fragment = self.num_steps, fragment
+            else:
+                averager.average()
+                if self._outer is not None:
+                    self._outer.apply(averager.params, first=self._fragment_starts[fragment])
+                self.sync_count += 1
+        if self.sync_buffers and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start
-        if not delayed:
-            self.sync_count += 1

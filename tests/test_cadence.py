@@ -12,6 +12,7 @@ from accelerate import DistributedType
 
 import localsgd_ext.local_sgd as local_sgd_module
 from localsgd_ext import AveragingOptions, LocalSGD, ParameterAverager
+from localsgd_ext.fragments import fragment_bounds
 
 
 class NoSyncModel(torch.nn.Module):
@@ -35,12 +36,18 @@ class NoSyncModel(torch.nn.Module):
 def fake_averager(monkeypatch):
     """Replaces the engine: `with_options` returns autospec'd averagers that record the step of each
     average() call in `synced`."""
-    record = types.SimpleNamespace(synced=[], started=[], merged=[], drained=[], built=[], local_sgd=None)
+    record = types.SimpleNamespace(synced=[], fragments_synced=[], started=[], merged=[], drained=[], built=[], local_sgd=None)
 
     def build(params, options, **kwargs):
         averager = mock.create_autospec(ParameterAverager, instance=True)
         averager.params = list(params)
-        averager.average.side_effect = lambda: record.synced.append(record.local_sgd.num_steps)
+        fragment = len(record.built)
+
+        def average():
+            record.synced.append(record.local_sgd.num_steps)
+            record.fragments_synced.append((record.local_sgd.num_steps, fragment))
+
+        averager.average.side_effect = average
         averager.start_average.side_effect = lambda: record.started.append(record.local_sgd.num_steps)
         averager.finish_average.side_effect = lambda: record.merged.append(record.local_sgd.num_steps)
         averager._drain_pending_average.side_effect = lambda: record.drained.append(record.local_sgd.num_steps)
@@ -108,7 +115,8 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert options == AveragingOptions(bucket_cap_mb=4, check_finite=True)
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
-        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0}
+        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0,
+        "num_fragments": 1}
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -176,6 +184,7 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
     "kwargs, exception, message",
     [
         (dict(sync_delay=4), ValueError, "sync_delay must be below local_sgd_steps .* got sync_delay=4 with local_sgd_steps=4"),
+        (dict(sync_delay=2, num_fragments=2), ValueError, "sync_delay must be below local_sgd_steps / num_fragments"),
         (dict(sync_delay=-1), ValueError, "sync_delay must be an int >= 0, got -1"),
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
         (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
@@ -186,3 +195,72 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
 def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
     with pytest.raises(exception, match=message):
         local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)
+
+
+class FourLayerModel(NoSyncModel):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+
+
+def test_fragments_split_the_parameters_in_order_and_sync_in_turn(fake_averager):
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    local_sgd = fake_averager.local_sgd = LocalSGD(
+        accelerator=accelerator, model=FourLayerModel(), local_sgd_steps=4, num_fragments=2, warmup_steps=1
+    )
+    with local_sgd:
+        for _ in range(9):
+            local_sgd.step()
+    fragments = [averager.params for _, _, averager in fake_averager.built]
+    assert [p for fragment in fragments for p in fragment] == list(local_sgd.model.parameters())
+    assert [len(fragment) for fragment in fragments] == [4, 4]  # 2x2+2+8x8+8 | 64+8+16+2 elements
+    assert [kwargs["names"][0] for _, kwargs, _ in fake_averager.built] == ["linear.weight", "layers.1.weight"]
+    # Warm-up (step 1) and the exit (step 9) sync both; between them one fragment every 2 steps, in turn.
+    assert fake_averager.fragments_synced == [(1, 0), (1, 1), (3, 0), (5, 1), (7, 0), (9, 1), (9, 0), (9, 1)]
+    assert local_sgd.sync_count == 8
+
+
+def test_fragments_with_sync_delay_keep_one_fragment_in_flight(fake_averager):
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    local_sgd = fake_averager.local_sgd = LocalSGD(
+        accelerator=accelerator, model=FourLayerModel(), local_sgd_steps=6, num_fragments=3, sync_delay=1
+    )
+    with local_sgd:
+        for _ in range(7):
+            local_sgd.step()
+    assert fake_averager.started == [2, 4, 6] and fake_averager.merged == [3, 5, 7]
+    started_fragments = [
+        [call for call in averager.method_calls if call[0] == "start_average"] for _, _, averager in fake_averager.built
+    ]
+    assert [len(calls) for calls in started_fragments] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(local_sgd_steps=6, num_fragments=4), "local_sgd_steps must be a multiple of num_fragments .* got local_sgd_steps=6, num_fragments=4"),
+        (dict(local_sgd_steps=4, num_fragments=0), "num_fragments must be an int >= 1, got 0"),
+    ],
+)
+def test_fragments_refuse_a_cadence_they_cannot_keep(fake_averager, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        local_sgd_over(fake_averager, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "sizes, num_fragments, bounds",
+    [
+        ([10, 10, 10, 10], 2, [0, 2, 4]),
+        ([100, 1, 1, 1], 2, [0, 1, 4]),  # the big one alone
+        ([1, 1, 1, 100], 3, [0, 2, 3, 4]),  # every fragment keeps at least one parameter
+        ([5, 5, 5], 1, [0, 3]),
+        ([0, 0, 0], 3, [0, 1, 2, 3]),
+    ],
+)
+def test_fragment_bounds_are_contiguous_and_balanced_by_bytes(sizes, num_fragments, bounds):
+    assert fragment_bounds(sizes, num_fragments) == bounds
+
+
+def test_fragment_bounds_refuse_more_fragments_than_parameters():
+    with pytest.raises(ValueError, match=r"num_fragments must be at most the number of parameters \(2\), got num_fragments=3"):
+        fragment_bounds([4, 4], 3)

@@ -48,3 +48,31 @@ def test_training_with_averages_in_flight_converges_and_ends_identical():
         assert r["sync_count"] == 15 + 1  # 15 merged (started at 4, 8, ..., 60: the last merged at exit) + exit
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b), "the exit sync waits: every rank ends bit-identical"
+
+
+@pytest.mark.parametrize("world_size, local_sgd_steps, num_fragments", [(2, 4, 1), (2, 4, 2), (3, 6, 3)])
+def test_fragments_average_their_own_parameters_at_their_own_steps(world_size, local_sgd_steps, num_fragments):
+    steps = 9
+    results = run_ranks(world_size, "workers_streaming:fragment_syncs", local_sgd_steps, num_fragments, steps, timeout=120)
+    starts = results[0]["fragment_starts"] + [len(results[0]["final"])]
+    assert len(starts) == num_fragments + 1
+    stride = local_sgd_steps // num_fragments
+    for step in range(1, steps + 1):
+        due = [(step // stride - 1) % num_fragments] if step % stride == 0 else []
+        for fragment in range(num_fragments):
+            for i in range(starts[fragment], starts[fragment + 1]):
+                mine = [r["after"][step - 1][i] for r in results]
+                if fragment in due:
+                    total = results[0]["before"][step - 1][i]
+                    for other in results[1:]:
+                        total = total + other["before"][step - 1][i]
+                    for value in mine:
+                        assert torch.equal(value, mine[0]), (step, i, "ranks must leave a sync bit-identical")
+                        assert torch.allclose(value, total / world_size, rtol=0, atol=1e-6), (step, i)
+                        if world_size == 2:
+                            assert torch.equal(value, total / 2), (step, i)
+                else:
+                    for r in results:
+                        assert torch.equal(r["after"][step - 1][i], r["before"][step - 1][i]), (step, i, "not due")
+    for a, b in zip(results[0]["final"], results[-1]["final"]):
+        assert torch.equal(a, b), "the exit sync averages every fragment"

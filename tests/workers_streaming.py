@@ -52,3 +52,27 @@ def streaming_training(sync_delay: int):
             local_sgd.step()
             losses.append(loss.item())
     return {"losses": losses, "sync_count": local_sgd.sync_count, "params": snapshot(model.parameters())}
+
+
+def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
+    """LocalSGD(local_sgd_steps=..., num_fragments=...) over a 3-layer model whose parameters each rank
+    moves by its own amounts at every step (no optimizer: the values tell what was averaged when).
+    Returns each step's parameters before and after `step()`, and where each fragment starts."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)))
+    moves = torch.Generator().manual_seed(100 + rank)
+    before, after = [], []
+    with LocalSGD(
+        accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, num_fragments=num_fragments
+    ) as local_sgd:
+        for _ in range(steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=moves))
+            before.append(snapshot(model.parameters()))
+            local_sgd.step()
+            after.append(snapshot(model.parameters()))
+        fragment_starts = list(local_sgd._fragment_starts)
+    return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}

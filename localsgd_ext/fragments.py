@@ -1,0 +1,62 @@
+"""Streaming DiLoCo's fragments (Douillard et al., 2025): the model's parameters split into contiguous
+groups of about equal bytes, each synced every `local_sgd_steps` steps, in turn, so that a sync (and its
+bandwidth and staging memory) happens every `local_sgd_steps / num_fragments` steps and carries one
+fragment."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import List, Optional, Sequence
+
+__all__ = ["fragment_bounds", "FragmentCadence"]
+
+
+def fragment_bounds(sizes_in_bytes: Sequence[int], num_fragments: int) -> List[int]:
+    """The start index of each fragment and, last, `len(sizes_in_bytes)`: contiguous groups in the
+    parameters' order, each non-empty, each cut where the running byte count comes closest to an equal
+    share."""
+    count = len(sizes_in_bytes)
+    if num_fragments > count:
+        raise ValueError(
+            f"num_fragments must be at most the number of parameters ({count}), got num_fragments={num_fragments}"
+        )
+    prefix = list(itertools.accumulate(sizes_in_bytes, initial=0))
+    total = prefix[-1]
+    bounds = [0]
+    for k in range(1, num_fragments):
+        target = total * k / num_fragments
+        # The cut nearest the target, leaving each fragment before and after it at least one parameter.
+        cut = bisect.bisect_left(prefix, target)
+        if cut > 0 and target - prefix[cut - 1] <= prefix[min(cut, count)] - target:
+            cut -= 1
+        cut = max(bounds[-1] + 1, min(cut, count - (num_fragments - k)))
+        bounds.append(cut)
+    bounds.append(count)
+    return bounds
+
+
+class FragmentCadence:
+    """Which fragments sync at a step: all of them at every warm-up step; after warm-up, one every
+    `local_sgd_steps / num_fragments` steps, in order (fragment 0 first), so that each fragment syncs
+    every `local_sgd_steps` steps. With one fragment this is Accelerate's cadence."""
+
+    def __init__(self, local_sgd_steps: int, warmup_steps: int, num_fragments: int):
+        if local_sgd_steps % num_fragments != 0:
+            raise ValueError(
+                "local_sgd_steps must be a multiple of num_fragments (each fragment syncs every local_sgd_steps "
+                f"steps, one every local_sgd_steps / num_fragments), got local_sgd_steps={local_sgd_steps}, "
+                f"num_fragments={num_fragments}"
+            )
+        self.warmup_steps = warmup_steps
+        self.num_fragments = num_fragments
+        self.stride = local_sgd_steps // num_fragments
+
+    def due(self, step: int) -> Optional[List[int]]:
+        """The fragments to sync after `step` steps, in order; None if none is due."""
+        if step <= self.warmup_steps:
+            return list(range(self.num_fragments))
+        since_warmup = step - self.warmup_steps
+        if since_warmup % self.stride != 0:
+            return None
+        return [(since_warmup // self.stride - 1) % self.num_fragments]
