@@ -1,13 +1,13 @@
 """Python entry points for the compiled operators, with fake (meta) kernels for torch.compile/opcheck."""
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 
 # Loading the compiled library registers the localsgd_ext::* operators with the dispatcher.
 from . import _C  # noqa: F401
 
-__all__ = ["merge_into", "pack_into", "unpack_from"]
+__all__ = ["dequantize_blocks", "merge_into", "pack_into", "quantize_blocks", "unpack_from"]
 
 
 def pack_into(
@@ -73,6 +73,46 @@ def merge_into(
             Updated in place; of the buffers' dtype and device, or float32 with bfloat16/float16 buffers.
     """
     torch.ops.localsgd_ext.merge_into.default(sum, snapshot, list(offsets), float(divisor), list(tensors))
+
+
+def quantize_blocks(x: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The int8 wire's quantizer, in one compiled pass: `x` is cut into blocks of `block_size`
+    elements, each with its own scale `max|x| / 127` (float32), and each element becomes the code
+    `round-half-even(x / scale)` in -127..127. Error: `|x - code * scale| <= scale / 2` per element
+    (an all-zero block has scale 0 and codes 0; a block holding NaN or Inf gets a non-finite scale and
+    codes 0, and dequantizes to NaN).
+
+    Args:
+        x (`torch.Tensor`):
+            1-D contiguous float32, its length a multiple of `block_size` (pad with zeros).
+        block_size (`int`):
+            Elements per scale, 1 to 2**20.
+
+    Returns:
+        `(codes, scales)`: int8 of `x`'s length, and float32 of length `len(x) / block_size`.
+    """
+    return torch.ops.localsgd_ext.quantize_blocks.default(x, int(block_size))
+
+
+def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, block_size: int, divisor: float = 1.0) -> torch.Tensor:
+    """The int8 wire's dequantizer, in one compiled pass: row `r` of `codes` times its blocks' scales,
+    summed over the rows in order (row 0 first) in float32, then divided by `divisor` (in float32). One
+    row dequantizes; the W rows that W ranks sent, with `divisor=W`, average.
+
+    Args:
+        codes (`torch.Tensor`):
+            2-D contiguous int8, `(rows, length)`, `length` a multiple of `block_size`.
+        scales (`torch.Tensor`):
+            2-D contiguous float32, `(rows, length / block_size)`, on `codes`' device.
+        block_size (`int`):
+            Elements per scale, as given to `quantize_blocks`.
+        divisor (`float`, defaults to 1):
+            Finite and positive.
+
+    Returns:
+        float32 of length `length`.
+    """
+    return torch.ops.localsgd_ext.dequantize_blocks.default(codes, scales, int(block_size), float(divisor))
 
 
 def _check_arguments(op, tensors, offsets, buffer):
@@ -142,3 +182,38 @@ def _unpack_from_fake(buffer, offsets, divisor, tensors):
     if not 0 < divisor < float("inf"):
         raise ValueError(f"unpack_from: divisor must be a finite positive number, got {divisor}.")
     return None
+
+
+def _check_block_size(op, block_size):
+    if not 1 <= block_size <= 1 << 20:
+        raise ValueError(f"{op}: block_size must be between 1 and 1048576, got {block_size}.")
+
+
+@torch.library.register_fake("localsgd_ext::quantize_blocks")
+def _quantize_blocks_fake(x, block_size):
+    _check_block_size("quantize_blocks", block_size)
+    if x.dtype != torch.float32:
+        raise TypeError(f"quantize_blocks: x must be float32, got {x.dtype}.")
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"quantize_blocks: x must be a 1-D contiguous tensor, got sizes {list(x.shape)}.")
+    if x.numel() % block_size:
+        raise ValueError(
+            f"quantize_blocks: x's length must be a multiple of block_size (pad it), got {x.numel()} elements and "
+            f"block_size {block_size}."
+        )
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.numel() // block_size)
+
+
+@torch.library.register_fake("localsgd_ext::dequantize_blocks")
+def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
+    _check_block_size("dequantize_blocks", block_size)
+    if codes.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise TypeError(f"dequantize_blocks: codes must be int8 and scales float32, got {codes.dtype} and {scales.dtype}.")
+    if codes.dim() != 2 or codes.shape[1] % block_size or tuple(scales.shape) != (codes.shape[0], codes.shape[1] // block_size):
+        raise ValueError(
+            f"dequantize_blocks: codes must be (rows, a multiple of block_size) and scales (rows, length / block_size), "
+            f"got {list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
+        )
+    if not 0 < divisor < float("inf"):
+        raise ValueError(f"dequantize_blocks: divisor must be a finite positive number, got {divisor}.")
+    return scales.new_empty(codes.shape[1])

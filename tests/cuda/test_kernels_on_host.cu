@@ -3,7 +3,10 @@
 // on the CPU), so this checks the chunk numbering, the slot search, the vector/scalar split at every
 // alignment and the unpack rounding on any machine with a CUDA toolkit. The kernels on a real GPU are
 // tested against torch by tests/test_cuda.py.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -11,6 +14,7 @@
 
 #include "../cpp/expect.h"
 #include "multi_tensor_copy.cuh"
+#include "quantize_blocks.cuh"
 #include "slot_table.h"
 
 using namespace localsgd_ext::cuda;
@@ -192,6 +196,94 @@ void check_bfloat16_rounding(std::mt19937& rng) {
   }
 }
 
+// The quantize kernel's schedule on the host: each thread's partial max, the shared-memory tree, then
+// each thread's codes; checked against a plain reference (max |x| / 127, nearest-even codes).
+void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> x(block_size * num_blocks);
+  for (float& v : x) {
+    v = normal(rng);
+  }
+  x[0] = 0.0f;
+  if (num_blocks > 1) {
+    std::fill(x.begin() + block_size, x.begin() + 2 * block_size, 0.0f);  // an all-zero block
+  }
+  if (num_blocks > 2) {
+    x[2 * block_size + block_size / 2] = std::numeric_limits<float>::quiet_NaN();
+  }
+  if (num_blocks > 3) {
+    x[3 * block_size] = -std::numeric_limits<float>::infinity();
+  }
+  if (num_blocks > 4 && block_size >= 4) {  // max 127, so scale 1 exactly: ties round to even
+    float* b = x.data() + 4 * block_size;
+    std::fill(b, b + block_size, 0.0f);
+    b[0] = 127.0f, b[1] = 2.5f, b[2] = 3.5f, b[3] = -2.5f;
+  }
+  std::vector<int8_t> codes(x.size(), 99);
+  std::vector<float> scales(num_blocks, -1.0f);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* block = x.data() + b * block_size;
+    float partial[kQuantizeThreads];
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      partial[thread] = partial_max_magnitude(block, block_size, thread, kQuantizeThreads);
+    }
+    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+      for (int thread = 0; thread < stride; ++thread) {
+        partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
+      }
+    }
+    scales[b] = localsgd_ext::quantize::block_scale(partial[0]);
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      write_codes(block, codes.data() + b * block_size, block_size, scales[b], thread, kQuantizeThreads);
+    }
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    float magnitude = 0.0f;
+    bool has_nan = false;
+    for (int64_t k = 0; k < block_size; ++k) {
+      has_nan |= std::isnan(x[b * block_size + k]);
+      magnitude = std::max(magnitude, std::fabs(x[b * block_size + k]));
+    }
+    const float expected_scale = magnitude / 127.0f;
+    EXPECT(has_nan ? std::isnan(scales[b]) : scales[b] == expected_scale);
+    for (int64_t k = 0; k < block_size; ++k) {
+      const float v = x[b * block_size + k];
+      int8_t expected = 0;
+      if (std::isfinite(expected_scale) && expected_scale > 0.0f && !has_nan) {
+        expected = static_cast<int8_t>(std::clamp(std::nearbyint(v / expected_scale), -127.0f, 127.0f));
+      }
+      EXPECT(codes[b * block_size + k] == expected);
+    }
+  }
+  if (num_blocks > 4 && block_size >= 4) {
+    const int8_t* ties = codes.data() + 4 * block_size;
+    EXPECT(scales[4] == 1.0f && ties[0] == 127 && ties[1] == 2 && ties[2] == 4 && ties[3] == -2);
+  }
+
+  // Dequantize three rows (this one and two more) and average them, element by element as the kernel does.
+  const int64_t rows = 3, length = block_size * num_blocks;
+  std::vector<int8_t> all_codes(rows * length);
+  std::vector<float> all_scales(rows * num_blocks);
+  std::uniform_int_distribution<int> code(-127, 127);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < length; ++k) {
+      all_codes[r * length + k] = r == 0 ? codes[k] : static_cast<int8_t>(code(rng));
+    }
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      all_scales[r * num_blocks + b] = r == 0 ? scales[b] : std::fabs(normal(rng));
+    }
+  }
+  for (int64_t k = 0; k < length; ++k) {
+    const int64_t b = k / block_size;
+    float sum = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      sum = sum + static_cast<float>(all_codes[r * length + k]) * all_scales[r * num_blocks + b];
+    }
+    const float got = dequantized_sum_at(all_codes.data(), all_scales.data(), rows, length, block_size, 3.0f, k);
+    EXPECT((std::isnan(sum) && std::isnan(got)) || got == sum / 3.0f);
+  }
+}
+
 } // namespace
 
 int main() {
@@ -206,5 +298,8 @@ int main() {
       check_pack_and_unpack<__nv_bfloat16, uint16_t>(rng, divisor);
     }
   }
-  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack on the host");
+  for (int64_t block_size : {1, 7, 256, 300, 1024}) {
+    check_quantize_blocks(rng, block_size, 6);
+  }
+  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8 quantization on the host");
 }

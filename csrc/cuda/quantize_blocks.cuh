@@ -1,0 +1,43 @@
+// What one thread of the int8-wire kernels does, as host/device functions: the kernels
+// (quantize_kernels.cu) call them on the GPU, tests/cuda/test_kernels_on_host.cu on the CPU, with the
+// arithmetic of ../quantize_math.h that the CPU kernel uses too.
+#pragma once
+
+#include <cstdint>
+
+#include "../quantize_math.h"
+
+namespace localsgd_ext::cuda {
+
+constexpr int kQuantizeThreads = 256;
+
+// Thread `thread` of `threads`: max |x| over the elements thread, thread + threads, ... of one block.
+LOCALSGD_HOST_DEVICE inline float partial_max_magnitude(const float* block, int64_t block_size, int thread, int threads) {
+  float magnitude = 0.0f;
+  for (int64_t k = thread; k < block_size; k += threads) {
+    magnitude = quantize::max_magnitude(magnitude, block[k]);
+  }
+  return magnitude;
+}
+
+// Thread `thread` of `threads`: the codes of the same elements, once the block's scale is known.
+LOCALSGD_HOST_DEVICE inline void write_codes(
+    const float* block, int8_t* codes, int64_t block_size, float scale, int thread, int threads) {
+  for (int64_t k = thread; k < block_size; k += threads) {
+    codes[k] = quantize::quantize_value(block[k], scale);
+  }
+}
+
+// Element k of the rows' dequantized sum, divided by divisor.
+LOCALSGD_HOST_DEVICE inline float dequantized_sum_at(
+    const int8_t* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, float divisor, int64_t k) {
+  const int64_t num_blocks = length / block_size;
+  const int64_t block = k / block_size;
+  float sum = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    sum = quantize::add_dequantized(sum, codes[r * length + k], scales[r * num_blocks + block]);
+  }
+  return quantize::divide_sum(sum, divisor);
+}
+
+} // namespace localsgd_ext::cuda

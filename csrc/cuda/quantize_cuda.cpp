@@ -1,0 +1,48 @@
+// CUDA implementations of localsgd_ext::quantize_blocks / dequantize_blocks: the torch side of
+// quantize_kernels.cu (argument checks, device guard, outputs, the current stream).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../quantize_checks.h"
+#include "quantize_kernels.h"
+
+namespace localsgd_ext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(const at::Tensor& x, int64_t block_size) {
+  check_quantize_arguments(x, block_size);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t num_blocks = x.numel() / block_size;
+  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({num_blocks}, x.options());
+  C10_CUDA_CHECK(cuda::launch_quantize_blocks(
+      x.const_data_ptr<float>(), num_blocks, block_size, codes.mutable_data_ptr<int8_t>(),
+      scales.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return {codes, scales};
+}
+
+at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
+  check_dequantize_arguments(codes, scales, block_size, divisor);
+  const c10::cuda::CUDAGuard device_guard(codes.device());
+  at::Tensor out = at::empty({codes.size(1)}, scales.options());
+  C10_CUDA_CHECK(cuda::launch_dequantize_blocks(
+      codes.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
+      static_cast<float>(divisor), out.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
+  return out;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(localsgd_ext, CUDA, m) {
+  m.impl("quantize_blocks", &quantize_blocks_cuda);
+  m.impl("dequantize_blocks", &dequantize_blocks_cuda);
+}
+
+} // namespace localsgd_ext

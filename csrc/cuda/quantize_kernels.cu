@@ -1,0 +1,82 @@
+// The int8-wire kernels: quantize_blocks (a thread block per quantization block: a shared-memory max
+// reduction, then the codes) and dequantize_blocks (grid-stride over elements, rows summed in order).
+// CUDA toolkit headers only, like pack_unpack_kernels.cu.
+#include "quantize_blocks.cuh"
+#include "quantize_kernels.h"
+
+#include <algorithm>
+
+namespace localsgd_ext::cuda {
+namespace {
+
+constexpr int64_t kMaxBlocks = 1 << 16;
+
+__global__ void __launch_bounds__(kQuantizeThreads)
+    quantize_blocks_kernel(const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales) {
+  __shared__ float partial[kQuantizeThreads];
+  const int thread = static_cast<int>(threadIdx.x);
+  for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    const float* block = x + b * block_size;
+    partial[thread] = partial_max_magnitude(block, block_size, thread, kQuantizeThreads);
+    __syncthreads();
+    // max_magnitude is order-independent, so this tree gives the CPU loop's result.
+    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+      if (thread < stride) {
+        partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
+      }
+      __syncthreads();
+    }
+    const float scale = quantize::block_scale(partial[0]);
+    write_codes(block, codes + b * block_size, block_size, scale, thread, kQuantizeThreads);
+    if (thread == 0) {
+      scales[b] = scale;
+    }
+    __syncthreads();  // partial[0] is read above before the next block overwrites it
+  }
+}
+
+__global__ void dequantize_blocks_kernel(
+    const int8_t* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, float divisor, float* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < length; k += stride) {
+    out[k] = dequantized_sum_at(codes, scales, rows, length, block_size, divisor, k);
+  }
+}
+
+} // namespace
+
+cudaError_t launch_quantize_blocks(
+    const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales, cudaStream_t stream) {
+  if (num_blocks == 0) {
+    return cudaSuccess;
+  }
+  if (x == nullptr || codes == nullptr || scales == nullptr || block_size <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
+  quantize_blocks_kernel<<<blocks, kQuantizeThreads, 0, stream>>>(x, num_blocks, block_size, codes, scales);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize_blocks(
+    const int8_t* codes,
+    const float* scales,
+    int64_t rows,
+    int64_t length,
+    int64_t block_size,
+    float divisor,
+    float* out,
+    cudaStream_t stream) {
+  if (length == 0) {
+    return cudaSuccess;
+  }
+  if (codes == nullptr || scales == nullptr || out == nullptr || block_size <= 0 || rows <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
+  dequantize_blocks_kernel<<<blocks, kThreads, 0, stream>>>(codes, scales, rows, length, block_size, divisor, out);
+  return cudaGetLastError();
+}
+
+} // namespace localsgd_ext::cuda

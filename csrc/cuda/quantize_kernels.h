@@ -1,0 +1,25 @@
+// Launchers of the int8-wire kernels. Plain C++ with CUDA runtime types only (see pack_unpack_kernels.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace localsgd_ext::cuda {
+
+// x: num_blocks * block_size floats; writes as many int8 codes and num_blocks scales, on `stream`.
+cudaError_t launch_quantize_blocks(
+    const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales, cudaStream_t stream);
+
+// codes: rows x length int8, scales: rows x (length / block_size); writes `length` floats to `out`.
+cudaError_t launch_dequantize_blocks(
+    const int8_t* codes,
+    const float* scales,
+    int64_t rows,
+    int64_t length,
+    int64_t block_size,
+    float divisor,
+    float* out,
+    cudaStream_t stream);
+
+} // namespace localsgd_ext::cuda

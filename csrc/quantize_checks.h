@@ -1,0 +1,53 @@
+// Argument checks of quantize_blocks / dequantize_blocks, shared by every device's kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace localsgd_ext {
+
+inline void check_block_size(const char* op, int64_t block_size) {
+  TORCH_CHECK_VALUE(
+      block_size >= 1 && block_size <= (1 << 20), op, ": block_size must be between 1 and 1048576, got ", block_size, ".");
+}
+
+inline void check_quantize_arguments(const at::Tensor& x, int64_t block_size) {
+  check_block_size("quantize_blocks", block_size);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "quantize_blocks: x must be float32, got ", x.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      x.layout() == at::kStrided && x.dim() == 1 && x.is_contiguous(),
+      "quantize_blocks: x must be a 1-D contiguous tensor, got sizes ", x.sizes(), " and strides ", x.strides(), ".");
+  TORCH_CHECK_VALUE(
+      x.numel() % block_size == 0, "quantize_blocks: x's length must be a multiple of block_size (pad it), got ",
+      x.numel(), " elements and block_size ", block_size, ".");
+}
+
+inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
+  check_block_size("dequantize_blocks", block_size);
+  TORCH_CHECK_TYPE(
+      codes.scalar_type() == at::kChar, "dequantize_blocks: codes must be int8, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(
+      scales.scalar_type() == at::kFloat, "dequantize_blocks: scales must be float32, got ", scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      codes.layout() == at::kStrided && codes.dim() == 2 && codes.is_contiguous(),
+      "dequantize_blocks: codes must be 2-D (rows to sum, elements) and contiguous, got sizes ", codes.sizes(),
+      " and strides ", codes.strides(), ".");
+  TORCH_CHECK_VALUE(
+      codes.size(1) % block_size == 0, "dequantize_blocks: codes' row length must be a multiple of block_size, got ",
+      codes.size(1), " and block_size ", block_size, ".");
+  TORCH_CHECK_VALUE(
+      scales.layout() == at::kStrided && scales.dim() == 2 && scales.is_contiguous() &&
+          scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) / block_size,
+      "dequantize_blocks: scales must be contiguous with sizes [", codes.size(0), ", ", codes.size(1) / block_size,
+      "] (one per block of each row), got sizes ", scales.sizes(), ".");
+  TORCH_CHECK_VALUE(
+      codes.device() == scales.device(), "dequantize_blocks: codes are on ", codes.device(), " but scales on ",
+      scales.device(), ".");
+  TORCH_CHECK_VALUE(
+      std::isfinite(divisor) && divisor > 0, "dequantize_blocks: divisor must be a finite positive number, got ", divisor,
+      ".");
+}
+
+} // namespace localsgd_ext

@@ -1,0 +1,83 @@
+"""The int8 wire's compiled operators (quantize_blocks, dequantize_blocks): against a reference written
+with torch ops, the error bound, opcheck, and the argument errors, on every device present."""
+
+import pytest
+import torch
+
+from localsgd_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference_quantize(x, block_size):
+    blocks = x.view(-1, block_size)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    codes = torch.where(scales[:, None] > 0, torch.round(blocks / scales[:, None]), torch.zeros_like(blocks))
+    return codes.clamp(-127, 127).to(torch.int8).view(-1), scales
+
+
+def reference_dequantize(codes, scales, block_size, divisor):
+    total = torch.zeros(codes.shape[1], dtype=torch.float32, device=codes.device)
+    for row, row_scales in zip(codes, scales):
+        total = total + row.float() * row_scales.repeat_interleave(block_size)
+    return total / divisor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [1, 5, 256, 1024])
+def test_quantize_matches_the_reference_and_stays_within_half_a_step(device, block_size):
+    generator = torch.Generator().manual_seed(block_size)
+    x = (torch.randn(block_size * 9, generator=generator) * torch.logspace(-6, 3, 9).repeat_interleave(block_size))
+    x[:block_size] = 0  # an all-zero block
+    x = x.to(device)
+    codes, scales = ops.quantize_blocks(x, block_size)
+    expected_codes, expected_scales = reference_quantize(x, block_size)
+    assert torch.equal(scales, expected_scales) and torch.equal(codes, expected_codes)
+    error = (ops.dequantize_blocks(codes[None], scales[None], block_size) - x).abs()
+    step = scales.repeat_interleave(block_size)
+    assert torch.all(error <= step / 2 * (1 + 1e-6)), "each element within half a step of its block"
+    assert torch.all(codes[:block_size] == 0) and scales[0] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_round_to_even_and_non_finite_blocks_dequantize_to_nan(device):
+    x = torch.tensor([127.0, 2.5, 3.5, -2.5, 1.0, float("nan"), 0.0, 1.0, float("inf"), 1.0, 2.0, 3.0], device=device)
+    codes, scales = ops.quantize_blocks(x, 4)
+    assert scales[0] == 1 and codes[:4].tolist() == [127, 2, 4, -2]
+    assert codes[4:].tolist() == [0] * 8 and torch.isnan(scales[1]) and torch.isinf(scales[2])
+    values = ops.dequantize_blocks(codes[None], scales[None], 4)
+    assert torch.isnan(values[4:]).all() and torch.equal(values[:4], torch.tensor([127.0, 2, 4, -2], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, divisor", [(1, 1.0), (2, 2.0), (3, 3.0)])
+def test_dequantize_sums_rows_in_order_then_divides(device, rows, divisor):
+    generator = torch.Generator().manual_seed(rows)
+    codes = torch.randint(-127, 128, (rows, 3 * 64), generator=generator, dtype=torch.int8).to(device)
+    scales = torch.rand(rows, 3, generator=generator).to(device)
+    assert torch.equal(ops.dequantize_blocks(codes, scales, 64, divisor), reference_dequantize(codes, scales, 64, divisor))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(4 * 32, device=device)
+    torch.library.opcheck(torch.ops.localsgd_ext.quantize_blocks.default, (x, 32))
+    codes, scales = ops.quantize_blocks(x, 32)
+    torch.library.opcheck(torch.ops.localsgd_ext.dequantize_blocks.default, (codes[None], scales[None], 32, 2.0))
+
+
+@pytest.mark.parametrize(
+    "call, exception, message",
+    [
+        (lambda: ops.quantize_blocks(torch.randn(10), 4), ValueError, "x's length must be a multiple of block_size .* got 10 elements and block_size 4"),
+        (lambda: ops.quantize_blocks(torch.randn(8).double(), 4), TypeError, "x must be float32, got Double"),
+        (lambda: ops.quantize_blocks(torch.randn(4, 4), 4), ValueError, "x must be a 1-D contiguous tensor"),
+        (lambda: ops.quantize_blocks(torch.randn(8), 0), ValueError, "block_size must be between 1 and 1048576, got 0"),
+        (lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 3), 4), ValueError, r"scales must be contiguous with sizes \[1, 2\]"),
+        (lambda: ops.dequantize_blocks(torch.zeros(1, 8), torch.ones(1, 2), 4), TypeError, "codes must be int8, got Float"),
+        (lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 2), 4, 0.0), ValueError, "divisor must be a finite positive number, got 0"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, exception, message):
+    with pytest.raises(exception, match=message):
+        call()
