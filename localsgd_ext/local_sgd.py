@@ -15,6 +15,7 @@ from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
+from .int8_wire import DEFAULT_BLOCK_SIZE, Int8Averager
 from .options import AveragingOptions, check_bool, check_int_at_least
 
 __all__ = ["LocalSGD"]
@@ -43,6 +44,27 @@ def _check_local_sgd_steps(local_sgd_steps, enabled):
     if local_sgd_steps is None and not enabled:
         return None
     return check_int_at_least("local_sgd_steps", local_sgd_steps, 1, " (None only with enabled=False)")
+
+
+def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions):
+    if wire == "fp8":
+        raise NotImplementedError('wire="fp8" is not implemented; wire="int8" sends a quarter of float32\'s bytes')
+    if wire not in (None, "int8"):
+        raise ValueError(f'wire must be None or "int8", got {wire!r}')
+    check_bool("error_feedback", error_feedback)
+    wire_block_size = check_int_at_least("wire_block_size", wire_block_size, 1)
+    if wire is None:
+        if error_feedback or wire_block_size != DEFAULT_BLOCK_SIZE:
+            raise ValueError(
+                f'error_feedback and wire_block_size need wire="int8", got error_feedback={error_feedback}, '
+                f"wire_block_size={wire_block_size} with wire=None"
+            )
+    elif options.zero_copy or options.comm_dtype is not None:
+        raise ValueError(
+            'wire="int8" replaces the float wire: it needs zero_copy=False and comm_dtype=None, got '
+            f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
+        )
+    return wire, error_feedback, wire_block_size
 
 
 class LocalSGD:
@@ -133,6 +155,17 @@ class LocalSGD:
             `local_sgd_steps` steps, in turn, one every `local_sgd_steps / num_fragments` steps (which must
             be a whole number), so each sync moves, and stages, one fragment. Warm-up steps and the exit
             sync average every fragment. `sync_count` counts fragment syncs. 1: Accelerate's behaviour.
+        wire (`str`, *optional*):
+            Keyword-only. `"int8"`: each sync sends every rank's change since the previous sync,
+            quantized to int8 with one float32 scale per `wire_block_size` elements, about a quarter of
+            the bytes of float32 (see `Int8Averager` for the reduction, which cannot overflow, and the
+            error bound). The first sync averages in float32 and sets the anchor the changes are measured
+            from. float32 parameters on one device, copy mode, no `comm_dtype`. None: the float wire.
+        error_feedback (`bool`, defaults to `False`):
+            Keyword-only, with `wire="int8"`: each rank keeps what quantization left out of its change
+            and adds it to the next one.
+        wire_block_size (`int`, defaults to 1024):
+            Keyword-only, with `wire="int8"`: elements per scale.
     """
 
     def __init__(
@@ -152,6 +185,9 @@ class LocalSGD:
         warmup_steps: int = 0,
         sync_delay: int = 0,
         num_fragments: int = 1,
+        wire: Optional[str] = None,
+        error_feedback: bool = False,
+        wire_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
@@ -195,6 +231,9 @@ class LocalSGD:
                 )
             if self._outer is not None:
                 raise NotImplementedError("sync_delay with an outer_optimizer (Streaming DiLoCo) is not implemented yet")
+        self.wire, self.error_feedback, self.wire_block_size = _check_wire(
+            wire, error_feedback, wire_block_size, self.options
+        )
         # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
         self._delayed_since: Optional[int] = None
         self._delayed_fragment = 0
@@ -224,6 +263,7 @@ class LocalSGD:
             "sync_buffers": self.sync_buffers,
             "sync_delay": self.sync_delay,
             "num_fragments": self.num_fragments,
+            "wire": self.wire,
         }
 
     def __enter__(self):
@@ -339,14 +379,12 @@ class LocalSGD:
             # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
             self._averagers = averagers = []
             for start, end in zip(bounds, bounds[1:]):
-                averagers.append(
-                    ParameterAverager.with_options(
-                        params[start:end],
-                        self.options,
-                        names=names[start:end],
-                        agreement_settings=self._agreement_settings(),
-                    )
-                )
+                fragment = dict(names=names[start:end], agreement_settings=self._agreement_settings())
+                if self.wire == "int8":
+                    fragment.update(block_size=self.wire_block_size, error_feedback=self.error_feedback)
+                    averagers.append(Int8Averager.with_options(params[start:end], self.options, **fragment))
+                else:
+                    averagers.append(ParameterAverager.with_options(params[start:end], self.options, **fragment))
             self._fragment_starts = bounds[:-1]
         if self.sync_buffers:
             named_buffers = list(self.model.named_buffers())
@@ -391,6 +429,8 @@ class LocalSGD:
                 averager.average()
                 if self._outer is not None:
                     self._outer.apply(averager.params, first=self._fragment_starts[fragment])
+                    if self.wire is not None:
+                        averager.rebase_anchor()  # the int8 wire measures the next changes from here
                 self.sync_count += 1
         if self.sync_buffers and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()

@@ -116,7 +116,7 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
         "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0,
-        "num_fragments": 1}
+        "num_fragments": 1, "wire": None}
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -264,3 +264,29 @@ def test_fragment_bounds_are_contiguous_and_balanced_by_bytes(sizes, num_fragmen
 def test_fragment_bounds_refuse_more_fragments_than_parameters():
     with pytest.raises(ValueError, match=r"num_fragments must be at most the number of parameters \(2\), got num_fragments=3"):
         fragment_bounds([4, 4], 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exception, message",
+    [
+        (dict(wire="fp8"), NotImplementedError, 'wire="fp8" is not implemented'),
+        (dict(wire="int4"), ValueError, "wire must be None or \"int8\", got 'int4'"),
+        (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8"'),
+        (dict(wire="int8", zero_copy=True), ValueError, 'wire="int8" replaces the float wire: it needs zero_copy=False'),
+        (dict(wire="int8", comm_dtype=torch.bfloat16), ValueError, "comm_dtype=torch.bfloat16"),
+        (dict(wire="int8", wire_block_size=0), ValueError, "wire_block_size must be an int >= 1, got 0"),
+        (dict(wire="int8", error_feedback="yes"), TypeError, "error_feedback must be a bool"),
+    ],
+)
+def test_the_int8_wire_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
+    with pytest.raises(exception, match=message):
+        local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)
+
+
+def test_the_int8_averager_refuses_tensors_it_cannot_quantize():
+    from localsgd_ext import Int8Averager
+
+    with pytest.raises(TypeError, match=r"the int8 wire averages float32 tensors; params\[1\] \(params\[1\]\) is torch.bfloat16"):
+        Int8Averager([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="block_size must be at most 1048576, got 2097152"):
+        Int8Averager([torch.zeros(3)], block_size=1 << 21)

@@ -4,7 +4,7 @@ averages in flight. The cadence and the argument checks are tested in-process in
 import pytest
 import torch
 
-from localsgd_ext import ops
+from localsgd_ext import Int8Averager, ops
 from multiprocess import run_ranks
 
 
@@ -76,3 +76,90 @@ def test_fragments_average_their_own_parameters_at_their_own_steps(world_size, l
                         assert torch.equal(r["after"][step - 1][i], r["before"][step - 1][i]), (step, i, "not due")
     for a, b in zip(results[0]["final"], results[-1]["final"]):
         assert torch.equal(a, b), "the exit sync averages every fragment"
+
+
+def int8_bound(deltas_per_rank, block_size):
+    """|result - exact mean| <= mean_r(step_r) / 2 + step_mean / 2, step = max|block| / 127, on the
+    flattened, block-padded deltas; step_mean bounded through the exact mean plus the first error."""
+    flats = []
+    for deltas in deltas_per_rank:
+        flat = torch.cat([d.reshape(-1) for d in deltas])
+        flats.append(torch.nn.functional.pad(flat, (0, -flat.numel() % block_size)))
+    steps = [f.view(-1, block_size).abs().amax(1) / 127 for f in flats]
+    first = sum(steps) / len(steps) / 2
+    exact = sum(flats) / len(flats)
+    mean_step = (exact.view(-1, block_size).abs().amax(1) + first) / 127
+    bound = (first + mean_step / 2).repeat_interleave(block_size)
+    return exact, bound
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_int8_wire_stays_within_its_bound_and_leaves_ranks_identical(world_size, error_feedback):
+    results = run_ranks(world_size, "workers_streaming:int8_average", error_feedback, False, timeout=90)
+    exact, bound = int8_bound([r["deltas"] for r in results], 256)
+    anchor = torch.cat([a.reshape(-1) for a in results[0]["anchor"]])
+    result = torch.cat([t.reshape(-1) for t in results[0]["result"]])
+    n = result.numel()
+    error = (result - (anchor + exact[:n])).abs()
+    assert torch.all(error <= bound[:n] * (1 + 1e-5) + 1e-6), float((error - bound[:n]).max())
+    assert error.max() > 0, "int8 cannot be exact here: the test would not see a wrong bound"
+    for r in results[1:]:
+        for a, b in zip(r["result"], results[0]["result"]):
+            assert torch.equal(a, b), "every rank adds the same mean delta to the same anchor"
+    padded = -(-n // (world_size * 256)) * world_size * 256
+    assert results[0]["wire_bytes"] == 2 * (world_size - 1) * (padded // world_size) * (1 + 4 / 256)
+    if error_feedback:
+        for r in results:
+            assert r["residual"] is not None and r["residual"].abs().max() > 0
+
+
+def test_int8_wire_overlapped_merges_the_mean_into_local_progress():
+    results = run_ranks(2, "workers_streaming:int8_average", False, True, timeout=90)
+    exact, bound = int8_bound([r["deltas"] for r in results], 256)
+    anchor = torch.cat([a.reshape(-1) for a in results[0]["anchor"]])
+    n = anchor.numel()
+    for r in results:
+        later = torch.cat([t.reshape(-1) for t in r["later"]])
+        result = torch.cat([t.reshape(-1) for t in r["result"]])
+        # p = snapshot + later, merged: p + (new anchor - snapshot) = new anchor + later
+        error = (result - later - (anchor + exact[:n])).abs()
+        assert torch.all(error <= bound[:n] * (1 + 1e-5) + 1e-5)
+
+
+def test_error_feedback_keeps_what_quantization_left_out():
+    """sent + residual = accumulated delta, sync after sync (in-process: the quantizing side alone)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1000, generator=generator)]
+    averager = Int8Averager(tensors, block_size=128, error_feedback=True)
+    averager._anchor = torch.zeros(1024)
+    averager._residual = torch.zeros(1024)
+    accumulated, sent = torch.zeros(1024, dtype=torch.float64), torch.zeros(1024, dtype=torch.float64)
+    for _ in range(5):
+        snapshot = torch.randn(1024, generator=generator) * torch.rand(1024, generator=generator) ** 4
+        accumulated += snapshot.double()
+        codes, scales = averager._quantized_delta(snapshot)
+        sent += ops.dequantize_blocks(codes[None], scales[None], 128).double()
+        assert torch.allclose(sent + averager._residual.double(), accumulated, rtol=0, atol=1e-5)
+    assert averager._residual.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(wire="int8"),
+        dict(wire="int8", error_feedback=True, sync_delay=2),
+        dict(num_fragments=2, sync_delay=1),
+        dict(num_fragments=2, outer_optimizer="diloco"),
+        dict(wire="int8", error_feedback=True, outer_optimizer="diloco"),
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_training_converges_with_each_streaming_option(options):
+    options = dict(options)
+    sync_delay = options.pop("sync_delay", 0)
+    results = run_ranks(2, "workers_streaming:streaming_training", sync_delay, options, timeout=120)
+    for r in results:
+        assert sum(r["losses"][-10:]) < 0.1 * sum(r["losses"][:10]), "the loss must fall by 10x"
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b), "the exit sync leaves every rank bit-identical"

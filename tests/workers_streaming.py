@@ -6,7 +6,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from localsgd_ext import LocalSGD, ParameterAverager
+from localsgd_ext import Int8Averager, LocalSGD, ParameterAverager
 from rank_setup import group_timeout, init_group, snapshot
 
 
@@ -30,9 +30,9 @@ def delayed_merge():
             "pending_after": averager.average_pending}
 
 
-def streaming_training(sync_delay: int):
-    """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=...): losses, the syncs
-    counted, and the parameters after the exit sync."""
+def streaming_training(sync_delay: int, options: dict = None):
+    """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=..., **options): losses,
+    the syncs counted, and the parameters after the exit sync."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -42,7 +42,9 @@ def streaming_training(sync_delay: int):
     model, optimizer = accelerator.prepare(model, optimizer)
     data = torch.Generator().manual_seed(10 + rank)
     losses = []
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay) as local_sgd:
+    with LocalSGD(
+        accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay, **(options or {})
+    ) as local_sgd:
         for _ in range(60):
             x = torch.randn(16, 8, generator=data)
             loss = (model(x) - x @ true_weight).pow(2).mean()
@@ -76,3 +78,31 @@ def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
             after.append(snapshot(model.parameters()))
         fragment_starts = list(local_sgd._fragment_starts)
     return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}
+
+
+def int8_average(error_feedback: bool, overlapped: bool):
+    """Two syncs of an Int8Averager: the first (float32) sets the anchor; then each rank moves its
+    tensors by its own delta and the second sync averages the deltas over the int8 wire (waited for, or
+    started and finished with the tensors moved again in between)."""
+    init_group()
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    tensors = [torch.randn(3000, generator=generator), torch.randn(40, 30, generator=generator)]
+    averager = Int8Averager(tensors, block_size=256, error_feedback=error_feedback)
+    averager.average()
+    anchor = snapshot(tensors)
+    # Deltas of very different sizes, so that blocks get very different scales.
+    deltas = [torch.randn(t.shape, generator=generator) * (10.0 ** (rank - 1)) for t in tensors]
+    for t, delta in zip(tensors, deltas):
+        t.add_(delta)
+    later = [torch.randn(t.shape, generator=generator) for t in tensors]
+    if overlapped:
+        averager.start_average()
+        for t, move in zip(tensors, later):
+            t.add_(move)
+        averager.finish_average()
+    else:
+        averager.average()
+    residual = None if averager._residual is None else averager._residual.clone()
+    return {"anchor": anchor, "deltas": deltas, "later": later if overlapped else None, "result": snapshot(tensors),
+            "wire_bytes": averager.last_wire_bytes, "residual": residual}
