@@ -13,6 +13,9 @@ Methods, interleaved within every round (so drift hits them alike), each after a
   localsgd_ext LocalSGD        what our LocalSGD.step() runs every K steps
   localsgd_ext zero-copy       ParameterAverager(zero_copy=True).average(), on its own copy of the model
   localsgd_ext LocalSGD zero-copy   LocalSGD(zero_copy=True)'s sync, on another copy
+  localsgd_ext int8 wire       Int8Averager.average() on another copy (float32 shapes only): deltas from
+                               the anchor, int8 per 1024 elements, all_to_all + all_gather (its first,
+                               float32, sync is the cold one)
   accelerate LocalSGD          what Accelerate's LocalSGD.step() runs every K steps
   torch average_parameters     torch.distributed.algorithms.model_averaging.utils.average_parameters
   python cat buckets           25 MiB buckets by dtype: torch.cat, all_reduce(AVG), copy back, in Python
@@ -41,7 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import SHAPES  # noqa: E402
 
-from localsgd_ext import LocalSGD, ParameterAverager  # noqa: E402
+from localsgd_ext import Int8Averager, LocalSGD, ParameterAverager  # noqa: E402
 
 FLOOR = "flat all_reduce (floor)"
 OURS = "localsgd_ext"
@@ -181,6 +184,7 @@ def bench_shape(name, args, accelerator, memory):
     # `param.data` at every call: each zero-copy method gets a model of its own.
     zero_copy_params = list(copy.deepcopy(model).parameters())
     zero_copy_model = copy.deepcopy(model)
+    int8_params = list(copy.deepcopy(model).parameters())
 
     engines = {OURS: ParameterAverager(params, bucket_cap_mb=25)}
     if not args.no_sweep:
@@ -199,6 +203,8 @@ def bench_shape(name, args, accelerator, memory):
         "python cat buckets": python_cat_buckets(params, 25 * 2**20),
         FLOOR: lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
     })
+    if all(p.dtype == torch.float32 for p in int8_params):
+        methods[f"{OURS} int8 wire"] = Int8Averager(int8_params).average
 
     extra = {}
     for method, fn in methods.items():  # cold: each method's first sync
@@ -294,7 +300,7 @@ def plot(reports, path):
         shapes = [r["shape"] for r in report["results"]]
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            values = [r["methods"][method]["x_floor"] for r in report["results"]]
+            values = [r["methods"][method]["x_floor"] if method in r["methods"] else 0.0 for r in report["results"]]
             ax.bar([s + i * width for s in range(len(shapes))], values, width, label=method)
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes)
         ax.set_yscale("log")

@@ -3,11 +3,13 @@
 
     sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.02]
     sudo python bench/slow_link.py --modes none ddp 8 8d2 8d4      # the floor, and overlapped syncs
+    sudo python bench/slow_link.py --modes 8f2 8q 8qe 8d4q 8d2f2qe  # fragments, int8 wire, combinations
 
-Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `KdT` (the same with
-sync_delay=T: each sync overlapped with the next T steps), `none` (no communication at all: each rank
-trains alone; the compute-only floor). With sync_delay the loss is measured on rank 0's parameters,
-which then include its last T local steps.
+Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `none` (no
+communication at all: each rank trains alone; the compute-only floor). A LocalSGD mode `K` may carry,
+in this order: `dT` (sync_delay=T: each sync overlapped with the next T steps), `fP`
+(num_fragments=P), `q` (wire="int8") or `qe` (wire="int8" with error_feedback). With sync_delay or
+fragments the loss is measured on rank 0's parameters, which then include some local steps of its own.
 
 Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
 (`netem` does not work on every kernel; `tbf` does). gloo is bound to the veth (GLOO_SOCKET_IFNAME), so
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,7 +95,8 @@ def train(args):
     clock, step, reached = 0.0, 0, False
     no_communication = model.no_sync() if not communicating else contextlib.nullcontext()
     local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=mode["steps"],
-                         enabled=mode["kind"] == "local_sgd", sync_delay=mode["delay"])
+                         enabled=mode["kind"] == "local_sgd", sync_delay=mode["delay"],
+                         num_fragments=mode["fragments"], wire=mode["wire"], error_feedback=mode["error_feedback"])
     with no_communication, local_sgd:
         while not reached and step < args.max_steps and clock < args.max_seconds:
             for x, y in loader:
@@ -124,14 +128,20 @@ def train(args):
     accelerator.end_training()
 
 
+MODE_PATTERN = re.compile(r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?P<wire>qe?)?$")
+
+
 def parse_mode(mode: str) -> dict:
-    """'ddp', 'none', 'K' or 'KdT' (see the module docstring)."""
+    """'ddp', 'none', or 'K[dT][fP][q|qe]' (see the module docstring)."""
+    plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False}
     if mode in ("ddp", "none"):
-        return {"kind": mode, "steps": 1, "delay": 0}
-    steps, _, delay = mode.partition("d")
-    if not steps.isdigit() or (delay and not delay.isdigit()):
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none', 'K' or 'KdT' (e.g. 8d2), got {mode!r}")
-    return {"kind": "local_sgd", "steps": int(steps), "delay": int(delay or 0)}
+        return {"kind": mode, "steps": 1, **plain}
+    match = MODE_PATTERN.match(mode)
+    if match is None:
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|qe]' (e.g. 8d2f2q), got {mode!r}")
+    return {"kind": "local_sgd", "steps": int(match["steps"]), "delay": int(match["delay"] or 0),
+            "fragments": int(match["fragments"] or 1), "wire": "int8" if match["wire"] else None,
+            "error_feedback": match["wire"] == "qe"}
 
 
 def describe_mode(mode: str) -> str:
@@ -140,7 +150,14 @@ def describe_mode(mode: str) -> str:
         return "DDP (every step)"
     if parsed["kind"] == "none":
         return "no communication"
-    return f"LocalSGD K={parsed['steps']}" + (f", delay {parsed['delay']}" if parsed["delay"] else "")
+    parts = [f"K={parsed['steps']}"]
+    if parsed["delay"]:
+        parts.append(f"delay {parsed['delay']}")
+    if parsed["fragments"] > 1:
+        parts.append(f"{parsed['fragments']} fragments")
+    if parsed["wire"]:
+        parts.append("int8" + (" + EF" if parsed["error_feedback"] else ""))
+    return "LocalSGD " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,14 +279,16 @@ def main():
     finally:
         teardown()
     baseline = next((r for r in results if r["mode"] == "ddp" and r["reached"]), None)
+    floor = next((r for r in results if r["mode"] == "none" and r["reached"]), None)
     print(f"\n2 ranks, link {args.rate} (tbf), target loss {args.target_loss}")
-    print(f"{'mode':<26}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}"
-          f"{'link MB':>10}{'MB/sync':>9}")
+    print(f"{'mode':<42}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}"
+          f"{'x floor':>9}{'link MB':>10}{'MB/sync':>9}")
     for r in results:
         speedup = f"{baseline['seconds'] / r['seconds']:.2f}" if baseline and r["reached"] else "-"
+        over_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor and r["reached"] else "-"
         name = describe_mode(r["mode"])
-        print(f"{name:<26}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
-              f"{r['final_loss']:>12.4f}{speedup:>10}{r['link_bytes'] / 1e6:>10.1f}"
+        print(f"{name:<42}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
+              f"{r['final_loss']:>12.4f}{speedup:>10}{over_floor:>9}{r['link_bytes'] / 1e6:>10.1f}"
               f"{r['link_bytes'] / 1e6 / r['syncs'] if r['syncs'] else 0:>9.2f}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "slow_link.json"), "w") as f:

@@ -100,19 +100,22 @@ def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
     if missing:
         pytest.skip("needs " + "; ".join(missing))
     result = subprocess.run(
-        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "4d2", "none", "--max-steps", "32", "--hidden", "64",
+        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "4d2", "4d1f2qe", "none", "--max-steps", "32", "--hidden", "64",
          "--target-loss", "0", "--out", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "slow_link.json").read_text())
     assert [(r["mode"], r["steps"], r["reached"]) for r in report["results"]] == [
-        ("ddp", 32, False), ("4", 32, False), ("4d2", 32, False), ("none", 32, False)]
+        ("ddp", 32, False), ("4", 32, False), ("4d2", 32, False), ("4d1f2qe", 32, False), ("none", 32, False)]
     assert report["results"][1]["syncs"] == 9  # 32 / 4, plus the one at exit
     assert report["results"][2]["syncs"] == 9  # 8 merged (the last at exit), plus the exit sync
-    assert report["results"][3]["syncs"] == 0
+    assert report["results"][3]["syncs"] == 16 + 2  # a fragment every 2 steps, then both at exit
+    assert report["results"][4]["syncs"] == 0
     assert "LocalSGD K=4, delay 2" in result.stdout and "no communication" in result.stdout
-    # Counted on the link: DDP sends a gradient every step, LocalSGD a model every 4, `none` almost nothing.
+    assert "LocalSGD K=4, delay 1, 2 fragments, int8 + EF" in result.stdout
+    # Counted on the link: DDP sends a gradient every step, LocalSGD a model every 4, the int8 wire less,
+    # `none` almost nothing.
     link = [r["link_bytes"] for r in report["results"]]
-    assert link[0] > 2 * link[1] > 0 and link[3] < link[1] / 4
+    assert link[0] > 2 * link[1] > 0 and link[4] < link[1] / 4 and link[3] < link[1]
     assert (tmp_path / "slow_link.png").stat().st_size > 0
