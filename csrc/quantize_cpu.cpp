@@ -5,6 +5,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <tuple>
 
 #include "quantize_checks.h"
@@ -29,14 +33,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(const at::Tensor& x, int6
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const float* block = in + b * block_size;
+      int8_t* block_codes = out + b * block_size;
+      // Both loops are branch-free so that the compiler vectorizes them. The max ignores NaN and a flag
+      // carries it instead: the same scale as quantize::max_magnitude's, which the CUDA kernel uses.
       float magnitude = 0.0f;
+      int has_nan = 0;
       for (int64_t k = 0; k < block_size; ++k) {
-        magnitude = quantize::max_magnitude(magnitude, block[k]);
+        const float m = std::fabs(block[k]);
+        magnitude = m > magnitude ? m : magnitude;
+        has_nan |= block[k] != block[k];
       }
-      const float scale = quantize::block_scale(magnitude);
+      const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale(magnitude);
       scale_out[b] = scale;
+      if (!quantize::scale_gives_codes(scale)) {
+        std::memset(block_codes, 0, block_size);
+        continue;
+      }
       for (int64_t k = 0; k < block_size; ++k) {
-        out[b * block_size + k] = quantize::quantize_value(block[k], scale);
+        block_codes[k] = quantize::quantize_value(block[k], scale);
       }
     }
   });
@@ -55,12 +69,21 @@ at::Tensor dequantize_blocks_cpu(const at::Tensor& codes, const at::Tensor& scal
   const float d = static_cast<float>(divisor);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
-      for (int64_t k = b * block_size; k < (b + 1) * block_size; ++k) {
-        float sum = 0.0f;
-        for (int64_t r = 0; r < rows; ++r) {
-          sum = quantize::add_dequantized(sum, in[r * length + k], scale_in[r * num_blocks + b]);
+      float* sums = sum_out + b * block_size;
+      // Row by row, so that the inner loops vectorize; each element still adds its rows in order, from
+      // 0.0f, exactly as quantize::add_dequantized does in the CUDA kernel.
+      std::fill(sums, sums + block_size, 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* row = in + r * length + b * block_size;
+        const float scale = scale_in[r * num_blocks + b];
+        for (int64_t k = 0; k < block_size; ++k) {
+          sums[k] = quantize::add_dequantized(sums[k], row[k], scale);
         }
-        sum_out[k] = quantize::divide_sum(sum, d);
+      }
+      if (d != 1.0f) {
+        for (int64_t k = 0; k < block_size; ++k) {
+          sums[k] = sums[k] / d;
+        }
       }
     }
   });

@@ -4,6 +4,7 @@ sync moves about a quarter of the bytes of a float32 all_reduce (INTELLECT-1, St
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -128,9 +129,11 @@ class Int8Averager:
             total += p.numel()
         self.numel = total
         self._anchor: Optional[torch.Tensor] = None
+        self._snapshot: Optional[torch.Tensor] = None
+        self._delta: Optional[torch.Tensor] = None
         self._residual: Optional[torch.Tensor] = None
-        # An overlapped sync in flight: (snapshot, the all_to_all's output buffers and work handles).
-        self._pending = None
+        # An overlapped sync in flight.
+        self._pending: Optional[_Exchange] = None
         self.last_wire_bytes = 0
 
     @property
@@ -155,6 +158,9 @@ class Int8Averager:
         device = self.params[0].device
         self._anchor = torch.zeros(self._padded_length(world_size), dtype=torch.float32, device=device)
         ops.pack_into(self.params, self.offsets, self._anchor)
+        # Reused at every sync; their padding stays zero (pack writes the tensors' elements only).
+        self._snapshot = torch.zeros_like(self._anchor)
+        self._delta = torch.zeros_like(self._anchor)
         if self.error_feedback:
             self._residual = torch.zeros_like(self._anchor)
 
@@ -164,8 +170,11 @@ class Int8Averager:
         if self._anchor is not None:
             ops.pack_into(self.params, self.offsets, self._anchor)
 
-    def _quantized_delta(self, snapshot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        delta = snapshot - self._anchor
+    def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
+        residual, with error feedback)."""
+        ops.pack_into(self.params, self.offsets, self._snapshot)
+        delta = torch.sub(self._snapshot, self._anchor, out=self._delta)
         if self.error_feedback:
             delta += self._residual
         codes, scales = ops.quantize_blocks(delta, self.block_size)
@@ -173,37 +182,40 @@ class Int8Averager:
             torch.sub(delta, ops.dequantize_blocks(codes[None], scales[None], self.block_size), out=self._residual)
         return codes, scales
 
-    def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor):
-        """All_to_all: rank r receives chunk r of every rank's codes and scales."""
-        received_codes = torch.empty_like(codes)
-        received_scales = torch.empty_like(scales)
+    def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
+        """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales."""
+        received = (torch.empty_like(codes), torch.empty_like(scales))
         works = [
-            dist.all_to_all_single(received_codes, codes, group=group, async_op=True),
-            dist.all_to_all_single(received_scales, scales, group=group, async_op=True),
+            dist.all_to_all_single(received[0], codes, group=group, async_op=True),
+            dist.all_to_all_single(received[1], scales, group=group, async_op=True),
         ]
-        return received_codes, received_scales, works
+        return _Exchange(phase=1, buffers=received, works=works)
 
-    def _finish_exchange(self, group: dist.ProcessGroup, received_codes, received_scales, works) -> torch.Tensor:
-        """Waits for the all_to_all, averages this rank's chunk, and all_gathers every chunk's average:
-        the mean delta, the same bits on every rank."""
-        for work in works:
-            work.wait()
+    def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
+        """Phase 2, started: this rank's chunk averaged in float32 and quantized again, then an
+        all_gather of every chunk's average."""
+        exchange.wait()
         world_size = dist.get_world_size(group)
+        received_codes, received_scales = exchange.buffers
         chunk_mean = ops.dequantize_blocks(
             received_codes.view(world_size, -1), received_scales.view(world_size, -1), self.block_size, world_size
         )
         mean_codes, mean_scales = ops.quantize_blocks(chunk_mean, self.block_size)
-        all_codes = torch.empty(mean_codes.numel() * world_size, dtype=torch.int8, device=mean_codes.device)
-        all_scales = torch.empty(mean_scales.numel() * world_size, dtype=torch.float32, device=mean_scales.device)
-        dist.all_gather_into_tensor(all_codes, mean_codes, group=group)
-        dist.all_gather_into_tensor(all_scales, mean_scales, group=group)
+        gathered = (mean_codes.new_empty(mean_codes.numel() * world_size), mean_scales.new_empty(mean_scales.numel() * world_size))
+        exchange.phase, exchange.buffers = 2, gathered
+        exchange.works = [
+            dist.all_gather_into_tensor(gathered[0], mean_codes, group=group, async_op=True),
+            dist.all_gather_into_tensor(gathered[1], mean_scales, group=group, async_op=True),
+        ]
         self.last_wire_bytes = 2 * (world_size - 1) * (mean_codes.numel() + 4 * mean_scales.numel())
-        return ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
 
-    def _pack_snapshot(self) -> torch.Tensor:
-        snapshot = torch.zeros_like(self._anchor)
-        ops.pack_into(self.params, self.offsets, snapshot)
-        return snapshot
+    def _finish_exchange(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
+        """Both phases completed; the anchor moves by the mean delta, the same bits on every rank."""
+        if exchange.phase == 1:
+            self._start_gather(group, exchange)
+        exchange.wait()
+        all_codes, all_scales = exchange.buffers
+        self._anchor += ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
 
     def average(self) -> None:
         """Replaces every tensor by the int8-wire mean over the group (see the class docstring)."""
@@ -215,16 +227,15 @@ class Int8Averager:
         self._full_precision.verify_ranks_agree()
         group = self._group()
         with _lost_rank_errors(group):
-            codes, scales = self._quantized_delta(self._pack_snapshot())
-            mean_delta = self._finish_exchange(group, *self._start_exchange(group, codes, scales))
-        self._anchor += mean_delta
+            self._finish_exchange(group, self._start_exchange(group, *self._quantized_delta()))
         ops.unpack_from(self._anchor, self.offsets, 1.0, self.params)
 
     def start_average(self) -> None:
         """Starts an overlapped int8 average: the check, the snapshot, the quantization and the
-        all_to_all, left in flight. `finish_average()` completes the exchange (its all_gather waits) and
-        adds `new anchor - snapshot` to every tensor, keeping what it learned meanwhile. The first sync
-        (no anchor yet) waits and averages in float32 instead."""
+        all_to_all, left in flight. `advance_average()` (optional, at a later step) waits for it and starts
+        the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
+        tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
+        float32 instead."""
         if self._pending is not None:
             raise RuntimeError("start_average() while an overlapped average is in flight: call finish_average() first")
         if self._anchor is None:
@@ -232,21 +243,25 @@ class Int8Averager:
             return
         self._full_precision.verify_ranks_agree()
         group = self._group()
-        snapshot = self._pack_snapshot()
         with _lost_rank_errors(group):
-            codes, scales = self._quantized_delta(snapshot)
-            self._pending = (snapshot, self._start_exchange(group, codes, scales))
+            self._pending = self._start_exchange(group, *self._quantized_delta())
+
+    def advance_average(self) -> None:
+        """Moves an overlapped average to its second half (the all_gather), so that it too is on the wire
+        while training goes on. A collective: every rank must call it at the same step."""
+        if self._pending is not None and self._pending.phase == 1:
+            group = self._group()
+            with _lost_rank_errors(group):
+                self._start_gather(group, self._pending)
 
     def finish_average(self) -> None:
         if self._pending is None:
             return
-        snapshot, exchange = self._pending
-        self._pending = None
+        exchange, self._pending = self._pending, None
         group = self._group()
         with _lost_rank_errors(group):
-            mean_delta = self._finish_exchange(group, *exchange)
-        self._anchor += mean_delta
-        ops.merge_into(self._anchor, snapshot, self.offsets, 1.0, self.params)
+            self._finish_exchange(group, exchange)
+        ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self.params)
 
     @property
     def average_pending(self) -> bool:
@@ -254,10 +269,23 @@ class Int8Averager:
 
     def _drain_pending_average(self) -> None:
         if self._pending is not None:
-            _, (_, _, works) = self._pending
-            self._pending = None
-            for work in works:
-                work.wait()
+            exchange, self._pending = self._pending, None
+            exchange.wait()
 
     def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
         self._full_precision.verify_ranks_agree(equal_values)
+
+
+@dataclasses.dataclass
+class _Exchange:
+    """An int8 average on the wire: phase 1 (all_to_all of every rank's codes) or 2 (all_gather of the
+    averaged chunks), with the buffers being received and the collectives' work handles."""
+
+    phase: int
+    buffers: Tuple[torch.Tensor, torch.Tensor]
+    works: list
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []

@@ -311,9 +311,14 @@ class LocalSGD:
             return
 
         self._last_step_synced = False
-        if self._delayed_since is not None and self.num_steps - self._delayed_since >= self.sync_delay:
-            self._finish_delayed_sync()
-            self._last_step_synced = True
+        if self._delayed_since is not None:
+            in_flight_for = self.num_steps - self._delayed_since
+            if in_flight_for >= self.sync_delay:
+                self._finish_delayed_sync()
+                self._last_step_synced = True
+            elif in_flight_for == (self.sync_delay + 1) // 2 and self.wire is not None:
+                # The int8 wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
+                self._averagers[self._delayed_fragment].advance_average()
         fragments = self._cadence.due(self.num_steps)
         if fragments is not None:
             delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps

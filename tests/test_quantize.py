@@ -81,3 +81,19 @@ def test_opcheck(device):
 def test_bad_arguments_raise_clear_errors(call, exception, message):
     with pytest.raises(exception, match=message):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_kernels_give_the_same_bits():
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(1024 * 33, generator=generator) * 5
+    x[100] = float("nan")
+    cpu_codes, cpu_scales = ops.quantize_blocks(x, 1024)
+    gpu_codes, gpu_scales = ops.quantize_blocks(x.cuda(), 1024)
+    assert torch.equal(cpu_codes, gpu_codes.cpu())
+    assert torch.equal(cpu_scales.nan_to_num(-1.0), gpu_scales.cpu().nan_to_num(-1.0))
+    rows_codes = torch.stack([cpu_codes, cpu_codes.flip(0)])
+    rows_scales = torch.stack([cpu_scales, cpu_scales.flip(0)])
+    cpu_mean = ops.dequantize_blocks(rows_codes, rows_scales, 1024, 2.0)
+    gpu_mean = ops.dequantize_blocks(rows_codes.cuda(), rows_scales.cuda(), 1024, 2.0)
+    assert torch.equal(cpu_mean.nan_to_num(-1.0), gpu_mean.cpu().nan_to_num(-1.0))

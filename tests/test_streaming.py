@@ -130,15 +130,15 @@ def test_int8_wire_overlapped_merges_the_mean_into_local_progress():
 def test_error_feedback_keeps_what_quantization_left_out():
     """sent + residual = accumulated delta, sync after sync (in-process: the quantizing side alone)."""
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(1000, generator=generator)]
+    tensors = [torch.zeros(1000)]
     averager = Int8Averager(tensors, block_size=128, error_feedback=True)
-    averager._anchor = torch.zeros(1024)
-    averager._residual = torch.zeros(1024)
+    averager._anchor, averager._snapshot, averager._delta, averager._residual = (torch.zeros(1024) for _ in range(4))
     accumulated, sent = torch.zeros(1024, dtype=torch.float64), torch.zeros(1024, dtype=torch.float64)
     for _ in range(5):
-        snapshot = torch.randn(1024, generator=generator) * torch.rand(1024, generator=generator) ** 4
-        accumulated += snapshot.double()
-        codes, scales = averager._quantized_delta(snapshot)
+        # Magnitudes spread over decades, so that quantization leaves real residuals.
+        tensors[0].copy_(torch.randn(1000, generator=generator) * torch.rand(1000, generator=generator) ** 4)
+        accumulated[:1000] += tensors[0].double()
+        codes, scales = averager._quantized_delta()
         sent += ops.dequantize_blocks(codes[None], scales[None], 128).double()
         assert torch.allclose(sent + averager._residual.double(), accumulated, rtol=0, atol=1e-5)
     assert averager._residual.abs().max() > 0

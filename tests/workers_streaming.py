@@ -100,6 +100,7 @@ def int8_average(error_feedback: bool, overlapped: bool):
         averager.start_average()
         for t, move in zip(tensors, later):
             t.add_(move)
+        averager.advance_average()  # the all_gather goes on the wire before the merge
         averager.finish_average()
     else:
         averager.average()

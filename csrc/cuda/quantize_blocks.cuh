@@ -23,8 +23,9 @@ LOCALSGD_HOST_DEVICE inline float partial_max_magnitude(const float* block, int6
 // Thread `thread` of `threads`: the codes of the same elements, once the block's scale is known.
 LOCALSGD_HOST_DEVICE inline void write_codes(
     const float* block, int8_t* codes, int64_t block_size, float scale, int thread, int threads) {
+  const bool gives_codes = quantize::scale_gives_codes(scale);
   for (int64_t k = thread; k < block_size; k += threads) {
-    codes[k] = quantize::quantize_value(block[k], scale);
+    codes[k] = gives_codes ? quantize::quantize_value(block[k], scale) : int8_t{0};
   }
 }
 
