@@ -17,6 +17,9 @@ from .options import AveragingOptions, check_bool, check_int_at_least
 
 __all__ = ["Int8Averager", "DEFAULT_BLOCK_SIZE"]
 
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases may lack the new name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 # Elements per scale: the scales add 4 / 1024 bytes per element (0.4%), and one outlier coarsens only
 # its own 1024 neighbours. Streaming DiLoCo and INTELLECT-1 use blocks of this order.
 DEFAULT_BLOCK_SIZE = 1024
@@ -204,8 +207,8 @@ class Int8Averager:
         gathered = (mean_codes.new_empty(mean_codes.numel() * world_size), mean_scales.new_empty(mean_scales.numel() * world_size))
         exchange.phase, exchange.buffers = 2, gathered
         exchange.works = [
-            dist.all_gather_into_tensor(gathered[0], mean_codes, group=group, async_op=True),
-            dist.all_gather_into_tensor(gathered[1], mean_scales, group=group, async_op=True),
+            _all_gather_single(gathered[0], mean_codes, group=group, async_op=True),
+            _all_gather_single(gathered[1], mean_scales, group=group, async_op=True),
         ]
         self.last_wire_bytes = 2 * (world_size - 1) * (mean_codes.numel() + 4 * mean_scales.numel())
 
