@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -257,13 +257,20 @@ class Int8Averager:
             with _lost_rank_errors(group):
                 self._start_gather(group, self._pending)
 
-    def finish_average(self) -> None:
+    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+        """Completes the overlapped average and merges it: each tensor `t` becomes
+        `t + (new anchor - snapshot)`. With `outer_step` (Streaming DiLoCo), the new anchor is first
+        handed to it as views shaped like the tensors, holding the mean of the snapshots; whatever it
+        writes there (the outer optimizer's result) becomes the anchor and is what is merged. The mean
+        is the same bits on every rank, so a deterministic outer step keeps the anchors identical."""
         if self._pending is None:
             return
         exchange, self._pending = self._pending, None
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, exchange)
+        if outer_step is not None:
+            outer_step([self._anchor[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)])
         ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self.params)
 
     @property

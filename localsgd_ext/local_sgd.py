@@ -147,8 +147,9 @@ class LocalSGD:
             meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
             below `local_sgd_steps / num_fragments` (one average in flight at a time); copy mode,
-            `comm_dtype` None or bfloat16, no `outer_optimizer` yet. Extra memory: two copies of the
-            parameters (of one fragment).
+            `comm_dtype` None or bfloat16, an `outer_optimizer` only with `wire="int8"` (the outer step
+            then runs at the merge, on the snapshots' mean). Extra memory: two copies of the parameters
+            (of one fragment).
         num_fragments (`int`, defaults to 1):
             Keyword-only. Streaming DiLoCo's fragments: the parameters are split, in the model's order,
             into `num_fragments` contiguous groups of about equal bytes; each group syncs every
@@ -229,11 +230,14 @@ class LocalSGD:
                     "sync_delay needs copy mode with comm_dtype None or torch.bfloat16, got "
                     f"zero_copy={self.zero_copy}, comm_dtype={self.comm_dtype}"
                 )
-            if self._outer is not None:
-                raise NotImplementedError("sync_delay with an outer_optimizer (Streaming DiLoCo) is not implemented yet")
         self.wire, self.error_feedback, self.wire_block_size = _check_wire(
             wire, error_feedback, wire_block_size, self.options
         )
+        if self.sync_delay > 0 and self._outer is not None and self.wire is None:
+            raise NotImplementedError(
+                'sync_delay with an outer_optimizer (Streaming DiLoCo) needs wire="int8" for now: the float wire\'s '
+                "overlapped sync does not keep the mean the outer step needs"
+            )
         # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
         self._delayed_since: Optional[int] = None
         self._delayed_fragment = 0
@@ -413,7 +417,13 @@ class LocalSGD:
         if self._delayed_since is None:
             return
         self._delayed_since = None
-        self._averagers[self._delayed_fragment].finish_average()
+        averager = self._averagers[self._delayed_fragment]
+        if self._outer is not None:
+            # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.
+            first = self._fragment_starts[self._delayed_fragment]
+            averager.finish_average(outer_step=lambda means: self._outer.apply(means, first=first))
+        else:
+            averager.finish_average()
         self.sync_count += 1
 
     def _sync_and_avg_model_params(self, delayed: bool = False, fragments: Optional[List[int]] = None):
@@ -427,16 +437,19 @@ class LocalSGD:
         for fragment in fragments:
             averager = averagers[fragment]
             if delayed:
-                # Counted in sync_count when it is merged (_finish_delayed_sync).
                 averager.start_average()
-                self._delayed_since, self._delayed_fragment = self.num_steps, fragment
             else:
                 averager.average()
-                if self._outer is not None:
-                    self._outer.apply(averager.params, first=self._fragment_starts[fragment])
-                    if self.wire is not None:
-                        averager.rebase_anchor()  # the int8 wire measures the next changes from here
-                self.sync_count += 1
+            if averager.average_pending:
+                # Counted in sync_count when it is merged (_finish_delayed_sync).
+                self._delayed_since, self._delayed_fragment = self.num_steps, fragment
+                continue
+            # Waited for: a plain sync, or the int8 wire's first (it has no anchor to send changes from yet).
+            if self._outer is not None:
+                self._outer.apply(averager.params, first=self._fragment_starts[fragment])
+                if self.wire is not None:
+                    averager.rebase_anchor()  # the int8 wire measures the next changes from here
+            self.sync_count += 1
         if self.sync_buffers and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start

@@ -48,9 +48,18 @@ def fake_averager(monkeypatch):
             record.fragments_synced.append((record.local_sgd.num_steps, fragment))
 
         averager.average.side_effect = average
-        averager.start_average.side_effect = lambda: record.started.append(record.local_sgd.num_steps)
-        averager.finish_average.side_effect = lambda: record.merged.append(record.local_sgd.num_steps)
-        averager._drain_pending_average.side_effect = lambda: record.drained.append(record.local_sgd.num_steps)
+        averager.average_pending = False
+
+        def in_flight(log, pending):
+            def call(*args, **kwargs):
+                log.append(record.local_sgd.num_steps)
+                averager.average_pending = pending
+
+            return call
+
+        averager.start_average.side_effect = in_flight(record.started, True)
+        averager.finish_average.side_effect = in_flight(record.merged, False)
+        averager._drain_pending_average.side_effect = in_flight(record.drained, False)
         record.built.append((options, kwargs, averager))
         return averager
 
@@ -189,7 +198,7 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
         (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
         (dict(sync_delay=1, comm_dtype=torch.float16), ValueError, "sync_delay needs copy mode with comm_dtype None or torch.bfloat16"),
-        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, "Streaming DiLoCo"),
+        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, 'Streaming DiLoCo.* needs wire="int8"'),
     ],
 )
 def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):

@@ -114,17 +114,21 @@ def test_int8_wire_stays_within_its_bound_and_leaves_ranks_identical(world_size,
             assert r["residual"] is not None and r["residual"].abs().max() > 0
 
 
-def test_int8_wire_overlapped_merges_the_mean_into_local_progress():
-    results = run_ranks(2, "workers_streaming:int8_average", False, True, timeout=90)
+@pytest.mark.parametrize("halve_in_outer_step", [False, True])
+def test_int8_wire_overlapped_merges_the_mean_into_local_progress(halve_in_outer_step):
+    """p = snapshot + later progress becomes p + (new anchor - snapshot) = new anchor + later, where the new
+    anchor is the mean of the snapshots, or what the outer step made of it (here: half of it)."""
+    results = run_ranks(2, "workers_streaming:int8_average", False, True, halve_in_outer_step, timeout=90)
     exact, bound = int8_bound([r["deltas"] for r in results], 256)
     anchor = torch.cat([a.reshape(-1) for a in results[0]["anchor"]])
     n = anchor.numel()
+    factor = 0.5 if halve_in_outer_step else 1.0
     for r in results:
         later = torch.cat([t.reshape(-1) for t in r["later"]])
         result = torch.cat([t.reshape(-1) for t in r["result"]])
-        # p = snapshot + later, merged: p + (new anchor - snapshot) = new anchor + later
-        error = (result - later - (anchor + exact[:n])).abs()
-        assert torch.all(error <= bound[:n] * (1 + 1e-5) + 1e-5)
+        error = (result - later - factor * (anchor + exact[:n])).abs()
+        assert torch.all(error <= factor * bound[:n] * (1 + 1e-5) + 1e-5)
+    assert torch.equal(results[0]["new_anchor"], results[1]["new_anchor"]), "the anchors stay identical"
 
 
 def test_error_feedback_keeps_what_quantization_left_out():
@@ -152,6 +156,7 @@ def test_error_feedback_keeps_what_quantization_left_out():
         dict(num_fragments=2, sync_delay=1),
         dict(num_fragments=2, outer_optimizer="diloco"),
         dict(wire="int8", error_feedback=True, outer_optimizer="diloco"),
+        dict(wire="int8", outer_optimizer="diloco", sync_delay=1, num_fragments=2),  # Streaming DiLoCo
     ],
     ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
 )

@@ -80,7 +80,7 @@ def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
     return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}
 
 
-def int8_average(error_feedback: bool, overlapped: bool):
+def int8_average(error_feedback: bool, overlapped: bool, halve_in_outer_step: bool = False):
     """Two syncs of an Int8Averager: the first (float32) sets the anchor; then each rank moves its
     tensors by its own delta and the second sync averages the deltas over the int8 wire (waited for, or
     started and finished with the tensors moved again in between)."""
@@ -101,9 +101,12 @@ def int8_average(error_feedback: bool, overlapped: bool):
         for t, move in zip(tensors, later):
             t.add_(move)
         averager.advance_average()  # the all_gather goes on the wire before the merge
-        averager.finish_average()
+        # A stand-in outer step that is easy to check: it halves the mean of the snapshots.
+        outer_step = (lambda means: [m.mul_(0.5) for m in means]) if halve_in_outer_step else None
+        averager.finish_average(outer_step=outer_step)
     else:
         averager.average()
     residual = None if averager._residual is None else averager._residual.clone()
     return {"anchor": anchor, "deltas": deltas, "later": later if overlapped else None, "result": snapshot(tensors),
+            "new_anchor": None if averager._anchor is None else averager._anchor.clone(),
             "wire_bytes": averager.last_wire_bytes, "residual": residual}
