@@ -14,11 +14,13 @@ TORCH_LIBRARY(localsgd_ext, m) {
   // snapshot (the buffer as packed before its all_reduce) from its offset; computed in float32 for
   // fp16/bf16 tensors, in the tensor's dtype otherwise.
   m.def("merge_into(Tensor sum, Tensor snapshot, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");
-  // The int8 wire: `x` (1-D float32, a multiple of block_size long) in blocks of block_size elements,
-  // each quantized with its own scale max|x| / 127 to codes round-half-even(x / scale) in -127..127.
-  // Returns (codes: int8 like x, scales: float32, one per block).
-  m.def("quantize_blocks(Tensor x, int block_size) -> (Tensor, Tensor)");
-  // Sums the rows of `codes` (rows x length int8) dequantized with `scales` (rows x length/block_size),
-  // in row order, in float32, then divides by `divisor`: one row dequantizes, W rows average.
+  // The quantized wires: `x` (1-D float32, a multiple of block_size long) in blocks of block_size
+  // elements, each with its own scale. int8 codes (the default): scale max|x| / 127, codes
+  // round-half-even(x / scale) in -127..127; float8_e4m3fn codes: scale max|x| / 448, codes x / scale
+  // rounded to e4m3 (ties to even). Returns (codes of `code_dtype` like x, scales: float32, per block).
+  m.def("quantize_blocks(Tensor x, int block_size, ScalarType? code_dtype=None) -> (Tensor, Tensor)");
+  // Sums the rows of `codes` (rows x length, int8 or float8_e4m3fn) dequantized with `scales`
+  // (rows x length/block_size), in row order, in float32, then divides by `divisor`: one row
+  // dequantizes, W rows average.
   m.def("dequantize_blocks(Tensor codes, Tensor scales, int block_size, float divisor=1.0) -> Tensor");
 }

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 
 namespace localsgd_ext {
 
@@ -13,7 +14,13 @@ inline void check_block_size(const char* op, int64_t block_size) {
       block_size >= 1 && block_size <= (1 << 20), op, ": block_size must be between 1 and 1048576, got ", block_size, ".");
 }
 
-inline void check_quantize_arguments(const at::Tensor& x, int64_t block_size) {
+// The codes' dtype: int8 (the default) or float8_e4m3fn.
+inline at::ScalarType check_quantize_arguments(
+    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+  const at::ScalarType codes_type = code_dtype.value_or(at::kChar);
+  TORCH_CHECK_TYPE(
+      codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
+      "quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
   check_block_size("quantize_blocks", block_size);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "quantize_blocks: x must be float32, got ", x.scalar_type(), ".");
   TORCH_CHECK_VALUE(
@@ -22,12 +29,14 @@ inline void check_quantize_arguments(const at::Tensor& x, int64_t block_size) {
   TORCH_CHECK_VALUE(
       x.numel() % block_size == 0, "quantize_blocks: x's length must be a multiple of block_size (pad it), got ",
       x.numel(), " elements and block_size ", block_size, ".");
+  return codes_type;
 }
 
 inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
   check_block_size("dequantize_blocks", block_size);
   TORCH_CHECK_TYPE(
-      codes.scalar_type() == at::kChar, "dequantize_blocks: codes must be int8, got ", codes.scalar_type(), ".");
+      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
+      "dequantize_blocks: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
   TORCH_CHECK_TYPE(
       scales.scalar_type() == at::kFloat, "dequantize_blocks: scales must be float32, got ", scales.scalar_type(), ".");
   TORCH_CHECK_VALUE(

@@ -1,4 +1,4 @@
-// CPU kernels of the int8 wire: quantize_blocks (a scale per block, then the codes) and
+// CPU kernels of the quantized wires: quantize_blocks (a scale per block, then the codes) and
 // dequantize_blocks (the rows' dequantized values summed in row order, divided once), blocks spread
 // over intra-op threads. The arithmetic is quantize_math.h's, shared with the CUDA kernels.
 #include <ATen/Parallel.h>
@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "quantize_checks.h"
@@ -22,18 +23,14 @@ int64_t blocks_per_task(int64_t block_size) {
   return std::max<int64_t>(1, (64 * 1024) / block_size);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(const at::Tensor& x, int64_t block_size) {
-  check_quantize_arguments(x, block_size);
-  const int64_t num_blocks = x.numel() / block_size;
-  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({num_blocks}, x.options());
-  const float* in = x.const_data_ptr<float>();
-  int8_t* out = codes.mutable_data_ptr<int8_t>();
-  float* scale_out = scales.mutable_data_ptr<float>();
+template <typename Codec>
+void quantize_all(const float* in, int64_t num_blocks, int64_t block_size, void* codes, float* scale_out) {
+  using Code = typename Codec::Code;
+  Code* out = static_cast<Code*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const float* block = in + b * block_size;
-      int8_t* block_codes = out + b * block_size;
+      Code* block_codes = out + b * block_size;
       // Both loops are branch-free so that the compiler vectorizes them. The max ignores NaN and a flag
       // carries it instead: the same scale as quantize::max_magnitude's, which the CUDA kernel uses.
       float magnitude = 0.0f;
@@ -43,50 +40,72 @@ std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(const at::Tensor& x, int6
         magnitude = m > magnitude ? m : magnitude;
         has_nan |= block[k] != block[k];
       }
-      const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale(magnitude);
+      const float scale =
+          has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
       scale_out[b] = scale;
       if (!quantize::scale_gives_codes(scale)) {
-        std::memset(block_codes, 0, block_size);
+        std::memset(block_codes, 0, block_size * sizeof(Code));
         continue;
       }
       for (int64_t k = 0; k < block_size; ++k) {
-        block_codes[k] = quantize::quantize_value(block[k], scale);
+        block_codes[k] = Codec::encode(block[k], scale);
       }
     }
   });
+}
+
+template <typename Codec>
+void dequantize_all(
+    const void* codes, const float* scale_in, int64_t rows, int64_t length, int64_t block_size, float divisor,
+    float* sum_out) {
+  using Code = typename Codec::Code;
+  const Code* in = static_cast<const Code*>(codes);
+  const int64_t num_blocks = length / block_size;
+  at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      float* sums = sum_out + b * block_size;
+      // Row by row, so that the inner loops vectorize; each element still adds its rows in order, from
+      // 0.0f, exactly as the CUDA kernel does element by element.
+      std::fill(sums, sums + block_size, 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const Code* row = in + r * length + b * block_size;
+        const float scale = scale_in[r * num_blocks + b];
+        for (int64_t k = 0; k < block_size; ++k) {
+          sums[k] = quantize::add_dequantized(sums[k], Codec::decode(row[k]), scale);
+        }
+      }
+      if (divisor != 1.0f) {
+        for (int64_t k = 0; k < block_size; ++k) {
+          sums[k] = sums[k] / divisor;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(
+    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+  const at::ScalarType codes_type = check_quantize_arguments(x, block_size, code_dtype);
+  const int64_t num_blocks = x.numel() / block_size;
+  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(codes_type));
+  at::Tensor scales = at::empty({num_blocks}, x.options());
+  if (codes_type == at::kChar) {
+    quantize_all<quantize::Int8Codec>(
+        x.const_data_ptr<float>(), num_blocks, block_size, codes.mutable_data_ptr(), scales.mutable_data_ptr<float>());
+  } else {
+    quantize_all<quantize::E4M3Codec>(
+        x.const_data_ptr<float>(), num_blocks, block_size, codes.mutable_data_ptr(), scales.mutable_data_ptr<float>());
+  }
   return {codes, scales};
 }
 
 at::Tensor dequantize_blocks_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
   check_dequantize_arguments(codes, scales, block_size, divisor);
-  const int64_t rows = codes.size(0);
-  const int64_t length = codes.size(1);
-  const int64_t num_blocks = length / block_size;
-  at::Tensor out = at::empty({length}, scales.options());
-  const int8_t* in = codes.const_data_ptr<int8_t>();
-  const float* scale_in = scales.const_data_ptr<float>();
-  float* sum_out = out.mutable_data_ptr<float>();
-  const float d = static_cast<float>(divisor);
-  at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      float* sums = sum_out + b * block_size;
-      // Row by row, so that the inner loops vectorize; each element still adds its rows in order, from
-      // 0.0f, exactly as quantize::add_dequantized does in the CUDA kernel.
-      std::fill(sums, sums + block_size, 0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* row = in + r * length + b * block_size;
-        const float scale = scale_in[r * num_blocks + b];
-        for (int64_t k = 0; k < block_size; ++k) {
-          sums[k] = quantize::add_dequantized(sums[k], row[k], scale);
-        }
-      }
-      if (d != 1.0f) {
-        for (int64_t k = 0; k < block_size; ++k) {
-          sums[k] = sums[k] / d;
-        }
-      }
-    }
-  });
+  at::Tensor out = at::empty({codes.size(1)}, scales.options());
+  const auto run = codes.scalar_type() == at::kChar ? &dequantize_all<quantize::Int8Codec>
+                                                    : &dequantize_all<quantize::E4M3Codec>;
+  run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
+      static_cast<float>(divisor), out.mutable_data_ptr<float>());
   return out;
 }
 

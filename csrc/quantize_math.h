@@ -1,10 +1,13 @@
-// The arithmetic of the int8 wire (per-block scales), written once for the CPU kernel and the CUDA
+// The arithmetic of the quantized wires (per-block scales), written once for the CPU kernel and the CUDA
 // kernels (host/device functions), so that both devices quantize and dequantize to the same bits.
-// Plain C++: no torch, no CUDA header.
+// Plain C++: no torch, no CUDA header. Two code formats, one byte each:
+//   Int8Codec: symmetric int8, -127..127 (no -128, so negating a block negates its codes);
+//   E4M3Codec: float8 e4m3fn (4 exponent bits, 3 mantissa bits, largest 448, no infinities), as bits.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define LOCALSGD_HOST_DEVICE __host__ __device__
@@ -14,8 +17,25 @@
 
 namespace localsgd_ext::quantize {
 
-// Symmetric int8: -127..127, so that negating a block negates its codes (no -128).
-constexpr float kLevels = 127.0f;
+LOCALSGD_HOST_DEVICE inline uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+LOCALSGD_HOST_DEVICE inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
 
 // One step of a block's max |x|. NaN wins (a block holding one quantizes to a NaN scale and dequantizes
 // to NaN), and the result does not depend on the order of the steps, so any reduction tree agrees.
@@ -24,12 +44,8 @@ LOCALSGD_HOST_DEVICE inline float max_magnitude(float running, float x) {
   return (magnitude > running || magnitude != magnitude) ? magnitude : running;
 }
 
-LOCALSGD_HOST_DEVICE inline float block_scale(float max_magnitude_of_block) {
-  return max_magnitude_of_block / kLevels;
-}
-
-// Whether a block's scale gives codes: a zero scale (an all-zero block, or one so small that max / 127
-// underflows) and a non-finite one give codes 0, and the scale alone then carries the block.
+// Whether a block's scale gives codes: a zero scale (an all-zero block, or one so small that the
+// division underflows) and a non-finite one give codes 0, and the scale alone then carries the block.
 LOCALSGD_HOST_DEVICE inline bool scale_gives_codes(float scale) {
   return scale > 0.0f && scale <= 3.402823466e38f;
 }
@@ -42,25 +58,73 @@ LOCALSGD_HOST_DEVICE inline float round_half_even(float v) {
   return (v + kShift) - kShift;
 }
 
-// round-half-even(x / scale), within +-127, for a scale that gives codes (|x| <= 127 * scale then).
-LOCALSGD_HOST_DEVICE inline int8_t quantize_value(float x, float scale) {
-  float code = round_half_even(x / scale);
-  code = code < -kLevels ? -kLevels : code;
-  code = code > kLevels ? kLevels : code;
-  return static_cast<int8_t>(static_cast<int>(code));
+LOCALSGD_HOST_DEVICE inline float clamp_magnitude(float v, float largest) {
+  v = v < -largest ? -largest : v;
+  return v > largest ? largest : v;
 }
 
-// running + code * scale, each operation rounded on its own: no fused multiply-add on the device, so
-// that the CPU (which has none without -mfma) and the GPU round alike.
-LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, int8_t code, float scale) {
+struct Int8Codec {
+  using Code = int8_t;
+  static constexpr float kLargest = 127.0f;
+
+  // round-half-even(x / scale), within +-127, for a scale that gives codes.
+  LOCALSGD_HOST_DEVICE static Code encode(float x, float scale) {
+    return static_cast<Code>(static_cast<int>(clamp_magnitude(round_half_even(x / scale), kLargest)));
+  }
+
+  LOCALSGD_HOST_DEVICE static float decode(Code code) { return static_cast<float>(code); }
+};
+
+struct E4M3Codec {
+  using Code = uint8_t;
+  static constexpr float kLargest = 448.0f;
+
+  // v, finite with |v| <= 448, rounded to the nearest e4m3fn value (ties to even), as bits: the same
+  // rounding as torch's `.to(torch.float8_e4m3fn)` and CUDA's __nv_cvt_float_to_fp8 in that range.
+  LOCALSGD_HOST_DEVICE static Code from_float(float v) {
+    const uint32_t u = float_bits(v);
+    const auto sign = static_cast<Code>((u >> 24) & 0x80u);
+    const uint32_t magnitude = u & 0x7fffffffu;
+    if (magnitude < 0x3c800000u) {
+      // Below 2^-6, e4m3's subnormals: steps of 2^-9. A result of 8 steps is 2^-6, whose code is 8 too.
+      return static_cast<Code>(sign | static_cast<Code>(round_half_even(bits_float(magnitude) * 512.0f)));
+    }
+    // 23 mantissa bits rounded to 3, ties to even; a carry moves into the exponent, as it should. The
+    // float exponent (bias 127) becomes e4m3's (bias 7).
+    const uint32_t rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);
+    return static_cast<Code>(sign | static_cast<Code>((rounded >> 20) - (120u << 3)));
+  }
+
+  LOCALSGD_HOST_DEVICE static float decode(Code code) {
+    const uint32_t exponent = (code >> 3) & 15u;
+    const uint32_t mantissa = code & 7u;
+    const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * (1.0f / 512.0f)
+                                          : bits_float(((exponent + 120u) << 23) | (mantissa << 20));
+    return bits_float(float_bits(magnitude) | (static_cast<uint32_t>(code & 0x80u) << 24));
+  }
+
+  // (x / scale) within +-448, to e4m3, for a scale that gives codes.
+  LOCALSGD_HOST_DEVICE static Code encode(float x, float scale) {
+    return from_float(clamp_magnitude(x / scale, kLargest));
+  }
+};
+
+template <typename Codec>
+LOCALSGD_HOST_DEVICE inline float block_scale(float max_magnitude_of_block) {
+  return max_magnitude_of_block / Codec::kLargest;
+}
+
+// running + value * scale, each operation rounded on its own: no fused multiply-add on the device, so
+// that the CPU (which has none without -mfma) and the GPU round alike. 0 * inf and 0 * NaN are NaN: a
+// block whose scale is not finite dequantizes to NaN, as it should.
+LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, float value, float scale) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(running, __fmul_rn(static_cast<float>(code), scale));
+  return __fadd_rn(running, __fmul_rn(value, scale));
 #else
-  return running + static_cast<float>(code) * scale;
+  return running + value * scale;
 #endif
 }
 
-// 0 * inf and 0 * NaN are NaN: a block whose scale is not finite dequantizes to NaN, as it should.
 LOCALSGD_HOST_DEVICE inline float divide_sum(float sum, float divisor) {
   return divisor == 1.0f ? sum : sum / divisor;
 }

@@ -1,6 +1,6 @@
 """Python entry points for the compiled operators, with fake (meta) kernels for torch.compile/opcheck."""
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -75,33 +75,42 @@ def merge_into(
     torch.ops.localsgd_ext.merge_into.default(sum, snapshot, list(offsets), float(divisor), list(tensors))
 
 
-def quantize_blocks(x: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The int8 wire's quantizer, in one compiled pass: `x` is cut into blocks of `block_size`
-    elements, each with its own scale `max|x| / 127` (float32), and each element becomes the code
-    `round-half-even(x / scale)` in -127..127. Error: `|x - code * scale| <= scale / 2` per element
-    (an all-zero block has scale 0 and codes 0; a block holding NaN or Inf gets a non-finite scale and
-    codes 0, and dequantizes to NaN).
+def quantize_blocks(
+    x: torch.Tensor, block_size: int, code_dtype: Optional[torch.dtype] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The quantized wires' quantizer, in one compiled pass: `x` is cut into blocks of `block_size`
+    elements, each with its own float32 scale.
+
+    - int8 codes (the default): scale `max|x| / 127`, codes `round-half-even(x / scale)` in -127..127;
+      error `|x - code * scale| <= scale / 2` per element.
+    - float8_e4m3fn codes: scale `max|x| / 448`, codes `x / scale` rounded to e4m3 (ties to even, as
+      `.to(torch.float8_e4m3fn)`); error at most `|x| / 16`, or `scale / 1024` below `2**-6 * scale`.
+
+    An all-zero block has scale 0 and codes 0; a block holding NaN or Inf gets a non-finite scale and
+    codes 0, and dequantizes to NaN.
 
     Args:
         x (`torch.Tensor`):
             1-D contiguous float32, its length a multiple of `block_size` (pad with zeros).
         block_size (`int`):
             Elements per scale, 1 to 2**20.
+        code_dtype (`torch.dtype`, *optional*):
+            `torch.int8` (default) or `torch.float8_e4m3fn`.
 
     Returns:
-        `(codes, scales)`: int8 of `x`'s length, and float32 of length `len(x) / block_size`.
+        `(codes, scales)`: codes of `x`'s length, and float32 of length `len(x) / block_size`.
     """
-    return torch.ops.localsgd_ext.quantize_blocks.default(x, int(block_size))
+    return torch.ops.localsgd_ext.quantize_blocks.default(x, int(block_size), code_dtype)
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, block_size: int, divisor: float = 1.0) -> torch.Tensor:
-    """The int8 wire's dequantizer, in one compiled pass: row `r` of `codes` times its blocks' scales,
+    """The quantized wires' dequantizer, in one compiled pass: row `r` of `codes` times its blocks' scales,
     summed over the rows in order (row 0 first) in float32, then divided by `divisor` (in float32). One
     row dequantizes; the W rows that W ranks sent, with `divisor=W`, average.
 
     Args:
         codes (`torch.Tensor`):
-            2-D contiguous int8, `(rows, length)`, `length` a multiple of `block_size`.
+            2-D contiguous int8 or float8_e4m3fn, `(rows, length)`, `length` a multiple of `block_size`.
         scales (`torch.Tensor`):
             2-D contiguous float32, `(rows, length / block_size)`, on `codes`' device.
         block_size (`int`):
@@ -189,8 +198,14 @@ def _check_block_size(op, block_size):
         raise ValueError(f"{op}: block_size must be between 1 and 1048576, got {block_size}.")
 
 
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
 @torch.library.register_fake("localsgd_ext::quantize_blocks")
-def _quantize_blocks_fake(x, block_size):
+def _quantize_blocks_fake(x, block_size, code_dtype=None):
+    code_dtype = torch.int8 if code_dtype is None else code_dtype
+    if code_dtype not in CODE_DTYPES:
+        raise TypeError(f"quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got {code_dtype}.")
     _check_block_size("quantize_blocks", block_size)
     if x.dtype != torch.float32:
         raise TypeError(f"quantize_blocks: x must be float32, got {x.dtype}.")
@@ -201,14 +216,16 @@ def _quantize_blocks_fake(x, block_size):
             f"quantize_blocks: x's length must be a multiple of block_size (pad it), got {x.numel()} elements and "
             f"block_size {block_size}."
         )
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.numel() // block_size)
+    return x.new_empty(x.shape, dtype=code_dtype), x.new_empty(x.numel() // block_size)
 
 
 @torch.library.register_fake("localsgd_ext::dequantize_blocks")
 def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
     _check_block_size("dequantize_blocks", block_size)
-    if codes.dtype != torch.int8 or scales.dtype != torch.float32:
-        raise TypeError(f"dequantize_blocks: codes must be int8 and scales float32, got {codes.dtype} and {scales.dtype}.")
+    if codes.dtype not in CODE_DTYPES or scales.dtype != torch.float32:
+        raise TypeError(
+            f"dequantize_blocks: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and {scales.dtype}."
+        )
     if codes.dim() != 2 or codes.shape[1] % block_size or tuple(scales.shape) != (codes.shape[0], codes.shape[1] // block_size):
         raise ValueError(
             f"dequantize_blocks: codes must be (rows, a multiple of block_size) and scales (rows, length / block_size), "

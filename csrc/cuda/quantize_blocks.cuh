@@ -1,4 +1,4 @@
-// What one thread of the int8-wire kernels does, as host/device functions: the kernels
+// What one thread of the quantized-wire kernels does, as host/device functions: the kernels
 // (quantize_kernels.cu) call them on the GPU, tests/cuda/test_kernels_on_host.cu on the CPU, with the
 // arithmetic of ../quantize_math.h that the CPU kernel uses too.
 #pragma once
@@ -21,22 +21,25 @@ LOCALSGD_HOST_DEVICE inline float partial_max_magnitude(const float* block, int6
 }
 
 // Thread `thread` of `threads`: the codes of the same elements, once the block's scale is known.
+template <typename Codec>
 LOCALSGD_HOST_DEVICE inline void write_codes(
-    const float* block, int8_t* codes, int64_t block_size, float scale, int thread, int threads) {
+    const float* block, typename Codec::Code* codes, int64_t block_size, float scale, int thread, int threads) {
   const bool gives_codes = quantize::scale_gives_codes(scale);
   for (int64_t k = thread; k < block_size; k += threads) {
-    codes[k] = gives_codes ? quantize::quantize_value(block[k], scale) : int8_t{0};
+    codes[k] = gives_codes ? Codec::encode(block[k], scale) : typename Codec::Code{0};
   }
 }
 
 // Element k of the rows' dequantized sum, divided by divisor.
+template <typename Codec>
 LOCALSGD_HOST_DEVICE inline float dequantized_sum_at(
-    const int8_t* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, float divisor, int64_t k) {
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+    float divisor, int64_t k) {
   const int64_t num_blocks = length / block_size;
   const int64_t block = k / block_size;
   float sum = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
-    sum = quantize::add_dequantized(sum, codes[r * length + k], scales[r * num_blocks + block]);
+    sum = quantize::add_dequantized(sum, Codec::decode(codes[r * length + k]), scales[r * num_blocks + block]);
   }
   return quantize::divide_sum(sum, divisor);
 }

@@ -1,5 +1,5 @@
-// CUDA implementations of localsgd_ext::quantize_blocks / dequantize_blocks: the torch side of
-// quantize_kernels.cu (argument checks, device guard, outputs, the current stream).
+// CUDA implementations of localsgd_ext::quantize_blocks / dequantize_blocks (int8 and float8 e4m3
+// codes): the torch side of quantize_kernels.cu (argument checks, device guard, outputs, the current stream).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "../quantize_checks.h"
@@ -15,14 +16,19 @@
 namespace localsgd_ext {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(const at::Tensor& x, int64_t block_size) {
-  check_quantize_arguments(x, block_size);
+cuda::CodeFormat code_format(at::ScalarType codes_type) {
+  return codes_type == at::kChar ? cuda::CodeFormat::kInt8 : cuda::CodeFormat::kFloat8E4M3;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(
+    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+  const at::ScalarType codes_type = check_quantize_arguments(x, block_size, code_dtype);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t num_blocks = x.numel() / block_size;
-  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(at::kChar));
+  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(codes_type));
   at::Tensor scales = at::empty({num_blocks}, x.options());
   C10_CUDA_CHECK(cuda::launch_quantize_blocks(
-      x.const_data_ptr<float>(), num_blocks, block_size, codes.mutable_data_ptr<int8_t>(),
+      x.const_data_ptr<float>(), num_blocks, block_size, code_format(codes_type), codes.mutable_data_ptr(),
       scales.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
   return {codes, scales};
 }
@@ -32,8 +38,8 @@ at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& sca
   const c10::cuda::CUDAGuard device_guard(codes.device());
   at::Tensor out = at::empty({codes.size(1)}, scales.options());
   C10_CUDA_CHECK(cuda::launch_dequantize_blocks(
-      codes.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
-      static_cast<float>(divisor), out.mutable_data_ptr<float>(),
+      codes.const_data_ptr(), code_format(codes.scalar_type()), scales.const_data_ptr<float>(), codes.size(0),
+      codes.size(1), block_size, static_cast<float>(divisor), out.mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
   return out;
 }

@@ -1,6 +1,6 @@
-// The int8-wire kernels: quantize_blocks (a thread block per quantization block: a shared-memory max
-// reduction, then the codes) and dequantize_blocks (grid-stride over elements, rows summed in order).
-// CUDA toolkit headers only, like pack_unpack_kernels.cu.
+// The quantized-wire kernels: quantize_blocks (a thread block per quantization block: a shared-memory
+// max reduction, then the codes) and dequantize_blocks (grid-stride over elements, rows summed in
+// order), for int8 and float8 e4m3 codes. CUDA toolkit headers only, like pack_unpack_kernels.cu.
 #include "quantize_blocks.cuh"
 #include "quantize_kernels.h"
 
@@ -11,8 +11,9 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-__global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_blocks_kernel(const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales) {
+template <typename Codec>
+__global__ void __launch_bounds__(kQuantizeThreads) quantize_blocks_kernel(
+    const float* x, int64_t num_blocks, int64_t block_size, typename Codec::Code* codes, float* scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
@@ -26,8 +27,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
       }
       __syncthreads();
     }
-    const float scale = quantize::block_scale(partial[0]);
-    write_codes(block, codes + b * block_size, block_size, scale, thread, kQuantizeThreads);
+    const float scale = quantize::block_scale<Codec>(partial[0]);
+    write_codes<Codec>(block, codes + b * block_size, block_size, scale, thread, kQuantizeThreads);
     if (thread == 0) {
       scales[b] = scale;
     }
@@ -35,31 +36,60 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   }
 }
 
+template <typename Codec>
 __global__ void dequantize_blocks_kernel(
-    const int8_t* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, float divisor, float* out) {
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+    float divisor, float* out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < length; k += stride) {
-    out[k] = dequantized_sum_at(codes, scales, rows, length, block_size, divisor, k);
+    out[k] = dequantized_sum_at<Codec>(codes, scales, rows, length, block_size, divisor, k);
   }
+}
+
+template <typename Codec>
+void quantize_with(const float* x, int64_t num_blocks, int64_t block_size, void* codes, float* scales, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
+  quantize_blocks_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
+      x, num_blocks, block_size, static_cast<typename Codec::Code*>(codes), scales);
+}
+
+template <typename Codec>
+void dequantize_with(
+    const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, float divisor, float* out,
+    cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
+  dequantize_blocks_kernel<Codec><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const typename Codec::Code*>(codes), scales, rows, length, block_size, divisor, out);
 }
 
 } // namespace
 
 cudaError_t launch_quantize_blocks(
-    const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales, cudaStream_t stream) {
+    const float* x,
+    int64_t num_blocks,
+    int64_t block_size,
+    CodeFormat format,
+    void* codes,
+    float* scales,
+    cudaStream_t stream) {
   if (num_blocks == 0) {
     return cudaSuccess;
   }
   if (x == nullptr || codes == nullptr || scales == nullptr || block_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
-  quantize_blocks_kernel<<<blocks, kQuantizeThreads, 0, stream>>>(x, num_blocks, block_size, codes, scales);
+  if (format == CodeFormat::kInt8) {
+    quantize_with<quantize::Int8Codec>(x, num_blocks, block_size, codes, scales, stream);
+  } else {
+    quantize_with<quantize::E4M3Codec>(x, num_blocks, block_size, codes, scales, stream);
+  }
   return cudaGetLastError();
 }
 
 cudaError_t launch_dequantize_blocks(
-    const int8_t* codes,
+    const void* codes,
+    CodeFormat format,
     const float* scales,
     int64_t rows,
     int64_t length,
@@ -73,9 +103,11 @@ cudaError_t launch_dequantize_blocks(
   if (codes == nullptr || scales == nullptr || out == nullptr || block_size <= 0 || rows <= 0) {
     return cudaErrorInvalidValue;
   }
-  constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
-  dequantize_blocks_kernel<<<blocks, kThreads, 0, stream>>>(codes, scales, rows, length, block_size, divisor, out);
+  if (format == CodeFormat::kInt8) {
+    dequantize_with<quantize::Int8Codec>(codes, scales, rows, length, block_size, divisor, out, stream);
+  } else {
+    dequantize_with<quantize::E4M3Codec>(codes, scales, rows, length, block_size, divisor, out, stream);
+  }
   return cudaGetLastError();
 }
 

@@ -1,4 +1,5 @@
-// Launchers of the int8-wire kernels. Plain C++ with CUDA runtime types only (see pack_unpack_kernels.h).
+// Launchers of the quantized-wire kernels. Plain C++ with CUDA runtime types only (see
+// pack_unpack_kernels.h). Codes are one byte each, int8 or float8 e4m3fn bits (`CodeFormat`).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,13 +8,22 @@
 
 namespace localsgd_ext::cuda {
 
+enum class CodeFormat { kInt8, kFloat8E4M3 };
+
 // x: num_blocks * block_size floats; writes as many int8 codes and num_blocks scales, on `stream`.
 cudaError_t launch_quantize_blocks(
-    const float* x, int64_t num_blocks, int64_t block_size, int8_t* codes, float* scales, cudaStream_t stream);
+    const float* x,
+    int64_t num_blocks,
+    int64_t block_size,
+    CodeFormat format,
+    void* codes,
+    float* scales,
+    cudaStream_t stream);
 
-// codes: rows x length int8, scales: rows x (length / block_size); writes `length` floats to `out`.
+// codes: rows x length bytes, scales: rows x (length / block_size); writes `length` floats to `out`.
 cudaError_t launch_dequantize_blocks(
-    const int8_t* codes,
+    const void* codes,
+    CodeFormat format,
     const float* scales,
     int64_t rows,
     int64_t length,

@@ -15,6 +15,8 @@
 #include "../cpp/expect.h"
 #include "multi_tensor_copy.cuh"
 #include "quantize_blocks.cuh"
+
+#include <cuda_fp8.h>
 #include "slot_table.h"
 
 using namespace localsgd_ext::cuda;
@@ -232,9 +234,9 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
         partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
       }
     }
-    scales[b] = localsgd_ext::quantize::block_scale(partial[0]);
+    scales[b] = localsgd_ext::quantize::block_scale<localsgd_ext::quantize::Int8Codec>(partial[0]);
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      write_codes(block, codes.data() + b * block_size, block_size, scales[b], thread, kQuantizeThreads);
+      write_codes<localsgd_ext::quantize::Int8Codec>(block, codes.data() + b * block_size, block_size, scales[b], thread, kQuantizeThreads);
     }
   }
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -279,8 +281,42 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
     for (int64_t r = 0; r < rows; ++r) {
       sum = sum + static_cast<float>(all_codes[r * length + k]) * all_scales[r * num_blocks + b];
     }
-    const float got = dequantized_sum_at(all_codes.data(), all_scales.data(), rows, length, block_size, 3.0f, k);
+    const float got = dequantized_sum_at<localsgd_ext::quantize::Int8Codec>(all_codes.data(), all_scales.data(), rows, length, block_size, 3.0f, k);
     EXPECT((std::isnan(sum) && std::isnan(got)) || got == sum / 3.0f);
+  }
+}
+
+// The e4m3 codec against the CUDA toolkit's own conversions (cuda_fp8.h, callable on the host): every
+// code decodes to the toolkit's value, and floats in -448..448 (random, every code's value, the ties
+// halfway between neighbours, subnormals) encode to the toolkit's saturating round-to-nearest-even code.
+void check_e4m3_codec(std::mt19937& rng) {
+  using localsgd_ext::quantize::E4M3Codec;
+  auto toolkit_code = [](float v) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+  };
+  auto toolkit_value = [](uint8_t code) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
+  };
+  std::vector<float> probes = {0.0f, -0.0f, 448.0f, -448.0f, 1.0f, 0.001953125f, 0.0009765625f, 0.0029296875f};
+  for (int code = 0; code < 256; ++code) {
+    if ((code & 0x7f) == 0x7f) {
+      continue;  // NaN codes are never produced
+    }
+    const float value = toolkit_value(static_cast<uint8_t>(code));
+    EXPECT(E4M3Codec::decode(static_cast<uint8_t>(code)) == value || (value == 0.0f && code == 0x80));
+    probes.push_back(value);
+    if ((code & 0x7f) < 0x7e) {  // the tie with the next code up
+      const float next = toolkit_value(static_cast<uint8_t>(code + 1));
+      probes.push_back(0.5f * (value + next));
+    }
+  }
+  std::uniform_real_distribution<float> uniform(-448.0f, 448.0f);
+  std::uniform_real_distribution<float> tiny(-0.02f, 0.02f);
+  for (int i = 0; i < 200000; ++i) {
+    probes.push_back(i % 2 ? uniform(rng) : tiny(rng));
+  }
+  for (float v : probes) {
+    EXPECT(E4M3Codec::from_float(v) == toolkit_code(v));
   }
 }
 
@@ -298,6 +334,7 @@ int main() {
       check_pack_and_unpack<__nv_bfloat16, uint16_t>(rng, divisor);
     }
   }
+  check_e4m3_codec(rng);
   for (int64_t block_size : {1, 7, 256, 300, 1024}) {
     check_quantize_blocks(rng, block_size, 6);
   }
