@@ -13,7 +13,7 @@ Methods, interleaved within every round (so drift hits them alike), each after a
   localsgd_ext LocalSGD        what our LocalSGD.step() runs every K steps
   localsgd_ext zero-copy       ParameterAverager(zero_copy=True).average(), on its own copy of the model
   localsgd_ext LocalSGD zero-copy   LocalSGD(zero_copy=True)'s sync, on another copy
-  localsgd_ext int8 wire       Int8Averager.average() on another copy (float32 shapes only): deltas from
+  localsgd_ext int8 wire       QuantizedAverager.average() on another copy (float32 shapes only): deltas from
                                the anchor, int8 per 1024 elements, all_to_all + all_gather (its first,
                                float32, sync is the cold one)
   accelerate LocalSGD          what Accelerate's LocalSGD.step() runs every K steps
@@ -44,7 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import SHAPES  # noqa: E402
 
-from localsgd_ext import Int8Averager, LocalSGD, ParameterAverager  # noqa: E402
+from localsgd_ext import QuantizedAverager, LocalSGD, ParameterAverager  # noqa: E402
 
 FLOOR = "flat all_reduce (floor)"
 OURS = "localsgd_ext"
@@ -204,7 +204,7 @@ def bench_shape(name, args, accelerator, memory):
         FLOOR: lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
     })
     if all(p.dtype == torch.float32 for p in int8_params):
-        methods[f"{OURS} int8 wire"] = Int8Averager(int8_params).average
+        methods[f"{OURS} int8 wire"] = QuantizedAverager(int8_params).average
 
     extra = {}
     for method, fn in methods.items():  # cold: each method's first sync

@@ -10,10 +10,10 @@ import torch  # noqa: F401, E402  (loads libtorch before the compiled module, wh
 from . import ops  # noqa: E402
 from .averager import ParameterAverager  # noqa: E402
 from .consistency import RanksDisagreeError  # noqa: E402
-from .int8_wire import Int8Averager  # noqa: E402
+from .quantized_wire import QuantizedAverager  # noqa: E402
 from .options import AveragingOptions  # noqa: E402
 
-__all__ = ["AveragingOptions", "Int8Averager", "LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops", "patch_accelerate"]
+__all__ = ["AveragingOptions", "QuantizedAverager", "LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops", "patch_accelerate"]
 
 _NEEDS_ACCELERATE = (
     "{what} needs Hugging Face Accelerate, which is not installed: pip install \"localsgd_ext[accelerate]\" "

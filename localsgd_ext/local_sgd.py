@@ -15,7 +15,7 @@ from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
-from .int8_wire import DEFAULT_BLOCK_SIZE, Int8Averager
+from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
 from .options import AveragingOptions, check_bool, check_int_at_least
 
 __all__ = ["LocalSGD"]
@@ -47,21 +47,19 @@ def _check_local_sgd_steps(local_sgd_steps, enabled):
 
 
 def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions):
-    if wire == "fp8":
-        raise NotImplementedError('wire="fp8" is not implemented; wire="int8" sends a quarter of float32\'s bytes')
-    if wire not in (None, "int8"):
-        raise ValueError(f'wire must be None or "int8", got {wire!r}')
+    if wire is not None and wire not in WIRES:
+        raise ValueError(f'wire must be None, "int8" or "fp8", got {wire!r}')
     check_bool("error_feedback", error_feedback)
     wire_block_size = check_int_at_least("wire_block_size", wire_block_size, 1)
     if wire is None:
         if error_feedback or wire_block_size != DEFAULT_BLOCK_SIZE:
             raise ValueError(
-                f'error_feedback and wire_block_size need wire="int8", got error_feedback={error_feedback}, '
+                f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={error_feedback}, '
                 f"wire_block_size={wire_block_size} with wire=None"
             )
     elif options.zero_copy or options.comm_dtype is not None:
         raise ValueError(
-            'wire="int8" replaces the float wire: it needs zero_copy=False and comm_dtype=None, got '
+            f"wire={wire!r} replaces the float wire: it needs zero_copy=False and comm_dtype=None, got "
             f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
         )
     return wire, error_feedback, wire_block_size
@@ -147,7 +145,7 @@ class LocalSGD:
             meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
             below `local_sgd_steps / num_fragments` (one average in flight at a time); copy mode,
-            `comm_dtype` None or bfloat16, an `outer_optimizer` only with `wire="int8"` (the outer step
+            `comm_dtype` None or bfloat16, an `outer_optimizer` only with `wire` set (the outer step
             then runs at the merge, on the snapshots' mean). Extra memory: two copies of the parameters
             (of one fragment).
         num_fragments (`int`, defaults to 1):
@@ -159,14 +157,16 @@ class LocalSGD:
         wire (`str`, *optional*):
             Keyword-only. `"int8"`: each sync sends every rank's change since the previous sync,
             quantized to int8 with one float32 scale per `wire_block_size` elements, about a quarter of
-            the bytes of float32 (see `Int8Averager` for the reduction, which cannot overflow, and the
-            error bound). The first sync averages in float32 and sets the anchor the changes are measured
-            from. float32 parameters on one device, copy mode, no `comm_dtype`. None: the float wire.
+            the bytes of float32 (see `QuantizedAverager` for the reduction, which cannot overflow, and the
+            error bound). `"fp8"`: the same with float8 e4m3 codes (same bytes; error relative to each
+            value instead of to its block's largest). The first sync averages in float32 and sets the
+            anchor the changes are measured from. float32 parameters on one device, copy mode, no
+            `comm_dtype`. None: the float wire.
         error_feedback (`bool`, defaults to `False`):
-            Keyword-only, with `wire="int8"`: each rank keeps what quantization left out of its change
-            and adds it to the next one.
+            Keyword-only, with `wire` set: each rank keeps what quantization left out of its change and
+            adds it to the next one.
         wire_block_size (`int`, defaults to 1024):
-            Keyword-only, with `wire="int8"`: elements per scale.
+            Keyword-only, with `wire` set: elements per scale.
     """
 
     def __init__(
@@ -235,7 +235,7 @@ class LocalSGD:
         )
         if self.sync_delay > 0 and self._outer is not None and self.wire is None:
             raise NotImplementedError(
-                'sync_delay with an outer_optimizer (Streaming DiLoCo) needs wire="int8" for now: the float wire\'s '
+                'sync_delay with an outer_optimizer (Streaming DiLoCo) needs wire="int8" or "fp8" for now: the float wire\'s '
                 "overlapped sync does not keep the mean the outer step needs"
             )
         # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
@@ -321,7 +321,7 @@ class LocalSGD:
                 self._finish_delayed_sync()
                 self._last_step_synced = True
             elif in_flight_for == (self.sync_delay + 1) // 2 and self.wire is not None:
-                # The int8 wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
+                # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
                 self._averagers[self._delayed_fragment].advance_average()
         fragments = self._cadence.due(self.num_steps)
         if fragments is not None:
@@ -389,9 +389,9 @@ class LocalSGD:
             self._averagers = averagers = []
             for start, end in zip(bounds, bounds[1:]):
                 fragment = dict(names=names[start:end], agreement_settings=self._agreement_settings())
-                if self.wire == "int8":
-                    fragment.update(block_size=self.wire_block_size, error_feedback=self.error_feedback)
-                    averagers.append(Int8Averager.with_options(params[start:end], self.options, **fragment))
+                if self.wire is not None:
+                    fragment.update(wire=self.wire, block_size=self.wire_block_size, error_feedback=self.error_feedback)
+                    averagers.append(QuantizedAverager.with_options(params[start:end], self.options, **fragment))
                 else:
                     averagers.append(ParameterAverager.with_options(params[start:end], self.options, **fragment))
             self._fragment_starts = bounds[:-1]
@@ -444,11 +444,11 @@ class LocalSGD:
                 # Counted in sync_count when it is merged (_finish_delayed_sync).
                 self._delayed_since, self._delayed_fragment = self.num_steps, fragment
                 continue
-            # Waited for: a plain sync, or the int8 wire's first (it has no anchor to send changes from yet).
+            # Waited for: a plain sync, or a quantized wire's first (it has no anchor to send changes from yet).
             if self._outer is not None:
                 self._outer.apply(averager.params, first=self._fragment_starts[fragment])
                 if self.wire is not None:
-                    averager.rebase_anchor()  # the int8 wire measures the next changes from here
+                    averager.rebase_anchor()  # a quantized wire measures the next changes from here
             self.sync_count += 1
         if self.sync_buffers and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()

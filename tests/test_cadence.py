@@ -198,7 +198,7 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
         (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
         (dict(sync_delay=1, comm_dtype=torch.float16), ValueError, "sync_delay needs copy mode with comm_dtype None or torch.bfloat16"),
-        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, 'Streaming DiLoCo.* needs wire="int8"'),
+        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, 'Streaming DiLoCo.* needs wire="int8" or "fp8"'),
     ],
 )
 def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
@@ -278,24 +278,26 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
 @pytest.mark.parametrize(
     "kwargs, exception, message",
     [
-        (dict(wire="fp8"), NotImplementedError, 'wire="fp8" is not implemented'),
-        (dict(wire="int4"), ValueError, "wire must be None or \"int8\", got 'int4'"),
-        (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8"'),
-        (dict(wire="int8", zero_copy=True), ValueError, 'wire="int8" replaces the float wire: it needs zero_copy=False'),
+        (dict(wire="int4"), ValueError, "wire must be None, \"int8\" or \"fp8\", got 'int4'"),
+        (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8" or "fp8"'),
+        (dict(wire="int8", zero_copy=True), ValueError, "wire='int8' replaces the float wire: it needs zero_copy=False"),
+        (dict(wire="fp8", zero_copy=True), ValueError, "wire='fp8' replaces the float wire"),
         (dict(wire="int8", comm_dtype=torch.bfloat16), ValueError, "comm_dtype=torch.bfloat16"),
         (dict(wire="int8", wire_block_size=0), ValueError, "wire_block_size must be an int >= 1, got 0"),
         (dict(wire="int8", error_feedback="yes"), TypeError, "error_feedback must be a bool"),
     ],
 )
-def test_the_int8_wire_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
+def test_the_quantized_wires_refuse_what_they_cannot_do(fake_averager, kwargs, exception, message):
     with pytest.raises(exception, match=message):
         local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)
 
 
-def test_the_int8_averager_refuses_tensors_it_cannot_quantize():
-    from localsgd_ext import Int8Averager
+def test_the_quantized_averager_refuses_tensors_it_cannot_quantize():
+    from localsgd_ext import QuantizedAverager
 
     with pytest.raises(TypeError, match=r"the int8 wire averages float32 tensors; params\[1\] \(params\[1\]\) is torch.bfloat16"):
-        Int8Averager([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
+        QuantizedAverager([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="block_size must be at most 1048576, got 2097152"):
-        Int8Averager([torch.zeros(3)], block_size=1 << 21)
+        QuantizedAverager([torch.zeros(3)], block_size=1 << 21)
+    with pytest.raises(ValueError, match="wire must be one of \\('int8', 'fp8'\\), got 'fp4'"):
+        QuantizedAverager([torch.zeros(3)], wire="fp4")

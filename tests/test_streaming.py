@@ -4,7 +4,7 @@ averages in flight. The cadence and the argument checks are tested in-process in
 import pytest
 import torch
 
-from localsgd_ext import Int8Averager, ops
+from localsgd_ext import QuantizedAverager, ops
 from multiprocess import run_ranks
 
 
@@ -78,32 +78,41 @@ def test_fragments_average_their_own_parameters_at_their_own_steps(world_size, l
         assert torch.equal(a, b), "the exit sync averages every fragment"
 
 
-def int8_bound(deltas_per_rank, block_size):
-    """|result - exact mean| <= mean_r(step_r) / 2 + step_mean / 2, step = max|block| / 127, on the
-    flattened, block-padded deltas; step_mean bounded through the exact mean plus the first error."""
+def quantization_error_bound(values, block_size, wire):
+    """Per element, the most one quantization of `values` (flat, block-padded) can err by: half an int8
+    step of the block (max|block| / 127 / 2); for fp8, half a unit in the last of 3 mantissa bits
+    (|value| / 16), or half the subnormal step (scale / 1024, scale = max|block| / 448)."""
+    blocks = values.view(-1, block_size)
+    largest = blocks.abs().amax(1, keepdim=True)
+    if wire == "int8":
+        return (largest / 127 / 2).expand_as(blocks).reshape(-1)
+    return torch.maximum(blocks.abs() / 16, largest / 448 / 1024).reshape(-1)
+
+
+def quantized_mean_bound(deltas_per_rank, block_size, wire):
+    """The exact mean of the ranks' deltas, and how far the wire's mean may be from it: the senders'
+    errors averaged, plus the error of quantizing the chunk mean again, bounded through |exact| + first
+    (both bounds grow with the values they are given)."""
     flats = []
     for deltas in deltas_per_rank:
         flat = torch.cat([d.reshape(-1) for d in deltas])
         flats.append(torch.nn.functional.pad(flat, (0, -flat.numel() % block_size)))
-    steps = [f.view(-1, block_size).abs().amax(1) / 127 for f in flats]
-    first = sum(steps) / len(steps) / 2
+    first = sum(quantization_error_bound(f, block_size, wire) for f in flats) / len(flats)
     exact = sum(flats) / len(flats)
-    mean_step = (exact.view(-1, block_size).abs().amax(1) + first) / 127
-    bound = (first + mean_step / 2).repeat_interleave(block_size)
-    return exact, bound
+    return exact, first + quantization_error_bound(exact.abs() + first, block_size, wire)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("error_feedback", [False, True])
-def test_int8_wire_stays_within_its_bound_and_leaves_ranks_identical(world_size, error_feedback):
-    results = run_ranks(world_size, "workers_streaming:int8_average", error_feedback, False, timeout=90)
-    exact, bound = int8_bound([r["deltas"] for r in results], 256)
+@pytest.mark.parametrize("wire, error_feedback", [("int8", False), ("int8", True), ("fp8", False), ("fp8", True)])
+def test_quantized_wire_stays_within_its_bound_and_leaves_ranks_identical(world_size, wire, error_feedback):
+    results = run_ranks(world_size, "workers_streaming:quantized_average", wire, error_feedback, False, timeout=90)
+    exact, bound = quantized_mean_bound([r["deltas"] for r in results], 256, wire)
     anchor = torch.cat([a.reshape(-1) for a in results[0]["anchor"]])
     result = torch.cat([t.reshape(-1) for t in results[0]["result"]])
     n = result.numel()
     error = (result - (anchor + exact[:n])).abs()
     assert torch.all(error <= bound[:n] * (1 + 1e-5) + 1e-6), float((error - bound[:n]).max())
-    assert error.max() > 0, "int8 cannot be exact here: the test would not see a wrong bound"
+    assert error.max() > 0, "quantization cannot be exact here: the test would not see a wrong bound"
     for r in results[1:]:
         for a, b in zip(r["result"], results[0]["result"]):
             assert torch.equal(a, b), "every rank adds the same mean delta to the same anchor"
@@ -114,12 +123,12 @@ def test_int8_wire_stays_within_its_bound_and_leaves_ranks_identical(world_size,
             assert r["residual"] is not None and r["residual"].abs().max() > 0
 
 
-@pytest.mark.parametrize("halve_in_outer_step", [False, True])
-def test_int8_wire_overlapped_merges_the_mean_into_local_progress(halve_in_outer_step):
+@pytest.mark.parametrize("wire, halve_in_outer_step", [("int8", False), ("int8", True), ("fp8", True)])
+def test_quantized_wire_overlapped_merges_the_mean_into_local_progress(wire, halve_in_outer_step):
     """p = snapshot + later progress becomes p + (new anchor - snapshot) = new anchor + later, where the new
     anchor is the mean of the snapshots, or what the outer step made of it (here: half of it)."""
-    results = run_ranks(2, "workers_streaming:int8_average", False, True, halve_in_outer_step, timeout=90)
-    exact, bound = int8_bound([r["deltas"] for r in results], 256)
+    results = run_ranks(2, "workers_streaming:quantized_average", wire, False, True, halve_in_outer_step, timeout=90)
+    exact, bound = quantized_mean_bound([r["deltas"] for r in results], 256, wire)
     anchor = torch.cat([a.reshape(-1) for a in results[0]["anchor"]])
     n = anchor.numel()
     factor = 0.5 if halve_in_outer_step else 1.0
@@ -131,11 +140,12 @@ def test_int8_wire_overlapped_merges_the_mean_into_local_progress(halve_in_outer
     assert torch.equal(results[0]["new_anchor"], results[1]["new_anchor"]), "the anchors stay identical"
 
 
-def test_error_feedback_keeps_what_quantization_left_out():
+@pytest.mark.parametrize("wire", ["int8", "fp8"])
+def test_error_feedback_keeps_what_quantization_left_out(wire):
     """sent + residual = accumulated delta, sync after sync (in-process: the quantizing side alone)."""
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.zeros(1000)]
-    averager = Int8Averager(tensors, block_size=128, error_feedback=True)
+    averager = QuantizedAverager(tensors, wire=wire, block_size=128, error_feedback=True)
     averager._anchor, averager._snapshot, averager._delta, averager._residual = (torch.zeros(1024) for _ in range(4))
     accumulated, sent = torch.zeros(1024, dtype=torch.float64), torch.zeros(1024, dtype=torch.float64)
     for _ in range(5):
@@ -157,6 +167,7 @@ def test_error_feedback_keeps_what_quantization_left_out():
         dict(num_fragments=2, outer_optimizer="diloco"),
         dict(wire="int8", error_feedback=True, outer_optimizer="diloco"),
         dict(wire="int8", outer_optimizer="diloco", sync_delay=1, num_fragments=2),  # Streaming DiLoCo
+        dict(wire="fp8", error_feedback=True, sync_delay=2),
     ],
     ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
 )

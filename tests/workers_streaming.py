@@ -6,7 +6,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from localsgd_ext import Int8Averager, LocalSGD, ParameterAverager
+from localsgd_ext import QuantizedAverager, LocalSGD, ParameterAverager
 from rank_setup import group_timeout, init_group, snapshot
 
 
@@ -80,15 +80,15 @@ def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
     return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}
 
 
-def int8_average(error_feedback: bool, overlapped: bool, halve_in_outer_step: bool = False):
-    """Two syncs of an Int8Averager: the first (float32) sets the anchor; then each rank moves its
-    tensors by its own delta and the second sync averages the deltas over the int8 wire (waited for, or
-    started and finished with the tensors moved again in between)."""
+def quantized_average(wire: str, error_feedback: bool, overlapped: bool, halve_in_outer_step: bool = False):
+    """Two syncs of a QuantizedAverager: the first (float32) sets the anchor; then each rank moves its
+    tensors by its own delta and the second sync averages the deltas over the int8 or fp8 wire (waited
+    for, or started and finished with the tensors moved again in between)."""
     init_group()
     rank = dist.get_rank()
     generator = torch.Generator().manual_seed(rank)
     tensors = [torch.randn(3000, generator=generator), torch.randn(40, 30, generator=generator)]
-    averager = Int8Averager(tensors, block_size=256, error_feedback=error_feedback)
+    averager = QuantizedAverager(tensors, wire=wire, block_size=256, error_feedback=error_feedback)
     averager.average()
     anchor = snapshot(tensors)
     # Deltas of very different sizes, so that blocks get very different scales.

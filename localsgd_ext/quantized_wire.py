@@ -1,6 +1,7 @@
-"""`Int8Averager`: averaging with an int8 wire. What travels is each rank's change since the last sync
-(its pseudo-gradient, as in DiLoCo), quantized per block of elements with one float32 scale each, so a
-sync moves about a quarter of the bytes of a float32 all_reduce (INTELLECT-1, Streaming DiLoCo)."""
+"""`QuantizedAverager`: averaging with a one-byte wire (int8 or float8 e4m3). What travels is each rank's
+change since the last sync (its pseudo-gradient, as in DiLoCo), quantized per block of elements with one
+float32 scale each, so a sync moves about a quarter of the bytes of a float32 all_reduce (INTELLECT-1's
+int8, Streaming DiLoCo's low-precision outer gradients)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from . import ops
 from .averager import ParameterAverager, _lost_rank_errors
 from .options import AveragingOptions, check_bool, check_int_at_least
 
-__all__ = ["Int8Averager", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
+
+# The codes' dtype of each wire; both are one byte, so both move the same bytes.
+WIRES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 # torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases may lack the new name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -25,23 +29,26 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 DEFAULT_BLOCK_SIZE = 1024
 
 
-class Int8Averager:
+class QuantizedAverager:
     """
-    Averages a fixed list of float32 tensors across a group with an int8 wire, in place.
+    Averages a fixed list of float32 tensors across a group with an int8 or float8 wire, in place.
 
     Every rank keeps an anchor: the tensors' values after the last sync, the same bits on every rank.
     A sync sends each rank's delta `tensor - anchor` (plus, with error feedback, what earlier
     quantization left out), quantized to int8 in blocks of `block_size` elements with a scale
-    `max|delta| / 127` each (the compiled `quantize_blocks`). The reduction cannot overflow: an
+    `max|delta| / 127` each (the compiled `quantize_blocks`; with `wire="fp8"`, e4m3 codes of
+    `delta / scale` with scale `max|delta| / 448`). The reduction cannot overflow: an
     all_to_all hands each rank one chunk of everyone's codes, which it dequantizes and averages in
     float32 (`dequantize_blocks`), quantizes again, and an all_gather gives every rank every averaged
     chunk. Every rank then adds the same dequantized mean delta to the same anchor, so the tensors
     leave the sync bit-identical on every rank. Bytes sent per rank and sync: `2 (W-1)/W` times the
     padded element count times `1 + 4 / block_size`, a quarter of a float32 ring all_reduce.
 
-    Error: per element, at most half a step of the sender's block, averaged over the ranks, plus half a
-    step of the averaged block (`step = max|block| / 127`):
-    `|result - exact mean| <= mean_r(step_r) / 2 + step_mean / 2` (plus float32 rounding). With
+    Error, int8: per element, at most half a step of the sender's block, averaged over the ranks, plus
+    half a step of the averaged block (`step = max|block| / 127`):
+    `|result - exact mean| <= mean_r(step_r) / 2 + step_mean / 2` (plus float32 rounding). fp8: each
+    quantization errs by at most `max(|value| / 16, scale / 1024)` (3 mantissa bits; subnormals below
+    `2**-6 * scale`), so relative to each value rather than to its block's largest. With
     `error_feedback`, what each rank's quantization left out (`delta - dequantized codes`) is kept and
     added to its next delta, so no part of any update is lost for good, only delayed.
 
@@ -52,6 +59,8 @@ class Int8Averager:
     Args:
         params (`Iterable[torch.Tensor]`):
             float32 tensors on one device.
+        wire (`str`, defaults to `"int8"`):
+            `"int8"` or `"fp8"` (float8 e4m3fn codes, made by our CPU and CUDA kernels: no fp8 hardware needed).
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             The group to average over; the default group when None.
         block_size (`int`, defaults to 1024):
@@ -67,6 +76,7 @@ class Int8Averager:
         params: Iterable[torch.Tensor],
         process_group: Optional[dist.ProcessGroup] = None,
         *,
+        wire: str = "int8",
         block_size: int = DEFAULT_BLOCK_SIZE,
         error_feedback: bool = False,
         names: Optional[Sequence[str]] = None,
@@ -76,7 +86,9 @@ class Int8Averager:
         agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
     ):
         options = AveragingOptions(bucket_cap_mb=bucket_cap_mb, check_finite=check_finite)
-        self._setup(params, options, process_group, names, agreement_settings, agreement_tensors, block_size, error_feedback)
+        self._setup(
+            params, options, process_group, names, agreement_settings, agreement_tensors, wire, block_size, error_feedback
+        )
 
     @classmethod
     def with_options(
@@ -84,28 +96,37 @@ class Int8Averager:
         params: Iterable[torch.Tensor],
         options: AveragingOptions,
         *,
+        wire: str = "int8",
         block_size: int = DEFAULT_BLOCK_SIZE,
         error_feedback: bool = False,
         process_group: Optional[dist.ProcessGroup] = None,
         names: Optional[Sequence[str]] = None,
         agreement_settings: Optional[Mapping[str, Any]] = None,
         agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
-    ) -> "Int8Averager":
+    ) -> "QuantizedAverager":
         averager = cls.__new__(cls)
-        averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors, block_size, error_feedback)
+        averager._setup(
+            params, options, process_group, names, agreement_settings, agreement_tensors, wire, block_size, error_feedback
+        )
         return averager
 
-    def _setup(self, params, options, process_group, names, agreement_settings, agreement_tensors, block_size, error_feedback):
+    def _setup(
+        self, params, options, process_group, names, agreement_settings, agreement_tensors, wire, block_size, error_feedback
+    ):
+        if wire not in WIRES:
+            raise ValueError(f"wire must be one of {tuple(WIRES)}, got {wire!r}")
+        self.wire = wire
+        self._code_dtype = WIRES[wire]
         if options.zero_copy or options.comm_dtype is not None:
             raise ValueError(
-                "the int8 wire replaces the float wire: it needs zero_copy=False and comm_dtype=None, got "
+                f"the {wire} wire replaces the float wire: it needs zero_copy=False and comm_dtype=None, got "
                 f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
             )
         self.block_size = check_int_at_least("block_size", block_size, 1)
         if self.block_size > 1 << 20:
             raise ValueError(f"block_size must be at most 1048576, got {self.block_size}")
         self.error_feedback = check_bool("error_feedback", error_feedback)
-        wire_settings = {"wire": "int8", "wire_block_size": self.block_size, "error_feedback": self.error_feedback}
+        wire_settings = {"wire": wire, "wire_block_size": self.block_size, "error_feedback": self.error_feedback}
         # The checks and the first (float32) sync.
         self._full_precision = ParameterAverager.with_options(
             params,
@@ -119,10 +140,10 @@ class Int8Averager:
         self.names = self._full_precision.names
         for i, (p, name) in enumerate(zip(self.params, self.names)):
             if p.dtype != torch.float32:
-                raise TypeError(f"the int8 wire averages float32 tensors; {name} (params[{i}]) is {p.dtype}")
+                raise TypeError(f"the {wire} wire averages float32 tensors; {name} (params[{i}]) is {p.dtype}")
             if p.device != self.params[0].device:
                 raise ValueError(
-                    f"the int8 wire averages tensors on one device; {name} (params[{i}]) is on {p.device}, "
+                    f"the {wire} wire averages tensors on one device; {name} (params[{i}]) is on {p.device}, "
                     f"{self.names[0]} on {self.params[0].device}"
                 )
         self.offsets: List[int] = []
@@ -180,16 +201,17 @@ class Int8Averager:
         delta = torch.sub(self._snapshot, self._anchor, out=self._delta)
         if self.error_feedback:
             delta += self._residual
-        codes, scales = ops.quantize_blocks(delta, self.block_size)
+        codes, scales = ops.quantize_blocks(delta, self.block_size, self._code_dtype)
         if self.error_feedback:
             torch.sub(delta, ops.dequantize_blocks(codes[None], scales[None], self.block_size), out=self._residual)
         return codes, scales
 
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
-        """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales."""
+        """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales. Codes
+        travel as bytes (backends may not know float8)."""
         received = (torch.empty_like(codes), torch.empty_like(scales))
         works = [
-            dist.all_to_all_single(received[0], codes, group=group, async_op=True),
+            dist.all_to_all_single(_as_bytes(received[0]), _as_bytes(codes), group=group, async_op=True),
             dist.all_to_all_single(received[1], scales, group=group, async_op=True),
         ]
         return _Exchange(phase=1, buffers=received, works=works)
@@ -203,11 +225,11 @@ class Int8Averager:
         chunk_mean = ops.dequantize_blocks(
             received_codes.view(world_size, -1), received_scales.view(world_size, -1), self.block_size, world_size
         )
-        mean_codes, mean_scales = ops.quantize_blocks(chunk_mean, self.block_size)
+        mean_codes, mean_scales = ops.quantize_blocks(chunk_mean, self.block_size, self._code_dtype)
         gathered = (mean_codes.new_empty(mean_codes.numel() * world_size), mean_scales.new_empty(mean_scales.numel() * world_size))
         exchange.phase, exchange.buffers = 2, gathered
         exchange.works = [
-            _all_gather_single(gathered[0], mean_codes, group=group, async_op=True),
+            _all_gather_single(_as_bytes(gathered[0]), _as_bytes(mean_codes), group=group, async_op=True),
             _all_gather_single(gathered[1], mean_scales, group=group, async_op=True),
         ]
         self.last_wire_bytes = 2 * (world_size - 1) * (mean_codes.numel() + 4 * mean_scales.numel())
@@ -221,7 +243,7 @@ class Int8Averager:
         self._anchor += ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
 
     def average(self) -> None:
-        """Replaces every tensor by the int8-wire mean over the group (see the class docstring)."""
+        """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
         if self._pending is not None:
             raise RuntimeError("average() while an overlapped average is in flight: call finish_average() first")
         if self._anchor is None:
@@ -234,7 +256,7 @@ class Int8Averager:
         ops.unpack_from(self._anchor, self.offsets, 1.0, self.params)
 
     def start_average(self) -> None:
-        """Starts an overlapped int8 average: the check, the snapshot, the quantization and the
+        """Starts an overlapped quantized average: the check, the snapshot, the quantization and the
         all_to_all, left in flight. `advance_average()` (optional, at a later step) waits for it and starts
         the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
         tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
@@ -286,9 +308,13 @@ class Int8Averager:
         self._full_precision.verify_ranks_agree(equal_values)
 
 
+def _as_bytes(codes: torch.Tensor) -> torch.Tensor:
+    return codes.view(torch.uint8)
+
+
 @dataclasses.dataclass
 class _Exchange:
-    """An int8 average on the wire: phase 1 (all_to_all of every rank's codes) or 2 (all_gather of the
+    """An quantized average on the wire: phase 1 (all_to_all of every rank's codes) or 2 (all_gather of the
     averaged chunks), with the buffers being received and the collectives' work handles."""
 
     phase: int
