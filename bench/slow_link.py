@@ -3,12 +3,12 @@
 
     sudo python bench/slow_link.py [--rate 1gbit] [--modes ddp 4 8 16] [--target-loss 0.02]
     sudo python bench/slow_link.py --modes none ddp 8 8d2 8d4      # the floor, and overlapped syncs
-    sudo python bench/slow_link.py --modes 8f2 8q 8qe 8d4q 8d2f2qe  # fragments, int8 wire, combinations
+    sudo python bench/slow_link.py --modes 8f2 8q 8qe 8fp8 8d4q 8d1f2qe  # fragments, int8/fp8 wires, combinations
 
 Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `none` (no
 communication at all: each rank trains alone; the compute-only floor). A LocalSGD mode `K` may carry,
 in this order: `dT` (sync_delay=T: each sync overlapped with the next T steps), `fP`
-(num_fragments=P), `q` (wire="int8") or `qe` (wire="int8" with error_feedback). With sync_delay or
+(num_fragments=P), `q` (wire="int8") or `fp8` (wire="fp8"), then `e` (error_feedback). With sync_delay or
 fragments the loss is measured on rank 0's parameters, which then include some local steps of its own.
 
 Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
@@ -128,20 +128,20 @@ def train(args):
     accelerator.end_training()
 
 
-MODE_PATTERN = re.compile(r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?P<wire>qe?)?$")
+MODE_PATTERN = re.compile(r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8)(?P<ef>e)?)?$")
 
 
 def parse_mode(mode: str) -> dict:
-    """'ddp', 'none', or 'K[dT][fP][q|qe]' (see the module docstring)."""
+    """'ddp', 'none', or 'K[dT][fP][q|fp8][e]' (see the module docstring)."""
     plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False}
     if mode in ("ddp", "none"):
         return {"kind": mode, "steps": 1, **plain}
     match = MODE_PATTERN.match(mode)
     if match is None:
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|qe]' (e.g. 8d2f2q), got {mode!r}")
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8][e]' (e.g. 8d2f2qe), got {mode!r}")
     return {"kind": "local_sgd", "steps": int(match["steps"]), "delay": int(match["delay"] or 0),
-            "fragments": int(match["fragments"] or 1), "wire": "int8" if match["wire"] else None,
-            "error_feedback": match["wire"] == "qe"}
+            "fragments": int(match["fragments"] or 1), "wire": {"q": "int8", "fp8": "fp8", None: None}[match["wire"]],
+            "error_feedback": match["ef"] is not None}
 
 
 def describe_mode(mode: str) -> str:
@@ -156,7 +156,7 @@ def describe_mode(mode: str) -> str:
     if parsed["fragments"] > 1:
         parts.append(f"{parsed['fragments']} fragments")
     if parsed["wire"]:
-        parts.append("int8" + (" + EF" if parsed["error_feedback"] else ""))
+        parts.append(parsed["wire"] + (" + EF" if parsed["error_feedback"] else ""))
     return "LocalSGD " + ", ".join(parts)
 
 

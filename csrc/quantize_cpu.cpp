@@ -54,6 +54,18 @@ void quantize_all(const float* in, int64_t num_blocks, int64_t block_size, void*
   });
 }
 
+// Each code's value, computed once by Codec::decode: a table lookup instead of decode's bit work per element.
+template <typename Codec>
+struct DecodedCodes {
+  float values[256];
+  DecodedCodes() {
+    for (int raw = 0; raw < 256; ++raw) {
+      values[raw] = Codec::decode(static_cast<typename Codec::Code>(raw));
+    }
+  }
+  float operator()(typename Codec::Code code) const { return values[static_cast<uint8_t>(code)]; }
+};
+
 template <typename Codec>
 void dequantize_all(
     const void* codes, const float* scale_in, int64_t rows, int64_t length, int64_t block_size, float divisor,
@@ -61,6 +73,7 @@ void dequantize_all(
   using Code = typename Codec::Code;
   const Code* in = static_cast<const Code*>(codes);
   const int64_t num_blocks = length / block_size;
+  static const DecodedCodes<Codec> decoded;
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       float* sums = sum_out + b * block_size;
@@ -71,7 +84,7 @@ void dequantize_all(
         const Code* row = in + r * length + b * block_size;
         const float scale = scale_in[r * num_blocks + b];
         for (int64_t k = 0; k < block_size; ++k) {
-          sums[k] = quantize::add_dequantized(sums[k], Codec::decode(row[k]), scale);
+          sums[k] = quantize::add_dequantized(sums[k], decoded(row[k]), scale);
         }
       }
       if (divisor != 1.0f) {

@@ -83,16 +83,16 @@ struct E4M3Codec {
   // rounding as torch's `.to(torch.float8_e4m3fn)` and CUDA's __nv_cvt_float_to_fp8 in that range.
   LOCALSGD_HOST_DEVICE static Code from_float(float v) {
     const uint32_t u = float_bits(v);
-    const auto sign = static_cast<Code>((u >> 24) & 0x80u);
+    const uint32_t sign = (u >> 24) & 0x80u;
     const uint32_t magnitude = u & 0x7fffffffu;
-    if (magnitude < 0x3c800000u) {
-      // Below 2^-6, e4m3's subnormals: steps of 2^-9. A result of 8 steps is 2^-6, whose code is 8 too.
-      return static_cast<Code>(sign | static_cast<Code>(round_half_even(bits_float(magnitude) * 512.0f)));
-    }
-    // 23 mantissa bits rounded to 3, ties to even; a carry moves into the exponent, as it should. The
-    // float exponent (bias 127) becomes e4m3's (bias 7).
+    // Below 2^-6, e4m3's subnormals: steps of 2^-9. A result of 8 steps is 2^-6, whose code is 8 too.
+    const auto subnormal = static_cast<uint32_t>(round_half_even(bits_float(magnitude) * 512.0f));
+    // Above: 23 mantissa bits rounded to 3, ties to even; a carry moves into the exponent, as it should.
+    // The float exponent (bias 127) becomes e4m3's (bias 7). Both are computed and one is selected, so
+    // that the CPU loop has no branch to keep it from vectorizing.
     const uint32_t rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);
-    return static_cast<Code>(sign | static_cast<Code>((rounded >> 20) - (120u << 3)));
+    const uint32_t normal = (rounded >> 20) - (120u << 3);
+    return static_cast<Code>(sign | ((magnitude < 0x3c800000u ? subnormal : normal) & 0x7fu));
   }
 
   LOCALSGD_HOST_DEVICE static float decode(Code code) {
