@@ -157,3 +157,32 @@ def test_engine_average_fuzzed_on_a_real_group():
     """average() with random tensor lists on a real one-process gloo group (in a rank process)."""
     (result,) = run_ranks(1, "workers_fuzz:fuzz_engine_average", timeout=240)
     assert result["examples"] >= 50
+
+
+@FUZZ
+@given(
+    length=st.integers(0, 300),
+    block_size=st.sampled_from([-1, 0, 1, 3, 16, 64, 1 << 21]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    code_dtype=st.sampled_from([None, torch.int8, torch.float8_e4m3fn, torch.uint8]),
+    strided=st.booleans(),
+    scale=st.sampled_from([1.0, 1e-30, 1e30, float("inf"), float("nan")]),
+)
+def test_quantize_and_dequantize_are_correct_or_refuse_cleanly(length, block_size, dtype, code_dtype, strided, scale):
+    x = (torch.randn(2 * length if strided else length) * scale).to(dtype)
+    if strided:
+        x = x[::2]
+    try:
+        codes, scales = ops.quantize_blocks(x, block_size, code_dtype)
+    except (ValueError, TypeError):
+        return
+    blocks = x.view(-1, block_size)
+    largest = blocks.abs().amax(1) if length else torch.zeros(0)
+    assert torch.equal(scales.nan_to_num(-1.0), (largest / (127 if code_dtype in (None, torch.int8) else 448)).nan_to_num(-1.0))
+    values = ops.dequantize_blocks(codes[None], scales[None], block_size)
+    finite = torch.isfinite(scales).repeat_interleave(block_size)
+    assert torch.isnan(values[~finite]).all()
+    error = (values - x)[finite].abs()
+    bound = (scales / 2).repeat_interleave(block_size)[finite] if code_dtype in (None, torch.int8) else torch.maximum(
+        x[finite].abs() / 16, (scales / 1024).repeat_interleave(block_size)[finite])
+    assert torch.all(error <= bound * (1 + 1e-6) + 1e-45)
