@@ -9,11 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define LOCALSGD_HOST_DEVICE __host__ __device__
-#else
-#define LOCALSGD_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace localsgd_ext::quantize {
 

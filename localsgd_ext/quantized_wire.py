@@ -242,14 +242,21 @@ class QuantizedAverager:
         all_codes, all_scales = exchange.buffers
         self._anchor += ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
 
-    def average(self) -> None:
-        """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
+    def _quantized_sync_may_start(self, call: str) -> bool:
+        """What every sync starts with: refuse one while another is in flight; without an anchor, average
+        in float32 and take the result as the anchor (False: nothing more to do); else the check."""
         if self._pending is not None:
-            raise RuntimeError("average() while an overlapped average is in flight: call finish_average() first")
+            raise RuntimeError(f"{call}() while an overlapped average is in flight: call finish_average() first")
         if self._anchor is None:
             self._take_anchor_by_averaging()
-            return
+            return False
         self._full_precision.verify_ranks_agree()
+        return True
+
+    def average(self) -> None:
+        """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
+        if not self._quantized_sync_may_start("average"):
+            return
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, self._start_exchange(group, *self._quantized_delta()))
@@ -261,12 +268,8 @@ class QuantizedAverager:
         the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
         tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
         float32 instead."""
-        if self._pending is not None:
-            raise RuntimeError("start_average() while an overlapped average is in flight: call finish_average() first")
-        if self._anchor is None:
-            self._take_anchor_by_averaging()
+        if not self._quantized_sync_may_start("start_average"):
             return
-        self._full_precision.verify_ranks_agree()
         group = self._group()
         with _lost_rank_errors(group):
             self._pending = self._start_exchange(group, *self._quantized_delta())

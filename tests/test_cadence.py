@@ -69,9 +69,9 @@ def fake_averager(monkeypatch):
     return record
 
 
-def local_sgd_over(record, **kwargs):
+def local_sgd_over(record, model=None, **kwargs):
     accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
-    record.local_sgd = LocalSGD(accelerator=accelerator, model=NoSyncModel(), **kwargs)
+    record.local_sgd = LocalSGD(accelerator=accelerator, model=model or NoSyncModel(), **kwargs)
     return record.local_sgd
 
 
@@ -213,10 +213,7 @@ class FourLayerModel(NoSyncModel):
 
 
 def test_fragments_split_the_parameters_in_order_and_sync_in_turn(fake_averager):
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
-    local_sgd = fake_averager.local_sgd = LocalSGD(
-        accelerator=accelerator, model=FourLayerModel(), local_sgd_steps=4, num_fragments=2, warmup_steps=1
-    )
+    local_sgd = local_sgd_over(fake_averager, FourLayerModel(), local_sgd_steps=4, num_fragments=2, warmup_steps=1)
     with local_sgd:
         for _ in range(9):
             local_sgd.step()
@@ -230,10 +227,7 @@ def test_fragments_split_the_parameters_in_order_and_sync_in_turn(fake_averager)
 
 
 def test_fragments_with_sync_delay_keep_one_fragment_in_flight(fake_averager):
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
-    local_sgd = fake_averager.local_sgd = LocalSGD(
-        accelerator=accelerator, model=FourLayerModel(), local_sgd_steps=6, num_fragments=3, sync_delay=1
-    )
+    local_sgd = local_sgd_over(fake_averager, FourLayerModel(), local_sgd_steps=6, num_fragments=3, sync_delay=1)
     with local_sgd:
         for _ in range(7):
             local_sgd.step()

@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LOCALSGD_HOST_DEVICE __host__ __device__
-#else
-#define LOCALSGD_HOST_DEVICE
-#endif
+#include "../host_device.h"
 
 namespace localsgd_ext::cuda {
 
