@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -15,8 +15,8 @@ from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
-from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
 from .options import AveragingOptions, check_bool, check_int_at_least
+from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
 
 __all__ = ["LocalSGD"]
 
@@ -246,7 +246,7 @@ class LocalSGD:
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         # One averager per fragment, over the parameters model.parameters()[bounds[i]:bounds[i + 1]].
-        self._averagers: List[ParameterAverager] = []
+        self._averagers: List[Union[ParameterAverager, QuantizedAverager]] = []
         self._fragment_starts: List[int] = []
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
         self._entered = False
@@ -341,7 +341,9 @@ class LocalSGD:
         """What a resumed run needs to continue as if uninterrupted: the step count (so the sync cadence
         carries on), the sync count, and the DiLoCo anchor with its outer optimizer's state. Register
         the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`.
-        Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true."""
+        Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true.
+        A quantized wire's anchor and residual are not saved: after a resume its first sync averages in
+        float32 again and takes a new anchor, and error feedback starts from zero."""
         if self._delayed_since is not None:
             raise RuntimeError(
                 "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
@@ -372,7 +374,7 @@ class LocalSGD:
         if self._outer is not None:
             self._outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
 
-    def _current_averagers(self) -> List[ParameterAverager]:
+    def _current_averagers(self) -> List[Union[ParameterAverager, QuantizedAverager]]:
         # Accelerate averages whatever model.parameters() lists at each sync. Walking the module tree in
         # Python costs ~1.4 ms per 1000 modules; the compiled snapshot answers "would it still list the
         # same objects?" in microseconds, and the walk runs again only when something was registered,
@@ -404,7 +406,7 @@ class LocalSGD:
         self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
         return averagers
 
-    def _averagers_or_fail_together(self) -> List[ParameterAverager]:
+    def _averagers_or_fail_together(self) -> List[Union[ParameterAverager, QuantizedAverager]]:
         """The current averagers; if this rank cannot build them (a parameter refused), the other ranks,
         waiting in the agreement check, are told, and this rank raises its own error."""
         try:
