@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from .buffers import BufferSync
 from .consistency import fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
+from .hierarchy import Hierarchy
 from .options import AveragingOptions, check_bool, check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
 
@@ -167,6 +168,14 @@ class LocalSGD:
             adds it to the next one.
         wire_block_size (`int`, defaults to 1024):
             Keyword-only, with `wire` set: elements per scale.
+        hierarchy (`Mapping[int, int]`, *optional*):
+            Keyword-only. Hierarchical averaging: `{group_size: period}`, e.g. `{4: 2}` also averages
+            each group of 4 consecutive ranks (a node of 4 GPUs, under torchrun's rank order) every 2
+            steps, between the world averages every `local_sgd_steps` steps. Group sizes divide the world
+            size; at a step where several levels are due only the largest averages, and at the world's
+            steps only the world. Its subgroups are created on enter (a collective). `level_sync_counts`
+            counts each level's averages. Not with fragments, `sync_delay`, a quantized wire, an outer
+            optimizer or zero-copy yet.
     """
 
     def __init__(
@@ -189,6 +198,7 @@ class LocalSGD:
         wire: Optional[str] = None,
         error_feedback: bool = False,
         wire_block_size: int = DEFAULT_BLOCK_SIZE,
+        hierarchy: Optional[Mapping[int, int]] = None,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
@@ -238,6 +248,19 @@ class LocalSGD:
                 'sync_delay with an outer_optimizer (Streaming DiLoCo) needs wire="int8" or "fp8" for now: the float wire\'s '
                 "overlapped sync does not keep the mean the outer step needs"
             )
+        self._hierarchy = None
+        if hierarchy is not None and self.local_sgd_steps is not None:
+            self._hierarchy = Hierarchy(hierarchy, self.local_sgd_steps)
+            combined = {
+                "num_fragments": self.num_fragments > 1, "sync_delay": self.sync_delay > 0, "wire": self.wire is not None,
+                "outer_optimizer": self._outer is not None, "zero_copy": self.zero_copy,
+            }
+            for option, used in combined.items():
+                if used:
+                    raise NotImplementedError(f"hierarchy with {option} is not implemented yet")
+        self.level_sync_counts: Dict[int, int] = {size: 0 for size in (self._hierarchy.levels if self._hierarchy else {})}
+        # Each level's averager over all the parameters, in its subgroup.
+        self._level_averagers: Dict[int, ParameterAverager] = {}
         # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
         self._delayed_since: Optional[int] = None
         self._delayed_fragment = 0
@@ -268,6 +291,7 @@ class LocalSGD:
             "sync_delay": self.sync_delay,
             "num_fragments": self.num_fragments,
             "wire": self.wire,
+            "hierarchy": None if self._hierarchy is None else self._hierarchy.levels,
         }
 
     def __enter__(self):
@@ -277,8 +301,12 @@ class LocalSGD:
                 "gradient sync back on at the inner exit. Enter each LocalSGD object once at a time."
             )
         if self.enabled:
+            if self._hierarchy is not None:
+                self._hierarchy.build_groups()
             # Refuse bad parameters, and ranks whose models or settings differ, before any training happens.
             averagers = self._averagers_or_fail_together()
+            for level_averager in self._level_averagers.values():
+                level_averager.verify_ranks_agree()
             if self._outer is not None:
                 self._outer.take_anchor([p for averager in averagers for p in averager.params])
             for averager, first in zip(averagers, self._fragment_starts):
@@ -328,6 +356,10 @@ class LocalSGD:
             delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps
             self._sync_and_avg_model_params(delayed=delayed, fragments=fragments)
             self._last_step_synced = not delayed
+        elif self._hierarchy is not None:
+            group_size = self._hierarchy.due(self.num_steps - self.warmup_steps)
+            if group_size is not None:
+                self._average_level(group_size)
 
     @property
     def last_step_synced(self) -> bool:
@@ -397,6 +429,14 @@ class LocalSGD:
                 else:
                     averagers.append(ParameterAverager.with_options(params[start:end], self.options, **fragment))
             self._fragment_starts = bounds[:-1]
+            if self._hierarchy is not None:
+                self._level_averagers = {
+                    size: ParameterAverager.with_options(
+                        params, self.options, process_group=group, names=names,
+                        agreement_settings={**self._agreement_settings(), "level": size},
+                    )
+                    for size, group in self._hierarchy.groups.items()
+                }
         if self.sync_buffers:
             named_buffers = list(self.model.named_buffers())
             self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.bucket_cap_mb))
@@ -414,6 +454,16 @@ class LocalSGD:
         except Exception as error:
             fail_together(dist.group.WORLD, error)
             raise  # unreachable: fail_together raises
+
+    def _average_level(self, group_size: int) -> None:
+        """One level's average, within this rank's subgroup of `group_size` ranks."""
+        start = time.perf_counter()
+        # Rebuilds the level averagers too when the parameters changed. Not through fail_together: that
+        # is a world collective, and only this subgroup is syncing now.
+        self._current_averagers()
+        self._level_averagers[group_size].average()
+        self.level_sync_counts[group_size] += 1
+        self.last_sync_seconds = time.perf_counter() - start
 
     def _finish_delayed_sync(self) -> None:
         if self._delayed_since is None:

@@ -125,7 +125,7 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
         "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0,
-        "num_fragments": 1, "wire": None}
+        "num_fragments": 1, "wire": None, "hierarchy": None}
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -295,3 +295,13 @@ def test_the_quantized_averager_refuses_tensors_it_cannot_quantize():
         QuantizedAverager([torch.zeros(3)], block_size=1 << 21)
     with pytest.raises(ValueError, match="wire must be one of \\('int8', 'fp8'\\), got 'fp4'"):
         QuantizedAverager([torch.zeros(3)], wire="fp4")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(num_fragments=2), dict(sync_delay=1), dict(wire="int8"), dict(outer_optimizer="diloco"), dict(zero_copy=True)],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_hierarchy_refuses_what_it_does_not_combine_with_yet(fake_averager, kwargs):
+    with pytest.raises(NotImplementedError, match=f"hierarchy with {next(iter(kwargs))} is not implemented yet"):
+        local_sgd_over(fake_averager, local_sgd_steps=4, hierarchy={2: 2}, **kwargs)

@@ -1,0 +1,64 @@
+"""Hierarchical averaging (as torch's `HierarchicalModelAverager`): besides the every-`local_sgd_steps`
+average over all ranks, smaller groups of consecutive ranks (e.g. the ranks of one node) average more
+often, over cheaper links. Each level is a torch.distributed subgroup (`new_subgroups`) and is averaged
+by the same engine."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch.distributed as dist
+
+from .options import check_int_at_least
+
+__all__ = ["Hierarchy"]
+
+
+class Hierarchy:
+    """The levels below the world: `{group_size: period}`, e.g. `{4: 2}` averages each group of 4
+    consecutive ranks (ranks 0-3, 4-7, ...) every 2 steps. At a step where several are due, only the
+    largest group averages (its average covers the smaller ones'); at the world's steps (every
+    `local_sgd_steps`, and during warm-up) only the world does.
+
+    Args:
+        levels (`Mapping[int, int]`):
+            Group size (>= 2, dividing the world size, below it) to period in steps (>= 1, below
+            `local_sgd_steps`).
+        local_sgd_steps (`int`):
+            The world's period.
+    """
+
+    def __init__(self, levels: Mapping[int, int], local_sgd_steps: int):
+        if not isinstance(levels, Mapping) or not levels:
+            raise TypeError(f"hierarchy must be a non-empty mapping {{group_size: period}}, got {levels!r}")
+        self.levels: Dict[int, int] = {}
+        for group_size, period in sorted(levels.items()):
+            group_size = check_int_at_least("hierarchy group size", group_size, 2)
+            period = check_int_at_least(f"hierarchy[{group_size}] (the period)", period, 1)
+            if period >= local_sgd_steps:
+                raise ValueError(
+                    f"hierarchy[{group_size}] (the period) must be below local_sgd_steps (the world's period), got "
+                    f"{period} with local_sgd_steps={local_sgd_steps}"
+                )
+            self.levels[group_size] = period
+        self.groups: Dict[int, dist.ProcessGroup] = {}
+
+    def build_groups(self) -> None:
+        """Creates each level's subgroups: a collective, every rank must call it at the same point."""
+        if self.groups:
+            return
+        world_size = dist.get_world_size()
+        for group_size in self.levels:
+            if group_size >= world_size or world_size % group_size != 0:
+                raise ValueError(
+                    f"hierarchy group size {group_size} must divide the world size and be below it, got a world of "
+                    f"{world_size} ranks"
+                )
+        for group_size in self.levels:
+            self.groups[group_size], _ = dist.new_subgroups(group_size=group_size)
+
+    def due(self, steps_since_warmup: int) -> Optional[int]:
+        """The group size of the level to average after this many steps past warm-up (the world's steps
+        excluded by the caller); None if no level is due."""
+        sizes: List[int] = [size for size, period in self.levels.items() if steps_since_warmup % period == 0]
+        return max(sizes) if sizes else None

@@ -1,0 +1,42 @@
+"""Rank-side bodies of the hierarchical-averaging tests."""
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from localsgd_ext import LocalSGD
+from rank_setup import group_timeout, snapshot
+
+
+def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int):
+    """LocalSGD with `hierarchy` over a small model whose parameters each rank moves by its own amounts
+    at every step (no optimizer): each step's parameters before and after `step()`, and the counts."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)))
+    moves = torch.Generator().manual_seed(200 + rank)
+    before, after = [], []
+    levels = {int(size): period for size, period in hierarchy.items()}  # JSON keys arrive as strings
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, hierarchy=levels) as local_sgd:
+        for _ in range(steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=moves))
+            before.append(snapshot(model.parameters()))
+            local_sgd.step()
+            after.append(snapshot(model.parameters()))
+    return {"before": before, "after": after, "final": snapshot(model.parameters()),
+            "sync_count": local_sgd.sync_count, "level_sync_counts": local_sgd.level_sync_counts}
+
+
+def hierarchy_that_does_not_fit():
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    try:
+        with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, hierarchy={3: 2}):
+            pass
+    except ValueError as error:
+        return str(error)
+    return None
