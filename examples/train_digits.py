@@ -2,6 +2,7 @@
 Accelerate and localsgd_ext's LocalSGD, on CPU ranks joined by gloo.
 
     torchrun --standalone --nproc-per-node 2 examples/train_digits.py
+    torchrun --standalone --nproc-per-node 4 examples/train_digits.py --hierarchy 2:2   # pairs every 2 steps
 
 Rank 0 shows a progress bar with the loss and the latest parameter-averaging time, then a line per
 epoch (training loss, test accuracy) and a summary of the averaging latency.
@@ -38,7 +39,17 @@ def parse_args():
         help="whose LocalSGD averages the parameters (to compare the two)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument(
+        "--hierarchy", nargs="+", default=[], metavar="SIZE:PERIOD",
+        help="hierarchical averaging: groups of SIZE consecutive ranks (a node) also average every PERIOD steps",
+    )
+    parser.add_argument("--save-params", metavar="PATH", help="rank 0 saves the final parameters here (torch.save)")
+    args = parser.parse_args()
+    try:
+        args.hierarchy = {int(size): int(period) for size, period in (level.split(":") for level in args.hierarchy)}
+    except ValueError:
+        parser.error(f"--hierarchy takes SIZE:PERIOD pairs of ints, got {args.hierarchy}")
+    return args
 
 
 def digits_data(seed: int):
@@ -100,6 +111,8 @@ def main():
     )
     local_sgd_cls = LocalSGD if args.implementation == "localsgd_ext" else TimedAccelerateLocalSGD
     sync_seconds = []
+    level_seconds = {size: [] for size in args.hierarchy}
+    extra = {"hierarchy": args.hierarchy} if args.hierarchy else {}
     for epoch in range(args.epochs):
         model.train()
         losses = []
@@ -107,7 +120,7 @@ def main():
             train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process, leave=False
         )
         with local_sgd_cls(
-            accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, enabled=True
+            accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, enabled=True, **extra
         ) as local_sgd:
             for x, y in progress:
                 with accelerator.accumulate(model):
@@ -116,7 +129,11 @@ def main():
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                    level_counts = dict(getattr(local_sgd, "level_sync_counts", {}))
                     local_sgd.step()
+                for size, count in getattr(local_sgd, "level_sync_counts", {}).items():
+                    if count > level_counts[size]:
+                        level_seconds[size].append(local_sgd.last_sync_seconds)
                 losses.append(loss.item())
                 if local_sgd.num_steps % local_sgd.local_sgd_steps == 0:
                     sync_seconds.append(local_sgd.last_sync_seconds)
@@ -137,6 +154,13 @@ def main():
         f"done: test accuracy {100 * test_accuracy:.1f}%; parameter averaging ({args.implementation}) per sync: "
         f"median {statistics.median(ms):.2f} ms, min {ms[0]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms)} syncs"
     )
+    for size, seconds in level_seconds.items():
+        if seconds:
+            accelerator.print(
+                f"level of {size} ranks: median {1e3 * statistics.median(seconds):.2f} ms over {len(seconds)} averages"
+            )
+    if args.save_params and accelerator.is_main_process:
+        torch.save([p.detach().clone() for p in accelerator.unwrap_model(model).parameters()], args.save_params)
     # Release what holds the process group (the DDP-wrapped model) before destroying it, so no gloo
     # thread outlives it at interpreter exit.
     del local_sgd

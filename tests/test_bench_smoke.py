@@ -119,3 +119,24 @@ def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
     link = [r["link_bytes"] for r in report["results"]]
     assert link[0] > 2 * link[1] > 0 and link[4] < link[1] / 4 and link[3] < link[1]
     assert (tmp_path / "slow_link.png").stat().st_size > 0
+
+
+def test_two_nodes_launched_with_torchrun_end_identical_to_one_node(tmp_path, slow_link):
+    """2 "nodes" (network namespaces) x 2 ranks, `torchrun --nnodes 2 --rdzv-backend c10d`, the main job
+    with hierarchical averaging: the same parameters, bit for bit, as 4 ranks on one node; a node's
+    averages never cross the inter-node link."""
+    missing = slow_link.missing_requirements()
+    if missing:
+        pytest.skip("needs " + "; ".join(missing))
+    result = subprocess.run(
+        [sys.executable, "bench/two_nodes.py", "--epochs", "1", "--hidden", "64", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "two_nodes.json").read_text())
+    assert report["identical"]
+    runs = report["runs"]
+    hierarchical, flat = runs["two nodes x 2 ranks, hierarchy"], runs["two nodes x 2 ranks, world only"]
+    assert hierarchical["levels"]["2"]["averages"] > 0 and "2" not in flat["levels"]
+    # The same world averages cross the link either way; the rendezvous' keep-alives vary by a few KB.
+    assert abs(hierarchical["link_bytes"] - flat["link_bytes"]) < 0.05 * flat["link_bytes"]
