@@ -11,6 +11,7 @@ import torch.distributed as dist
 from . import _C
 from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
 from .options import AveragingOptions
+from .sharded import is_sharded, local_tensors_and_replica_group
 
 __all__ = ["ParameterAverager"]
 
@@ -171,6 +172,12 @@ class ParameterAverager:
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
         if len(self.names) != len(self.params):
             raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
+        # What the engine reads and writes: the tensors themselves, or DTensors' local shards.
+        self._tensors = self.params
+        if is_sharded(self.params):
+            if options.zero_copy:
+                raise NotImplementedError("zero_copy with DTensor (FSDP2/HSDP) parameters is not implemented")
+            self._tensors, process_group = local_tensors_and_replica_group(self.params, self.names, process_group)
         if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
             raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
         self.process_group = process_group
@@ -178,7 +185,7 @@ class ParameterAverager:
         self._settings_fingerprint = settings_fingerprint(self.settings, self.names)
         self.agreement_tensors = agreement_tensors
         self._engine = _C.BucketedAverager(
-            self.params,
+            self._tensors,
             options.bucket_cap_bytes,
             _BUFFERS_IN_FLIGHT,
             options.zero_copy,
@@ -255,7 +262,7 @@ class ParameterAverager:
             "rank": dist.get_rank(group),
             "error": local_error,
             "settings": self.settings,
-            "layout": describe(self.params, self.names),
+            "layout": describe(self._tensors, self.names),
             "companions": describe(self._agreement_tensor_list, [name for name, _ in self._agreement_tensors]),
             "values": values,
             "nonfinite": self._engine.first_nonfinite() if self.check_finite and not local_error else -1,
@@ -277,7 +284,7 @@ class ParameterAverager:
         """`engine_call(group, use_avg_op, status_device, check_finite, extra_fingerprint)`: an engine sync
         that starts with the agreement check, through `_run_checked`."""
         group = self._group()
-        device = status_device(group, self.params)
+        device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)
         self._run_checked(
             group, lambda: engine_call(group, use_avg_op, device, self.check_finite, self._extra_fingerprint())
@@ -299,7 +306,7 @@ class ParameterAverager:
         group = self._group()
         with _lost_rank_errors(group):
             self._engine.average(
-                group, self._use_avg_op(group), status_device(group, self.params), False, 0, run_check=False
+                group, self._use_avg_op(group), status_device(group, self._tensors), False, 0, run_check=False
             )
 
     def start_average(self) -> None:
@@ -343,7 +350,7 @@ class ParameterAverager:
         if equal_values is not None:
             values = _C.content_fingerprints(list(equal_values))
             extra = digest(extra, *values)
-        device = status_device(group, self.params)
+        device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)
         self._run_checked(
             group, lambda: self._engine.ranks_agree(group, use_avg_op, device, self.check_finite, extra), values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -64,6 +65,23 @@ def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions
             f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
         )
     return wire, error_feedback, wire_block_size
+
+
+@contextlib.contextmanager
+def _cross_replica_all_reduce_off(model):
+    model.set_requires_all_reduce(False)
+    try:
+        yield
+    finally:
+        model.set_requires_all_reduce(True)
+
+
+def _gradient_sync_off(model):
+    """DDP's `no_sync()`; for an FSDP2/HSDP root module (no `no_sync`), its switch for the gradient
+    all-reduce across replicas, leaving the reduce-scatter within each replica on."""
+    if not hasattr(model, "no_sync") and hasattr(model, "set_requires_all_reduce"):
+        return _cross_replica_all_reduce_off(model)
+    return model.no_sync()
 
 
 class LocalSGD:
@@ -176,6 +194,11 @@ class LocalSGD:
             steps only the world. Its subgroups are created on enter (a collective). `level_sync_counts`
             counts each level's averages. Not with fragments, `sync_delay`, a quantized wire, an outer
             optimizer or zero-copy yet.
+        process_group (`torch.distributed.ProcessGroup`, *optional*):
+            Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
+            replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
+            the ranks holding the same shard in the other replicas; each rank's shard is then averaged with
+            theirs (torchft's and torchtitan's layout for DiLoCo). Not with `hierarchy`.
     """
 
     def __init__(
@@ -199,6 +222,7 @@ class LocalSGD:
         error_feedback: bool = False,
         wire_block_size: int = DEFAULT_BLOCK_SIZE,
         hierarchy: Optional[Mapping[int, int]] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
@@ -258,6 +282,11 @@ class LocalSGD:
             for option, used in combined.items():
                 if used:
                     raise NotImplementedError(f"hierarchy with {option} is not implemented yet")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        if process_group is not None and self._hierarchy is not None:
+            raise NotImplementedError("hierarchy with process_group is not implemented yet")
+        self.process_group = process_group
         self.level_sync_counts: Dict[int, int] = {size: 0 for size in (self._hierarchy.levels if self._hierarchy else {})}
         # Each level's averager over all the parameters, in its subgroup.
         self._level_averagers: Dict[int, ParameterAverager] = {}
@@ -314,7 +343,7 @@ class LocalSGD:
                     averager.verify_ranks_agree(equal_values=self._outer.anchors[first : first + len(averager.params)])
                 else:
                     averager.verify_ranks_agree()
-            self.model_sync_obj = self.model.no_sync()
+            self.model_sync_obj = _gradient_sync_off(self.model)
             self.model_sync_obj.__enter__()
         self._entered = True
         return self
@@ -422,7 +451,9 @@ class LocalSGD:
             # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
             self._averagers = averagers = []
             for start, end in zip(bounds, bounds[1:]):
-                fragment = dict(names=names[start:end], agreement_settings=self._agreement_settings())
+                fragment = dict(
+                    names=names[start:end], agreement_settings=self._agreement_settings(), process_group=self.process_group
+                )
                 if self.wire is not None:
                     fragment.update(wire=self.wire, block_size=self.wire_block_size, error_feedback=self.error_feedback)
                     averagers.append(QuantizedAverager.with_options(params[start:end], self.options, **fragment))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from . import ops
 from .averager import ParameterAverager, _lost_rank_errors
 from .options import AveragingOptions, check_bool, check_int_at_least
+from .sharded import is_sharded
 
 __all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
 
@@ -137,6 +138,8 @@ class QuantizedAverager:
             agreement_tensors=agreement_tensors,
         )
         self.params: List[torch.Tensor] = self._full_precision.params
+        if is_sharded(self.params):
+            raise NotImplementedError(f"the {wire} wire with DTensor (FSDP2/HSDP) parameters is not implemented")
         self.names = self._full_precision.names
         for i, (p, name) in enumerate(zip(self.params, self.names)):
             if p.dtype != torch.float32:

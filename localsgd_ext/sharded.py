@@ -1,0 +1,65 @@
+"""DTensor parameters (FSDP2's `fully_shard` within each replica): Local SGD averages each rank's local
+shard across the replicas only, i.e. with the ranks that hold the same shard of the other copies of the
+model. They hold the same slice of the model, so averaging their local tensors is averaging the full
+model across replicas."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_sharded", "local_tensors_and_replica_group"]
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no sharded parameters either
+        return None
+    return DTensor
+
+
+def is_sharded(params: Sequence[torch.Tensor]) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
+
+
+def local_tensors_and_replica_group(
+    params: Sequence[torch.Tensor], names: Sequence[str], process_group: Optional[dist.ProcessGroup]
+) -> Tuple[List[torch.Tensor], dist.ProcessGroup]:
+    """Each DTensor's local tensor (a view of its storage: averaging it in place updates the parameter)
+    and the process group of the replicas, which must be given: FSDP2 shards each replica over its own
+    mesh (`fully_shard(model, mesh=mesh["shard"])`, torchft's and torchtitan's layout for DiLoCo), and
+    the replicas are the ranks holding the same shard index in the others (`mesh.get_group("replicate")`)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for i, (p, name) in enumerate(zip(params, names)):
+        if not isinstance(p, DTensor):
+            raise TypeError(
+                f"{name} (params[{i}]) is a plain tensor among DTensor parameters; shard the whole model (FSDP2's "
+                "fully_shard on its root) or none of it"
+            )
+    mesh = params[0].device_mesh
+    for i, (p, name) in enumerate(zip(params, names)):
+        if p.device_mesh != mesh:
+            raise ValueError(f"{name} (params[{i}]) lives on another device mesh than {names[0]}: {p.device_mesh} vs {mesh}")
+    if any(isinstance(placement, Replicate) for placement in params[0].placements):
+        # FSDP2's HSDP: set_requires_all_reduce(False) does not skip the cross-replica all-reduce, it
+        # defers it, and the gradients are not handed to the optimizer meanwhile.
+        raise NotImplementedError(
+            f"DTensor parameters replicated over their own mesh (FSDP2's HSDP, placements {params[0].placements}) "
+            "are not supported: FSDP2 all-reduces their gradients across replicas at every step, and switching that "
+            "off withholds the gradients. Shard each replica on its own mesh, fully_shard(model, "
+            "mesh=mesh['shard']), and pass process_group=mesh.get_group('replicate')"
+        )
+    if process_group is None:
+        raise ValueError(
+            f"the parameters are sharded over their whole device mesh (placements {params[0].placements} on a mesh "
+            f"of shape {tuple(mesh.shape)}): each rank holds a different part of one model, so there are no "
+            "replicas to average among them. Local SGD needs replicas: pass process_group, the group of the ranks "
+            "that hold the same shard in the other replicas (e.g. mesh.get_group('replicate') with "
+            "fully_shard(model, mesh=mesh['shard'])), or use DDP"
+        )
+    return [p.to_local() for p in params], process_group

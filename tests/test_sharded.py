@@ -1,0 +1,48 @@
+"""Local SGD over replicas of an FSDP2-sharded model on 4 real gloo ranks, a (replicate=2, shard=2) CPU
+mesh: each replica sharded over "shard", LocalSGD(process_group=mesh.get_group("replicate")). Each
+rank's shard is averaged with the same shard of the other replica only, which equals averaging the full
+model across replicas; the replicas train apart in between."""
+
+import torch
+
+from multiprocess import run_ranks
+
+
+def test_hsdp_averages_shards_across_replicas_like_the_full_model():
+    steps = 4
+    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", steps, timeout=180)
+    # Mesh (replicate, shard) = (2, 2) over ranks 0..3: replicas {0, 1} and {2, 3}; shard k is on ranks k and k + 2.
+    assert [r["replica_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    replica_a, replica_b = results[0], results[2]
+    for step in range(1, steps + 1):
+        for i, (a_before, b_before) in enumerate(zip(replica_a["before"][step - 1], replica_b["before"][step - 1])):
+            a_after, b_after = replica_a["after"][step - 1][i], replica_b["after"][step - 1][i]
+            if step % 3 == 0:
+                # The full model's average across replicas, bit for bit as gloo averages two values.
+                assert torch.equal(a_after, b_after) and torch.equal(a_after, (a_before + b_before) / 2), (step, i)
+            else:
+                assert torch.equal(a_after, a_before) and torch.equal(b_after, b_before), (step, i)
+                assert not torch.equal(a_before, b_before), (step, i, "replicas train apart between syncs")
+    # Each rank's own shard, and only it: shard k of replica A (rank k) against shard k of replica B (rank k + 2).
+    for shard in (0, 1):
+        mine, other = results[shard], results[shard + 2]
+        for a, b in zip(mine["local_after"][2], other["local_after"][2]):
+            assert torch.equal(a, b)
+        for a, b in zip(mine["local_after"][2], results[1 - shard]["local_after"][2]):
+            assert a.shape == b.shape and not torch.equal(a, b), "the other shard is other data"
+    for r in results[1:]:
+        for a, b in zip(r["final"], results[0]["final"]):
+            assert torch.equal(a, b), "the exit sync leaves every replica identical"
+
+
+def test_pure_fsdp_is_refused_saying_there_are_no_replicas():
+    messages = run_ranks(4, "workers_sharded:refusal", "pure", timeout=120)
+    assert all(m is not None and m.startswith("ValueError") and "no replicas to average" in m for m in messages), messages
+
+
+def test_fsdp2_hsdp_is_refused_saying_what_to_do_instead():
+    messages = run_ranks(4, "workers_sharded:refusal", "hsdp", timeout=120)
+    assert all(
+        m is not None and m.startswith("NotImplementedError") and "fully_shard(model, mesh=mesh['shard'])" in m
+        for m in messages
+    ), messages
