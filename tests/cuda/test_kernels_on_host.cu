@@ -338,5 +338,5 @@ int main() {
   for (int64_t block_size : {1, 7, 256, 300, 1024}) {
     check_quantize_blocks(rng, block_size, 6);
   }
-  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8 quantization on the host");
+  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8/e4m3 quantization on the host");
 }
