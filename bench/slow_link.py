@@ -207,6 +207,22 @@ def link_bytes() -> int:
     return total
 
 
+def wait_all(procs, timeout, what):
+    """Each process's output, once all have exited 0; all are killed if one outlives `timeout`."""
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"{what}: no result within {timeout:.0f} s; killed")
+        outputs.append(out)
+    if any(p.returncode != 0 for p in procs):
+        raise SystemExit(f"{what} failed:\n" + "\n".join(o[-3000:] for o in outputs))
+    return outputs
+
+
 def run_mode(args, mode, port):
     script = os.path.abspath(__file__)
     bytes_before = link_bytes()
@@ -220,17 +236,7 @@ def run_mode(args, mode, port):
                    "--max-steps", str(args.max_steps), "--hidden", str(args.hidden)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = args.max_seconds * 3 + 120  # training clock + evaluation + start-up
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise SystemExit(f"mode {mode}: no result within {deadline:.0f} s; killed")
-        outputs.append(out)
-    if any(p.returncode != 0 for p in procs):
-        raise SystemExit(f"mode {mode} failed:\n" + "\n".join(o[-3000:] for o in outputs))
+    outputs = wait_all(procs, deadline, f"mode {mode}")
     (line,) = [l for l in outputs[0].splitlines() if l.startswith("RESULT ")]
     result = json.loads(line[len("RESULT "):])
     result["link_bytes"] = link_bytes() - bytes_before

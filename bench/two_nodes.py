@@ -70,28 +70,13 @@ def report(output: str, seconds: float) -> dict:
     }
 
 
-def wait_all(procs, timeout, what):
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise SystemExit(f"{what}: not done within {timeout:.0f} s; killed")
-        outputs.append(out)
-    if any(p.returncode != 0 for p in procs):
-        raise SystemExit(f"{what} failed:\n" + "\n".join(o[-3000:] for o in outputs))
-    return "\n".join(outputs)
-
-
 def one_node(args, save_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                *job_arguments(args, save_path)]
     start = time.perf_counter()
-    output = wait_all([subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)],
-                      args.timeout, "the one-node run")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = "\n".join(slow_link.wait_all([process], args.timeout, "the one-node run"))
     return report(output, time.perf_counter() - start)
 
 
@@ -110,7 +95,7 @@ def two_nodes(args, save_path, port, hierarchy=True):
                    "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", address,
                    *job_arguments(args, save_path, hierarchy)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    output = wait_all(procs, args.timeout, "the two-node run")
+    output = "\n".join(slow_link.wait_all(procs, args.timeout, "the two-node run"))
     result = report(output, time.perf_counter() - start)
     result["link_bytes"] = slow_link.link_bytes() - bytes_before
     return result

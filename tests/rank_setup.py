@@ -24,3 +24,18 @@ def init_group(device: str = "cpu") -> None:
 def snapshot(tensors):
     """Copies on the CPU (what a rank returns must load in the parent)."""
     return [t.detach().to("cpu", copy=True) for t in tensors]
+
+
+def step_with_rank_moves(model, local_sgd, steps: int, moves):
+    """Each step, moves every parameter by this rank's own random amounts (no optimizer: the values tell
+    what was averaged when), then calls `local_sgd.step()`. Returns the parameters before and after each
+    `step()`."""
+    before, after = [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=moves))
+        before.append(snapshot(model.parameters()))
+        local_sgd.step()
+        after.append(snapshot(model.parameters()))
+    return before, after

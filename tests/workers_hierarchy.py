@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from localsgd_ext import LocalSGD
-from rank_setup import group_timeout, snapshot
+from rank_setup import group_timeout, snapshot, step_with_rank_moves
 
 
 def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int):
@@ -17,16 +17,9 @@ def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int):
     torch.manual_seed(0)
     model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)))
     moves = torch.Generator().manual_seed(200 + rank)
-    before, after = [], []
     levels = {int(size): period for size, period in hierarchy.items()}  # JSON keys arrive as strings
     with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, hierarchy=levels) as local_sgd:
-        for _ in range(steps):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=moves))
-            before.append(snapshot(model.parameters()))
-            local_sgd.step()
-            after.append(snapshot(model.parameters()))
+        before, after = step_with_rank_moves(model, local_sgd, steps, moves)
     return {"before": before, "after": after, "final": snapshot(model.parameters()),
             "sync_count": local_sgd.sync_count, "level_sync_counts": local_sgd.level_sync_counts}
 

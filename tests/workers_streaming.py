@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from localsgd_ext import QuantizedAverager, LocalSGD, ParameterAverager
-from rank_setup import group_timeout, init_group, snapshot
+from rank_setup import group_timeout, init_group, snapshot, step_with_rank_moves
 
 
 def delayed_merge():
@@ -65,17 +65,10 @@ def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
     torch.manual_seed(0)
     model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)))
     moves = torch.Generator().manual_seed(100 + rank)
-    before, after = [], []
     with LocalSGD(
         accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, num_fragments=num_fragments
     ) as local_sgd:
-        for _ in range(steps):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=moves))
-            before.append(snapshot(model.parameters()))
-            local_sgd.step()
-            after.append(snapshot(model.parameters()))
+        before, after = step_with_rank_moves(model, local_sgd, steps, moves)
         fragment_starts = list(local_sgd._fragment_starts)
     return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}
 
