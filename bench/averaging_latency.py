@@ -300,7 +300,7 @@ def plot(reports, path):
         shapes = [r["shape"] for r in report["results"]]
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            values = [r["methods"][method]["x_floor"] if method in r["methods"] else 0.0 for r in report["results"]]
+            values = [r["methods"][method]["x_floor"] if method in r["methods"] else float("nan") for r in report["results"]]
             ax.bar([s + i * width for s in range(len(shapes))], values, width, label=method)
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes)
         ax.set_yscale("log")

@@ -67,20 +67,11 @@ def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions
     return wire, error_feedback, wire_block_size
 
 
-@contextlib.contextmanager
-def _cross_replica_all_reduce_off(model):
-    model.set_requires_all_reduce(False)
-    try:
-        yield
-    finally:
-        model.set_requires_all_reduce(True)
-
-
 def _gradient_sync_off(model):
-    """DDP's `no_sync()`; for an FSDP2/HSDP root module (no `no_sync`), its switch for the gradient
-    all-reduce across replicas, leaving the reduce-scatter within each replica on."""
+    """DDP's `no_sync()`. An FSDP2 root module (no `no_sync`) sharded within one replica sends no
+    gradient across replicas to switch off (its own HSDP, which would, is refused by the averager)."""
     if not hasattr(model, "no_sync") and hasattr(model, "set_requires_all_reduce"):
-        return _cross_replica_all_reduce_off(model)
+        return contextlib.nullcontext()
     return model.no_sync()
 
 
