@@ -259,7 +259,7 @@ class ParameterAverager:
         """A collective, after a check failed on every rank: the error every rank raises."""
         local_error = self._engine.local_error()
         mine = {
-            "rank": dist.get_rank(group),
+            "rank": dist.get_rank(),
             "error": local_error,
             "settings": self.settings,
             "layout": describe(self._tensors, self.names),

@@ -64,16 +64,16 @@ def _entry(entry: Optional[tuple], what: str) -> str:
     return f"no such {what}" if entry is None else f"{entry[0]} {entry[1]} {entry[2]}"
 
 
-def _first_difference(layouts: List[List[tuple]], what: str) -> Optional[str]:
-    reference = layouts[0]
-    for rank, layout in enumerate(layouts[1:], start=1):
+def _first_difference(layouts: List[List[tuple]], what: str, ranks: List[int]) -> Optional[str]:
+    reference, first = layouts[0], ranks[0]
+    for rank, layout in zip(ranks[1:], layouts[1:]):
         for i in range(max(len(reference), len(layout))):
             mine = reference[i] if i < len(reference) else None
             theirs = layout[i] if i < len(layout) else None
             if mine != theirs:
                 return (
-                    f"the first difference is at {what} index {i}: rank 0 has {_entry(mine, what)}, rank {rank} has "
-                    f"{_entry(theirs, what)} (rank 0 has {len(reference)} {what}s, rank {rank} has {len(layout)})"
+                    f"the first difference is at {what} index {i}: rank {first} has {_entry(mine, what)}, rank {rank} "
+                    f"has {_entry(theirs, what)} (rank {first} has {len(reference)} {what}s, rank {rank} has {len(layout)})"
                 )
     return None
 
@@ -93,8 +93,9 @@ def _first_value_difference(everyone: List[dict], names: Sequence[str]) -> Optio
     for entry in everyone[1:]:
         for i, (mine, theirs) in enumerate(zip(reference, entry["values"])):
             if mine != theirs:
+                first = everyone[0]["rank"]
                 return (
-                    f"the ranks start from different values, first at {names[i]} (rank 0 and rank {entry['rank']} "
+                    f"the ranks start from different values, first at {names[i]} (rank {first} and rank {entry['rank']} "
                     "differ); the outer optimizer (DiLoCo) needs the same starting parameters on every rank, as DDP "
                     "makes them (broadcast from rank 0, or seed every rank alike)"
                 )
@@ -108,7 +109,9 @@ def gather(group: dist.ProcessGroup, mine: Dict[str, Any]) -> List[dict]:
 
 
 def explain(everyone: List[dict]) -> RanksDisagreeError:
-    """What every rank raises after a failed check, from every rank's description (see `gather`)."""
+    """What every rank raises after a failed check, from every rank's description (see `gather`); ranks
+    are named by their global rank, also within a subgroup."""
+    ranks = [entry["rank"] for entry in everyone]
     failed = [entry for entry in everyone if entry.get("error")]
     if failed:
         return RanksDisagreeError(
@@ -122,7 +125,7 @@ def explain(everyone: List[dict]) -> RanksDisagreeError:
             f"LocalSGD/ParameterAverager: {reason}. Every rank must be configured alike, or they would send "
             "different messages. Nothing was averaged."
         )
-    reason = _first_difference([entry["layout"] for entry in everyone], "parameter")
+    reason = _first_difference([entry["layout"] for entry in everyone], "parameter", ranks)
     if reason:
         return RanksDisagreeError(
             "LocalSGD/ParameterAverager: the ranks do not hold the same parameters, so they cannot be averaged; "
@@ -130,7 +133,7 @@ def explain(everyone: List[dict]) -> RanksDisagreeError:
             + ". Every rank must average the same parameters (names, count, order, shapes, dtypes). Nothing was "
             "averaged."
         )
-    reason = _first_difference([entry["companions"] for entry in everyone], "buffer")
+    reason = _first_difference([entry["companions"] for entry in everyone], "buffer", ranks)
     if reason:
         return RanksDisagreeError(
             "LocalSGD/ParameterAverager: the ranks do not hold the same buffers, so they cannot be synced "
@@ -155,13 +158,39 @@ def explain(everyone: List[dict]) -> RanksDisagreeError:
     )
 
 
+def confirm_across_world(group: dist.ProcessGroup, outcome: Optional[BaseException]) -> None:
+    """After a check within `group`, one of several groups of replicas (a sharded model's ranks holding
+    one shard): the ranks of the other groups train alongside this one (FSDP's collectives within each
+    replica), so if this group refused to start they would wait on it until the timeout. A gather over
+    the world tells every rank; `outcome` (this rank's error, None when it passed) is raised here, and
+    ranks that passed raise a `RanksDisagreeError` naming the ranks that did not."""
+    if isinstance(outcome, RuntimeError) and not isinstance(outcome, RanksDisagreeError):
+        raise outcome  # a lost rank: the world gather would only wait for it too
+    if dist.get_world_size(group) == dist.get_world_size():
+        if outcome is not None:
+            raise outcome
+        return
+    mine = None if outcome is None else f"{type(outcome).__name__}: {outcome}"
+    everyone = gather(dist.group.WORLD, {"rank": dist.get_rank(), "error": mine})
+    if outcome is not None:
+        raise outcome
+    failed = [entry for entry in everyone if entry["error"]]
+    if failed:
+        raise RanksDisagreeError(
+            f"LocalSGD: the replicas of another shard could not start averaging, so this rank (rank {dist.get_rank()}, "
+            "whose own replicas agree) stops too: "
+            + "; ".join(f"rank {entry['rank']}: {entry['error']}" for entry in failed[:2])
+            + (f"; and {len(failed) - 2} more ranks" if len(failed) > 2 else "")
+        )
+
+
 def fail_together(group: dist.ProcessGroup, error: BaseException) -> None:
     """For a rank that failed before its averager could take part (e.g. a parameter refused while
     planning): joins the agreement check as failed, so that the others raise at once naming this rank
     and its error, instead of waiting out the group's timeout; then raises `error` here."""
     try:
         _C.join_agreement_check_as_failed(group, status_device(group, []))
-        gather(group, {"rank": dist.get_rank(group), "error": f"{type(error).__name__}: {error}"})
+        gather(group, {"rank": dist.get_rank(), "error": f"{type(error).__name__}: {error}"})
     except RuntimeError:
         pass  # the others are gone too; this rank's own error is the one to report
     raise error

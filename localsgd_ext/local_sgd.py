@@ -13,12 +13,13 @@ from accelerate import Accelerator, DistributedType
 from . import _C
 from .averager import ParameterAverager
 from .buffers import BufferSync
-from .consistency import fail_together
+from .consistency import confirm_across_world, fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions, check_bool, check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
+from .sharded import REPLICATE_DIM_NAMES, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
 
@@ -65,6 +66,17 @@ def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions
             f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
         )
     return wire, error_feedback, wire_block_size
+
+
+def _accelerate_replicate_mesh(accelerator):
+    """Accelerate's FSDP2 mesh when its ParallelismConfig has replicas (`dp_replicate_size` > 1)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    names = () if mesh is None else tuple(mesh.mesh_dim_names or ())
+    if not any(name in names and mesh[name].size() > 1 for name in REPLICATE_DIM_NAMES):
+        return None
+    return mesh
 
 
 def _gradient_sync_off(model):
@@ -190,6 +202,14 @@ class LocalSGD:
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
             the ranks holding the same shard in the other replicas; each rank's shard is then averaged with
             theirs (torchft's and torchtitan's layout for DiLoCo). Not with `hierarchy`.
+        device_mesh (`torch.distributed.device_mesh.DeviceMesh`, *optional*):
+            Keyword-only, instead of `process_group`: average along `mesh_dim` of this mesh. Under
+            Accelerate's FSDP2 with `ParallelismConfig(dp_replicate_size=R, dp_shard_size=S)` it defaults
+            to `accelerator.torch_device_mesh`, with the model `fully_shard`-ed over its `"dp_shard"`
+            dimension before `accelerator.prepare()`.
+        mesh_dim (`str` or `int`, *optional*):
+            Keyword-only. The dimension of `device_mesh` across replicas (default: the one named
+            `"dp_replicate"` or `"replicate"`).
     """
 
     def __init__(
@@ -214,13 +234,20 @@ class LocalSGD:
         wire_block_size: int = DEFAULT_BLOCK_SIZE,
         hierarchy: Optional[Mapping[int, int]] = None,
         process_group: Optional[dist.ProcessGroup] = None,
+        device_mesh=None,
+        mesh_dim: Optional[Union[str, int]] = None,
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
             raise TypeError(
                 f"accelerator must be an accelerate.Accelerator, got {accelerator!r} ({type(accelerator).__name__})"
             )
-        if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES:
+        if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+            raise NotImplementedError(
+                "LocalSGD with Accelerate's FSDP supports FSDP2 only (fsdp_version=2), sharding each replica on its "
+                "own: FSDP1's flat parameters have no per-replica shard to average"
+            )
+        if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES + (DistributedType.FSDP,):
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
         check_bool("enabled", enabled)
         if not isinstance(model, torch.nn.Module):
@@ -275,6 +302,17 @@ class LocalSGD:
                     raise NotImplementedError(f"hierarchy with {option} is not implemented yet")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        if device_mesh is not None and process_group is not None:
+            raise ValueError(
+                f"pass process_group or device_mesh, not both: got process_group={process_group!r}, "
+                f"device_mesh={device_mesh!r}"
+            )
+        if mesh_dim is not None and device_mesh is None:
+            raise ValueError(f"mesh_dim needs device_mesh, got mesh_dim={mesh_dim!r} with device_mesh=None")
+        if device_mesh is None and process_group is None and self.enabled:
+            device_mesh = _accelerate_replicate_mesh(accelerator)
+        if device_mesh is not None:
+            process_group = replica_group_from_mesh(device_mesh, mesh_dim)
         if process_group is not None and self._hierarchy is not None:
             raise NotImplementedError("hierarchy with process_group is not implemented yet")
         self.process_group = process_group
@@ -323,21 +361,33 @@ class LocalSGD:
         if self.enabled:
             if self._hierarchy is not None:
                 self._hierarchy.build_groups()
-            # Refuse bad parameters, and ranks whose models or settings differ, before any training happens.
-            averagers = self._averagers_or_fail_together()
-            for level_averager in self._level_averagers.values():
-                level_averager.verify_ranks_agree()
-            if self._outer is not None:
-                self._outer.take_anchor([p for averager in averagers for p in averager.params])
-            for averager, first in zip(averagers, self._fragment_starts):
-                if self._outer is not None:
-                    averager.verify_ranks_agree(equal_values=self._outer.anchors[first : first + len(averager.params)])
-                else:
-                    averager.verify_ranks_agree()
+            outcome = None
+            try:
+                self._verify_before_training()
+            except Exception as error:  # noqa: BLE001 - every rank must hear of it; re-raised below
+                outcome = error
+            if self.process_group is not None:
+                confirm_across_world(self.process_group, outcome)
+            elif outcome is not None:
+                raise outcome
             self.model_sync_obj = _gradient_sync_off(self.model)
             self.model_sync_obj.__enter__()
         self._entered = True
         return self
+
+    def _verify_before_training(self) -> None:
+        """Refuses bad parameters, and ranks whose models or settings differ, before any training."""
+        averagers = self._averagers_or_fail_together()
+        if self._outer is not None:
+            self._outer.take_anchor([p for averager in averagers for p in averager.params])
+        # The averagers over all ranks first: a rank that could not build them joins their check as failed.
+        for averager, first in zip(averagers, self._fragment_starts):
+            if self._outer is not None:
+                averager.verify_ranks_agree(equal_values=self._outer.anchors[first : first + len(averager.params)])
+            else:
+                averager.verify_ranks_agree()
+        for level_averager in self._level_averagers.values():
+            level_averager.verify_ranks_agree()
 
     def __exit__(self, type, value, tb):
         self._entered = False
@@ -474,7 +524,7 @@ class LocalSGD:
         try:
             return self._current_averagers()
         except Exception as error:
-            fail_together(dist.group.WORLD, error)
+            fail_together(self.process_group or dist.group.WORLD, error)
             raise  # unreachable: fail_together raises
 
     def _average_level(self, group_size: int) -> None:

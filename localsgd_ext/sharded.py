@@ -10,7 +10,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "local_tensors_and_replica_group"]
+__all__ = ["is_sharded", "local_tensors_and_replica_group", "replica_group_from_mesh", "REPLICATE_DIM_NAMES"]
+
+# The replicate dimension's name in Accelerate's ParallelismConfig meshes, then in torchtitan's and torch's examples.
+REPLICATE_DIM_NAMES = ("dp_replicate", "replicate")
 
 
 def _dtensor_class():
@@ -52,7 +55,9 @@ def local_tensors_and_replica_group(
             f"DTensor parameters replicated over their own mesh (FSDP2's HSDP, placements {params[0].placements}) "
             "are not supported: FSDP2 all-reduces their gradients across replicas at every step, and switching that "
             "off withholds the gradients. Shard each replica on its own mesh, fully_shard(model, "
-            "mesh=mesh['shard']), and pass process_group=mesh.get_group('replicate')"
+            "mesh=mesh['shard']), and pass process_group=mesh.get_group('replicate') or device_mesh=mesh. With "
+            "Accelerate's ParallelismConfig(dp_replicate_size=R, dp_shard_size=S): fully_shard the model over "
+            "accelerator.torch_device_mesh['dp_shard'] before accelerator.prepare(), which leaves it as it is"
         )
     if process_group is None:
         raise ValueError(
@@ -63,3 +68,30 @@ def local_tensors_and_replica_group(
             "fully_shard(model, mesh=mesh['shard'])), or use DDP"
         )
     return [p.to_local() for p in params], process_group
+
+
+def replica_group_from_mesh(device_mesh, mesh_dim) -> dist.ProcessGroup:
+    """The process group along `mesh_dim` of `device_mesh` (a name or an index; None: the replicate
+    dimension, by one of the `REPLICATE_DIM_NAMES`)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(f"device_mesh must be a torch.distributed.device_mesh.DeviceMesh or None, got {device_mesh!r}")
+    names = tuple(device_mesh.mesh_dim_names or ())
+    if mesh_dim is None:
+        found = [name for name in REPLICATE_DIM_NAMES if name in names]
+        if not found:
+            raise ValueError(
+                f"device_mesh has no replicate dimension to average over (its dimensions are named {names}, none "
+                f"of {REPLICATE_DIM_NAMES}); pass mesh_dim, the name or index of the dimension across replicas"
+            )
+        mesh_dim = found[0]
+    elif isinstance(mesh_dim, str):
+        if mesh_dim not in names:
+            raise ValueError(f"mesh_dim must name a dimension of device_mesh, one of {names}, got {mesh_dim!r}")
+    elif isinstance(mesh_dim, int) and not isinstance(mesh_dim, bool):
+        if not 0 <= mesh_dim < device_mesh.ndim:
+            raise ValueError(f"mesh_dim must be in [0, {device_mesh.ndim}) for this device_mesh, got {mesh_dim}")
+    else:
+        raise TypeError(f"mesh_dim must be a dimension's name (str), its index (int) or None, got {mesh_dim!r}")
+    return device_mesh.get_group(mesh_dim)

@@ -56,3 +56,11 @@ def test_bad_levels_are_refused_by_name(levels, exception, message):
 def test_the_largest_due_level_wins():
     hierarchy = Hierarchy({2: 2, 4: 4}, local_sgd_steps=16)
     assert [hierarchy.due(step) for step in range(1, 9)] == [None, 2, None, 4, None, 2, None, 4]
+
+
+def test_a_rank_refused_while_planning_stops_every_rank_at_once():
+    results = run_ranks(4, "workers_hierarchy:hierarchy_refused_on_one_rank", timeout=120)
+    assert results[3]["error"].startswith("ValueError") and "share memory" in results[3]["error"], results[3]
+    for r in results[:3]:
+        assert r["error"].startswith("RanksDisagreeError") and "rank 3 could not take part" in r["error"], r
+    assert all(r["seconds"] < 10 for r in results), "must fail at once, not at the group timeout"

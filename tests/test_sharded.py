@@ -3,14 +3,16 @@ mesh: each replica sharded over "shard", LocalSGD(process_group=mesh.get_group("
 rank's shard is averaged with the same shard of the other replica only, which equals averaging the full
 model across replicas; the replicas train apart in between."""
 
+import pytest
 import torch
 
 from multiprocess import run_ranks
 
 
-def test_hsdp_averages_shards_across_replicas_like_the_full_model():
+@pytest.mark.parametrize("source", ["process_group", "accelerate_parallelism_config"])
+def test_hsdp_averages_shards_across_replicas_like_the_full_model(source):
     steps = 4
-    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", steps, timeout=180)
+    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", steps, source, timeout=180)
     # Mesh (replicate, shard) = (2, 2) over ranks 0..3: replicas {0, 1} and {2, 3}; shard k is on ranks k and k + 2.
     assert [r["replica_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     replica_a, replica_b = results[0], results[2]
@@ -46,3 +48,15 @@ def test_fsdp2_hsdp_is_refused_saying_what_to_do_instead():
         m is not None and m.startswith("NotImplementedError") and "fully_shard(model, mesh=mesh['shard'])" in m
         for m in messages
     ), messages
+
+
+def test_layout_mismatch_on_one_shard_raises_on_every_rank():
+    messages = run_ranks(4, "workers_sharded:shard_layout_mismatch", timeout=120)
+    # Shard 1's replicas (ranks 1, 3) name the difference; shard 0's (ranks 0, 2) agree but stop with them.
+    for rank in (1, 3):
+        assert messages[rank].startswith("RanksDisagreeError") and "first difference" in messages[rank], messages
+        # Named by global rank, not by rank within the replicas' group.
+        assert "rank 1 has 0.weight (8, 8)" in messages[rank] and "rank 3 has 0.weight (10, 8)" in messages[rank]
+    for rank in (0, 2):
+        assert messages[rank].startswith("RanksDisagreeError"), messages
+        assert "replicas of another shard" in messages[rank] and "rank 1:" in messages[rank], messages

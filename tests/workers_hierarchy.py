@@ -1,5 +1,7 @@
 """Rank-side bodies of the hierarchical-averaging tests."""
 
+import time
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -33,3 +35,21 @@ def hierarchy_that_does_not_fit():
     except ValueError as error:
         return str(error)
     return None
+
+
+def hierarchy_refused_on_one_rank():
+    """Rank 3's first weight is an expanded tensor, which the engine refuses while planning: entering
+    LocalSGD with a hierarchy must raise on every rank at once (rank 3's own error, the others naming
+    it), not leave them waiting in a level's check until the timeout."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)))
+    if dist.get_rank() == 3:
+        model.module[0].weight.data = torch.zeros(1).expand(4, 5)
+    start = time.monotonic()
+    try:
+        with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, hierarchy={2: 2}):
+            pass
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

@@ -10,32 +10,47 @@ from localsgd_ext import LocalSGD
 from rank_setup import group_timeout, snapshot
 
 
-def _sharded_model(mesh_shape, names, shard_over=None):
-    """The model, fully_shard-ed over `mesh[shard_over]` (the whole mesh when None), and the mesh."""
+def _sharded_model(mesh_shape, names, shard_over=None, mesh=None, hidden=16):
+    """The model, fully_shard-ed over `mesh[shard_over]` (the whole mesh when None), and the mesh (built
+    from `mesh_shape` and `names` unless given)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    if mesh is None:
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     shard_mesh = mesh if shard_over is None else mesh[shard_over]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 4))
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=shard_mesh)
     fully_shard(model, mesh=shard_mesh)
     return model, mesh
 
 
-def hsdp_local_sgd(steps: int):
-    """Trains with LocalSGD(local_sgd_steps=3) on rank-specific data; records each step's full
-    (unsharded) parameters before and after `step()`, and whether gradient all-reduce was off."""
+def _replica_mesh(source: str):
+    """A (replicate=2, shard=2) mesh, its dimension for fully_shard, and LocalSGD's keyword arguments
+    naming the replicas: a torch mesh and `process_group`, or the mesh Accelerate's own
+    `ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)` builds, passed whole as `device_mesh`."""
+    if source == "process_group":
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        return model, mesh, "replicate", {"process_group": mesh.get_group("replicate")}
+    from accelerate.parallelism_config import ParallelismConfig
+
+    mesh = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2).build_device_mesh("cpu")
+    model, _ = _sharded_model(None, None, shard_over="dp_shard", mesh=mesh)
+    return model, mesh, "dp_replicate", {"device_mesh": mesh}
+
+
+def hsdp_local_sgd(steps: int, source: str = "process_group"):
+    """Trains with LocalSGD(local_sgd_steps=3) on rank-specific data, the replicas named as `_replica_mesh`
+    says; records each step's full (unsharded) parameters before and after `step()`."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
-    model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+    model, mesh, replicate_dim, replicas = _replica_mesh(source)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     data = torch.Generator().manual_seed(300 + rank // 2)  # the two shards of one replica see the same data
     before, after, local_before, local_after = [], [], [], []
-    replicas = mesh.get_group("replicate")
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=3, process_group=replicas) as local_sgd:
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=3, **replicas) as local_sgd:
         for _ in range(steps):
             x = torch.randn(6, 8, generator=data)
             model(x).pow(2).mean().backward()
@@ -48,6 +63,7 @@ def hsdp_local_sgd(steps: int):
             local_after.append(snapshot(p.to_local() for p in model.parameters()))
         group = local_sgd._averagers[0].process_group
         replica_ranks = dist.get_process_group_ranks(group)
+        assert replica_ranks == dist.get_process_group_ranks(mesh.get_group(replicate_dim))
     return {"before": before, "after": after, "local_before": local_before, "local_after": local_after,
             "replica_ranks": replica_ranks, "final": [p.full_tensor() for p in model.parameters()]}
 
@@ -63,5 +79,18 @@ def refusal(layout: str):
     try:
         LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2).__enter__()
     except (ValueError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def shard_layout_mismatch():
+    """Rank 3 (shard 1 of replica B) builds a wider model, so only shard 1's replicas (ranks 1 and 3)
+    disagree; what entering LocalSGD raises on each rank (ranks 0 and 2 must not go on to train)."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    hidden = 20 if dist.get_rank() == 3 else 16
+    model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard", hidden=hidden)
+    try:
+        LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, device_mesh=mesh).__enter__()
+    except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
