@@ -1,6 +1,8 @@
 // Layout and content digests that ranks compare (see fingerprint.h).
 #include "fingerprint.h"
 
+#include "tensor_checks.h"
+
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -50,7 +52,10 @@ int64_t layout_fingerprint(at::TensorList tensors) {
 std::vector<int64_t> content_fingerprints(at::TensorList tensors) {
   std::vector<int64_t> digests;
   digests.reserve(tensors.size());
-  for (const at::Tensor& tensor : tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& tensor = tensors[i];
+    TORCH_CHECK_VALUE(tensor.defined(), "tensors[", i, "] is undefined.");
+    check_not_python_subclass(tensor, "tensors[" + std::to_string(i) + "]");
     const at::Tensor host = tensor.to(at::kCPU).contiguous();
     const auto* bytes = static_cast<const unsigned char*>(host.const_data_ptr());
     const int64_t nbytes = host.numel() * static_cast<int64_t>(host.element_size());

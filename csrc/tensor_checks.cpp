@@ -27,10 +27,18 @@ std::string tensor_label(const std::vector<std::string>& names, size_t index) {
   return names.empty() ? text : text + " ('" + names[index] + "')";
 }
 
+void check_not_python_subclass(const at::Tensor& tensor, const std::string& label) {
+  TORCH_CHECK_TYPE(
+      !tensor.unsafeGetTensorImpl()->is_python_dispatch(), label,
+      " is a tensor subclass handled in Python (such as DTensor), which the compiled engine cannot read; pass its "
+      "local tensor (DTensor.to_local()).");
+}
+
 void check_averageable(const std::vector<at::Tensor>& tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.defined(), "tensors[", i, "] is undefined.");
+    check_not_python_subclass(t, "tensors[" + std::to_string(i) + "]");
     TORCH_CHECK_VALUE(
         t.layout() == at::kStrided,
         "tensors[", i, "] must be a strided (dense) tensor, got layout ", t.layout(), ".");

@@ -12,6 +12,10 @@ namespace localsgd_ext {
 // "tensors[3]", or "tensors[3] ('layer.weight')" when names are known.
 std::string tensor_label(const std::vector<std::string>& names, size_t index);
 
+// A tensor subclass handled in Python (DTensor, FakeTensor, ...): its operations need the GIL, which the
+// engine's collectives release, and it has no storage of its own to pack. `label` names it.
+void check_not_python_subclass(const at::Tensor& tensor, const std::string& label);
+
 // Undefined, not dense, on the meta device, or not floating: refused whenever a plan is built.
 void check_averageable(const std::vector<at::Tensor>& tensors);
 

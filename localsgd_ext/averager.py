@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import _C
 from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
 from .options import AveragingOptions
-from .sharded import is_sharded, local_tensors_and_replica_group
+from .sharded import is_sharded, local_tensors, local_tensors_and_replica_group
 
 __all__ = ["ParameterAverager"]
 
@@ -176,7 +176,11 @@ class ParameterAverager:
         self._tensors = self.params
         if is_sharded(self.params):
             if options.zero_copy:
-                raise NotImplementedError("zero_copy with DTensor (FSDP2/HSDP) parameters is not implemented")
+                raise NotImplementedError(
+                    "zero_copy with DTensor (FSDP2) parameters is not supported: FSDP2 owns each shard's storage (its "
+                    "all-gather reads its own padded shard buffer), so moving the shards into the engine's flat "
+                    "buffers would leave FSDP gathering stale values. Use zero_copy=False"
+                )
             self._tensors, process_group = local_tensors_and_replica_group(self.params, self.names, process_group)
         if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
             raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
@@ -348,7 +352,7 @@ class ParameterAverager:
         values = None
         extra = self._extra_fingerprint()
         if equal_values is not None:
-            values = _C.content_fingerprints(list(equal_values))
+            values = _C.content_fingerprints(local_tensors(equal_values))
             extra = digest(extra, *values)
         device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)

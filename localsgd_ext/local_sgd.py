@@ -300,13 +300,13 @@ class LocalSGD:
             for option, used in combined.items():
                 if used:
                     raise NotImplementedError(f"hierarchy with {option} is not implemented yet")
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if device_mesh is not None and process_group is not None:
             raise ValueError(
                 f"pass process_group or device_mesh, not both: got process_group={process_group!r}, "
                 f"device_mesh={device_mesh!r}"
             )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if mesh_dim is not None and device_mesh is None:
             raise ValueError(f"mesh_dim needs device_mesh, got mesh_dim={mesh_dim!r} with device_mesh=None")
         if device_mesh is None and process_group is None and self.enabled:

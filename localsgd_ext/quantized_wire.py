@@ -15,7 +15,6 @@ import torch.distributed as dist
 from . import ops
 from .averager import ParameterAverager, _lost_rank_errors
 from .options import AveragingOptions, check_bool, check_int_at_least
-from .sharded import is_sharded
 
 __all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
 
@@ -138,20 +137,20 @@ class QuantizedAverager:
             agreement_tensors=agreement_tensors,
         )
         self.params: List[torch.Tensor] = self._full_precision.params
-        if is_sharded(self.params):
-            raise NotImplementedError(f"the {wire} wire with DTensor (FSDP2/HSDP) parameters is not implemented")
+        # What is packed and written: the tensors themselves, or DTensors' local shards.
+        self._tensors: List[torch.Tensor] = self._full_precision._tensors
         self.names = self._full_precision.names
-        for i, (p, name) in enumerate(zip(self.params, self.names)):
+        for i, (p, name) in enumerate(zip(self._tensors, self.names)):
             if p.dtype != torch.float32:
                 raise TypeError(f"the {wire} wire averages float32 tensors; {name} (params[{i}]) is {p.dtype}")
-            if p.device != self.params[0].device:
+            if p.device != self._tensors[0].device:
                 raise ValueError(
                     f"the {wire} wire averages tensors on one device; {name} (params[{i}]) is on {p.device}, "
-                    f"{self.names[0]} on {self.params[0].device}"
+                    f"{self.names[0]} on {self._tensors[0].device}"
                 )
         self.offsets: List[int] = []
         total = 0
-        for p in self.params:
+        for p in self._tensors:
             self.offsets.append(total)
             total += p.numel()
         self.numel = total
@@ -162,6 +161,11 @@ class QuantizedAverager:
         # An overlapped sync in flight.
         self._pending: Optional[_Exchange] = None
         self.last_wire_bytes = 0
+
+    @property
+    def process_group(self) -> Optional[dist.ProcessGroup]:
+        """The ranks averaged over (None: all), as `ParameterAverager.process_group`."""
+        return self._full_precision.process_group
 
     @property
     def agreement_tensors(self) -> List[Tuple[str, torch.Tensor]]:
@@ -182,9 +186,9 @@ class QuantizedAverager:
     def _take_anchor_by_averaging(self) -> None:
         self._full_precision.average()
         world_size = dist.get_world_size(self._group())
-        device = self.params[0].device
+        device = self._tensors[0].device
         self._anchor = torch.zeros(self._padded_length(world_size), dtype=torch.float32, device=device)
-        ops.pack_into(self.params, self.offsets, self._anchor)
+        ops.pack_into(self._tensors, self.offsets, self._anchor)
         # Reused at every sync; their padding stays zero (pack writes the tensors' elements only).
         self._snapshot = torch.zeros_like(self._anchor)
         self._delta = torch.zeros_like(self._anchor)
@@ -195,12 +199,12 @@ class QuantizedAverager:
         """Makes the tensors' current values the anchor (after something that changed them alike on every
         rank, e.g. DiLoCo's outer step)."""
         if self._anchor is not None:
-            ops.pack_into(self.params, self.offsets, self._anchor)
+            ops.pack_into(self._tensors, self.offsets, self._anchor)
 
     def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
         residual, with error feedback)."""
-        ops.pack_into(self.params, self.offsets, self._snapshot)
+        ops.pack_into(self._tensors, self.offsets, self._snapshot)
         delta = torch.sub(self._snapshot, self._anchor, out=self._delta)
         if self.error_feedback:
             delta += self._residual
@@ -263,7 +267,7 @@ class QuantizedAverager:
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, self._start_exchange(group, *self._quantized_delta()))
-        ops.unpack_from(self._anchor, self.offsets, 1.0, self.params)
+        ops.unpack_from(self._anchor, self.offsets, 1.0, self._tensors)
 
     def start_average(self) -> None:
         """Starts an overlapped quantized average: the check, the snapshot, the quantization and the
@@ -298,8 +302,8 @@ class QuantizedAverager:
         with _lost_rank_errors(group):
             self._finish_exchange(group, exchange)
         if outer_step is not None:
-            outer_step([self._anchor[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)])
-        ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self.params)
+            outer_step([self._anchor[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self._tensors)])
+        ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self._tensors)
 
     @property
     def average_pending(self) -> bool:

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "local_tensors_and_replica_group", "replica_group_from_mesh", "REPLICATE_DIM_NAMES"]
+__all__ = ["is_sharded", "local_tensors", "local_tensors_and_replica_group", "replica_group_from_mesh", "REPLICATE_DIM_NAMES"]
 
 # The replicate dimension's name in Accelerate's ParallelismConfig meshes, then in torchtitan's and torch's examples.
 REPLICATE_DIM_NAMES = ("dp_replicate", "replicate")
@@ -29,10 +29,17 @@ def is_sharded(params: Sequence[torch.Tensor]) -> bool:
     return dtensor is not None and any(isinstance(p, dtensor) for p in params)
 
 
+def local_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Each DTensor's local shard (detached: the same storage, without the autograd view that forbids
+    writing through it); plain tensors as they are."""
+    dtensor = _dtensor_class()
+    return [t.to_local().detach() if dtensor is not None and isinstance(t, dtensor) else t for t in tensors]
+
+
 def local_tensors_and_replica_group(
     params: Sequence[torch.Tensor], names: Sequence[str], process_group: Optional[dist.ProcessGroup]
 ) -> Tuple[List[torch.Tensor], dist.ProcessGroup]:
-    """Each DTensor's local tensor (a view of its storage: averaging it in place updates the parameter)
+    """Each DTensor's local tensor (its storage: averaging it in place updates the parameter)
     and the process group of the replicas, which must be given: FSDP2 shards each replica over its own
     mesh (`fully_shard(model, mesh=mesh["shard"])`, torchft's and torchtitan's layout for DiLoCo), and
     the replicas are the ranks holding the same shard index in the others (`mesh.get_group("replicate")`)."""
@@ -67,7 +74,7 @@ def local_tensors_and_replica_group(
             "that hold the same shard in the other replicas (e.g. mesh.get_group('replicate') with "
             "fully_shard(model, mesh=mesh['shard'])), or use DDP"
         )
-    return [p.to_local() for p in params], process_group
+    return local_tensors(params), process_group
 
 
 def replica_group_from_mesh(device_mesh, mesh_dim) -> dist.ProcessGroup:

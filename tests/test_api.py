@@ -86,13 +86,37 @@ def test_local_sgd_rejects_a_bad_bucket_cap(single_process_accelerator):
         LocalSGD(single_process_accelerator, torch.nn.Linear(2, 2), 4, bucket_cap_mb=0)
 
 
-@pytest.mark.parametrize("distributed_type", [DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA])
+@pytest.mark.parametrize("distributed_type", [DistributedType.DEEPSPEED, DistributedType.XLA])
 def test_local_sgd_refuses_what_accelerate_refuses(distributed_type):
-    # On a CPU-only machine a real Accelerator is only ever NO or MULTI_CPU, so the refused types are
-    # reached through an object that carries just the attribute LocalSGD checks.
+    # On a CPU-only machine a real Accelerator is only ever NO or MULTI_CPU (Accelerate 1.15 turns FSDP
+    # and ParallelismConfig down on CPU), so the other types are reached through an object that carries
+    # just the attributes LocalSGD reads.
     accelerator = types.SimpleNamespace(distributed_type=distributed_type)
     with pytest.raises(NotImplementedError, match=r"LocalSGD is supported only for CPUs and GPUs \(no DeepSpeed or MegatronLM\)"):
         LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+
+
+def test_accelerate_fsdp1_is_refused_and_fsdp2_accepted():
+    fsdp1 = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(NotImplementedError, match=r"FSDP2 only \(fsdp_version=2\)"):
+        LocalSGD(accelerator=fsdp1, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+    fsdp2 = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True, torch_device_mesh=None)
+    local_sgd = LocalSGD(accelerator=fsdp2, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
+    assert local_sgd.enabled and local_sgd.process_group is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(device_mesh="replicate"), TypeError, r"device_mesh must be a torch.distributed.device_mesh.DeviceMesh or None, got 'replicate'"),
+        (dict(mesh_dim="replicate"), ValueError, r"mesh_dim needs device_mesh, got mesh_dim='replicate' with device_mesh=None"),
+        (dict(device_mesh="m", process_group="g"), ValueError, r"pass process_group or device_mesh, not both"),
+    ],
+)
+def test_bad_replica_arguments_are_refused_by_name(single_process_accelerator, kwargs, error, message):
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    with pytest.raises(error, match=message):
+        LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ import torch
 
 from multiprocess import run_ranks
 
+from localsgd_ext import ParameterAverager, _C
+
 LOST_RANK_GROUP_TIMEOUT = 10  # seconds: short, so that a stalled rank fails the others quickly
 
 
@@ -64,3 +66,16 @@ def test_survivors_raise_a_clear_error_within_the_group_timeout(how):
         assert "another process of the group did not take part" in r["error"], r["error"]
         assert f"rank {rank} of 3" in r["error"]
         assert r["seconds"] <= LOST_RANK_GROUP_TIMEOUT + 5, f"rank {rank} took {r['seconds']:.1f} s"
+
+
+def test_a_tensor_subclass_handled_in_python_is_refused_not_read_without_the_gil():
+    # Such a tensor (DTensor, here torch's own TwoTensor test subclass) has no storage to pack, and its
+    # operations need the GIL that the engine releases: reading it there crashed the process.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    subclass = TwoTensor(torch.zeros(4), torch.ones(4))
+    message = r"tensors\[0\] is a tensor subclass handled in Python \(such as DTensor\)"
+    with pytest.raises(TypeError, match=message):
+        _C.content_fingerprints([subclass])
+    with pytest.raises(TypeError, match=message):
+        ParameterAverager([torch.nn.Parameter(subclass)])

@@ -37,6 +37,41 @@ def test_hsdp_averages_shards_across_replicas_like_the_full_model(source):
             assert torch.equal(a, b), "the exit sync leaves every replica identical"
 
 
+@pytest.mark.parametrize("wire", ["int8", "fp8"])
+def test_a_quantized_wire_averages_shards_across_replicas(wire):
+    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", 6, "process_group", {"wire": wire}, timeout=180)
+    replica_a, replica_b = results[0], results[2]
+    for step in (3, 6):
+        for a_before, b_before, a_after, b_after in zip(
+            replica_a["before"][step - 1], replica_b["before"][step - 1],
+            replica_a["after"][step - 1], replica_b["after"][step - 1],
+        ):
+            assert torch.equal(a_after, b_after), (step, "replicas leave each sync bit-identical")
+            mean = (a_before + b_before) / 2
+            if step == 3:
+                assert torch.equal(a_after, mean), "the first sync is float32 and sets the anchor"
+            else:
+                # Within the quantization of each replica's change since the anchor (one block here).
+                change = (a_before - a_after).abs().max() + (b_before - b_after).abs().max()
+                assert (a_after - mean).abs().max() <= change / 8, step
+    for shard in (0, 1):
+        for a, b in zip(results[shard]["local_after"][5], results[shard + 2]["local_after"][5]):
+            assert torch.equal(a, b)
+
+
+def test_diloco_outer_step_runs_on_shards_like_on_the_full_model():
+    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", 3, "process_group", {"outer_optimizer": "diloco"}, timeout=180)
+    replica_a, replica_b = results[0], results[2]
+    for anchor, a_before, b_before, a_after, b_after in zip(
+        replica_a["initial"], replica_a["before"][2], replica_b["before"][2], replica_a["after"][2], replica_b["after"][2]
+    ):
+        assert torch.equal(a_after, b_after)
+        # The first Nesterov step (lr 0.7, momentum 0.9) on the pseudo-gradient anchor - mean.
+        expected = anchor - 0.7 * 1.9 * (anchor - (a_before + b_before) / 2)
+        torch.testing.assert_close(a_after, expected, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(a_after, (a_before + b_before) / 2), "the outer step moved past the mean"
+
+
 def test_pure_fsdp_is_refused_saying_there_are_no_replicas():
     messages = run_ranks(4, "workers_sharded:refusal", "pure", timeout=120)
     assert all(m is not None and m.startswith("ValueError") and "no replicas to average" in m for m in messages), messages
@@ -60,3 +95,22 @@ def test_layout_mismatch_on_one_shard_raises_on_every_rank():
     for rank in (0, 2):
         assert messages[rank].startswith("RanksDisagreeError"), messages
         assert "replicas of another shard" in messages[rank] and "rank 1:" in messages[rank], messages
+
+
+def test_replica_dimensions_a_mesh_lacks_are_refused_by_name():
+    (messages,) = run_ranks(1, "workers_sharded:mesh_dim_refusals", timeout=60)
+    assert messages["no replicate dimension"] == (
+        "ValueError: device_mesh has no replicate dimension to average over (its dimensions are named ('pp', 'shard'), "
+        "none of ('dp_replicate', 'replicate')); pass mesh_dim, the name or index of the dimension across replicas"
+    )
+    assert messages["unknown name"] == "ValueError: mesh_dim must name a dimension of device_mesh, one of ('pp', 'shard'), got 'tp'"
+    assert messages["index out of range"] == "ValueError: mesh_dim must be in [0, 2) for this device_mesh, got 2"
+    assert messages["float"].startswith("TypeError: mesh_dim must be a dimension's name (str), its index (int) or None, got 1.0")
+    assert messages["by index"] == [0]
+
+
+def test_zero_copy_on_shards_is_refused_saying_fsdp_owns_their_storage():
+    messages = run_ranks(4, "workers_sharded:refusal", "zero_copy", timeout=120)
+    assert all(
+        m is not None and m.startswith("NotImplementedError") and "FSDP2 owns each shard's storage" in m for m in messages
+    ), messages

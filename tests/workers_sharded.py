@@ -41,16 +41,17 @@ def _replica_mesh(source: str):
     return model, mesh, "dp_replicate", {"device_mesh": mesh}
 
 
-def hsdp_local_sgd(steps: int, source: str = "process_group"):
-    """Trains with LocalSGD(local_sgd_steps=3) on rank-specific data, the replicas named as `_replica_mesh`
-    says; records each step's full (unsharded) parameters before and after `step()`."""
+def hsdp_local_sgd(steps: int, source: str = "process_group", options: dict = None):
+    """Trains with LocalSGD(local_sgd_steps=3, **options) on rank-specific data, the replicas named as
+    `_replica_mesh` says; records each step's full (unsharded) parameters before and after `step()`."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
     model, mesh, replicate_dim, replicas = _replica_mesh(source)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     data = torch.Generator().manual_seed(300 + rank // 2)  # the two shards of one replica see the same data
     before, after, local_before, local_after = [], [], [], []
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=3, **replicas) as local_sgd:
+    initial = [p.full_tensor() for p in model.parameters()]
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=3, **replicas, **(options or {})) as local_sgd:
         for _ in range(steps):
             x = torch.randn(6, 8, generator=data)
             model(x).pow(2).mean().backward()
@@ -64,20 +65,24 @@ def hsdp_local_sgd(steps: int, source: str = "process_group"):
         group = local_sgd._averagers[0].process_group
         replica_ranks = dist.get_process_group_ranks(group)
         assert replica_ranks == dist.get_process_group_ranks(mesh.get_group(replicate_dim))
-    return {"before": before, "after": after, "local_before": local_before, "local_after": local_after,
+    return {"initial": initial, "before": before, "after": after, "local_before": local_before, "local_after": local_after,
             "replica_ranks": replica_ranks, "final": [p.full_tensor() for p in model.parameters()]}
 
 
 def refusal(layout: str):
     """What entering LocalSGD raises for a model it cannot average: `pure` FSDP over all 4 ranks with no
-    process_group, or FSDP2's `hsdp` (replicated over its own 2-D mesh)."""
+    process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), or shards with `zero_copy`."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    options = {}
     if layout == "pure":
         model, _ = _sharded_model((4,), ("shard",))
+    elif layout == "zero_copy":
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        options = {"device_mesh": mesh, "zero_copy": True}
     else:
         model, _ = _sharded_model((2, 2), ("replicate", "shard"))
     try:
-        LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2).__enter__()
+        LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, **options).__enter__()
     except (ValueError, NotImplementedError) as error:
         return f"{type(error).__name__}: {error}"
     return None
@@ -94,3 +99,27 @@ def shard_layout_mismatch():
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def mesh_dim_refusals():
+    """What LocalSGD raises for replica dimensions a (1, 1) mesh lacks, by the argument given."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    named = init_device_mesh("cpu", (1, 1), mesh_dim_names=("pp", "shard"))
+    messages = {}
+    for label, kwargs in {
+        "no replicate dimension": dict(device_mesh=named),
+        "unknown name": dict(device_mesh=named, mesh_dim="tp"),
+        "index out of range": dict(device_mesh=named, mesh_dim=2),
+        "float": dict(device_mesh=named, mesh_dim=1.0),
+    }.items():
+        try:
+            LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=2, **kwargs)
+            messages[label] = None
+        except (TypeError, ValueError) as error:
+            messages[label] = f"{type(error).__name__}: {error}"
+    messages["by index"] = dist.get_process_group_ranks(
+        LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=2, device_mesh=named, mesh_dim=0).process_group
+    )
+    return messages
