@@ -116,6 +116,71 @@ def test_one_kernel_launch_per_call_for_many_tensors():
     assert len(unpacked) == 1 and "multi_tensor_copy_kernel" in unpacked[0], unpacked
 
 
+def cast_probes(numel, generator_seed):
+    """float32 values for the fused casts: ordinary ones, every exponent (random bits), values past
+    fp16's range, subnormals of both wires, signed zeros, infinities and NaN."""
+    g = torch.Generator(device="cuda").manual_seed(generator_seed)
+    normal = torch.randn(numel, device="cuda", generator=g) * 100
+    bits = torch.randint(-(2**31), 2**31 - 1, (numel,), device="cuda", generator=g, dtype=torch.int64)
+    any_exponent = bits.to(torch.int32).view(torch.float32)
+    tiny = torch.randn(numel, device="cuda", generator=g) * 2.0**-130
+    huge = torch.randn(numel, device="cuda", generator=g) * 7e4
+    pick = torch.randint(0, 4, (numel,), device="cuda", generator=g)
+    values = torch.where(pick == 0, normal, torch.where(pick == 1, any_exponent, torch.where(pick == 2, tiny, huge)))
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65520.0], device="cuda")
+    values[: min(numel, specials.numel())] = specials[: min(numel, specials.numel())]
+    return values
+
+
+@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_casts_match_torch_bit_for_bit(wire, seed):
+    rng = random.Random(seed)
+    sizes = interesting_sizes(wire) + interesting_sizes(torch.float32)
+    sources, offsets, cursor = [], [], 0
+    for i in range(rng.randrange(1, 30)):
+        numel = rng.choice(sizes) if rng.random() < 0.7 else rng.randrange(0, 50_000)
+        shift = rng.choice([0, 0, 0, 1, 3])
+        sources.append(cast_probes(numel + shift, seed * 100 + i)[shift:])
+        cursor += rng.choice([0, 0, 1, 5])
+        offsets.append(cursor)
+        cursor += numel
+    for scale in (1.0, 0.5, 2.0**-10):
+        buffer_storage, buffer = poisoned(cursor, wire, BUFFER_POISON)
+        launches = kernels_launched(lambda: ops.pack_into(sources, offsets, buffer, scale))
+        assert len(launches) == 1 and "multi_tensor_copy_kernel" in launches[0], launches
+        written = torch.zeros(buffer_storage.numel(), dtype=torch.bool, device="cuda")
+        for src, off in zip(sources, offsets):
+            expected = (src if scale == 1.0 else src * scale).to(wire)
+            got = buffer[off : off + src.numel()]
+            same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
+            assert bool(same.all()), f"scale {scale}"
+            written[off : off + src.numel()] = True
+        untouched = buffer_storage.view(torch.uint8).view(buffer_storage.numel(), -1)[~written]
+        assert bool((untouched == BUFFER_POISON).all()), "pack wrote outside the tensors' slots"
+    for divisor in (1.0, 2.0, 3.0, 7.0):
+        targets = [poisoned(src.numel(), torch.float32, TENSOR_POISON, rng.choice([0, 1, 4])) for src in sources]
+        launches = kernels_launched(lambda: ops.unpack_from(buffer, offsets, divisor, [t for _, t in targets]))
+        assert len(launches) == 1 and "multi_tensor_copy_kernel" in launches[0], launches
+        for src, off, (storage, target) in zip(sources, offsets, targets):
+            widened = buffer[off : off + src.numel()].float()
+            expected = widened if divisor == 1.0 else widened / divisor
+            same = (target.view(torch.int32) == expected.view(torch.int32)) | (target.isnan() & expected.isnan())
+            assert bool(same.all()), f"divisor {divisor}"
+            outside = torch.ones(storage.numel(), dtype=torch.bool, device="cuda")
+            outside[target.storage_offset() : target.storage_offset() + target.numel()] = False
+            assert bool((storage.view(torch.uint8).view(storage.numel(), -1)[outside] == TENSOR_POISON).all())
+
+
+def test_comm_dtype_sync_packs_and_unpacks_each_bucket_in_one_launch():
+    result = run_ranks(1, "workers_averager:comm_dtype_sync_launches", timeout=180)[0]
+    copies = [name for name in result["kernels"] if "multi_tensor_copy_kernel" in name]
+    assert len(copies) == 2, result["kernels"]  # one pack, one unpack: no per-tensor casts
+    for before, after in zip(result["before"], result["after"]):
+        # World size 1: the mean is the value itself, as the bf16 wire carried it.
+        assert torch.equal(after, before.to(torch.bfloat16).float())
+
+
 def test_unpack_refuses_integer_buffers_by_name():
     buffer = torch.zeros(4, dtype=torch.int32, device="cuda")
     with pytest.raises(TypeError, match="buffer must be float16, bfloat16, float32 or float64 on CUDA, got Int"):

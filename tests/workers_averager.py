@@ -125,3 +125,20 @@ def average_on_alternating_streams():
         torch.cuda.current_stream().wait_stream(stream)
         expected = [e + 1 for e in expected]
     return {"got": snapshot(tensors), "expected": expected}
+
+
+def comm_dtype_sync_launches():
+    """CUDA, NCCL at world size 1: 1000 float32 tensors in one bucket on a bfloat16 wire. The names of
+    the kernels one sync launches, and the values before and after it."""
+    init_group("cuda")
+    tensors = [torch.randn(n, device="cuda") for n in range(1, 1001)]
+    averager = ParameterAverager(tensors, comm_dtype=torch.bfloat16, bucket_cap_mb=1000)
+    averager.average()  # warm-up: NCCL's communicator, the pinned pool
+    for t in tensors:
+        t.add_(torch.randn_like(t) / 3)  # full float32 precision again, for the wire to round
+    before = snapshot(tensors)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        averager.average()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name]
+    return {"kernels": kernels, "before": before, "after": snapshot(tensors)}

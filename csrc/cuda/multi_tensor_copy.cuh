@@ -57,23 +57,64 @@ struct MultiplyBy {
   }
 };
 
-// Moves `count` elements from src to dst through `op`, this thread's share of `threads`. Vectors of 16
-// bytes when both ends are 16-byte aligned, then the tail (or everything, if misaligned) one element
-// at a time; consecutive threads touch consecutive addresses either way.
-template <typename Element, typename Transform>
+// Pack onto a narrower wire (comm_dtype): a float32 element times `scale` in float, rounded to nearest
+// even into the wire's type, as `(tensor * scale).to(dtype)` does on a CUDA device (torch's bf16/fp16
+// conversions there are these same intrinsics).
+template <typename Wire>
+struct NarrowScaled {
+  float scale;
+  __host__ __device__ Wire operator()(float x) const { return from_opmath<Wire>(x * scale); }
+};
+
+// Unpack from a narrower wire: widened to float32 exactly (`slot.float()`).
+struct Widen {
+  template <typename Wire>
+  __host__ __device__ float operator()(Wire x) const {
+    return to_opmath(x);
+  }
+};
+
+// ... and times 1 / divisor in float, as `slot.float() / divisor` evaluates on CUDA.
+struct WidenMultiplied {
+  float factor;
+  template <typename Wire>
+  __host__ __device__ float operator()(Wire x) const {
+    return to_opmath(x) * factor;
+  }
+};
+
+template <int Bytes>
+struct VectorOf;
+template <>
+struct VectorOf<16> {
+  using type = uint4;
+};
+template <>
+struct VectorOf<8> {
+  using type = uint2;
+};
+
+// Moves `count` elements from src to dst through `op` (which may change the type: a cast), this
+// thread's share of `threads`. Vectors of 16 bytes on the wider side (8 on the narrower side of a
+// cast) when both ends are aligned to their vector, then the tail (or everything, if misaligned) one
+// element at a time; consecutive threads touch consecutive addresses either way.
+template <typename Src, typename Dst, typename Transform>
 __host__ __device__ inline void copy_run(
-    const Element* src, Element* dst, int64_t count, int thread, int threads, const Transform& op) {
-  constexpr int kPerVector = kVectorBytes / static_cast<int>(sizeof(Element));
-  static_assert(kPerVector * sizeof(Element) == kVectorBytes, "element size must divide 16");
+    const Src* src, Dst* dst, int64_t count, int thread, int threads, const Transform& op) {
+  constexpr int kWider = sizeof(Src) > sizeof(Dst) ? static_cast<int>(sizeof(Src)) : static_cast<int>(sizeof(Dst));
+  constexpr int kPerVector = kVectorBytes / kWider;
+  static_assert(kPerVector * kWider == kVectorBytes, "element size must divide 16");
+  using SrcVector = typename VectorOf<kPerVector * static_cast<int>(sizeof(Src))>::type;
+  using DstVector = typename VectorOf<kPerVector * static_cast<int>(sizeof(Dst))>::type;
   int64_t scalar_start = 0;
-  const bool aligned = reinterpret_cast<uintptr_t>(src) % kVectorBytes == 0 &&
-      reinterpret_cast<uintptr_t>(dst) % kVectorBytes == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(SrcVector) == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % sizeof(DstVector) == 0;
   if (aligned) {
     const int64_t vectors = count / kPerVector;
-    const uint4* src_vectors = reinterpret_cast<const uint4*>(src);
-    uint4* dst_vectors = reinterpret_cast<uint4*>(dst);
+    const SrcVector* src_vectors = reinterpret_cast<const SrcVector*>(src);
+    DstVector* dst_vectors = reinterpret_cast<DstVector*>(dst);
     for (int64_t base = thread; base < vectors; base += static_cast<int64_t>(threads) * kVectorsInFlight) {
-      uint4 loaded[kVectorsInFlight];
+      SrcVector loaded[kVectorsInFlight];
 #pragma unroll
       for (int k = 0; k < kVectorsInFlight; ++k) {
         const int64_t v = base + static_cast<int64_t>(k) * threads;
@@ -85,14 +126,16 @@ __host__ __device__ inline void copy_run(
       for (int k = 0; k < kVectorsInFlight; ++k) {
         const int64_t v = base + static_cast<int64_t>(k) * threads;
         if (v < vectors) {
-          Element parts[kPerVector];
-          memcpy(parts, &loaded[k], kVectorBytes);
+          Src parts[kPerVector];
+          memcpy(parts, &loaded[k], sizeof(SrcVector));
+          Dst results[kPerVector];
 #pragma unroll
           for (int e = 0; e < kPerVector; ++e) {
-            parts[e] = op(parts[e]);
+            results[e] = op(parts[e]);
           }
-          memcpy(&loaded[k], parts, kVectorBytes);
-          dst_vectors[v] = loaded[k];
+          DstVector stored;
+          memcpy(&stored, results, sizeof(DstVector));
+          dst_vectors[v] = stored;
         }
       }
     }
@@ -103,28 +146,28 @@ __host__ __device__ inline void copy_run(
   }
 }
 
-// One chunk of a launch: finds its tensor, then copies that stretch in the launch's direction.
-template <typename Element, typename Transform>
+// One chunk of a launch: finds its tensor, then copies that stretch in the launch's direction. Chunks
+// count buffer elements (the host numbers them with the buffer's element size).
+template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
 __host__ __device__ inline void copy_chunk(
     const TensorSlot* slots,
     int64_t num_slots,
-    Element* buffer,
-    bool into_buffer,
+    BufferElement* buffer,
     int64_t chunk,
     int thread,
     int threads,
     const Transform& op) {
   const TensorSlot& slot = slots[find_slot(slots, num_slots, chunk)];
-  const int64_t chunk_elems = chunk_elements(static_cast<int64_t>(sizeof(Element)));
+  const int64_t chunk_elems = chunk_elements(static_cast<int64_t>(sizeof(BufferElement)));
   const int64_t start = (chunk - slot.first_chunk) * chunk_elems;
   const int64_t remaining = slot.numel - start;
   const int64_t count = remaining < chunk_elems ? remaining : chunk_elems;
-  Element* tensor = static_cast<Element*>(slot.data) + start;
-  Element* flat = buffer + slot.buffer_offset + start;
-  if (into_buffer) {
-    copy_run(tensor, flat, count, thread, threads, op);
+  TensorElement* tensor = static_cast<TensorElement*>(slot.data) + start;
+  BufferElement* flat = buffer + slot.buffer_offset + start;
+  if constexpr (kIntoBuffer) {
+    copy_run(static_cast<const TensorElement*>(tensor), flat, count, thread, threads, op);
   } else {
-    copy_run(flat, tensor, count, thread, threads, op);
+    copy_run(static_cast<const BufferElement*>(flat), tensor, count, thread, threads, op);
   }
 }
 

@@ -14,28 +14,18 @@ namespace {
 // Blocks beyond this loop over chunks instead (grid-stride), which keeps huge buckets launchable.
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-template <typename Element, typename Transform>
+template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
 __global__ void __launch_bounds__(kThreadsPerBlock) multi_tensor_copy_kernel(
-    const TensorSlot* slots,
-    int64_t num_slots,
-    int64_t total_chunks,
-    Element* buffer,
-    bool into_buffer,
-    Transform op) {
+    const TensorSlot* slots, int64_t num_slots, int64_t total_chunks, BufferElement* buffer, Transform op) {
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    copy_chunk(slots, num_slots, buffer, into_buffer, chunk, static_cast<int>(threadIdx.x),
-               static_cast<int>(blockDim.x), op);
+    copy_chunk<TensorElement, BufferElement, kIntoBuffer>(
+        slots, num_slots, buffer, chunk, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), op);
   }
 }
 
-template <typename Element, typename Transform>
+template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
 cudaError_t launch(
-    const TensorSlot* slots,
-    int64_t num_slots,
-    int64_t total_chunks,
-    void* buffer,
-    bool into_buffer,
-    Transform op,
+    const TensorSlot* slots, int64_t num_slots, int64_t total_chunks, void* buffer, Transform op,
     cudaStream_t stream) {
   if (total_chunks == 0) {
     return cudaSuccess;
@@ -44,8 +34,9 @@ cudaError_t launch(
     return cudaErrorInvalidValue;
   }
   const auto blocks = static_cast<unsigned int>(std::min(total_chunks, kMaxBlocks));
-  multi_tensor_copy_kernel<Element, Transform><<<blocks, kThreadsPerBlock, 0, stream>>>(
-      slots, num_slots, total_chunks, static_cast<Element*>(buffer), into_buffer, op);
+  multi_tensor_copy_kernel<TensorElement, BufferElement, kIntoBuffer, Transform>
+      <<<blocks, kThreadsPerBlock, 0, stream>>>(
+          slots, num_slots, total_chunks, static_cast<BufferElement*>(buffer), op);
   return cudaGetLastError();
 }
 
@@ -56,16 +47,18 @@ cudaError_t launch_scaled_unpack(
   using Opmath = decltype(to_opmath(Element{}));
   // As torch does: the Python number becomes an Opmath value first, then its reciprocal.
   const Opmath factor = Opmath(1) / static_cast<Opmath>(divisor);
-  return launch<Element>(
-      slots, num_slots, total_chunks, const_cast<void*>(buffer), /*into_buffer=*/false, MultiplyBy<Opmath>{factor},
-      stream);
+  return launch<Element, Element, /*kIntoBuffer=*/false>(
+      slots, num_slots, total_chunks, const_cast<void*>(buffer), MultiplyBy<Opmath>{factor}, stream);
 }
 
 template <typename Word>
 cudaError_t launch_bit_copy(
     const TensorSlot* slots, int64_t num_slots, int64_t total_chunks, void* buffer, bool into_buffer,
     cudaStream_t stream) {
-  return launch<Word>(slots, num_slots, total_chunks, buffer, into_buffer, CopyBits{}, stream);
+  if (into_buffer) {
+    return launch<Word, Word, true>(slots, num_slots, total_chunks, buffer, CopyBits{}, stream);
+  }
+  return launch<Word, Word, false>(slots, num_slots, total_chunks, buffer, CopyBits{}, stream);
 }
 
 cudaError_t launch_bit_copy_of_size(
@@ -98,7 +91,55 @@ int64_t element_size_of(FloatKind kind) {
   return 0;
 }
 
+template <typename Wire>
+cudaError_t launch_narrowing_pack(
+    const TensorSlot* slots, int64_t num_slots, int64_t total_chunks, void* buffer, double scale,
+    cudaStream_t stream) {
+  return launch<float, Wire, /*kIntoBuffer=*/true>(
+      slots, num_slots, total_chunks, buffer, NarrowScaled<Wire>{static_cast<float>(scale)}, stream);
+}
+
+template <typename Wire>
+cudaError_t launch_widening_unpack(
+    const TensorSlot* slots, int64_t num_slots, int64_t total_chunks, const void* buffer, double divisor,
+    cudaStream_t stream) {
+  void* source = const_cast<void*>(buffer);
+  if (divisor == 1.0) {
+    return launch<float, Wire, /*kIntoBuffer=*/false>(slots, num_slots, total_chunks, source, Widen{}, stream);
+  }
+  // The division happens on the widened float32 value, as torch's `float32_tensor / python_number`.
+  const float factor = 1.0f / static_cast<float>(divisor);
+  return launch<float, Wire, /*kIntoBuffer=*/false>(
+      slots, num_slots, total_chunks, source, WidenMultiplied{factor}, stream);
+}
+
 } // namespace
+
+cudaError_t launch_pack_narrowing(
+    const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, void* buffer, FloatKind wire,
+    double scale, cudaStream_t stream) {
+  switch (wire) {
+    case FloatKind::kFloat16:
+      return launch_narrowing_pack<__half>(device_slots, num_slots, total_chunks, buffer, scale, stream);
+    case FloatKind::kBFloat16:
+      return launch_narrowing_pack<__nv_bfloat16>(device_slots, num_slots, total_chunks, buffer, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_unpack_widening(
+    const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, const void* buffer, FloatKind wire,
+    double divisor, cudaStream_t stream) {
+  switch (wire) {
+    case FloatKind::kFloat16:
+      return launch_widening_unpack<__half>(device_slots, num_slots, total_chunks, buffer, divisor, stream);
+    case FloatKind::kBFloat16:
+      return launch_widening_unpack<__nv_bfloat16>(device_slots, num_slots, total_chunks, buffer, divisor, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t launch_pack(
     const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, void* buffer, int64_t element_size,

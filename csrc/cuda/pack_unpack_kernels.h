@@ -35,6 +35,28 @@ cudaError_t launch_unpack(
     double divisor,
     cudaStream_t stream);
 
+// Casts onto and off a narrower wire (comm_dtype), one launch each way. Pack: float32 tensors into a
+// float16/bfloat16 buffer, each element times `scale` in float and rounded to nearest even. Unpack:
+// the buffer widened into float32 tensors, times 1 / divisor in float unless divisor is 1. The slots
+// were numbered by assign_chunks(chunk_elements(2)): chunks count buffer elements.
+cudaError_t launch_pack_narrowing(
+    const TensorSlot* device_slots,
+    int64_t num_slots,
+    int64_t total_chunks,
+    void* buffer,
+    FloatKind wire,
+    double scale,
+    cudaStream_t stream);
+
+cudaError_t launch_unpack_widening(
+    const TensorSlot* device_slots,
+    int64_t num_slots,
+    int64_t total_chunks,
+    const void* buffer,
+    FloatKind wire,
+    double divisor,
+    cudaStream_t stream);
+
 // Element sizes launch_pack accepts.
 constexpr bool packable_element_size(int64_t element_size) {
   return element_size == 1 || element_size == 2 || element_size == 4 || element_size == 8;

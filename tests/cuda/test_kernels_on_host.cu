@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../cpp/expect.h"
@@ -48,14 +49,24 @@ struct HostTensor {
 };
 
 // What the kernel grid does, one block and one thread at a time.
-template <typename Element, typename Transform>
-void run_launch_on_host(
-    const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, bool into_buffer, const Transform& op) {
+template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
+void run_launch_on_host(const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, const Transform& op) {
   for (int64_t chunk = 0; chunk < total_chunks; ++chunk) {
     for (int thread = 0; thread < kThreadsPerBlock; ++thread) {
-      copy_chunk(slots.data(), static_cast<int64_t>(slots.size()), static_cast<Element*>(buffer), into_buffer, chunk,
-                 thread, kThreadsPerBlock, op);
+      copy_chunk<TensorElement, BufferElement, kIntoBuffer>(
+          slots.data(), static_cast<int64_t>(slots.size()), static_cast<BufferElement*>(buffer), chunk, thread,
+          kThreadsPerBlock, op);
     }
+  }
+}
+
+template <typename Element>
+void run_copy_on_host(
+    const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, bool into_buffer) {
+  if (into_buffer) {
+    run_launch_on_host<Element, Element, true>(slots, total_chunks, buffer, CopyBits{});
+  } else {
+    run_launch_on_host<Element, Element, false>(slots, total_chunks, buffer, CopyBits{});
   }
 }
 
@@ -119,7 +130,7 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
   }
   const int64_t total_chunks = assign_chunks(slots.data(), static_cast<int64_t>(slots.size()), chunk);
 
-  run_launch_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/true, CopyBits{});
+  run_copy_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/true);
 
   std::vector<bool> in_slot(buffer.size(), false);
   for (int i = 0; i < count; ++i) {
@@ -140,9 +151,9 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
   }
   const Opmath factor = Opmath(1) / static_cast<Opmath>(divisor);
   if (divisor == 1.0) {
-    run_launch_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/false, CopyBits{});
+    run_copy_on_host<Word>(slots, total_chunks, buffer.data(), /*into_buffer=*/false);
   } else {
-    run_launch_on_host<Element>(slots, total_chunks, buffer.data(), /*into_buffer=*/false, MultiplyBy<Opmath>{factor});
+    run_launch_on_host<Element, Element, false>(slots, total_chunks, buffer.data(), MultiplyBy<Opmath>{factor});
   }
   for (int i = 0; i < count; ++i) {
     HostTensor& t = tensors[i];
@@ -162,6 +173,235 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
     }
     EXPECT(slack_untouched);
   }
+}
+
+// A 16-bit float format: `mantissa_bits` stored mantissa bits, exponent bias `bias` (float16: 10, 15;
+// bfloat16: 7, 127). Written from the definition, apart from the toolkit's intrinsics the kernels use.
+struct NarrowFormat {
+  int mantissa_bits;
+  int bias;
+  uint16_t infinity() const { return static_cast<uint16_t>((2 * bias + 1) << mantissa_bits); }
+};
+constexpr NarrowFormat kHalfFormat{10, 15};
+constexpr NarrowFormat kBFloat16Format{7, 127};
+
+template <typename Wire>
+constexpr NarrowFormat format_of() {
+  return sizeof(Wire) == 2 && std::is_same_v<Wire, __half> ? kHalfFormat : kBFloat16Format;
+}
+
+// Round-to-nearest-even of a non-NaN float into the format, in double (exact for float inputs):
+// count the value's units in the last place of its binade (or of the subnormal range) and round that.
+uint16_t reference_narrow_bits(float value, NarrowFormat format) {
+  const uint16_t sign = std::signbit(value) ? 0x8000 : 0;
+  const double magnitude = std::fabs(static_cast<double>(value));
+  if (std::isinf(magnitude)) {
+    return sign | format.infinity();
+  }
+  if (magnitude == 0.0) {
+    return sign;
+  }
+  int binade = 0;
+  std::frexp(magnitude, &binade);
+  int exponent = binade - 1;  // magnitude in [2^exponent, 2^(exponent + 1))
+  const int min_exponent = 1 - format.bias;
+  const int ulp_exponent = std::max(exponent, min_exponent) - format.mantissa_bits;
+  double units = std::nearbyint(std::ldexp(magnitude, -ulp_exponent));  // ties to even (default mode)
+  const double implicit = std::ldexp(1.0, format.mantissa_bits);
+  if (exponent < min_exponent) {
+    return sign | static_cast<uint16_t>(units);  // subnormal (2^m units is the smallest normal: same bits)
+  }
+  if (units == 2 * implicit) {
+    ++exponent;
+    units = implicit;
+  }
+  if (exponent + format.bias >= 2 * format.bias + 1) {
+    return sign | format.infinity();
+  }
+  return sign | static_cast<uint16_t>(((exponent + format.bias) << format.mantissa_bits) +
+                                      static_cast<int>(units - implicit));
+}
+
+// The value of a non-NaN code of the format, in double (exact).
+double reference_widen(uint16_t bits, NarrowFormat format) {
+  const double sign = bits & 0x8000 ? -1.0 : 1.0;
+  const int biased = (bits & 0x7FFF) >> format.mantissa_bits;
+  const int mantissa = bits & ((1 << format.mantissa_bits) - 1);
+  if (biased == 2 * format.bias + 1) {
+    return sign * std::numeric_limits<double>::infinity();
+  }
+  if (biased == 0) {
+    return sign * std::ldexp(mantissa, 1 - format.bias - format.mantissa_bits);
+  }
+  return sign * std::ldexp(mantissa + std::ldexp(1.0, format.mantissa_bits), biased - format.bias - format.mantissa_bits);
+}
+
+bool is_nan_code(uint16_t bits, NarrowFormat format) {
+  return (bits & 0x7FFF) > format.infinity();
+}
+
+// float32 values that exercise the rounding: ordinary ones, random bit patterns over every exponent,
+// exact ties between neighbouring codes (which must go to the even one), the largest finite codes and
+// the overflow boundary, subnormals, signed zeros, infinities and NaN.
+template <typename Wire>
+float cast_probe(std::mt19937& rng) {
+  constexpr NarrowFormat format = format_of<Wire>();
+  std::uniform_int_distribution<uint32_t> bits;
+  std::uniform_int_distribution<int> kind(0, 9);
+  const uint16_t code = static_cast<uint16_t>(bits(rng) & 0xFFFF);
+  switch (kind(rng)) {
+    case 0:
+    case 1: {
+      uint32_t u = bits(rng);
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    case 2:
+    case 3:
+      if (!is_nan_code(code, format) && (code & 0x7FFF) < format.infinity() - 1) {
+        return static_cast<float>(0.5 * (reference_widen(code, format) + reference_widen(code + 1, format)));
+      }
+      return 1.5f;
+    case 4:
+      return static_cast<float>(reference_widen(static_cast<uint16_t>(format.infinity() - 1), format)) *
+          (1.0f + std::uniform_real_distribution<float>(0.0f, 0.002f)(rng));
+    case 5:
+      return std::ldexp(std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng), -format.bias - 3);
+    case 6: {
+      const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                                -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+      return specials[bits(rng) % 5];
+    }
+    default:
+      return std::normal_distribution<float>(0.0f, 100.0f)(rng);
+  }
+}
+
+// The fused casts of a comm_dtype wire: float32 tensors packed into a float16/bfloat16 buffer (times
+// `scale`, rounded to nearest even), then unpacked back into float32 (widened, times 1 / divisor in
+// float), through the same copy_chunk() schedule, at every alignment and across chunk edges. Every
+// byte is checked against the references above; poisoned slack and padding stay untouched.
+template <typename Wire>
+void check_casts(std::mt19937& rng, float scale, double divisor) {
+  constexpr NarrowFormat format = format_of<Wire>();
+  const int64_t chunk = chunk_elements(sizeof(Wire));  // chunks count buffer (wire) elements
+  const int count = std::uniform_int_distribution<int>(1, 10)(rng);
+  std::vector<HostTensor> tensors;
+  std::vector<int64_t> offsets;
+  std::vector<std::vector<float>> originals;
+  std::vector<TensorSlot> slots;
+  int64_t cursor = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t numel = pick_numel(rng, chunk);
+    const int64_t misalign = std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? std::uniform_int_distribution<int64_t>(1, 3)(rng) : 0;
+    tensors.emplace_back(numel, misalign, sizeof(float));
+    cursor = (cursor + 7) / 8 * 8;
+    if (std::uniform_int_distribution<int>(0, 3)(rng) == 0) {
+      cursor += std::uniform_int_distribution<int64_t>(1, 7)(rng);
+    }
+    offsets.push_back(cursor);
+    cursor += numel;
+  }
+  AlignedBytes buffer((cursor + 1) * sizeof(Wire));
+  std::memset(buffer.data(), kBufferPoison, buffer.size());
+  for (int i = 0; i < count; ++i) {
+    HostTensor& t = tensors[i];
+    std::memset(t.storage.data(), kTensorPoison, t.storage.size());
+    std::vector<float> values(t.numel);
+    for (float& v : values) {
+      v = cast_probe<Wire>(rng);
+    }
+    std::memcpy(t.elements<float>(), values.data(), t.numel * sizeof(float));
+    originals.push_back(std::move(values));
+    slots.push_back({t.elements<float>(), offsets[i], t.numel, 0});
+  }
+  const int64_t total_chunks = assign_chunks(slots.data(), static_cast<int64_t>(slots.size()), chunk);
+
+  run_launch_on_host<float, Wire, true>(slots, total_chunks, buffer.data(), NarrowScaled<Wire>{scale});
+  std::vector<bool> in_slot(buffer.size(), false);
+  for (int i = 0; i < count; ++i) {
+    const unsigned char* slot_bytes = buffer.data() + offsets[i] * sizeof(Wire);
+    bool all_equal = true;
+    for (int64_t k = 0; k < tensors[i].numel; ++k) {
+      uint16_t got;
+      std::memcpy(&got, slot_bytes + k * sizeof(Wire), 2);
+      const float scaled = originals[i][k] * scale;
+      all_equal &= std::isnan(scaled) ? is_nan_code(got, format) : got == reference_narrow_bits(scaled, format);
+      in_slot[offsets[i] * sizeof(Wire) + 2 * k] = in_slot[offsets[i] * sizeof(Wire) + 2 * k + 1] = true;
+    }
+    EXPECT(all_equal);
+  }
+  bool padding_untouched = true;
+  for (size_t b = 0; b < buffer.size(); ++b) {
+    padding_untouched &= in_slot[b] || buffer.data()[b] == kBufferPoison;
+  }
+  EXPECT(padding_untouched);
+
+  for (HostTensor& t : tensors) {
+    std::memset(t.storage.data(), kTensorPoison, t.storage.size());
+  }
+  const float factor = 1.0f / static_cast<float>(divisor);
+  if (divisor == 1.0) {
+    run_launch_on_host<float, Wire, false>(slots, total_chunks, buffer.data(), Widen{});
+  } else {
+    run_launch_on_host<float, Wire, false>(slots, total_chunks, buffer.data(), WidenMultiplied{factor});
+  }
+  for (int i = 0; i < count; ++i) {
+    HostTensor& t = tensors[i];
+    const unsigned char* slot_bytes = buffer.data() + offsets[i] * sizeof(Wire);
+    bool all_equal = true;
+    for (int64_t k = 0; k < t.numel; ++k) {
+      uint16_t code;
+      std::memcpy(&code, slot_bytes + k * sizeof(Wire), 2);
+      const float got = t.elements<float>()[k];
+      if (is_nan_code(code, format)) {
+        all_equal &= std::isnan(got);
+        continue;
+      }
+      const float widened = static_cast<float>(reference_widen(code, format));  // exact in float
+      const float expected = divisor == 1.0 ? widened : widened * factor;
+      all_equal &= std::memcmp(&got, &expected, sizeof(float)) == 0;
+    }
+    EXPECT(all_equal);
+    const unsigned char* bytes = t.storage.data();
+    const size_t first = t.misalign * sizeof(float);
+    const size_t last = first + t.numel * sizeof(float);
+    bool slack_untouched = true;
+    for (size_t b = 0; b < t.storage.size(); ++b) {
+      slack_untouched &= (b >= first && b < last) || bytes[b] == kTensorPoison;
+    }
+    EXPECT(slack_untouched);
+  }
+}
+
+// The references themselves, on values whose codes are known.
+void check_cast_references() {
+  EXPECT(reference_narrow_bits(1.0f, kHalfFormat) == 0x3C00 && reference_narrow_bits(-2.0f, kHalfFormat) == 0xC000);
+  EXPECT(reference_narrow_bits(65504.0f, kHalfFormat) == 0x7BFF && reference_narrow_bits(65520.0f, kHalfFormat) == 0x7C00);
+  EXPECT(reference_narrow_bits(65519.0f, kHalfFormat) == 0x7BFF);
+  EXPECT(reference_narrow_bits(std::ldexp(1.0f, -24), kHalfFormat) == 0x0001);
+  EXPECT(reference_narrow_bits(std::ldexp(1.0f, -25), kHalfFormat) == 0x0000);   // a tie: to even (zero)
+  EXPECT(reference_narrow_bits(std::ldexp(3.0f, -25), kHalfFormat) == 0x0002);   // a tie: to even (two units)
+  EXPECT(reference_narrow_bits(1.0f + std::ldexp(1.0f, -11), kHalfFormat) == 0x3C00);  // a tie: to even
+  EXPECT(reference_narrow_bits(1.0f, kBFloat16Format) == 0x3F80 && reference_narrow_bits(-0.0f, kBFloat16Format) == 0x8000);
+  EXPECT(reference_narrow_bits(1.0f + std::ldexp(1.0f, -8), kBFloat16Format) == 0x3F80);
+  EXPECT(reference_narrow_bits(1.0f + std::ldexp(3.0f, -8), kBFloat16Format) == 0x3F82);
+  EXPECT(reference_widen(0x3C00, kHalfFormat) == 1.0 && reference_widen(0x0001, kHalfFormat) == std::ldexp(1.0, -24));
+  EXPECT(reference_widen(0x7BFF, kHalfFormat) == 65504.0 && reference_widen(0xBF80, kBFloat16Format) == -1.0);
+  // The bf16 reference agrees with the integer round-to-nearest-even trick over random bit patterns.
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<uint32_t> bits;
+  bool agree = true;
+  for (int i = 0; i < 100000; ++i) {
+    const uint32_t u = bits(rng);
+    float f;
+    std::memcpy(&f, &u, 4);
+    if (f == f) {
+      agree &= reference_narrow_bits(f, kBFloat16Format) == static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  EXPECT(agree);
 }
 
 void check_slot_search() {
@@ -332,6 +572,15 @@ int main() {
       check_pack_and_unpack<double, uint64_t>(rng, divisor);
       check_pack_and_unpack<__half, uint16_t>(rng, divisor);
       check_pack_and_unpack<__nv_bfloat16, uint16_t>(rng, divisor);
+    }
+  }
+  check_cast_references();
+  for (int round = 0; round < 6; ++round) {
+    for (double divisor : {1.0, 2.0, 3.0, 7.0}) {
+      for (float scale : {1.0f, 0.5f, 0.0009765625f}) {
+        check_casts<__half>(rng, scale, divisor);
+        check_casts<__nv_bfloat16>(rng, scale, divisor);
+      }
     }
   }
   check_e4m3_codec(rng);
