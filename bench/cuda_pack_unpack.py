@@ -113,6 +113,8 @@ def bench_bandwidth(args, timer):
         buffer = torch.zeros(numel, device=args.device)
         flat_src = torch.randn(nbytes // 4, device=args.device)
         flat_dst = torch.empty_like(flat_src)
+        wire = torch.zeros(numel, device=args.device, dtype=torch.bfloat16)  # comm_dtype=torch.bfloat16
+        flat_wire = torch.empty(nbytes // 4, device=args.device, dtype=torch.bfloat16)
         methods = {
             "pack (fused)": lambda: ops.pack_into(tensors, offsets, buffer),
             "unpack (fused)": lambda: ops.unpack_from(buffer, offsets, 1.0, tensors),
@@ -120,6 +122,10 @@ def bench_bandwidth(args, timer):
             "pack (per-tensor ATen)": lambda: _C._pack_into_generic(tensors, offsets, buffer),
             "unpack (per-tensor ATen)": lambda: _C._unpack_from_generic(buffer, offsets, 1.0, tensors),
             "torch copy_ (same bytes)": lambda: flat_dst.copy_(flat_src),
+            "pack fp32 -> bf16 (fused cast)": lambda: ops.pack_into(tensors, offsets, wire),
+            "unpack bf16 -> fp32 / 2 (fused cast)": lambda: ops.unpack_from(wire, offsets, 2.0, tensors),
+            "pack fp32 -> bf16 (per-tensor ATen)": lambda: _C._pack_into_generic(tensors, offsets, wire),
+            "torch cast copy_ fp32 -> bf16 (same elements)": lambda: flat_wire.copy_(flat_src),
         }
         medians = interleaved_medians(methods, args.rounds, lambda fn: timer.per_call(fn, args.calls_per_round))
         copy = medians["torch copy_ (same bytes)"]
@@ -134,6 +140,10 @@ def bench_bandwidth(args, timer):
         }
         pack_unpack = medians["pack (fused)"] + medians["unpack (fused)"]
         row["pack_plus_unpack_of_copy_bandwidth"] = 2 * copy / pack_unpack
+        # Casts move 6 bytes per element, not 8: measured against torch's own cast of the same elements.
+        torch_cast = medians["torch cast copy_ fp32 -> bf16 (same elements)"]
+        row["cast_pack_of_torch_cast"] = torch_cast / medians["pack fp32 -> bf16 (fused cast)"]
+        row["cast_unpack_of_torch_cast"] = torch_cast / medians["unpack bf16 -> fp32 / 2 (fused cast)"]
         rows.append(row)
     return rows
 
@@ -229,12 +239,15 @@ def main():
     print(f"\n{machine(args.device)}; backend {dist.get_backend()}, world size {dist.get_world_size()}; "
           f"median of {args.rounds} rounds")
     print("\nPack/unpack of one bucket (fp32) vs torch's copy of the same bytes; GB/s counts reads + writes")
-    print(f"{'bucket MB':>9}{'tensors':>8}  {'method':<26}{'median us':>11}{'GB/s':>9}{'of copy':>9}")
+    print("(the casts' GB/s and 'of copy' are against fp32 bytes; see 'of torch's cast' for them)")
+    print(f"{'bucket MB':>9}{'tensors':>8}  {'method':<46}{'median us':>11}{'GB/s':>9}{'of copy':>9}")
     for row in bandwidth:
         for name, m in row["methods"].items():
-            print(f"{row['bucket_mb']:>9g}{row['tensors']:>8}  {name:<26}{m['median_us']:>11.1f}"
+            print(f"{row['bucket_mb']:>9g}{row['tensors']:>8}  {name:<46}{m['median_us']:>11.1f}"
                   f"{m['gb_per_s']:>9.1f}{m['of_copy_bandwidth']:>9.0%}")
-        print(f"{'':>17}  {'pack + unpack (fused)':<26}{'':>20}{row['pack_plus_unpack_of_copy_bandwidth']:>9.0%}")
+        print(f"{'':>17}  {'pack + unpack (fused)':<46}{'':>20}{row['pack_plus_unpack_of_copy_bandwidth']:>9.0%}")
+        print(f"{'':>17}  {'cast pack, unpack, of torch cast':<46}{'':>11}"
+              f"{row['cast_pack_of_torch_cast']:>9.0%}{row['cast_unpack_of_torch_cast']:>9.0%}")
     print("\nOne LocalSGD sync, timed to completion")
     print(f"{'shape':<6}{'tensors':>8}{'MiB':>8}{'buckets':>8}  {'method':<28}{'median ms':>10}  launches")
     for row in syncs:
