@@ -19,7 +19,7 @@ from .fragments import FragmentCadence, fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions, check_bool, check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
-from .sharded import REPLICATE_DIM_NAMES, replica_group_from_mesh
+from .sharded import REPLICATE_DIM_NAMES, is_sharded, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
 
@@ -366,7 +366,8 @@ class LocalSGD:
                 self._verify_before_training()
             except Exception as error:  # noqa: BLE001 - every rank must hear of it; re-raised below
                 outcome = error
-            if self.process_group is not None:
+            if self.process_group is not None and is_sharded(list(self.model.parameters())):
+                # Every rank of a sharded model is here (FSDP ties each replica's ranks together).
                 confirm_across_world(self.process_group, outcome)
             elif outcome is not None:
                 raise outcome
