@@ -43,19 +43,37 @@ class Hierarchy:
             self.levels[group_size] = period
         self.groups: Dict[int, dist.ProcessGroup] = {}
 
-    def build_groups(self) -> None:
-        """Creates each level's subgroups: a collective, every rank must call it at the same point."""
+    def build_groups(self, replicas: Optional[dist.ProcessGroup] = None) -> None:
+        """Creates each level's subgroups: a collective, every rank must call it at the same point. With
+        `replicas` (this rank's group of replicas, one of several that partition the world, e.g. the
+        ranks holding one shard of a sharded model), each level groups consecutive members of every
+        such group instead of consecutive ranks of the world."""
         if self.groups:
             return
-        world_size = dist.get_world_size()
+        if replicas is None:
+            world_size = dist.get_world_size()
+            self._check_divides(world_size, f"the world size and be below it, got a world of {world_size} ranks")
+            for group_size in self.levels:
+                self.groups[group_size], _ = dist.new_subgroups(group_size=group_size)
+            return
+        everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, dist.get_process_group_ranks(replicas))
+        replica_groups = sorted({tuple(ranks) for ranks in everyone})
+        sizes = sorted({len(ranks) for ranks in replica_groups})
+        if len(sizes) != 1 or sum(len(ranks) for ranks in replica_groups) != len(everyone):
+            raise ValueError(
+                "hierarchy with process_group needs the ranks' groups of replicas to partition the world into groups of "
+                f"one size, got {[list(ranks) for ranks in replica_groups]}"
+            )
+        self._check_divides(sizes[0], f"the number of replicas and be below it, got {sizes[0]} replicas")
         for group_size in self.levels:
-            if group_size >= world_size or world_size % group_size != 0:
-                raise ValueError(
-                    f"hierarchy group size {group_size} must divide the world size and be below it, got a world of "
-                    f"{world_size} ranks"
-                )
+            subgroups = [list(ranks[i : i + group_size]) for ranks in replica_groups for i in range(0, len(ranks), group_size)]
+            self.groups[group_size], _ = dist.new_subgroups_by_enumeration(subgroups)
+
+    def _check_divides(self, total: int, what: str) -> None:
         for group_size in self.levels:
-            self.groups[group_size], _ = dist.new_subgroups(group_size=group_size)
+            if group_size >= total or total % group_size != 0:
+                raise ValueError(f"hierarchy group size {group_size} must divide {what}")
 
     def due(self, steps_since_warmup: int) -> Optional[int]:
         """The group size of the level to average after this many steps past warm-up (the world's steps

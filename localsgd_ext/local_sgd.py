@@ -195,13 +195,15 @@ class LocalSGD:
             steps, between the world averages every `local_sgd_steps` steps. Group sizes divide the world
             size; at a step where several levels are due only the largest averages, and at the world's
             steps only the world. Its subgroups are created on enter (a collective). `level_sync_counts`
-            counts each level's averages. Not with fragments, `sync_delay`, a quantized wire, an outer
-            optimizer or zero-copy yet.
+            counts each level's averages. With replicas given (`process_group`, `device_mesh`), a level
+            groups consecutive replicas instead (e.g. the replicas on one node) and its sizes divide the
+            number of replicas. Not with fragments, `sync_delay`, a quantized wire, an outer optimizer or
+            zero-copy yet.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
             the ranks holding the same shard in the other replicas; each rank's shard is then averaged with
-            theirs (torchft's and torchtitan's layout for DiLoCo). Not with `hierarchy`.
+            theirs (torchft's and torchtitan's layout for DiLoCo).
         device_mesh (`torch.distributed.device_mesh.DeviceMesh`, *optional*):
             Keyword-only, instead of `process_group`: average along `mesh_dim` of this mesh. Under
             Accelerate's FSDP2 with `ParallelismConfig(dp_replicate_size=R, dp_shard_size=S)` it defaults
@@ -313,8 +315,6 @@ class LocalSGD:
             device_mesh = _accelerate_replicate_mesh(accelerator)
         if device_mesh is not None:
             process_group = replica_group_from_mesh(device_mesh, mesh_dim)
-        if process_group is not None and self._hierarchy is not None:
-            raise NotImplementedError("hierarchy with process_group is not implemented yet")
         self.process_group = process_group
         self.level_sync_counts: Dict[int, int] = {size: 0 for size in (self._hierarchy.levels if self._hierarchy else {})}
         # Each level's averager over all the parameters, in its subgroup.
@@ -360,7 +360,7 @@ class LocalSGD:
             )
         if self.enabled:
             if self._hierarchy is not None:
-                self._hierarchy.build_groups()
+                self._hierarchy.build_groups(self.process_group)
             outcome = None
             try:
                 self._verify_before_training()

@@ -114,3 +114,28 @@ def test_zero_copy_on_shards_is_refused_saying_fsdp_owns_their_storage():
     assert all(
         m is not None and m.startswith("NotImplementedError") and "FSDP2 owns each shard's storage" in m for m in messages
     ), messages
+
+
+def test_hierarchy_over_replicas_averages_pairs_of_replicas_between_the_world_averages():
+    steps = 5
+    results = run_ranks(8, "workers_sharded:hierarchy_over_replicas", steps, timeout=300)
+    # Mesh (replicate, shard) = (4, 2): replica r is ranks 2r and 2r + 1; shard k's replicas are ranks k, k+2, k+4, k+6.
+    assert [r["level_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
+    for step in range(1, steps + 1):
+        for shard in (0, 1):
+            replicas = [results[shard + 2 * r]["after"][step - 1] for r in range(4)]
+            pair_a, pair_b = (replicas[0], replicas[1]), (replicas[2], replicas[3])
+            for a, b in (pair_a, pair_b):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), (step, shard, "a pair averages at every step")
+            world = step == 4
+            same = all(torch.equal(x, y) for x, y in zip(pair_a[0], pair_b[0]))
+            assert same == world, (step, shard, "the pairs meet only at the world's steps")
+    for r in results:
+        assert r["sync_count"] == 2 and r["level_sync_counts"] == {2: 4}, r  # world: step 4 and the exit; pairs: 1-3, 5
+
+
+def test_a_hierarchy_level_not_below_the_number_of_replicas_is_refused_on_every_rank():
+    messages = run_ranks(4, "workers_sharded:refusal", "hierarchy", timeout=120)
+    assert messages == [
+        "ValueError: hierarchy group size 2 must divide the number of replicas and be below it, got 2 replicas"
+    ] * 4, messages

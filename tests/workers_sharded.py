@@ -71,14 +71,15 @@ def hsdp_local_sgd(steps: int, source: str = "process_group", options: dict = No
 
 def refusal(layout: str):
     """What entering LocalSGD raises for a model it cannot average: `pure` FSDP over all 4 ranks with no
-    process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), or shards with `zero_copy`."""
+    process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), shards with `zero_copy`, or a
+    `hierarchy` level as large as the 2 replicas."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     options = {}
     if layout == "pure":
         model, _ = _sharded_model((4,), ("shard",))
-    elif layout == "zero_copy":
+    elif layout in ("zero_copy", "hierarchy"):
         model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
-        options = {"device_mesh": mesh, "zero_copy": True}
+        options = {"device_mesh": mesh, "zero_copy": True} if layout == "zero_copy" else {"device_mesh": mesh, "hierarchy": {2: 1}}
     else:
         model, _ = _sharded_model((2, 2), ("replicate", "shard"))
     try:
@@ -123,3 +124,24 @@ def mesh_dim_refusals():
         LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=2, device_mesh=named, mesh_dim=0).process_group
     )
     return messages
+
+
+def hierarchy_over_replicas(steps: int):
+    """8 ranks, a (replicate=4, shard=2) mesh, LocalSGD(local_sgd_steps=4, hierarchy={2: 1}): each pair
+    of consecutive replicas averages every step, all 4 replicas every 4 steps. No optimizer: each rank
+    moves its local shard by its own amounts. Each step's local shard after `step()`, and the counts."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    model, mesh = _sharded_model((4, 2), ("replicate", "shard"), shard_over="shard")
+    moves = torch.Generator().manual_seed(500 + dist.get_rank())
+    after = []
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, hierarchy={2: 1}, device_mesh=mesh) as local_sgd:
+        for _ in range(steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    local = p.to_local()
+                    local.add_(torch.randn(local.shape, generator=moves))
+            local_sgd.step()
+            after.append(snapshot(p.to_local() for p in model.parameters()))
+        level_ranks = dist.get_process_group_ranks(local_sgd._hierarchy.groups[2])
+    return {"after": after, "level_ranks": level_ranks, "sync_count": local_sgd.sync_count,
+            "level_sync_counts": local_sgd.level_sync_counts}
