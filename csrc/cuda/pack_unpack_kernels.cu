@@ -113,32 +113,37 @@ cudaError_t launch_widening_unpack(
       slots, num_slots, total_chunks, source, WidenMultiplied{factor}, stream);
 }
 
-} // namespace
-
-cudaError_t launch_pack_narrowing(
-    const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, void* buffer, FloatKind wire,
-    double scale, cudaStream_t stream) {
+// Calls `launch` with a value of the narrow wire's element type.
+template <typename Launch>
+cudaError_t on_narrow_wire(FloatKind wire, const Launch& launch) {
   switch (wire) {
     case FloatKind::kFloat16:
-      return launch_narrowing_pack<__half>(device_slots, num_slots, total_chunks, buffer, scale, stream);
+      return launch(__half{});
     case FloatKind::kBFloat16:
-      return launch_narrowing_pack<__nv_bfloat16>(device_slots, num_slots, total_chunks, buffer, scale, stream);
+      return launch(__nv_bfloat16{});
     default:
       return cudaErrorInvalidValue;
   }
 }
 
+} // namespace
+
+cudaError_t launch_pack_narrowing(
+    const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, void* buffer, FloatKind wire,
+    double scale, cudaStream_t stream) {
+  return on_narrow_wire(wire, [&](auto wire_element) {
+    using Wire = decltype(wire_element);
+    return launch_narrowing_pack<Wire>(device_slots, num_slots, total_chunks, buffer, scale, stream);
+  });
+}
+
 cudaError_t launch_unpack_widening(
     const TensorSlot* device_slots, int64_t num_slots, int64_t total_chunks, const void* buffer, FloatKind wire,
     double divisor, cudaStream_t stream) {
-  switch (wire) {
-    case FloatKind::kFloat16:
-      return launch_widening_unpack<__half>(device_slots, num_slots, total_chunks, buffer, divisor, stream);
-    case FloatKind::kBFloat16:
-      return launch_widening_unpack<__nv_bfloat16>(device_slots, num_slots, total_chunks, buffer, divisor, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return on_narrow_wire(wire, [&](auto wire_element) {
+    using Wire = decltype(wire_element);
+    return launch_widening_unpack<Wire>(device_slots, num_slots, total_chunks, buffer, divisor, stream);
+  });
 }
 
 cudaError_t launch_pack(

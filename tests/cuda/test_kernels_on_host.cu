@@ -48,6 +48,27 @@ struct HostTensor {
   }
 };
 
+// Every byte of `t`'s storage outside its elements still holds the poison.
+bool slack_untouched(HostTensor& t, size_t element_size) {
+  const unsigned char* bytes = t.storage.data();
+  const size_t first = t.misalign * element_size;
+  const size_t last = first + t.numel * element_size;
+  bool untouched = true;
+  for (size_t b = 0; b < t.storage.size(); ++b) {
+    untouched &= (b >= first && b < last) || bytes[b] == kTensorPoison;
+  }
+  return untouched;
+}
+
+// Every byte of the buffer outside the slots (`in_slot` false) still holds the poison.
+bool padding_untouched(AlignedBytes& buffer, const std::vector<bool>& in_slot) {
+  bool untouched = true;
+  for (size_t b = 0; b < buffer.size(); ++b) {
+    untouched &= in_slot[b] || buffer.data()[b] == kBufferPoison;
+  }
+  return untouched;
+}
+
 // What the kernel grid does, one block and one thread at a time.
 template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
 void run_launch_on_host(const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, const Transform& op) {
@@ -140,11 +161,7 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
       in_slot[offsets[i] * sizeof(Element) + b] = true;
     }
   }
-  bool padding_untouched = true;
-  for (size_t b = 0; b < buffer.size(); ++b) {
-    padding_untouched &= in_slot[b] || buffer.data()[b] == kBufferPoison;
-  }
-  EXPECT(padding_untouched);
+  EXPECT(padding_untouched(buffer, in_slot));
 
   for (HostTensor& t : tensors) {
     std::memset(t.storage.data(), kTensorPoison, t.storage.size());
@@ -164,14 +181,7 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
       }
     }
     EXPECT(std::memcmp(t.elements<Element>(), expected.data(), expected.size() * sizeof(Element)) == 0);
-    const unsigned char* bytes = t.storage.data();
-    const size_t first = t.misalign * sizeof(Element);
-    const size_t last = first + t.numel * sizeof(Element);
-    bool slack_untouched = true;
-    for (size_t b = 0; b < t.storage.size(); ++b) {
-      slack_untouched &= (b >= first && b < last) || bytes[b] == kTensorPoison;
-    }
-    EXPECT(slack_untouched);
+    EXPECT(slack_untouched(t, sizeof(Element)));
   }
 }
 
@@ -332,11 +342,7 @@ void check_casts(std::mt19937& rng, float scale, double divisor) {
     }
     EXPECT(all_equal);
   }
-  bool padding_untouched = true;
-  for (size_t b = 0; b < buffer.size(); ++b) {
-    padding_untouched &= in_slot[b] || buffer.data()[b] == kBufferPoison;
-  }
-  EXPECT(padding_untouched);
+  EXPECT(padding_untouched(buffer, in_slot));
 
   for (HostTensor& t : tensors) {
     std::memset(t.storage.data(), kTensorPoison, t.storage.size());
@@ -364,14 +370,7 @@ void check_casts(std::mt19937& rng, float scale, double divisor) {
       all_equal &= std::memcmp(&got, &expected, sizeof(float)) == 0;
     }
     EXPECT(all_equal);
-    const unsigned char* bytes = t.storage.data();
-    const size_t first = t.misalign * sizeof(float);
-    const size_t last = first + t.numel * sizeof(float);
-    bool slack_untouched = true;
-    for (size_t b = 0; b < t.storage.size(); ++b) {
-      slack_untouched &= (b >= first && b < last) || bytes[b] == kTensorPoison;
-    }
-    EXPECT(slack_untouched);
+    EXPECT(slack_untouched(t, sizeof(float)));
   }
 }
 
