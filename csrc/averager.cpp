@@ -68,6 +68,7 @@ void BucketedAverager::build_plan() {
     check_no_shared_memory(tensors_);  // flattening would untie them
     flat_.flatten(plan_);
   }
+  ++plans_built_;
 }
 
 int64_t BucketedAverager::fingerprint(bool use_avg_op, int64_t extra_fingerprint) const {

@@ -98,6 +98,9 @@ class BucketedAverager {
   int64_t staging_bytes() const { return ring_.bytes(); }
   // Zero-copy mode: bytes of the flat buffers the tensors live in (0 in copy mode).
   int64_t flat_bytes() const { return flat_.bytes(); }
+  // How many times the tensors were planned (zero-copy: moved into new flat buffers), the construction
+  // included: a caller that keeps other references to the tensors' memory re-points them when it grows.
+  int64_t plans_built() const { return plans_built_; }
 
  private:
   // Plans anew (zero-copy: and flattens again), after refusing tensors that cannot be averaged.
@@ -122,6 +125,7 @@ class BucketedAverager {
   DelayedAverage delayed_;
   std::exception_ptr local_error_;
   bool sync_abandoned_ = false;
+  int64_t plans_built_ = 0;
 };
 
 } // namespace localsgd_ext

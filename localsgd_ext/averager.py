@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import _C
 from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
 from .options import AveragingOptions
-from .sharded import is_sharded, local_tensors, local_tensors_and_replica_group
+from .sharded import FsdpShardAliases, is_sharded, local_tensors, local_tensors_and_replica_group
 
 __all__ = ["ParameterAverager"]
 
@@ -66,7 +66,8 @@ class ParameterAverager:
       Optimizers, DDP and `state_dict()`/`load_state_dict()` keep working, since the tensors stay the
       same objects. A tensor re-pointed later (`param.data = ...`, `module.to(...)`) is detected at the
       next sync, and all tensors are moved into fresh flat buffers before averaging. Tensors that share
-      memory with each other are refused (flattening would untie them).
+      memory with each other are refused (flattening would untie them). DTensor parameters: their
+      local tensors are moved, and FSDP2 is pointed at them (`sharded_model`).
 
     Every process of the group must call `average()` with the same list of tensors (same names,
     shapes and dtypes, same order) and the same settings, as with any collective. Each call first
@@ -121,6 +122,11 @@ class ParameterAverager:
         agreement_tensors (`Sequence[Tuple[str, torch.Tensor]]`, *optional*):
             Named tensors synced alongside (e.g. buffers) whose layout (names, shapes, dtypes) every
             rank must share, compared in the same check at every sync.
+        sharded_model (`torch.nn.Module`, *optional*):
+            With DTensor parameters and `zero_copy`: the model that owns them. FSDP2 keeps a reference
+            of its own to each shard's memory (what its all-gather reads), which is pointed at the flat
+            buffers, after construction and whenever the tensors move again. Needs every FSDP2 shard
+            unpadded (each sharded dimension divisible by the shard count) and no CPU offload.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class ParameterAverager:
         comm_dtype: Optional[torch.dtype] = None,
         agreement_settings: Optional[Mapping[str, Any]] = None,
         agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
+        sharded_model: Optional[torch.nn.Module] = None,
     ):
         options = AveragingOptions(
             bucket_cap_mb=bucket_cap_mb,
@@ -144,7 +151,7 @@ class ParameterAverager:
             comm_dtype=comm_dtype,
             reduce_op=reduce_op,
         )
-        self._setup(params, options, process_group, names, agreement_settings, agreement_tensors)
+        self._setup(params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model)
 
     @classmethod
     def with_options(
@@ -156,17 +163,22 @@ class ParameterAverager:
         names: Optional[Sequence[str]] = None,
         agreement_settings: Optional[Mapping[str, Any]] = None,
         agreement_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]] = None,
+        sharded_model: Optional[torch.nn.Module] = None,
     ) -> "ParameterAverager":
         """The same averager, from options already built and checked (as `LocalSGD` holds them)."""
         if not isinstance(options, AveragingOptions):
             raise TypeError(f"options must be an AveragingOptions, got {type(options).__name__}")
         averager = cls.__new__(cls)
-        averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors)
+        averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model)
         return averager
 
-    def _setup(self, params, options, process_group, names, agreement_settings, agreement_tensors) -> None:
+    def _setup(
+        self, params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model
+    ) -> None:
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        if sharded_model is not None and not isinstance(sharded_model, torch.nn.Module):
+            raise TypeError(f"sharded_model must be a torch.nn.Module or None, got {sharded_model!r}")
         self.options = options
         self.params = _check_tensors(params)
         self.names = [f"params[{i}]" for i in range(len(self.params))] if names is None else list(names)
@@ -174,14 +186,14 @@ class ParameterAverager:
             raise ValueError(f"names must have one entry per tensor: got {len(self.names)} names for {len(self.params)} tensors")
         # What the engine reads and writes: the tensors themselves, or DTensors' local shards.
         self._tensors = self.params
+        self._shard_aliases = None
         if is_sharded(self.params):
+            self._tensors, process_group = local_tensors_and_replica_group(
+                self.params, self.names, process_group, own_objects=options.zero_copy
+            )
             if options.zero_copy:
-                raise NotImplementedError(
-                    "zero_copy with DTensor (FSDP2) parameters is not supported: FSDP2 owns each shard's storage (its "
-                    "all-gather reads its own padded shard buffer), so moving the shards into the engine's flat "
-                    "buffers would leave FSDP gathering stale values. Use zero_copy=False"
-                )
-            self._tensors, process_group = local_tensors_and_replica_group(self.params, self.names, process_group)
+                # Refuses what cannot alias before the engine moves anything.
+                self._shard_aliases = FsdpShardAliases(sharded_model, self.params, self.names)
         if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
             raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
         self.process_group = process_group
@@ -196,6 +208,11 @@ class ParameterAverager:
             options.comm_dtype,
             self.names,
         )
+        self._follow_moved_shards()
+
+    def _follow_moved_shards(self) -> None:
+        if self._shard_aliases is not None:
+            self._shard_aliases.follow(self._tensors, self._engine.plans_built)
 
     # The options, as attributes of their own (read-only).
     bucket_cap_mb = property(lambda self: self.options.bucket_cap_mb)
@@ -278,8 +295,11 @@ class ParameterAverager:
         what a failed check calls for: this rank's own error if it was the one that failed, else the
         explanation every rank shares."""
         with _lost_rank_errors(group):
-            if run():
-                return
+            try:
+                if run():
+                    return
+            finally:
+                self._follow_moved_shards()  # a re-plan in the engine moved the shards
             failure = self._explain_failed_check(group, values)
         self._engine.rethrow_local_error()
         raise failure

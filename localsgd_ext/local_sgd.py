@@ -134,7 +134,9 @@ class LocalSGD:
             parameters stay the same objects (optimizer, DDP, `state_dict()` keep working); about one
             bucket of extra memory while flattening, none afterwards. A parameter re-pointed later
             (`model.to(...)`, `param.data = ...`) or replaced (`load_state_dict(assign=True)`) is
-            detected at the next sync and the parameters are flattened again before averaging.
+            detected at the next sync and the parameters are flattened again before averaging. FSDP2
+            shards: their local tensors move, and FSDP2's own all-gather input is pointed at them
+            (each sharded dimension must divide by the shard count; no CPU offload).
         comm_dtype (`torch.dtype`, *optional*):
             Keyword-only. `torch.bfloat16` or `torch.float16`: float32 parameters travel in that dtype
             (half the bytes), cast inside the compiled pack and unpack; the sum is widened to float32
@@ -500,7 +502,9 @@ class LocalSGD:
                     fragment.update(wire=self.wire, block_size=self.wire_block_size, error_feedback=self.error_feedback)
                     averagers.append(QuantizedAverager.with_options(params[start:end], self.options, **fragment))
                 else:
-                    averagers.append(ParameterAverager.with_options(params[start:end], self.options, **fragment))
+                    averagers.append(
+                        ParameterAverager.with_options(params[start:end], self.options, sharded_model=self.model, **fragment)
+                    )
             self._fragment_starts = bounds[:-1]
             if self._hierarchy is not None:
                 self._level_averagers = {

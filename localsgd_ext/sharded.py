@@ -10,7 +10,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "local_tensors", "local_tensors_and_replica_group", "replica_group_from_mesh", "REPLICATE_DIM_NAMES"]
+__all__ = [
+    "FsdpShardAliases",
+    "is_sharded",
+    "local_tensors",
+    "local_tensors_and_replica_group",
+    "replica_group_from_mesh",
+    "REPLICATE_DIM_NAMES",
+]
 
 # The replicate dimension's name in Accelerate's ParallelismConfig meshes, then in torchtitan's and torch's examples.
 REPLICATE_DIM_NAMES = ("dp_replicate", "replicate")
@@ -37,9 +44,13 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def local_tensors_and_replica_group(
-    params: Sequence[torch.Tensor], names: Sequence[str], process_group: Optional[dist.ProcessGroup]
+    params: Sequence[torch.Tensor],
+    names: Sequence[str],
+    process_group: Optional[dist.ProcessGroup],
+    own_objects: bool = False,
 ) -> Tuple[List[torch.Tensor], dist.ProcessGroup]:
-    """Each DTensor's local tensor (its storage: averaging it in place updates the parameter)
+    """Each DTensor's local tensor (its storage: averaging it in place updates the parameter; with
+    `own_objects`, the DTensor's own local tensor object, which zero-copy mode rebinds to its flat buffer)
     and the process group of the replicas, which must be given: FSDP2 shards each replica over its own
     mesh (`fully_shard(model, mesh=mesh["shard"])`, torchft's and torchtitan's layout for DiLoCo), and
     the replicas are the ranks holding the same shard index in the others (`mesh.get_group("replicate")`)."""
@@ -74,7 +85,101 @@ def local_tensors_and_replica_group(
             "that hold the same shard in the other replicas (e.g. mesh.get_group('replicate') with "
             "fully_shard(model, mesh=mesh['shard'])), or use DDP"
         )
+    if own_objects:
+        return [p._local_tensor for p in params], process_group
     return local_tensors(params), process_group
+
+
+class FsdpShardAliases:
+    """Zero-copy mode on FSDP2 shards. FSDP2 keeps a second reference to each shard's memory, the padded
+    1-D buffer its all-gather reads (`FSDPParam._sharded_param_data`), besides the DTensor's local tensor
+    that the optimizer writes. Once the engine has moved the local tensors into its flat buffers, FSDP2
+    is asked to derive that reference again from the local tensor, with its own method for a local tensor
+    replaced under it (what `module.to()` and `load_state_dict` trigger), so that it all-gathers the
+    averaged values. Only unpadded shards can alias: FSDP2 copies a padded one (a dimension not divisible
+    by the shard count) into a buffer of its own, so those are refused before anything is moved.
+
+    Args:
+        model (`torch.nn.Module`): the model whose FSDP2 modules own the parameters.
+        params (`Sequence[torch.Tensor]`): the DTensor parameters to average.
+        names (`Sequence[str]`): their names, for errors.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], names: Sequence[str]):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "zero_copy with DTensor parameters needs sharded_model, the torch.nn.Module (FSDP2-sharded) that owns "
+                f"them: FSDP2 keeps its own reference to each shard's memory, which must follow the shard into the flat "
+                f"buffers; got {model!r}"
+            )
+        owners = _fsdp_params_by_parameter(model)
+        self._records = []  # (index in params, FSDP2's record of it)
+        for i, (p, name) in enumerate(zip(params, names)):
+            record = owners.get(id(p))
+            if record is None:
+                continue  # a DTensor no FSDP2 module manages (e.g. tensor parallel): its local tensor is its only storage
+            if getattr(record, "offload_to_cpu", False):
+                raise NotImplementedError(
+                    f"zero_copy with FSDP2's CPU offload is not supported ({name}): FSDP2 keeps offloaded shards in "
+                    "memory of its own. Use zero_copy=False"
+                )
+            try:
+                dim, shards = record.fsdp_placement.dim, record.mesh_info.shard_mesh_size
+            except AttributeError as error:
+                raise _internals_differ(error) from error
+            if p.shape[dim] % shards != 0:
+                raise NotImplementedError(
+                    f"zero_copy on FSDP2 shards needs every shard unpadded, but {name} (params[{i}], shape "
+                    f"{tuple(p.shape)}) has {p.shape[dim]} rows in dimension {dim} over {shards} shards, which FSDP2 pads "
+                    "and keeps in a buffer of its own. Use zero_copy=False, or sizes divisible by the shard count"
+                )
+            self._records.append((i, record))
+        self._plans_aliased = None
+
+    def follow(self, tensors: Sequence[torch.Tensor], plans_built: int) -> None:
+        """Points FSDP2 at the local tensors again when the engine has moved them since the last call
+        (`plans_built`: the engine's count of plans)."""
+        if plans_built == self._plans_aliased:
+            return
+        with torch.no_grad():
+            for i, record in self._records:
+                record.reset_sharded_param()
+                if record.sharded_param._local_tensor is not tensors[i] or (
+                    tensors[i].numel() > 0 and record._sharded_param_data.data_ptr() != tensors[i].data_ptr()
+                ):
+                    raise RuntimeError(
+                        f"FSDP2 did not take params[{i}]'s shard from the flat buffer (this torch {torch.__version__} "
+                        "derives its all-gather input differently); its all-gather would read stale values. Use "
+                        "zero_copy=False"
+                    )
+        self._plans_aliased = plans_built
+
+
+def _fsdp_params_by_parameter(model: torch.nn.Module) -> dict:
+    """FSDP2's record (FSDPParam) of each parameter that an FSDP2 module in `model` manages, by id of the
+    DTensor parameter."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return {}
+    records = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            try:
+                groups = module._get_fsdp_state()._fsdp_param_groups
+                for group in groups:
+                    for record in group.fsdp_params:
+                        records[id(record.sharded_param)] = record
+            except AttributeError as error:
+                raise _internals_differ(error) from error
+    return records
+
+
+def _internals_differ(error: AttributeError) -> NotImplementedError:
+    return NotImplementedError(
+        f"zero_copy on FSDP2 shards reads FSDP2's records of its parameters, which this torch {torch.__version__} "
+        f"keeps differently ({error}). Use zero_copy=False"
+    )
 
 
 def replica_group_from_mesh(device_mesh, mesh_dim) -> dist.ProcessGroup:

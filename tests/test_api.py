@@ -30,6 +30,7 @@ def single_process_accelerator():
         (dict(process_group="world"), TypeError, "process_group must be a torch.distributed.ProcessGroup or None, got 'world'"),
         (dict(check_finite=1), TypeError, "check_finite must be a bool, got 1"),
         (dict(names=["a", "b"]), ValueError, "names must have one entry per tensor: got 2 names for 1 tensors"),
+        (dict(sharded_model="model"), TypeError, "sharded_model must be a torch.nn.Module or None, got 'model'"),
     ],
 )
 def test_averager_rejects_bad_options(kwargs, exception, message):

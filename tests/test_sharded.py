@@ -109,11 +109,37 @@ def test_replica_dimensions_a_mesh_lacks_are_refused_by_name():
     assert messages["by index"] == [0]
 
 
-def test_zero_copy_on_shards_is_refused_saying_fsdp_owns_their_storage():
+@pytest.mark.parametrize("forward_first", [False, True], ids=["fsdp_not_initialized", "fsdp_initialized"])
+def test_zero_copy_on_shards_trains_bit_for_bit_like_copy_mode(forward_first):
+    """FSDP2 all-gathers from a buffer of its own; were it left on the old memory when the shards move
+    into the flat buffers, the forward after a sync would use stale weights and the runs would part."""
+    steps = 4  # the last one syncs
+    results = run_ranks(4, "workers_sharded:zero_copy_like_copy_mode", steps, forward_first, timeout=180)
+    for r in results:
+        for step in range(steps):
+            for copied, flat in zip(r[False][step], r[True][step]):
+                assert torch.equal(copied, flat), step
+        assert r["flat_bytes"] > 0 and r["aliased"]
+        # A shard moved from under the engine: FSDP2 follows it only once the next sync has moved every
+        # shard into new flat buffers (a second plan) and pointed FSDP2 at them again.
+        assert not r["aliased_after_move"] and r["plans_built"] == 2 and r["aliased_after_sync"]
+    for r in results[1:]:
+        for a, b in zip(r[True][-1], results[0][True][-1]):
+            assert torch.equal(a, b)
+
+
+def test_zero_copy_on_padded_shards_is_refused_on_every_rank_naming_the_parameter():
     messages = run_ranks(4, "workers_sharded:refusal", "zero_copy", timeout=120)
     assert all(
-        m is not None and m.startswith("NotImplementedError") and "FSDP2 owns each shard's storage" in m for m in messages
+        m is not None and m.startswith("NotImplementedError: zero_copy on FSDP2 shards needs every shard unpadded, but "
+                                       "0.weight (params[0], shape (15, 8)) has 15 rows in dimension 0 over 2 shards")
+        for m in messages
     ), messages
+
+
+def test_zero_copy_averager_on_shards_needs_the_model_that_owns_them():
+    messages = run_ranks(4, "workers_sharded:refusal", "zero_copy_averager", timeout=120)
+    assert all(m is not None and m.startswith("TypeError: zero_copy with DTensor parameters needs sharded_model") for m in messages), messages
 
 
 def test_hierarchy_over_replicas_averages_pairs_of_replicas_between_the_world_averages():

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from localsgd_ext import LocalSGD
+from localsgd_ext import LocalSGD, ParameterAverager
 from rank_setup import group_timeout, snapshot
 
 
@@ -69,17 +69,76 @@ def hsdp_local_sgd(steps: int, source: str = "process_group", options: dict = No
             "replica_ranks": replica_ranks, "final": [p.full_tensor() for p in model.parameters()]}
 
 
+def zero_copy_like_copy_mode(steps: int, forward_first: bool):
+    """Trains the same replicas twice, in copy mode and in zero-copy mode (LocalSGD(local_sgd_steps=2) on
+    rank-specific data), `forward_first`: one forward before LocalSGD is entered, so that FSDP2 has
+    initialized (lazy_init) before the shards move. Each step's full parameters after `step()`, for both;
+    whether FSDP2's all-gather input is the local shard (one memory) after training, and again after a
+    shard was moved away from under the engine (which moves every shard into new flat buffers)."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    results = {}
+    for zero_copy in (False, True):
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = torch.Generator().manual_seed(300 + dist.get_rank() // 2)
+        if forward_first:
+            model(torch.randn(2, 8, generator=data))
+        after = []
+        with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, device_mesh=mesh, zero_copy=zero_copy) as local_sgd:
+            for _ in range(steps):
+                model(torch.randn(6, 8, generator=data)).pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                local_sgd.step()
+                after.append([p.full_tensor() for p in model.parameters()])
+            results[zero_copy] = after
+            if zero_copy:
+                averager = local_sgd._averagers[0]
+                results["flat_bytes"] = averager.flat_bytes
+                results["aliased"] = _fsdp_gathers_local_shards(model)
+                moved = model[0].weight._local_tensor
+                moved.data = moved.clone()  # FSDP2 still gathers the old memory
+                results["aliased_after_move"] = _fsdp_gathers_local_shards(model)
+                local_sgd._sync_and_avg_model_params()
+                results["plans_built"] = averager._engine.plans_built
+                results["aliased_after_sync"] = _fsdp_gathers_local_shards(model)
+    return results
+
+
+def _fsdp_gathers_local_shards(model) -> bool:
+    """Whether every FSDP2 module's all-gather input (its padded shard buffer) is the memory of the
+    parameter's local shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    records = [
+        record
+        for module in model.modules() if isinstance(module, FSDPModule)
+        for group in module._get_fsdp_state()._fsdp_param_groups
+        for record in group.fsdp_params
+    ]
+    assert len(records) == len(list(model.parameters()))
+    return all(r._sharded_param_data.data_ptr() == r.sharded_param._local_tensor.data_ptr() for r in records)
+
+
 def refusal(layout: str):
     """What entering LocalSGD raises for a model it cannot average: `pure` FSDP over all 4 ranks with no
-    process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), shards with `zero_copy`, or a
-    `hierarchy` level as large as the 2 replicas."""
+    process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), `zero_copy` with a shard FSDP2 pads
+    (15 rows over 2 shards), or a `hierarchy` level as large as the 2 replicas; `zero_copy_averager`: a
+    ParameterAverager in zero-copy mode on shards without the model that owns them."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     options = {}
     if layout == "pure":
         model, _ = _sharded_model((4,), ("shard",))
     elif layout in ("zero_copy", "hierarchy"):
-        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard", hidden=15 if layout == "zero_copy" else 16)
         options = {"device_mesh": mesh, "zero_copy": True} if layout == "zero_copy" else {"device_mesh": mesh, "hierarchy": {2: 1}}
+    elif layout == "zero_copy_averager":
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        try:
+            ParameterAverager(model.parameters(), process_group=mesh.get_group("replicate"), zero_copy=True)
+        except TypeError as error:
+            return f"{type(error).__name__}: {error}"
+        return None
     else:
         model, _ = _sharded_model((2, 2), ("replicate", "shard"))
     try:
