@@ -118,15 +118,16 @@ class FsdpShardAliases:
             record = owners.get(id(p))
             if record is None:
                 continue  # a DTensor no FSDP2 module manages (e.g. tensor parallel): its local tensor is its only storage
-            if getattr(record, "offload_to_cpu", False):
+            try:
+                offloaded = record.offload_to_cpu
+                dim, shards = record.fsdp_placement.dim, record.mesh_info.shard_mesh_size
+            except AttributeError as error:
+                raise _internals_differ(error) from error
+            if offloaded:
                 raise NotImplementedError(
                     f"zero_copy with FSDP2's CPU offload is not supported ({name}): FSDP2 keeps offloaded shards in "
                     "memory of its own. Use zero_copy=False"
                 )
-            try:
-                dim, shards = record.fsdp_placement.dim, record.mesh_info.shard_mesh_size
-            except AttributeError as error:
-                raise _internals_differ(error) from error
             if p.shape[dim] % shards != 0:
                 raise NotImplementedError(
                     f"zero_copy on FSDP2 shards needs every shard unpadded, but {name} (params[{i}], shape "
