@@ -62,10 +62,10 @@ void BucketedAverager::build_plan() {
   check_averageable(tensors_);
   check_memory(tensors_, names_);
   plan_ = AveragingPlan(tensors_, bucket_cap_bytes_, comm_dtype_);
+  check_no_shared_memory(tensors_, names_, zero_copy_);
   ring_.reset(plan_);
   delayed_.reset();
   if (zero_copy_) {
-    check_no_shared_memory(tensors_);  // flattening would untie them
     flat_.flatten(plan_);
   }
   ++plans_built_;

@@ -18,7 +18,7 @@ bool BucketedAverager::start_delayed(
   TORCH_CHECK_VALUE(
       comm_dtype_ != at::kHalf, "a delayed average cannot use an fp16 wire (its scale is agreed per sync); use bfloat16.");
   TORCH_CHECK_VALUE(!(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype.");
-  TORCH_CHECK(!delayed_.pending(), "a delayed average is already in flight: finish_delayed() it first.");
+  TORCH_CHECK(!delayed_.pending(), "start_average() while an overlapped average is in flight: call finish_average() first.");
   refuse_after_abandoned_sync();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const AgreementInput mine =
@@ -33,7 +33,7 @@ bool BucketedAverager::start_delayed(
 }
 
 void BucketedAverager::finish_delayed() {
-  TORCH_CHECK(delayed_.pending(), "no delayed average is in flight: start_delayed() one first.");
+  TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (plan_.stale(tensors_)) {
     delayed_.drain();

@@ -86,6 +86,14 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def(
+      "wait_interruptibly",
+      [](const c10::intrusive_ptr<c10d::Work>& work, bool host_blocking) {
+        localsgd_ext::wait_interruptibly(*work, host_blocking);
+      },
+      py::arg("work").none(false), py::arg("host_blocking"), py::call_guard<py::gil_scoped_release>(),
+      "Waits for a torch.distributed Work in slices, so that Ctrl-C raises KeyboardInterrupt within about 0.1 s "
+      "(host_blocking: the collective runs on host threads, as gloo's on CPU do).");
+  m.def(
       "layout_fingerprint", [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::layout_fingerprint(tensors); },
       py::arg("tensors"), "62-bit digest of the tensors' count, dtypes and shapes.");
   m.def(

@@ -11,6 +11,9 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <string>
+
+#include "storage_checks.h"
 
 namespace localsgd_ext {
 
@@ -36,6 +39,7 @@ inline void check_pack_arguments(
       buffer.dim() == 1 && buffer.is_contiguous(),
       op, ": buffer must be 1-D and contiguous, got sizes ", buffer.sizes(), " and strides ",
       buffer.strides(), ".");
+  check_storage_holds(buffer, std::string(op) + ": buffer");
   const int64_t capacity = buffer.numel();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -54,14 +58,27 @@ inline void check_pack_arguments(
         offsets[i] >= 0 && offsets[i] <= capacity - t.numel(),
         op, ": tensors[", i, "] with ", t.numel(), " elements at offset ", offsets[i],
         " does not fit in a buffer of ", capacity, " elements.");
+    check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
   }
+}
+
+// What the kernels compute with: a scale or divisor as a float32 multiplier (the double given is
+// rounded to float32 there), so a value that float32 turns into 0 or inf (1e-300, 1e300) or a
+// subnormal (whose reciprocal overflows) is refused as it is, not only once it is NaN in the result.
+inline bool is_normal_float32(double value) {
+  return value >= static_cast<double>(std::numeric_limits<float>::min()) &&
+      value <= static_cast<double>(std::numeric_limits<float>::max());
+}
+
+inline void check_float32_factor(const char* op, const char* name, double value) {
+  TORCH_CHECK_VALUE(
+      is_normal_float32(value), op, ": ", name, " must be a finite positive number, got ", value,
+      ": the kernels compute with it in float32, whose normal range is 1.2e-38 to 3.4e38.");
 }
 
 // `scale` multiplies float32 values on their way into a narrower buffer; every other copy is exact.
 inline void check_scale(const char* op, at::TensorList tensors, const at::Tensor& buffer, double scale) {
-  TORCH_CHECK_VALUE(
-      scale > 0 && scale < std::numeric_limits<double>::infinity(),
-      op, ": scale must be a finite positive number, got ", scale, ".");
+  check_float32_factor(op, "scale", scale);
   for (size_t i = 0; i < tensors.size() && scale != 1.0; ++i) {
     TORCH_CHECK_VALUE(
         is_wire_cast(tensors[i].scalar_type(), buffer.scalar_type()),
@@ -101,9 +118,7 @@ inline void merge_one_with_aten(
 }
 
 inline void check_divisor(const char* op, double divisor) {
-  TORCH_CHECK_VALUE(
-      divisor > 0 && divisor < std::numeric_limits<double>::infinity(),
-      op, ": divisor must be a finite positive number, got ", divisor, ".");
+  check_float32_factor(op, "divisor", divisor);
 }
 
 inline void check_merge_arguments(

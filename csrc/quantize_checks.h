@@ -4,8 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <optional>
+
+#include "pack_common.h"
+#include "storage_checks.h"
 
 namespace localsgd_ext {
 
@@ -29,6 +31,7 @@ inline at::ScalarType check_quantize_arguments(
   TORCH_CHECK_VALUE(
       x.numel() % block_size == 0, "quantize_blocks: x's length must be a multiple of block_size (pad it), got ",
       x.numel(), " elements and block_size ", block_size, ".");
+  check_storage_holds(x, "quantize_blocks: x");
   return codes_type;
 }
 
@@ -54,9 +57,9 @@ inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor
   TORCH_CHECK_VALUE(
       codes.device() == scales.device(), "dequantize_blocks: codes are on ", codes.device(), " but scales on ",
       scales.device(), ".");
-  TORCH_CHECK_VALUE(
-      std::isfinite(divisor) && divisor > 0, "dequantize_blocks: divisor must be a finite positive number, got ", divisor,
-      ".");
+  check_divisor("dequantize_blocks", divisor);
+  check_storage_holds(codes, "dequantize_blocks: codes");
+  check_storage_holds(scales, "dequantize_blocks: scales");
 }
 
 } // namespace localsgd_ext

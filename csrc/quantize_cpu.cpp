@@ -1,5 +1,5 @@
 // CPU kernels of the quantized wires: quantize_blocks (a scale per block, then the codes) and
-// dequantize_blocks (the rows' dequantized values summed in row order, divided once), blocks spread
+// dequantize_blocks (the rows' dequantized values, each scaled by 1 / divisor, summed in row order), blocks spread
 // over intra-op threads. The arithmetic is quantize_math.h's, shared with the CUDA kernels.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -82,14 +82,9 @@ void dequantize_all(
       std::fill(sums, sums + block_size, 0.0f);
       for (int64_t r = 0; r < rows; ++r) {
         const Code* row = in + r * length + b * block_size;
-        const float scale = scale_in[r * num_blocks + b];
+        const float scale = quantize::scale_for_mean(scale_in[r * num_blocks + b], divisor);
         for (int64_t k = 0; k < block_size; ++k) {
           sums[k] = quantize::add_dequantized(sums[k], decoded(row[k]), scale);
-        }
-      }
-      if (divisor != 1.0f) {
-        for (int64_t k = 0; k < block_size; ++k) {
-          sums[k] = sums[k] / divisor;
         }
       }
     }

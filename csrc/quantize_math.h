@@ -96,7 +96,9 @@ struct E4M3Codec {
     const uint32_t mantissa = code & 7u;
     const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * (1.0f / 512.0f)
                                           : bits_float(((exponent + 120u) << 23) | (mantissa << 20));
-    return bits_float(float_bits(magnitude) | (static_cast<uint32_t>(code & 0x80u) << 24));
+    const float value = bits_float(float_bits(magnitude) | (static_cast<uint32_t>(code & 0x80u) << 24));
+    // e4m3fn has no infinities: its one code of exponent 15 and mantissa 7 (0x7f, 0xff) is NaN.
+    return (code & 0x7fu) == 0x7fu ? bits_float(0x7fc00000u) : value;
   }
 
   // (x / scale) within +-448, to e4m3, for a scale that gives codes.
@@ -121,8 +123,11 @@ LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, float value, fl
 #endif
 }
 
-LOCALSGD_HOST_DEVICE inline float divide_sum(float sum, float divisor) {
-  return divisor == 1.0f ? sum : sum / divisor;
+// A row's scale for a mean over `divisor` rows: each row is divided before the rows are summed, so that
+// the sum of rows whose own values are finite stays finite (2e38 + 2.5e38 would overflow, their mean
+// does not).
+LOCALSGD_HOST_DEVICE inline float scale_for_mean(float scale, float divisor) {
+  return divisor == 1.0f ? scale : scale / divisor;
 }
 
 } // namespace localsgd_ext::quantize

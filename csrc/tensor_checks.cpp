@@ -5,22 +5,12 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <functional>
+#include <map>
+
+#include "storage_checks.h"
 
 namespace localsgd_ext {
-namespace {
-
-// The furthest element a tensor can reach through its strides, in elements past its storage offset.
-int64_t last_reachable_element(const at::Tensor& t) {
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    last += (t.size(d) - 1) * std::abs(t.stride(d));
-  }
-  return last;
-}
-
-} // namespace
 
 std::string tensor_label(const std::vector<std::string>& names, size_t index) {
   std::string text = "tensors[" + std::to_string(index) + "]";
@@ -57,23 +47,17 @@ void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std:
     if (t.numel() == 0) {
       continue;
     }
-    const int64_t needed =
-        (t.storage_offset() + last_reachable_element(t) + 1) * static_cast<int64_t>(t.element_size());
-    const int64_t held = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
     TORCH_CHECK_VALUE(
         at::has_internal_overlap(t) != at::MemOverlap::Yes,
         tensor_label(names, i), " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
         ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
         "Give it memory of its own (e.g. .contiguous()).");
-    TORCH_CHECK_VALUE(
-        held >= needed,
-        tensor_label(names, i), " needs ", needed, " bytes of storage but its storage holds ", held,
-        ": its memory was freed or shrunk (e.g. by untyped_storage().resize_(0), as FSDP does to sharded "
-        "parameters). Restore it before averaging.");
+    check_storage_holds(t, tensor_label(names, i));
   }
 }
 
-void check_no_shared_memory(const std::vector<at::Tensor>& tensors) {
+void check_no_shared_memory(
+    const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names, bool zero_copy) {
   struct Extent {
     const void* storage;
     int64_t begin;
@@ -94,14 +78,37 @@ void check_no_shared_memory(const std::vector<at::Tensor>& tensors) {
   std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) {
     return a.storage != b.storage ? std::less<const void*>()(a.storage, b.storage) : a.begin < b.begin;
   });
-  for (size_t k = 1; k < extents.size(); ++k) {
-    const Extent& previous = extents[k - 1];
+  // Per dtype, the extent reaching furthest among those of the current storage seen so far: one that
+  // reaches past the next extent's start overlaps it.
+  std::map<c10::ScalarType, const Extent*> furthest;
+  for (size_t k = 0; k < extents.size(); ++k) {
     const Extent& current = extents[k];
-    TORCH_CHECK_VALUE(
-        previous.storage != current.storage || current.begin >= previous.end,
-        "zero_copy cannot flatten tensors that share memory: tensors[", std::min(previous.index, current.index),
-        "] and tensors[", std::max(previous.index, current.index),
-        "] overlap in one storage, and flattening would untie them. Average them without zero_copy.");
+    if (k > 0 && extents[k - 1].storage != current.storage) {
+      furthest.clear();
+    }
+    const c10::ScalarType dtype = tensors[current.index].scalar_type();
+    for (const auto& [other_dtype, previous] : furthest) {
+      if (previous->end <= current.begin) {
+        continue;
+      }
+      const size_t a = std::min(previous->index, current.index), b = std::max(previous->index, current.index);
+      TORCH_CHECK_VALUE(
+          !zero_copy,
+          "zero_copy cannot flatten tensors that share memory: tensors[", a, "] and tensors[", b,
+          "] overlap in one storage, and flattening would untie them. Average them without zero_copy.");
+      // Copy mode averages overlapping tensors of one dtype correctly (both slots get the same mean);
+      // under two dtypes the same bytes would be averaged twice, under two meanings.
+      TORCH_CHECK_VALUE(
+          other_dtype == dtype,
+          tensor_label(names, a), " (", tensors[a].scalar_type(), ") and ", tensor_label(names, b), " (",
+          tensors[b].scalar_type(), ") share memory under two dtypes (one views the other's bytes, e.g. through "
+          ".view(dtype)): averaging both would average the same bytes twice, under two meanings, and leave "
+          "both wrong. Average only one of them.");
+    }
+    const auto found = furthest.find(dtype);
+    if (found == furthest.end() || found->second->end < current.end) {
+      furthest[dtype] = &current;
+    }
   }
 }
 

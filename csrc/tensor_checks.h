@@ -24,7 +24,9 @@ void check_averageable(const std::vector<at::Tensor>& tensors);
 // plan and every sync, since either can happen between syncs.
 void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names);
 
-// Zero-copy: tensors that overlap each other in one storage cannot be flattened apart.
-void check_no_shared_memory(const std::vector<at::Tensor>& tensors);
+// Tensors that overlap each other in one storage: zero-copy cannot flatten them apart; copy mode can
+// average them only when they share a dtype (the same bytes under two dtypes would be averaged twice).
+void check_no_shared_memory(
+    const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names, bool zero_copy);
 
 } // namespace localsgd_ext

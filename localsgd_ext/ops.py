@@ -24,7 +24,7 @@ def pack_into(
         buffer (`torch.Tensor`):
             1-D contiguous destination.
         scale (`float`, defaults to 1):
-            Finite and positive. Multiplies float32 values (in float32) before their cast to a
+            Positive, in float32's normal range. Multiplies float32 values (in float32) before their cast to a
             bfloat16/float16 buffer, as `(tensor * scale).to(dtype)` does; must be 1 for plain copies.
             The engine passes a power of two that keeps an fp16 wire in range.
     """
@@ -45,7 +45,7 @@ def unpack_from(
         offsets (`Sequence[int]`):
             Element offset of each tensor in `buffer`.
         divisor (`float`):
-            Finite and positive; 1 makes a plain copy.
+            Positive, in float32's normal range; 1 makes a plain copy.
         tensors (`Sequence[torch.Tensor]`):
             Destinations, updated in place, of `buffer`'s dtype and device; or float32 tensors with a
             bfloat16/float16 buffer, widened and then divided in float32.
@@ -68,7 +68,7 @@ def merge_into(
         offsets (`Sequence[int]`):
             Element offset of each tensor in both buffers.
         divisor (`float`):
-            Finite and positive (the group size after a SUM, 1 after an AVG).
+            Positive, in float32's normal range (the group size after a SUM, 1 after an AVG).
         tensors (`Sequence[torch.Tensor]`):
             Updated in place; of the buffers' dtype and device, or float32 with bfloat16/float16 buffers.
     """
@@ -104,9 +104,11 @@ def quantize_blocks(
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, block_size: int, divisor: float = 1.0) -> torch.Tensor:
-    """The quantized wires' dequantizer, in one compiled pass: row `r` of `codes` times its blocks' scales,
-    summed over the rows in order (row 0 first) in float32, then divided by `divisor` (in float32). One
-    row dequantizes; the W rows that W ranks sent, with `divisor=W`, average.
+    """The quantized wires' dequantizer, in one compiled pass: row `r` of `codes` times its blocks' scales
+    divided by `divisor` (in float32), summed over the rows in order (row 0 first) in float32. Dividing each
+    row first keeps the mean of rows of finite values finite (their sum might not be). One row
+    dequantizes; the W rows that W ranks sent, with `divisor=W`, average. A float8 NaN code (0x7f, 0xff)
+    dequantizes to NaN.
 
     Args:
         codes (`torch.Tensor`):
@@ -116,7 +118,7 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, block_size: int
         block_size (`int`):
             Elements per scale, as given to `quantize_blocks`.
         divisor (`float`, defaults to 1):
-            Finite and positive.
+            Positive, in float32's normal range.
 
     Returns:
         float32 of length `length`.
@@ -156,9 +158,21 @@ def _check_arguments(op, tensors, offsets, buffer):
             )
 
 
+# float32's normal range: the kernels compute with a scale or divisor in float32, where a smaller or larger
+# value would become 0, a subnormal or inf (csrc/pack_common.h's check_float32_factor).
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _check_float32_factor(op, name, value):
+    if not _FLOAT32.tiny <= value <= _FLOAT32.max:
+        raise ValueError(
+            f"{op}: {name} must be a finite positive number, got {value}: the kernels compute with it in float32, "
+            "whose normal range is 1.2e-38 to 3.4e38."
+        )
+
+
 def _check_scale(tensors, buffer, scale):
-    if not 0 < scale < float("inf"):
-        raise ValueError(f"pack_into: scale must be a finite positive number, got {scale}.")
+    _check_float32_factor("pack_into", "scale", scale)
     for i, t in enumerate(tensors):
         if scale != 1.0 and not (t.dtype == torch.float32 and buffer.dtype in (torch.bfloat16, torch.float16)):
             raise ValueError(
@@ -180,16 +194,14 @@ def _merge_into_fake(sum, snapshot, offsets, divisor, tensors):
     _check_arguments("merge_into", tensors, offsets, snapshot)
     if sum.dtype != snapshot.dtype:
         raise TypeError(f"merge_into: sum and snapshot must have one dtype, got {sum.dtype} and {snapshot.dtype}.")
-    if not 0 < divisor < float("inf"):
-        raise ValueError(f"merge_into: divisor must be a finite positive number, got {divisor}.")
+    _check_float32_factor("merge_into", "divisor", divisor)
     return None
 
 
 @torch.library.register_fake("localsgd_ext::unpack_from")
 def _unpack_from_fake(buffer, offsets, divisor, tensors):
     _check_arguments("unpack_from", tensors, offsets, buffer)
-    if not 0 < divisor < float("inf"):
-        raise ValueError(f"unpack_from: divisor must be a finite positive number, got {divisor}.")
+    _check_float32_factor("unpack_from", "divisor", divisor)
     return None
 
 
@@ -231,6 +243,7 @@ def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
             f"dequantize_blocks: codes must be (rows, a multiple of block_size) and scales (rows, length / block_size), "
             f"got {list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
         )
-    if not 0 < divisor < float("inf"):
-        raise ValueError(f"dequantize_blocks: divisor must be a finite positive number, got {divisor}.")
+    if codes.device != scales.device:
+        raise ValueError(f"dequantize_blocks: codes are on {codes.device} but scales on {scales.device}.")
+    _check_float32_factor("dequantize_blocks", "divisor", divisor)
     return scales.new_empty(codes.shape[1])

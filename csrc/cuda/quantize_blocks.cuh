@@ -30,7 +30,8 @@ LOCALSGD_HOST_DEVICE inline void write_codes(
   }
 }
 
-// Element k of the rows' dequantized sum, divided by divisor.
+// Element k of the rows' dequantized mean over divisor: each row's value times its scale / divisor,
+// summed in row order.
 template <typename Codec>
 LOCALSGD_HOST_DEVICE inline float dequantized_sum_at(
     const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
@@ -39,9 +40,10 @@ LOCALSGD_HOST_DEVICE inline float dequantized_sum_at(
   const int64_t block = k / block_size;
   float sum = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
-    sum = quantize::add_dequantized(sum, Codec::decode(codes[r * length + k]), scales[r * num_blocks + block]);
+    sum = quantize::add_dequantized(
+        sum, Codec::decode(codes[r * length + k]), quantize::scale_for_mean(scales[r * num_blocks + block], divisor));
   }
-  return quantize::divide_sum(sum, divisor);
+  return sum;
 }
 
 } // namespace localsgd_ext::cuda
