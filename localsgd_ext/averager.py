@@ -340,11 +340,13 @@ class ParameterAverager:
         so that what the tensors learned meanwhile is kept. A collective: every rank must call it. Copy
         mode only; `comm_dtype` may be bfloat16, not float16. Extra memory: two copies of the model in
         its wire dtype, kept for the next call."""
+        refuse_overlapped_misuse(self.average_pending, "start_average")
         self._run_engine_checked(self._engine.start_delayed)
 
     def finish_average(self) -> None:
         """Waits for the average `start_average()` started and merges it: each tensor `t` becomes
         `t + (mean(snapshot) - snapshot)`, in one compiled pass."""
+        refuse_overlapped_misuse(self.average_pending, "finish_average")
         with _lost_rank_errors(self._group()):
             self._engine.finish_delayed()
 
@@ -379,6 +381,18 @@ class ParameterAverager:
         self._run_checked(
             group, lambda: self._engine.ranks_agree(group, use_avg_op, device, self.check_finite, extra), values
         )
+
+
+def refuse_overlapped_misuse(pending: bool, call: str) -> None:
+    """A local mistake, raised here before any collective (so that it is not reported as a lost peer):
+    `start_average()` while one is in flight, `finish_average()` or `advance_average()` when none is."""
+    if call == "start_average" and pending:
+        raise RuntimeError(
+            "start_average() while an overlapped average is in flight: call finish_average() first (one average "
+            "in flight at a time)"
+        )
+    if call != "start_average" and not pending:
+        raise RuntimeError(f"{call}() without an overlapped average in flight: call start_average() first")
 
 
 @contextlib.contextmanager

@@ -79,7 +79,10 @@ def _first_difference(layouts: List[List[tuple]], what: str, ranks: List[int]) -
 
 
 def _first_setting_difference(everyone: List[dict]) -> Optional[str]:
-    keys = sorted(set().union(*(entry["settings"] for entry in everyone)))
+    # A setting that some rank lacks follows from another that differs (wire="int8" brings its
+    # error_feedback), so the settings every rank has come first, in the order they were given.
+    keys = list(dict.fromkeys(key for entry in everyone for key in entry["settings"]))
+    keys.sort(key=lambda key: not all(key in entry["settings"] for entry in everyone))
     for key in keys:
         values = [entry["settings"].get(key, "<unset>") for entry in everyone]
         if any(value != values[0] for value in values):
@@ -100,6 +103,24 @@ def _first_value_difference(everyone: List[dict], names: Sequence[str]) -> Optio
                     "makes them (broadcast from rank 0, or seed every rank alike)"
                 )
     return None
+
+
+def confirm_settings_agree(group: dist.ProcessGroup, settings: Mapping[str, Any], what: str) -> None:
+    """Before anything else collective (creating subgroups is one every rank must join): one small
+    all_reduce tells whether every rank of `group` has the same `settings`; if not, every rank raises the
+    same `RanksDisagreeError` naming the first setting that differs, and nothing is created."""
+    # 62 bits, so that negating it cannot overflow int64.
+    mine = digest(sorted((key, repr(value)) for key, value in settings.items())) >> 2
+    # The largest digest and the largest negated one, in one all_reduce: equal everywhere iff max == min.
+    extremes = torch.tensor([mine, -mine], dtype=torch.int64, device=status_device(group, []))
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    if int(extremes[0]) == -int(extremes[1]):
+        return
+    reason = _first_setting_difference(gather(group, {"rank": dist.get_rank(), "settings": dict(settings)}))
+    raise RanksDisagreeError(
+        f"LocalSGD: {reason}. Every rank must be configured alike, or they would send different messages. "
+        f"Nothing was {what}."
+    )
 
 
 def gather(group: dist.ProcessGroup, mine: Dict[str, Any]) -> List[dict]:

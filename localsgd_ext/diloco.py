@@ -43,6 +43,10 @@ def check_anchor_device(anchor_device) -> str:
     return anchor_device
 
 
+def _kind(tensor: torch.Tensor) -> str:
+    return type(tensor).__name__ if type(tensor).__name__ == "DTensor" else "tensor"
+
+
 class OuterStep:
     """The anchor and the outer optimizer over it. The anchor must start equal on every rank (as DDP
     makes the parameters at construction); every step is then the same computation on every rank, so
@@ -59,6 +63,9 @@ class OuterStep:
 
     def _set_anchors(self, anchors: List[torch.Tensor]) -> None:
         self.anchors = anchors
+        if not anchors:
+            self.optimizer = None  # nothing to step (torch's optimizers refuse an empty list)
+            return
         self.optimizer = self.build_optimizer(anchors)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
@@ -72,13 +79,20 @@ class OuterStep:
 
     def _check_matches(self, params: Sequence[torch.Tensor], anchors: Optional[Sequence[torch.Tensor]] = None) -> None:
         anchors = self.anchors if anchors is None else anchors
-        described = [(tuple(p.shape), p.dtype) for p in params]
-        anchored = [(tuple(a.shape), a.dtype) for a in anchors]
+        described = [(tuple(p.shape), p.dtype, _kind(p)) for p in params]
+        anchored = [(tuple(a.shape), a.dtype, _kind(a)) for a in anchors]
         if described != anchored:
+            if len(described) != len(anchored):
+                difference = f"{len(params)} parameters now, {len(anchors)} anchored"
+            else:
+                i = next(i for i, (now, then) in enumerate(zip(described, anchored)) if now != then)
+                difference = (
+                    f"parameter {i} is now a {described[i][2]} of shape {list(described[i][0])} and "
+                    f"{described[i][1]}, its anchor a {anchored[i][2]} of shape {list(anchored[i][0])} and {anchored[i][1]}"
+                )
             raise RuntimeError(
-                "outer_optimizer: the model's parameters (count, shapes or dtypes) no longer match the anchor "
-                f"taken from them ({len(params)} parameters now, {len(anchors)} anchored); the outer step "
-                "cannot continue. Start a new LocalSGD for the new model."
+                "outer_optimizer: the model's parameters no longer match the anchor taken from them "
+                f"({difference}); the outer step cannot continue. Start a new LocalSGD for the new model."
             )
 
     @torch.no_grad()
@@ -88,6 +102,8 @@ class OuterStep:
         other anchors have no gradient, so the optimizer leaves them and their state alone."""
         anchors = self.anchors[first : first + len(averaged)]
         self._check_matches(averaged, anchors)
+        if not anchors:
+            return
         for anchor, mean in zip(anchors, averaged):
             anchor.grad = anchor - mean.to(anchor.device)
         self.optimizer.step()
@@ -107,5 +123,6 @@ class OuterStep:
             return
         self._set_anchors([a.to(self._anchor_device_for(p), copy=True) for a, p in zip(state["anchors"], params)])
         self._check_matches(params)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 

@@ -17,6 +17,8 @@ def fragment_bounds(sizes_in_bytes: Sequence[int], num_fragments: int) -> List[i
     parameters' order, each non-empty, each cut where the running byte count comes closest to an equal
     share."""
     count = len(sizes_in_bytes)
+    if count == 0 and num_fragments == 1:
+        return [0, 0]  # a model without parameters: one empty fragment, nothing to average (as Accelerate)
     if num_fragments > count:
         raise ValueError(
             f"num_fragments must be at most the number of parameters ({count}), got num_fragments={num_fragments}"

@@ -5,13 +5,26 @@ by the same engine."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Dict, List, Mapping, Optional
 
+import torch
 import torch.distributed as dist
 
 from .options import check_int_at_least
 
-__all__ = ["Hierarchy"]
+__all__ = ["Hierarchy", "group_timeout"]
+
+
+def group_timeout(group: dist.ProcessGroup) -> Optional[datetime.timedelta]:
+    """The timeout `group`'s collectives give up after (as given to `init_process_group` or `new_group`),
+    read from its backend; None (torch's default) for a backend that does not say."""
+    for device_type in getattr(group, "_device_types", ()):
+        try:
+            return group._get_backend(torch.device(device_type)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
 
 
 class Hierarchy:
@@ -31,8 +44,9 @@ class Hierarchy:
     def __init__(self, levels: Mapping[int, int], local_sgd_steps: int):
         if not isinstance(levels, Mapping) or not levels:
             raise TypeError(f"hierarchy must be a non-empty mapping {{group_size: period}}, got {levels!r}")
-        self.levels: Dict[int, int] = {}
-        for group_size, period in sorted(levels.items()):
+        checked: Dict[int, int] = {}
+        # Each key and period checked before sorting, which would compare a bad key with the others first.
+        for group_size, period in levels.items():
             group_size = check_int_at_least("hierarchy group size", group_size, 2)
             period = check_int_at_least(f"hierarchy[{group_size}] (the period)", period, 1)
             if period >= local_sgd_steps:
@@ -40,7 +54,8 @@ class Hierarchy:
                     f"hierarchy[{group_size}] (the period) must be below local_sgd_steps (the world's period), got "
                     f"{period} with local_sgd_steps={local_sgd_steps}"
                 )
-            self.levels[group_size] = period
+            checked[group_size] = period
+        self.levels: Dict[int, int] = dict(sorted(checked.items()))
         self.groups: Dict[int, dist.ProcessGroup] = {}
 
     def build_groups(self, replicas: Optional[dist.ProcessGroup] = None) -> None:
@@ -50,11 +65,14 @@ class Hierarchy:
         such group instead of consecutive ranks of the world."""
         if self.groups:
             return
+        # A level's collectives give up as the group it was carved from does, not after torch's default
+        # 30 minutes: a stalled peer must fail its partners as soon as it fails everyone else.
+        timeout = group_timeout(replicas if replicas is not None else dist.group.WORLD)
         if replicas is None:
             world_size = dist.get_world_size()
             self._check_divides(world_size, f"the world size and be below it, got a world of {world_size} ranks")
             for group_size in self.levels:
-                self.groups[group_size], _ = dist.new_subgroups(group_size=group_size)
+                self.groups[group_size], _ = dist.new_subgroups(group_size=group_size, timeout=timeout)
             return
         everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, dist.get_process_group_ranks(replicas))
@@ -68,7 +86,7 @@ class Hierarchy:
         self._check_divides(sizes[0], f"the number of replicas and be below it, got {sizes[0]} replicas")
         for group_size in self.levels:
             subgroups = [list(ranks[i : i + group_size]) for ranks in replica_groups for i in range(0, len(ranks), group_size)]
-            self.groups[group_size], _ = dist.new_subgroups_by_enumeration(subgroups)
+            self.groups[group_size], _ = dist.new_subgroups_by_enumeration(subgroups, timeout=timeout)
 
     def _check_divides(self, total: int, what: str) -> None:
         for group_size in self.levels:

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
 from . import _C
-from .averager import ParameterAverager
+from .averager import ParameterAverager, _lost_rank_errors
 from .buffers import BufferSync
-from .consistency import confirm_across_world, fail_together
+from .consistency import confirm_across_world, confirm_settings_agree, fail_together
 from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
 from .fragments import FragmentCadence, fragment_bounds
 from .hierarchy import Hierarchy
@@ -196,8 +196,9 @@ class LocalSGD:
             each group of 4 consecutive ranks (a node of 4 GPUs, under torchrun's rank order) every 2
             steps, between the world averages every `local_sgd_steps` steps. Group sizes divide the world
             size; at a step where several levels are due only the largest averages, and at the world's
-            steps only the world. Its subgroups are created on enter (a collective). `level_sync_counts`
-            counts each level's averages. With replicas given (`process_group`, `device_mesh`), a level
+            steps only the world. Its subgroups are created on enter (a collective, after the ranks
+            agree on the settings), each with the timeout of the group it is carved from.
+            `level_sync_counts` counts each level's averages. With replicas given (`process_group`, `device_mesh`), a level
             groups consecutive replicas instead (e.g. the replicas on one node) and its sizes divide the
             number of replicas. Not with fragments, `sync_delay`, a quantized wire, an outer optimizer or
             zero-copy yet.
@@ -331,6 +332,8 @@ class LocalSGD:
         # One averager per fragment, over the parameters model.parameters()[bounds[i]:bounds[i + 1]].
         self._averagers: List[Union[ParameterAverager, QuantizedAverager]] = []
         self._fragment_starts: List[int] = []
+        # Per fragment, the step at which its last waited-for sync completed (None: not since enter).
+        self._synced_at_step: List[Optional[int]] = []
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
         self._entered = False
 
@@ -354,6 +357,16 @@ class LocalSGD:
             "hierarchy": None if self._hierarchy is None else self._hierarchy.levels,
         }
 
+    def _settings_to_agree_on(self) -> Mapping[str, object]:
+        """Everything checked on enter, before any group is created."""
+        return {
+            **self.options.settings(),
+            **self._agreement_settings(),
+            "error_feedback": self.error_feedback,
+            "wire_block_size": self.wire_block_size,
+            "outer_anchor_device": self.outer_anchor_device,
+        }
+
     def __enter__(self):
         if self._entered:
             raise RuntimeError(
@@ -361,6 +374,11 @@ class LocalSGD:
                 "gradient sync back on at the inner exit. Enter each LocalSGD object once at a time."
             )
         if self.enabled:
+            # Before any other collective: a rank configured differently (e.g. hierarchy on one rank only)
+            # would otherwise wait alone inside new_group, or send mismatched messages.
+            group = self.process_group or dist.group.WORLD
+            with _lost_rank_errors(group):
+                confirm_settings_agree(group, self._settings_to_agree_on(), "created or averaged")
             if self._hierarchy is not None:
                 self._hierarchy.build_groups(self.process_group)
             outcome = None
@@ -399,7 +417,10 @@ class LocalSGD:
                 if type is None:
                     # Average all models on exit; not after an exception, which other ranks may not share.
                     self._finish_delayed_sync()
-                    self._sync_and_avg_model_params()
+                    if self._outer is None:
+                        self._sync_and_avg_model_params()  # Accelerate's exit call, for subclasses that wrap it
+                    else:
+                        self._sync_fragments(fragments=self._fragments_changed_since_sync())
             finally:
                 if type is not None and self._delayed_since is not None:
                     # Started on every rank, so it completes: wait for it rather than leave it on the wire.
@@ -427,8 +448,12 @@ class LocalSGD:
         fragments = self._cadence.due(self.num_steps)
         if fragments is not None:
             delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps
-            self._sync_and_avg_model_params(delayed=delayed, fragments=fragments)
-            self._last_step_synced = not delayed
+            if not delayed and len(fragments) == len(self._averagers or [None]):
+                self._sync_and_avg_model_params()  # Accelerate's call, for subclasses that wrap it
+            else:
+                self._sync_fragments(delayed=delayed, fragments=fragments)
+            # A delayed sync may still complete at once (a quantized wire's first, in float32).
+            self._last_step_synced = self._delayed_since is None
         elif self._hierarchy is not None:
             group_size = self._hierarchy.due(self.num_steps - self.warmup_steps)
             if group_size is not None:
@@ -438,8 +463,9 @@ class LocalSGD:
     def last_step_synced(self) -> bool:
         """Whether the last `step()` completed a sync and left none in flight: the moment to checkpoint
         (Accelerate's `save_state()` writes rank 0's model only). Without `sync_delay` every rank then
-        holds the same parameters; with it, the step that merged a delayed average. With fragments, the
-        ranks agree then on the fragment just synced only."""
+        holds the same parameters; with it, the step that merged a delayed average, or that completed a
+        sync it waited for (warm-up, a quantized wire's first). With fragments, the ranks agree then on
+        the fragment just synced only."""
         return self.enabled and self._last_step_synced
 
     def state_dict(self) -> dict:
@@ -462,6 +488,11 @@ class LocalSGD:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores what `state_dict()` returned; call it before entering the `with` block."""
+        if self._entered:
+            raise RuntimeError(
+                "LocalSGD.load_state_dict() inside its `with` block would change the step count and the anchor under "
+                "a running sync cadence (and lose an average in flight); call it before entering the block"
+            )
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from LocalSGD.state_dict(), got {type(state_dict).__name__}")
         missing = {"num_steps", "sync_count", "outer"} - set(state_dict)
@@ -506,6 +537,7 @@ class LocalSGD:
                         ParameterAverager.with_options(params[start:end], self.options, sharded_model=self.model, **fragment)
                     )
             self._fragment_starts = bounds[:-1]
+            self._synced_at_step = [None] * len(averagers)
             if self._hierarchy is not None:
                 self._level_averagers = {
                     size: ParameterAverager.with_options(
@@ -542,10 +574,35 @@ class LocalSGD:
         self.level_sync_counts[group_size] += 1
         self.last_sync_seconds = time.perf_counter() - start
 
+    def _fragments_changed_since_sync(self) -> List[int]:
+        """The exit sync's fragments with an outer optimizer: a fragment whose sync completed at the last
+        `step()` has nothing to contribute (its pseudo-gradient would be zero, and momentum would still move
+        it). Plain averaging averages every fragment, as Accelerate does."""
+        every = range(len(self._averagers_or_fail_together()))
+        return [f for f in every if self._synced_at_step[f] != self.num_steps]
+
+    def _check_delayed_params_still_the_models(self) -> None:
+        """The delayed merge writes into the objects snapshotted at its start; if the model holds others now
+        (`load_state_dict(assign=True)`, a module replaced), the merge would be lost for the model."""
+        averager = self._averagers[self._delayed_fragment]
+        if self._module_tree is not None and self._module_tree.unchanged():
+            return
+        held = set(map(id, self.model.parameters()))
+        replaced = [name for name, p in zip(averager.names, averager.params) if id(p) not in held]
+        if replaced:
+            averager._drain_pending_average()
+            raise RuntimeError(
+                f"LocalSGD: the model's parameters were replaced (first {replaced[0]}; e.g. by "
+                "load_state_dict(assign=True) or a module swapped in) while a delayed average (sync_delay) was in "
+                "flight, so its correction cannot be merged into what the model holds now. Replace parameters only "
+                "at a step where last_step_synced is True, or load without assign=True (which copies into them)."
+            )
+
     def _finish_delayed_sync(self) -> None:
         if self._delayed_since is None:
             return
         self._delayed_since = None
+        self._check_delayed_params_still_the_models()
         averager = self._averagers[self._delayed_fragment]
         if self._outer is not None:
             # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.
@@ -555,10 +612,14 @@ class LocalSGD:
             averager.finish_average()
         self.sync_count += 1
 
-    def _sync_and_avg_model_params(self, delayed: bool = False, fragments: Optional[List[int]] = None):
+    def _sync_and_avg_model_params(self):
         """
-        Synchronize + Average model parameters across all processes (those of `fragments`; all by default)
+        Synchronize + Average model parameters across all processes
         """
+        self._sync_fragments()
+
+    def _sync_fragments(self, delayed: bool = False, fragments: Optional[List[int]] = None) -> None:
+        """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started."""
         start = time.perf_counter()
         averagers = self._averagers_or_fail_together()
         if fragments is None:
@@ -578,7 +639,8 @@ class LocalSGD:
                 self._outer.apply(averager.params, first=self._fragment_starts[fragment])
                 if self.wire is not None:
                     averager.rebase_anchor()  # a quantized wire measures the next changes from here
+            self._synced_at_step[fragment] = self.num_steps
             self.sync_count += 1
-        if self.sync_buffers and fragments[-1] == len(averagers) - 1:
+        if self.sync_buffers and fragments and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ int8, Streaming DiLoCo's low-precision outer gradients)."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -12,9 +13,11 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, T
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .averager import ParameterAverager, _lost_rank_errors
+from . import _C, ops
+from .averager import ParameterAverager, _lost_rank_errors, refuse_overlapped_misuse
+from .consistency import fail_together
 from .options import AveragingOptions, check_bool, check_int_at_least
+from .sharded import is_sharded
 
 __all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
 
@@ -140,12 +143,31 @@ class QuantizedAverager:
         # What is packed and written: the tensors themselves, or DTensors' local shards.
         self._tensors: List[torch.Tensor] = self._full_precision._tensors
         self.names = self._full_precision.names
+        self._sharded = is_sharded(self.params)
+        self._anchor: Optional[torch.Tensor] = None
+        self._snapshot: Optional[torch.Tensor] = None
+        self._delta: Optional[torch.Tensor] = None
+        self._residual: Optional[torch.Tensor] = None
+        # An overlapped sync in flight.
+        self._pending: Optional[_Exchange] = None
+        self.last_wire_bytes = 0
+        self._plan()
+
+    def _layout(self) -> List[tuple]:
+        return [(tuple(t.shape), t.dtype, t.device) for t in self._tensors]
+
+    def _plan(self) -> None:
+        """Each tensor's offset in the flat buffers, for the tensors as they are now (also after
+        `param.data = ...` changed a shape): the anchor and the buffers start again, at the next sync."""
         for i, (p, name) in enumerate(zip(self._tensors, self.names)):
             if p.dtype != torch.float32:
-                raise TypeError(f"the {wire} wire averages float32 tensors; {name} (params[{i}]) is {p.dtype}")
+                raise TypeError(
+                    f"the {self.wire} wire averages float32 tensors; {name} (params[{i}]) is {p.dtype} (e.g. after "
+                    "model.double() or .half()): keep the parameters float32, or use the float wire (wire=None)"
+                )
             if p.device != self._tensors[0].device:
                 raise ValueError(
-                    f"the {wire} wire averages tensors on one device; {name} (params[{i}]) is on {p.device}, "
+                    f"the {self.wire} wire averages tensors on one device; {name} (params[{i}]) is on {p.device}, "
                     f"{self.names[0]} on {self._tensors[0].device}"
                 )
         self.offsets: List[int] = []
@@ -154,13 +176,12 @@ class QuantizedAverager:
             self.offsets.append(total)
             total += p.numel()
         self.numel = total
-        self._anchor: Optional[torch.Tensor] = None
-        self._snapshot: Optional[torch.Tensor] = None
-        self._delta: Optional[torch.Tensor] = None
-        self._residual: Optional[torch.Tensor] = None
-        # An overlapped sync in flight.
-        self._pending: Optional[_Exchange] = None
-        self.last_wire_bytes = 0
+        self._planned_layout = self._layout()
+        self._anchor = self._snapshot = self._delta = self._residual = None
+
+    @property
+    def _device(self) -> torch.device:
+        return self._tensors[0].device if self._tensors else torch.device("cpu")
 
     @property
     def process_group(self) -> Optional[dist.ProcessGroup]:
@@ -186,7 +207,7 @@ class QuantizedAverager:
     def _take_anchor_by_averaging(self) -> None:
         self._full_precision.average()
         world_size = dist.get_world_size(self._group())
-        device = self._tensors[0].device
+        device = self._device
         self._anchor = torch.zeros(self._padded_length(world_size), dtype=torch.float32, device=device)
         ops.pack_into(self._tensors, self.offsets, self._anchor)
         # Reused at every sync; their padding stays zero (pack writes the tensors' elements only).
@@ -195,6 +216,7 @@ class QuantizedAverager:
         if self.error_feedback:
             self._residual = torch.zeros_like(self._anchor)
 
+    @torch.no_grad()
     def rebase_anchor(self) -> None:
         """Makes the tensors' current values the anchor (after something that changed them alike on every
         rank, e.g. DiLoCo's outer step)."""
@@ -203,15 +225,36 @@ class QuantizedAverager:
 
     def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
-        residual, with error feedback)."""
+        residual, with error feedback). Refuses a change that float32 cannot hold, before anything is sent."""
         ops.pack_into(self._tensors, self.offsets, self._snapshot)
         delta = torch.sub(self._snapshot, self._anchor, out=self._delta)
         if self.error_feedback:
             delta += self._residual
         codes, scales = ops.quantize_blocks(delta, self.block_size, self._code_dtype)
+        self._refuse_overflowed_change(scales)
         if self.error_feedback:
             torch.sub(delta, ops.dequantize_blocks(codes[None], scales[None], self.block_size), out=self._residual)
         return codes, scales
+
+    def _refuse_overflowed_change(self, scales: torch.Tensor) -> None:
+        """A block holding NaN or Inf has a non-finite scale (one pass over the scales, not the model). If the
+        tensors there are finite, their change since the anchor overflowed float32 (e.g. -1.6e38 to 1.9e38)
+        and would arrive as NaN on every rank: refused. Non-finite values of the tensors themselves travel as
+        they are (and check_finite refuses them in the check that follows)."""
+        if self.numel == 0 or bool(torch.isfinite(scales).all()):
+            return
+        block = int((~torch.isfinite(scales)).nonzero()[0])
+        begin, end = block * self.block_size, min((block + 1) * self.block_size, self.numel)
+        if not bool(torch.isfinite(self._snapshot[begin:end]).all()) or not bool(torch.isfinite(self._anchor[begin:end]).all()):
+            return
+        index = bisect.bisect_right(self.offsets, begin) - 1
+        while self._tensors[index].numel() == 0 or self.offsets[index] + self._tensors[index].numel() <= begin:
+            index += 1
+        raise ValueError(
+            f"the {self.wire} wire cannot send the change of {self.names[index]} since the last sync: it overflows "
+            "float32 (a value moved by more than 3.4e38), so it would arrive as NaN on every rank. Nothing was "
+            "averaged. Values this large need the float wire (wire=None)"
+        )
 
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
         """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales. Codes
@@ -221,7 +264,7 @@ class QuantizedAverager:
             dist.all_to_all_single(_as_bytes(received[0]), _as_bytes(codes), group=group, async_op=True),
             dist.all_to_all_single(received[1], scales, group=group, async_op=True),
         ]
-        return _Exchange(phase=1, buffers=received, works=works)
+        return _Exchange(phase=1, buffers=received, works=works, host_blocking=codes.device.type == "cpu")
 
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
         """Phase 2, started: this rank's chunk averaged in float32 and quantized again, then an
@@ -249,38 +292,53 @@ class QuantizedAverager:
         all_codes, all_scales = exchange.buffers
         self._anchor += ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
 
-    def _quantized_sync_may_start(self, call: str) -> bool:
-        """What every sync starts with: refuse one while another is in flight; without an anchor, average
-        in float32 and take the result as the anchor (False: nothing more to do); else the check."""
+    def _begin_sync(self, call: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """What every sync starts with. Refuses one while another is in flight. Without an anchor (the first
+        sync, or the first after a tensor changed shape), averages in float32 and takes the result as the
+        anchor: None, nothing more to do. Else this rank's quantized change, then the check: a rank that
+        could not compute its change (a tensor no longer float32, an overflow) joins the check as failed,
+        so every rank stops before anything is sent."""
         if self._pending is not None:
             raise RuntimeError(f"{call}() while an overlapped average is in flight: call finish_average() first")
-        if self._anchor is None:
+        quantized = None
+        try:
+            if self._layout() != self._planned_layout:
+                self._plan()
+            quantized = None if self._anchor is None else self._quantized_delta()
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
+            fail_together(self._group(), error)
+        if quantized is None:
             self._take_anchor_by_averaging()
-            return False
+            return None
         self._full_precision.verify_ranks_agree()
-        return True
+        return quantized
 
+    @torch.no_grad()
     def average(self) -> None:
         """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
-        if not self._quantized_sync_may_start("average"):
+        quantized = self._begin_sync("average")
+        if quantized is None:
             return
         group = self._group()
         with _lost_rank_errors(group):
-            self._finish_exchange(group, self._start_exchange(group, *self._quantized_delta()))
+            self._finish_exchange(group, self._start_exchange(group, *quantized))
         ops.unpack_from(self._anchor, self.offsets, 1.0, self._tensors)
 
+    @torch.no_grad()
     def start_average(self) -> None:
         """Starts an overlapped quantized average: the check, the snapshot, the quantization and the
         all_to_all, left in flight. `advance_average()` (optional, at a later step) waits for it and starts
         the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
         tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
         float32 instead."""
-        if not self._quantized_sync_may_start("start_average"):
+        quantized = self._begin_sync("start_average")
+        if quantized is None:
             return
         group = self._group()
         with _lost_rank_errors(group):
-            self._pending = self._start_exchange(group, *self._quantized_delta())
+            self._pending = self._start_exchange(group, *quantized)
 
+    @torch.no_grad()
     def advance_average(self) -> None:
         """Moves an overlapped average to its second half (the all_gather), so that it too is on the wire
         while training goes on. A collective: every rank must call it at the same step."""
@@ -289,21 +347,33 @@ class QuantizedAverager:
             with _lost_rank_errors(group):
                 self._start_gather(group, self._pending)
 
+    @torch.no_grad()
     def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
         """Completes the overlapped average and merges it: each tensor `t` becomes
         `t + (new anchor - snapshot)`. With `outer_step` (Streaming DiLoCo), the new anchor is first
         handed to it as views shaped like the tensors, holding the mean of the snapshots; whatever it
         writes there (the outer optimizer's result) becomes the anchor and is what is merged. The mean
-        is the same bits on every rank, so a deterministic outer step keeps the anchors identical."""
-        if self._pending is None:
-            return
+        is the same bits on every rank, so a deterministic outer step keeps the anchors identical. Sharded
+        tensors' views are handed over as DTensors shaped like the parameters."""
+        refuse_overlapped_misuse(self._pending is not None, "finish_average")
         exchange, self._pending = self._pending, None
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, exchange)
         if outer_step is not None:
-            outer_step([self._anchor[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self._tensors)])
+            outer_step(self._anchor_views())
         ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self._tensors)
+
+    def _anchor_views(self) -> List[torch.Tensor]:
+        views = [self._anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
+        if not self._sharded:
+            return views
+        from torch.distributed.tensor import DTensor
+
+        return [
+            DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            for view, p in zip(views, self.params)
+        ]
 
     @property
     def average_pending(self) -> bool:
@@ -330,8 +400,10 @@ class _Exchange:
     phase: int
     buffers: Tuple[torch.Tensor, torch.Tensor]
     works: list
+    # gloo on CPU: the wait blocks this thread, so it waits in slices that let Ctrl-C through.
+    host_blocking: bool
 
     def wait(self) -> None:
         for work in self.works:
-            work.wait()
+            _C.wait_interruptibly(work, self.host_blocking)
         self.works = []

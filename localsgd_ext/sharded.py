@@ -85,9 +85,37 @@ def local_tensors_and_replica_group(
             "that hold the same shard in the other replicas (e.g. mesh.get_group('replicate') with "
             "fully_shard(model, mesh=mesh['shard'])), or use DDP"
         )
+    _refuse_group_across_shards(params[0], process_group)
     if own_objects:
         return [p._local_tensor for p in params], process_group
     return local_tensors(params), process_group
+
+
+def _refuse_group_across_shards(param, process_group: dist.ProcessGroup) -> None:
+    """The replicas hold the same shard: a group with another rank of the parameters' own mesh (e.g.
+    `mesh_dim="shard"`, or `mesh.get_group("shard")`) would average different shards together."""
+    from torch.distributed.tensor import Shard
+
+    mesh = param.device_mesh
+    me = dist.get_rank()
+    members = set(dist.get_process_group_ranks(process_group))
+    coordinates = (mesh.mesh == me).nonzero()
+    if len(coordinates) != 1:
+        return
+    names = tuple(mesh.mesh_dim_names or range(mesh.ndim))
+    for dim, placement in enumerate(param.placements):
+        if not isinstance(placement, Shard):
+            continue
+        # The ranks holding the other shards along this dimension: this rank's row of the mesh there.
+        index = [slice(None) if d == dim else int(c) for d, c in enumerate(coordinates[0])]
+        others = sorted(set(mesh.mesh[tuple(index)].flatten().tolist()) & members - {me})
+        if others:
+            raise ValueError(
+                f"process_group (ranks {sorted(members)}) spans the dimension {names[dim]!r} of the parameters' "
+                f"device mesh, across which they are sharded ({placement}): rank {me} would average its shard with "
+                f"the different shards of ranks {others}. Pass the group across the replicas instead (e.g. "
+                "mesh.get_group('replicate'), or device_mesh with mesh_dim naming the replicate dimension)"
+            )
 
 
 class FsdpShardAliases:

@@ -66,6 +66,11 @@ def fake_averager(monkeypatch):
     fake_class = mock.create_autospec(ParameterAverager)
     fake_class.with_options.side_effect = build
     monkeypatch.setattr(local_sgd_module, "ParameterAverager", fake_class)
+    # The settings' agreement on enter is a collective (tested on real ranks): here it records what it got.
+    record.agreed_settings = []
+    monkeypatch.setattr(
+        local_sgd_module, "confirm_settings_agree", lambda group, settings, what: record.agreed_settings.append(dict(settings))
+    )
     return record
 
 
@@ -92,6 +97,8 @@ def test_warmup_syncs_every_step_then_every_k(fake_averager, local_sgd_steps, wa
             last_step_synced.append(local_sgd.last_step_synced)
     assert fake_averager.synced == expected + [steps]  # and once on exit
     assert local_sgd.sync_count == len(expected) + 1
+    (agreed,) = fake_averager.agreed_settings  # once, on enter, with the cadence in it
+    assert agreed["local_sgd_steps"] == local_sgd_steps and agreed["warmup_steps"] == warmup_steps
     assert [step for step, synced in enumerate(last_step_synced, start=1) if synced] == expected
 
 

@@ -72,6 +72,33 @@ def test_diloco_outer_step_runs_on_shards_like_on_the_full_model():
         assert not torch.allclose(a_after, (a_before + b_before) / 2), "the outer step moved past the mean"
 
 
+def test_streaming_diloco_on_the_int8_wire_runs_on_shards():
+    # Reliability III, 15: sync_delay + int8 + outer optimizer failed at its first merge on DTensor shards.
+    options = {"sync_delay": 1, "wire": "int8", "outer_optimizer": "diloco"}
+    results = run_ranks(4, "workers_sharded:hsdp_local_sgd", 7, "process_group", options, timeout=180)
+    replica_a, replica_b = results[0], results[2]
+    # local_sgd_steps=3: step 3 is the first (float32, waited) sync; step 6 starts an int8 average, merged at
+    # step 7 as t + (new anchor - snapshot), the snapshot being the parameters of step 6.
+    for a_after, b_after in zip(replica_a["after"][2], replica_b["after"][2]):
+        assert torch.equal(a_after, b_after)
+    for i in range(len(replica_a["after"][6])):
+        anchor_a = replica_a["after"][6][i] - replica_a["before"][6][i] + replica_a["before"][5][i]
+        anchor_b = replica_b["after"][6][i] - replica_b["before"][6][i] + replica_b["before"][5][i]
+        torch.testing.assert_close(anchor_a, anchor_b, rtol=0, atol=1e-6)  # one new anchor for both replicas
+        assert not torch.equal(replica_a["after"][6][i], replica_a["before"][6][i]), "the merge moved the shards"
+    for r in results[1:]:
+        for a, b in zip(r["final"], results[0]["final"]):
+            assert torch.equal(a, b), "the exit sync leaves every replica identical"
+
+
+@pytest.mark.parametrize("layout", ["shard_dim", "shard_group"])
+def test_the_shards_own_group_as_replicas_is_refused_naming_the_dimension(layout):
+    # Reliability III, 4: it averaged different shards together.
+    messages = run_ranks(4, "workers_sharded:refusal", layout, timeout=120)
+    for m in messages:
+        assert m is not None and m.startswith("ValueError: process_group (ranks ") and "spans the dimension 'shard'" in m, messages
+
+
 def test_pure_fsdp_is_refused_saying_there_are_no_replicas():
     messages = run_ranks(4, "workers_sharded:refusal", "pure", timeout=120)
     assert all(m is not None and m.startswith("ValueError") and "no replicas to average" in m for m in messages), messages

@@ -123,7 +123,8 @@ def _fsdp_gathers_local_shards(model) -> bool:
 def refusal(layout: str):
     """What entering LocalSGD raises for a model it cannot average: `pure` FSDP over all 4 ranks with no
     process_group, FSDP2's `hsdp` (replicated over its own 2-D mesh), `zero_copy` with a shard FSDP2 pads
-    (15 rows over 2 shards), or a `hierarchy` level as large as the 2 replicas; `zero_copy_averager`: a
+    (15 rows over 2 shards), a `hierarchy` level as large as the 2 replicas, or the shards' own group as the
+    replicas (`shard_dim`: mesh_dim="shard", `shard_group`: its process group); `zero_copy_averager`: a
     ParameterAverager in zero-copy mode on shards without the model that owns them."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     options = {}
@@ -132,6 +133,10 @@ def refusal(layout: str):
     elif layout in ("zero_copy", "hierarchy"):
         model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard", hidden=15 if layout == "zero_copy" else 16)
         options = {"device_mesh": mesh, "zero_copy": True} if layout == "zero_copy" else {"device_mesh": mesh, "hierarchy": {2: 1}}
+    elif layout in ("shard_dim", "shard_group"):
+        # The parameters' own sharding group named as if it held replicas.
+        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
+        options = {"device_mesh": mesh, "mesh_dim": "shard"} if layout == "shard_dim" else {"process_group": mesh.get_group("shard")}
     elif layout == "zero_copy_averager":
         model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
         try:
