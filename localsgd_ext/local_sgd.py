@@ -198,9 +198,9 @@ class LocalSGD:
             size; at a step where several levels are due only the largest averages, and at the world's
             steps only the world. Its subgroups are created on enter (a collective, after the ranks
             agree on the settings), each with the timeout of the group it is carved from.
-            `level_sync_counts` counts each level's averages. With replicas given (`process_group`, `device_mesh`), a level
-            groups consecutive replicas instead (e.g. the replicas on one node) and its sizes divide the
-            number of replicas. Not with fragments, `sync_delay`, a quantized wire, an outer optimizer or
+            `level_sync_counts` counts each level's averages. With replicas given (`process_group`,
+            `device_mesh`), a level groups consecutive replicas instead (e.g. the replicas on one node)
+            and its sizes divide the number of replicas. Not with fragments, `sync_delay`, a quantized wire, an outer optimizer or
             zero-copy yet.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
