@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -22,6 +23,9 @@ from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
 from .sharded import REPLICATE_DIM_NAMES, is_sharded, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
+
+logger = logging.getLogger(__name__)
+_disabled_notice_given = False
 
 # Accelerate 1.15's list, in its order; getattr keeps older Accelerate versions importable.
 _SUPPORTED_DISTRIBUTED_TYPES = tuple(
@@ -46,7 +50,43 @@ def _check_local_sgd_steps(local_sgd_steps, enabled):
     # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
     if local_sgd_steps is None and not enabled:
         return None
-    return check_int_at_least("local_sgd_steps", local_sgd_steps, 1, " (None only with enabled=False)")
+    # A whole float (8.0, from a YAML or JSON config) counts as Accelerate's `num_steps % 8.0` does.
+    if isinstance(local_sgd_steps, float) and local_sgd_steps.is_integer():
+        local_sgd_steps = int(local_sgd_steps)
+    return check_int_at_least(
+        "local_sgd_steps", local_sgd_steps, 1, " (or a whole float such as 8.0; None only with enabled=False)"
+    )
+
+
+def _check_enabled(enabled) -> bool:
+    # Accelerate reads it as a truth value; 0 and 1 (e.g. from a config file or an environment variable)
+    # mean what they say, anything else is refused as a likely mistake.
+    if not isinstance(enabled, bool) and isinstance(enabled, int) and enabled in (0, 1):
+        return bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool (or 0 or 1), got {enabled!r} ({type(enabled).__name__})")
+    return enabled
+
+
+def _say_once_why_disabled(accelerator) -> None:
+    """Accelerate disables Local SGD silently under DistributedType.NO (one process); say so, once."""
+    global _disabled_notice_given
+    if _disabled_notice_given:
+        return
+    _disabled_notice_given = True
+    message = (
+        "LocalSGD is disabled: Accelerate runs a single process here (distributed_type=%s), so there is nothing to "
+        "average. To average across processes, launch several: torchrun --nproc-per-node N script.py, or accelerate "
+        "launch --multi_gpu --num_processes N (also for CPUs, with --cpu)."
+    )
+    try:
+        # Accelerate's logger (it logs on the main process only) needs its state, which a duck-typed
+        # accelerator may not have created.
+        from accelerate.logging import get_logger
+
+        get_logger(__name__).warning(message, accelerator.distributed_type)
+    except (ImportError, RuntimeError):
+        logger.warning(message, accelerator.distributed_type)
 
 
 def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions):
@@ -254,10 +294,12 @@ class LocalSGD:
             )
         if accelerator.distributed_type not in _SUPPORTED_DISTRIBUTED_TYPES + (DistributedType.FSDP,):
             raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
-        check_bool("enabled", enabled)
+        enabled = _check_enabled(enabled)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
+        if enabled and not self.enabled:
+            _say_once_why_disabled(accelerator)
         self.num_steps = 0
         self.accelerator = accelerator
         self.model = model

@@ -148,13 +148,14 @@ def test_engine_refuses_what_the_python_layer_refuses():
 
 LOCAL_SGD_BAD_ARGUMENTS = [
     # (description, constructor arguments, exception, message)
-    ("steps bool", dict(local_sgd_steps=True), TypeError, r"local_sgd_steps must be an int >= 1 \(None only with enabled=False\), got True \(bool\)"),
-    ("steps float", dict(local_sgd_steps=8.0), TypeError, r"local_sgd_steps must be an int >= 1 .*got 8.0 \(float\)"),
+    ("steps bool", dict(local_sgd_steps=True), TypeError, r"local_sgd_steps must be an int >= 1 \(or a whole float such as 8.0; None only with enabled=False\), got True \(bool\)"),
+    ("steps fractional", dict(local_sgd_steps=8.5), TypeError, r"local_sgd_steps must be an int >= 1 .*got 8.5 \(float\)"),
     ("steps str", dict(local_sgd_steps="8"), TypeError, r"got '8' \(str\)"),
     ("steps zero", dict(local_sgd_steps=0), ValueError, "local_sgd_steps must be an int >= 1, got 0"),
     ("steps negative", dict(local_sgd_steps=-3), ValueError, "got -3"),
     ("steps None while enabled", dict(local_sgd_steps=None), TypeError, r"None only with enabled=False\), got None"),
-    ("enabled not bool", dict(enabled="yes"), TypeError, r"enabled must be a bool, got 'yes' \(str\)"),
+    ("enabled not bool", dict(enabled="yes"), TypeError, r"enabled must be a bool \(or 0 or 1\), got 'yes' \(str\)"),
+    ("enabled 2", dict(enabled=2), TypeError, r"enabled must be a bool \(or 0 or 1\), got 2 \(int\)"),
     ("model not a module", dict(model=[torch.nn.Parameter(torch.zeros(2))]), TypeError, "model must be a torch.nn.Module, got list"),
     ("bucket cap", dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite number, got 0"),
     ("check_finite", dict(check_finite="no"), TypeError, "check_finite must be a bool, got 'no'"),
@@ -181,6 +182,28 @@ def test_local_sgd_rejects_bad_arguments(single_process_accelerator, description
     arguments.update(kwargs)
     with pytest.raises(exception, match=message):
         LocalSGD(**arguments)
+
+
+@pytest.mark.parametrize("steps, enabled, expected_enabled", [(8.0, 1, True), (8, 0, False), (8.0, True, True)])
+def test_local_sgd_accepts_what_accelerate_accepts_from_a_config_file(steps, enabled, expected_enabled):
+    # Accelerate's LocalSGD takes local_sgd_steps=8.0 (YAML, JSON) and enabled=0/1 as truth values.
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    local_sgd = LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=steps, enabled=enabled)
+    assert local_sgd.local_sgd_steps == 8 and isinstance(local_sgd.local_sgd_steps, int)
+    assert local_sgd.enabled is expected_enabled
+
+
+def test_local_sgd_says_once_why_it_is_disabled_under_a_single_process(single_process_accelerator, caplog, monkeypatch):
+    import localsgd_ext.local_sgd as local_sgd_module
+
+    monkeypatch.setattr(local_sgd_module, "_disabled_notice_given", False)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert not LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4).enabled
+        LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4, enabled=False)
+    notices = [r for r in caplog.records if "LocalSGD is disabled" in r.getMessage()]
+    assert len(notices) == 1, "once, and not when the user disabled it"
+    assert "distributed_type=DistributedType.NO" in notices[0].getMessage() and "torchrun --nproc-per-node" in notices[0].getMessage()
 
 
 def test_local_sgd_accepts_none_steps_when_disabled_as_accelerates_example_does(single_process_accelerator):

@@ -81,3 +81,22 @@ def test_every_test_the_reliability_table_names_exists():
             with open(full) as f:
                 source = f.read()
             assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} does not exist"
+
+
+def test_the_documented_constructor_is_the_real_one():
+    """docs/options.md shows LocalSGD's whole signature; a new or renamed option must update it."""
+    import inspect
+    import re
+
+    from localsgd_ext import LocalSGD
+
+    parts, keyword_only = [], False
+    for p in list(inspect.signature(LocalSGD.__init__).parameters.values())[1:]:
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            parts.append("*")
+            keyword_only = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    real = "LocalSGD(" + ", ".join(parts) + ")"
+    with open(os.path.join(REPO_ROOT, "docs", "options.md")) as f:
+        block = re.search(r"```python\n(LocalSGD\(.*?\))\n```", f.read(), re.S).group(1)
+    assert re.sub(r"\s*\n\s*", " ", block) == real
