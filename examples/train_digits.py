@@ -25,13 +25,28 @@ from localsgd_ext import LocalSGD
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16, help="per process")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--local-sgd-steps", type=int, default=8)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--bucket-cap-mb", type=float, default=25)
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the training digits")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size per process")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, cosine schedule)")
+    parser.add_argument("--hidden", type=int, default=512, help="width of the MLP's two hidden layers")
+    parser.add_argument("--local-sgd-steps", type=int, default=8, help="local steps between parameter averages")
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step (Accelerate's)"
+    )
+    parser.add_argument("--bucket-cap-mb", type=float, default=25, help="largest all_reduce bucket, in MiB")
+    parser.add_argument(
+        "--zero-copy", action="store_true", help="keep the parameters in flat buffers, so a sync is only the all_reduce"
+    )
+    parser.add_argument(
+        "--wire", choices=["fp32", "bf16", "fp16", "int8", "fp8"], default="fp32",
+        help="what travels: the parameters (fp32, or cast to bf16/fp16), or each rank's change quantized (int8, fp8)",
+    )
+    parser.add_argument("--sync-delay", type=int, default=0, help="overlap each sync with this many local steps")
+    parser.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's fragments, synced in turn")
+    parser.add_argument(
+        "--outer-optimizer", choices=["none", "diloco"], default="none",
+        help="DiLoCo's outer step on the averaged change (Nesterov SGD, lr 0.7, momentum 0.9)",
+    )
     parser.add_argument(
         "--implementation",
         choices=["localsgd_ext", "accelerate"],
@@ -49,7 +64,30 @@ def parse_args():
         args.hierarchy = {int(size): int(period) for size, period in (level.split(":") for level in args.hierarchy)}
     except ValueError:
         parser.error(f"--hierarchy takes SIZE:PERIOD pairs of ints, got {args.hierarchy}")
+    args.options = local_sgd_options(args)
+    if args.options and args.implementation == "accelerate":
+        parser.error(f"Accelerate's LocalSGD has none of {sorted(args.options)}; drop them or use --implementation localsgd_ext")
     return args
+
+
+def local_sgd_options(args) -> dict:
+    """Our LocalSGD's keyword options, from the flags that differ from their defaults."""
+    options = {}
+    if args.hierarchy:
+        options["hierarchy"] = args.hierarchy
+    if args.zero_copy:
+        options["zero_copy"] = True
+    if args.wire in ("bf16", "fp16"):
+        options["comm_dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.wire]
+    elif args.wire in ("int8", "fp8"):
+        options["wire"] = args.wire
+    if args.sync_delay:
+        options["sync_delay"] = args.sync_delay
+    if args.fragments != 1:
+        options["num_fragments"] = args.fragments
+    if args.outer_optimizer != "none":
+        options["outer_optimizer"] = args.outer_optimizer
+    return options
 
 
 def digits_data(seed: int):
@@ -89,6 +127,14 @@ class TimedAccelerateLocalSGD(AccelerateLocalSGD):
         self.last_sync_seconds = time.perf_counter() - start
 
 
+def synced_so_far(local_sgd, args) -> int:
+    """Syncs completed so far: ours counts them (fragments and delayed merges included); Accelerate's syncs
+    every local_sgd_steps steps while enabled."""
+    if hasattr(local_sgd, "sync_count"):
+        return local_sgd.sync_count
+    return local_sgd.num_steps // args.local_sgd_steps if local_sgd.enabled else 0
+
+
 def main():
     args = parse_args()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.gradient_accumulation_steps)
@@ -109,18 +155,20 @@ def main():
         f"local_sgd_steps={args.local_sgd_steps}, {n_params:,} parameters in "
         f"{len(list(model.parameters()))} tensors, {len(train_set)} training digits"
     )
+    if accelerator.num_processes == 1:
+        accelerator.print("one process: Local SGD has nothing to average (launch several with torchrun --nproc-per-node N)")
     local_sgd_cls = LocalSGD if args.implementation == "localsgd_ext" else TimedAccelerateLocalSGD
-    sync_seconds = []
+    sync_seconds = []  # every sync of the run, for the summary
     level_seconds = {size: [] for size in args.hierarchy}
-    extra = {"hierarchy": args.hierarchy} if args.hierarchy else {}
     for epoch in range(args.epochs):
         model.train()
         losses = []
+        epoch_sync_seconds = []
         progress = tqdm(
             train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process, leave=False
         )
         with local_sgd_cls(
-            accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, enabled=True, **extra
+            accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, enabled=True, **args.options
         ) as local_sgd:
             for x, y in progress:
                 with accelerator.accumulate(model):
@@ -130,30 +178,37 @@ def main():
                     scheduler.step()
                     optimizer.zero_grad()
                     level_counts = dict(getattr(local_sgd, "level_sync_counts", {}))
+                    syncs_before = synced_so_far(local_sgd, args)
                     local_sgd.step()
                 for size, count in getattr(local_sgd, "level_sync_counts", {}).items():
                     if count > level_counts[size]:
                         level_seconds[size].append(local_sgd.last_sync_seconds)
                 losses.append(loss.item())
-                if local_sgd.num_steps % local_sgd.local_sgd_steps == 0:
-                    sync_seconds.append(local_sgd.last_sync_seconds)
-                    progress.set_postfix(loss=f"{loss.item():.3f}", sync_ms=f"{1e3 * sync_seconds[-1]:.2f}", refresh=False)
-        sync_seconds.append(local_sgd.last_sync_seconds)  # the averaging at the end of the block
+                if synced_so_far(local_sgd, args) > syncs_before and local_sgd.last_sync_seconds is not None:
+                    epoch_sync_seconds.append(local_sgd.last_sync_seconds)
+                    progress.set_postfix(loss=f"{loss.item():.3f}", sync_ms=f"{1e3 * epoch_sync_seconds[-1]:.2f}", refresh=False)
+        if local_sgd.last_sync_seconds is not None and accelerator.num_processes > 1:
+            epoch_sync_seconds.append(local_sgd.last_sync_seconds)  # the averaging at the end of the block
+        sync_seconds += epoch_sync_seconds
         model.eval()
         # Every rank holds the same parameters after the closing average, so any rank can evaluate.
         test_accuracy = accuracy(accelerator.unwrap_model(model), test_set)
         mean_loss = torch.tensor(statistics.fmean(losses))
         mean_loss = accelerator.reduce(mean_loss, reduction="mean").item()
-        accelerator.print(
-            f"epoch {epoch + 1}: train loss {mean_loss:.4f}  test accuracy {100 * test_accuracy:.1f}%  "
-            f"averaging median {1e3 * statistics.median(sync_seconds):.2f} ms over {len(sync_seconds)} syncs"
+        averaging = (
+            f"averaging median {1e3 * statistics.median(epoch_sync_seconds):.2f} ms over {len(epoch_sync_seconds)} syncs"
+            if epoch_sync_seconds else "nothing averaged"
         )
+        accelerator.print(f"epoch {epoch + 1}: train loss {mean_loss:.4f}  test accuracy {100 * test_accuracy:.1f}%  {averaging}")
 
     ms = sorted(1e3 * s for s in sync_seconds)
-    accelerator.print(
-        f"done: test accuracy {100 * test_accuracy:.1f}%; parameter averaging ({args.implementation}) per sync: "
-        f"median {statistics.median(ms):.2f} ms, min {ms[0]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms)} syncs"
-    )
+    if ms:
+        accelerator.print(
+            f"done: test accuracy {100 * test_accuracy:.1f}%; parameter averaging ({args.implementation}) per sync: "
+            f"median {statistics.median(ms):.2f} ms, min {ms[0]:.2f} ms, max {ms[-1]:.2f} ms over {len(ms)} syncs"
+        )
+    else:
+        accelerator.print(f"done: test accuracy {100 * test_accuracy:.1f}%; nothing averaged (one process)")
     for size, seconds in level_seconds.items():
         if seconds:
             accelerator.print(
