@@ -13,12 +13,24 @@ import glob
 import os
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    # pip's default isolated build runs this in a fresh environment without torch (and one with torch
+    # in build requirements would compile against another torch than the one installed).
+    raise SystemExit(
+        "localsgd_ext compiles against the torch already installed, and this build environment has none (pip's "
+        "build isolation hides it). Install torch first (pip install torch==2.13.0), then build without isolation: "
+        "pip install --no-build-isolation ."
+    ) from None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CPP_SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda", "ARCH_LIST")) as arch_file:
+with open(os.path.join(HERE, "csrc", "cuda", "ARCH_LIST")) as arch_file:
     DEFAULT_CUDA_ARCH_LIST = arch_file.read().strip()
 
 
@@ -64,6 +76,14 @@ def extension():
     return CppExtension("localsgd_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx_flags})
 
 
+def record_build_torch() -> None:
+    """The compiled module works with the torch it was built against only (C++ ABI): the package checks
+    this at import and names both versions, instead of failing with a linker error."""
+    with open(os.path.join(HERE, "localsgd_ext", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py: the torch localsgd_ext._C was compiled against."""\n\nTORCH_VERSION = {torch.__version__!r}\n')
+
+
+record_build_torch()
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
