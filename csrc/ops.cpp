@@ -23,4 +23,13 @@ TORCH_LIBRARY(localsgd_ext, m) {
   // (rows x length/block_size), in row order, in float32, then divides by `divisor`: one row
   // dequantizes, W rows average.
   m.def("dequantize_blocks(Tensor codes, Tensor scales, int block_size, float divisor=1.0) -> Tensor");
+  // The quantized wire's send side in one pass: the codes and scales of each block of
+  // `snapshot - anchor (+ residual)`, as quantize_blocks makes them, and with a residual (error
+  // feedback) what each code leaves out written back into it. All 1-D float32 of one length.
+  m.def(
+      "quantize_change(Tensor snapshot, Tensor anchor, Tensor(a!)? residual, int block_size, "
+      "ScalarType? code_dtype=None) -> (Tensor, Tensor)");
+  // The receive side in one pass: `anchor` moved by the dequantized codes (the mean change),
+  // anchor[k] += code[k] * scales[k / block_size].
+  m.def("apply_quantized_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) anchor) -> ()");
 }

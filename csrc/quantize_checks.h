@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 #include "pack_common.h"
 #include "storage_checks.h"
@@ -60,6 +61,62 @@ inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor
   check_divisor("dequantize_blocks", divisor);
   check_storage_holds(codes, "dequantize_blocks: codes");
   check_storage_holds(scales, "dequantize_blocks: scales");
+}
+
+inline void check_flat_float32(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous(), op, ": ", name,
+      " must be a 1-D contiguous tensor, got sizes ", t.sizes(), " and strides ", t.strides(), ".");
+  TORCH_CHECK_VALUE(
+      t.numel() == like.numel(), op, ": ", name, " must have the length of the others (", like.numel(), "), got ",
+      t.numel(), ".");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the others on ", like.device(), ".");
+  check_storage_holds(t, std::string(op) + ": " + name);
+}
+
+inline at::ScalarType check_quantize_change_arguments(
+    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
+    std::optional<at::ScalarType> code_dtype) {
+  const at::ScalarType codes_type = code_dtype.value_or(at::kChar);
+  TORCH_CHECK_TYPE(
+      codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
+      "quantize_change: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
+  check_block_size("quantize_change", block_size);
+  check_flat_float32("quantize_change", "snapshot", snapshot, snapshot);
+  TORCH_CHECK_VALUE(
+      snapshot.numel() % block_size == 0, "quantize_change: the length must be a multiple of block_size (pad it), got ",
+      snapshot.numel(), " elements and block_size ", block_size, ".");
+  check_flat_float32("quantize_change", "anchor", anchor, snapshot);
+  if (residual) {
+    check_flat_float32("quantize_change", "residual", *residual, snapshot);
+  }
+  return codes_type;
+}
+
+inline void check_apply_quantized_mean_arguments(
+    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& anchor) {
+  check_block_size("apply_quantized_mean", block_size);
+  TORCH_CHECK_TYPE(
+      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
+      "apply_quantized_mean: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() % block_size == 0,
+      "apply_quantized_mean: codes must be 1-D, contiguous, a multiple of block_size long, got sizes ", codes.sizes(),
+      " and block_size ", block_size, ".");
+  check_flat_float32("apply_quantized_mean", "anchor", anchor, codes);
+  TORCH_CHECK_TYPE(
+      scales.scalar_type() == at::kFloat, "apply_quantized_mean: scales must be float32, got ", scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
+          scales.numel() == codes.numel() / block_size,
+      "apply_quantized_mean: scales must be 1-D and contiguous with ", codes.numel() / block_size,
+      " entries (one per block), got sizes ", scales.sizes(), ".");
+  TORCH_CHECK_VALUE(
+      codes.device() == scales.device() && codes.device() == anchor.device(), "apply_quantized_mean: codes are on ",
+      codes.device(), ", scales on ", scales.device(), " and anchor on ", anchor.device(), "; they must share a device.");
+  check_storage_holds(codes, "apply_quantized_mean: codes");
+  check_storage_holds(scales, "apply_quantized_mean: scales");
 }
 
 } // namespace localsgd_ext

@@ -126,6 +126,23 @@ LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, float value, fl
 // A row's scale for a mean over `divisor` rows: each row is divided before the rows are summed, so that
 // the sum of rows whose own values are finite stays finite (2e38 + 2.5e38 would overflow, their mean
 // does not).
+// What a rank's quantized wire sends for element k: its change since the anchor, plus (error feedback)
+// what earlier quantization left out. `residual` may be null.
+LOCALSGD_HOST_DEVICE inline float change_at(const float* snapshot, const float* anchor, const float* residual, int64_t k) {
+  const float change = snapshot[k] - anchor[k];
+  return residual == nullptr ? change : change + residual[k];
+}
+
+// What a code leaves out of the change it carries: the next residual. Each operation rounded on its
+// own (no fused multiply-add on the device), as add_dequantized.
+LOCALSGD_HOST_DEVICE inline float left_out(float change, float value, float scale) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(change, __fmul_rn(value, scale));
+#else
+  return change - value * scale;
+#endif
+}
+
 LOCALSGD_HOST_DEVICE inline float scale_for_mean(float scale, float divisor) {
   return divisor == 1.0f ? scale : scale / divisor;
 }

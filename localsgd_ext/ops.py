@@ -7,7 +7,15 @@ import torch
 # Loading the compiled library registers the localsgd_ext::* operators with the dispatcher.
 from . import _C  # noqa: F401
 
-__all__ = ["dequantize_blocks", "merge_into", "pack_into", "quantize_blocks", "unpack_from"]
+__all__ = [
+    "apply_quantized_mean",
+    "dequantize_blocks",
+    "merge_into",
+    "pack_into",
+    "quantize_blocks",
+    "quantize_change",
+    "unpack_from",
+]
 
 
 def pack_into(
@@ -124,6 +132,53 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, block_size: int
         float32 of length `length`.
     """
     return torch.ops.localsgd_ext.dequantize_blocks.default(codes, scales, int(block_size), float(divisor))
+
+
+def quantize_change(
+    snapshot: torch.Tensor,
+    anchor: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    block_size: int,
+    code_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The quantized wire's send side, in one compiled pass: the codes and scales of
+    `snapshot - anchor (+ residual)`, exactly as `quantize_blocks` makes them for that change; with a
+    `residual` (error feedback), what each code leaves out (`change - code * scale`) is written back into
+    it. The change is never stored.
+
+    Args:
+        snapshot (`torch.Tensor`):
+            1-D contiguous float32, a multiple of `block_size` long: the parameters, packed.
+        anchor (`torch.Tensor`):
+            Like `snapshot`: what the change is measured from.
+        residual (`torch.Tensor`, *optional*):
+            Like `snapshot`, updated in place; None without error feedback.
+        block_size (`int`):
+            Elements per scale, 1 to 2**20.
+        code_dtype (`torch.dtype`, *optional*):
+            `torch.int8` (default) or `torch.float8_e4m3fn`.
+
+    Returns:
+        `(codes, scales)`, as `quantize_blocks` returns them.
+    """
+    return torch.ops.localsgd_ext.quantize_change.default(snapshot, anchor, residual, int(block_size), code_dtype)
+
+
+def apply_quantized_mean(codes: torch.Tensor, scales: torch.Tensor, block_size: int, anchor: torch.Tensor) -> None:
+    """The quantized wire's receive side, in one compiled pass: `anchor[k] += code[k] * scales[k // block_size]`
+    (the product rounded, then the sum), the same bits on every rank for the same codes.
+
+    Args:
+        codes (`torch.Tensor`):
+            1-D contiguous int8 or float8_e4m3fn, a multiple of `block_size` long.
+        scales (`torch.Tensor`):
+            1-D contiguous float32, one per block.
+        block_size (`int`):
+            Elements per scale.
+        anchor (`torch.Tensor`):
+            1-D contiguous float32 of the codes' length, on their device; updated in place.
+    """
+    torch.ops.localsgd_ext.apply_quantized_mean.default(codes, scales, int(block_size), anchor)
 
 
 def _check_arguments(op, tensors, offsets, buffer):
@@ -247,3 +302,54 @@ def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
         raise ValueError(f"dequantize_blocks: codes are on {codes.device} but scales on {scales.device}.")
     _check_float32_factor("dequantize_blocks", "divisor", divisor)
     return scales.new_empty(codes.shape[1])
+
+
+def _check_flat_float32(op, name, t, like):
+    if t.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} must be float32, got {t.dtype}.")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a 1-D contiguous tensor, got sizes {list(t.shape)}.")
+    if t.numel() != like.numel():
+        raise ValueError(f"{op}: {name} must have the length of the others ({like.numel()}), got {t.numel()}.")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the others on {like.device}.")
+
+
+@torch.library.register_fake("localsgd_ext::quantize_change")
+def _quantize_change_fake(snapshot, anchor, residual, block_size, code_dtype=None):
+    code_dtype = torch.int8 if code_dtype is None else code_dtype
+    if code_dtype not in CODE_DTYPES:
+        raise TypeError(f"quantize_change: code_dtype must be torch.int8 or torch.float8_e4m3fn, got {code_dtype}.")
+    _check_block_size("quantize_change", block_size)
+    _check_flat_float32("quantize_change", "snapshot", snapshot, snapshot)
+    if snapshot.numel() % block_size:
+        raise ValueError(
+            f"quantize_change: the length must be a multiple of block_size (pad it), got {snapshot.numel()} elements "
+            f"and block_size {block_size}."
+        )
+    _check_flat_float32("quantize_change", "anchor", anchor, snapshot)
+    if residual is not None:
+        _check_flat_float32("quantize_change", "residual", residual, snapshot)
+    return snapshot.new_empty(snapshot.shape, dtype=code_dtype), snapshot.new_empty(snapshot.numel() // block_size)
+
+
+@torch.library.register_fake("localsgd_ext::apply_quantized_mean")
+def _apply_quantized_mean_fake(codes, scales, block_size, anchor):
+    _check_block_size("apply_quantized_mean", block_size)
+    if codes.dtype not in CODE_DTYPES or scales.dtype != torch.float32:
+        raise TypeError(
+            f"apply_quantized_mean: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and "
+            f"{scales.dtype}."
+        )
+    if codes.dim() != 1 or codes.numel() % block_size or tuple(scales.shape) != (codes.numel() // block_size,):
+        raise ValueError(
+            f"apply_quantized_mean: codes must be 1-D, a multiple of block_size long, and scales one per block, got "
+            f"{list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
+        )
+    _check_flat_float32("apply_quantized_mean", "anchor", anchor, codes)
+    if codes.device != scales.device:
+        raise ValueError(
+            f"apply_quantized_mean: codes are on {codes.device}, scales on {scales.device} and anchor on "
+            f"{anchor.device}; they must share a device."
+        )
+    return None

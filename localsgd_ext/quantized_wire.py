@@ -39,8 +39,8 @@ class QuantizedAverager:
     Every rank keeps an anchor: the tensors' values after the last sync, the same bits on every rank.
     A sync sends each rank's delta `tensor - anchor` (plus, with error feedback, what earlier
     quantization left out), quantized to int8 in blocks of `block_size` elements with a scale
-    `max|delta| / 127` each (the compiled `quantize_blocks`; with `wire="fp8"`, e4m3 codes of
-    `delta / scale` with scale `max|delta| / 448`). The reduction cannot overflow: an
+    `max|delta| / 127` each (the compiled `quantize_change`, one pass that never stores the delta; with
+    `wire="fp8"`, e4m3 codes of `delta / scale` with scale `max|delta| / 448`). The reduction cannot overflow: an
     all_to_all hands each rank one chunk of everyone's codes, which it dequantizes and averages in
     float32 (`dequantize_blocks`), quantizes again, and an all_gather gives every rank every averaged
     chunk. Every rank then adds the same dequantized mean delta to the same anchor, so the tensors
@@ -146,7 +146,6 @@ class QuantizedAverager:
         self._sharded = is_sharded(self.params)
         self._anchor: Optional[torch.Tensor] = None
         self._snapshot: Optional[torch.Tensor] = None
-        self._delta: Optional[torch.Tensor] = None
         self._residual: Optional[torch.Tensor] = None
         # An overlapped sync in flight.
         self._pending: Optional[_Exchange] = None
@@ -177,7 +176,7 @@ class QuantizedAverager:
             total += p.numel()
         self.numel = total
         self._planned_layout = self._layout()
-        self._anchor = self._snapshot = self._delta = self._residual = None
+        self._anchor = self._snapshot = self._residual = None
 
     @property
     def _device(self) -> torch.device:
@@ -210,9 +209,8 @@ class QuantizedAverager:
         device = self._device
         self._anchor = torch.zeros(self._padded_length(world_size), dtype=torch.float32, device=device)
         ops.pack_into(self._tensors, self.offsets, self._anchor)
-        # Reused at every sync; their padding stays zero (pack writes the tensors' elements only).
+        # Reused at every sync; its padding stays zero (pack writes the tensors' elements only).
         self._snapshot = torch.zeros_like(self._anchor)
-        self._delta = torch.zeros_like(self._anchor)
         if self.error_feedback:
             self._residual = torch.zeros_like(self._anchor)
 
@@ -227,13 +225,9 @@ class QuantizedAverager:
         """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
         residual, with error feedback). Refuses a change that float32 cannot hold, before anything is sent."""
         ops.pack_into(self._tensors, self.offsets, self._snapshot)
-        delta = torch.sub(self._snapshot, self._anchor, out=self._delta)
-        if self.error_feedback:
-            delta += self._residual
-        codes, scales = ops.quantize_blocks(delta, self.block_size, self._code_dtype)
+        # One pass: the change since the anchor (plus the residual), its codes, and the residual it leaves.
+        codes, scales = ops.quantize_change(self._snapshot, self._anchor, self._residual, self.block_size, self._code_dtype)
         self._refuse_overflowed_change(scales)
-        if self.error_feedback:
-            torch.sub(delta, ops.dequantize_blocks(codes[None], scales[None], self.block_size), out=self._residual)
         return codes, scales
 
     def _refuse_overflowed_change(self, scales: torch.Tensor) -> None:
@@ -250,10 +244,13 @@ class QuantizedAverager:
         index = bisect.bisect_right(self.offsets, begin) - 1
         while self._tensors[index].numel() == 0 or self.offsets[index] + self._tensors[index].numel() <= begin:
             index += 1
+        if self._residual is not None:
+            self._residual.zero_()  # its overflowing block holds NaN now
         raise ValueError(
             f"the {self.wire} wire cannot send the change of {self.names[index]} since the last sync: it overflows "
             "float32 (a value moved by more than 3.4e38), so it would arrive as NaN on every rank. Nothing was "
-            "averaged. Values this large need the float wire (wire=None)"
+            "averaged" + ("; error feedback starts again from zero" if self._residual is not None else "")
+            + ". Values this large need the float wire (wire=None)"
         )
 
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
@@ -290,7 +287,7 @@ class QuantizedAverager:
             self._start_gather(group, exchange)
         exchange.wait()
         all_codes, all_scales = exchange.buffers
-        self._anchor += ops.dequantize_blocks(all_codes[None], all_scales[None], self.block_size)
+        ops.apply_quantized_mean(all_codes, all_scales, self.block_size, self._anchor)
 
     def _begin_sync(self, call: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """What every sync starts with. Refuses one while another is in flight. Without an anchor (the first

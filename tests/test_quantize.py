@@ -132,3 +132,86 @@ def test_cuda_and_cpu_kernels_give_the_same_bits(code_dtype):
     cpu_mean = ops.dequantize_blocks(rows_codes, rows_scales, 1024, 2.0)
     gpu_mean = ops.dequantize_blocks(rows_codes.cuda(), rows_scales.cuda(), 1024, 2.0)
     assert torch.equal(cpu_mean.nan_to_num(-1.0), gpu_mean.cpu().nan_to_num(-1.0))
+
+
+# quantize_change / apply_quantized_mean: the quantized wire's send and receive sides, one pass each.
+
+
+def _change_inputs(block_size, blocks, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = block_size * blocks
+    snapshot = (torch.randn(n, generator=generator) * torch.logspace(-3, 3, n)).to(device)
+    anchor = torch.randn(n, generator=generator).to(device)
+    residual = (torch.randn(n, generator=generator) * 0.01).to(device)
+    snapshot[:block_size] = anchor[:block_size]  # a block that did not change
+    return snapshot, anchor, residual
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("block_size", [1, 7, 256, 1024])
+def test_quantize_change_is_quantize_blocks_of_the_change_and_leaves_its_residual(device, code_dtype, block_size):
+    snapshot, anchor, residual = _change_inputs(block_size, 5, device, block_size)
+    change = snapshot - anchor + residual
+    codes, scales = ops.quantize_blocks(change, block_size, code_dtype)
+    left_out = change - ops.dequantize_blocks(codes[None], scales[None], block_size)
+    got_codes, got_scales = ops.quantize_change(snapshot, anchor, residual, block_size, code_dtype)
+    assert torch.equal(got_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(got_scales, scales)
+    assert torch.equal(residual, left_out), "error feedback keeps exactly what the codes left out"
+    plain_codes, plain_scales = ops.quantize_change(snapshot, anchor, None, block_size, code_dtype)
+    codes, scales = ops.quantize_blocks(snapshot - anchor, block_size, code_dtype)
+    assert torch.equal(plain_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(plain_scales, scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_apply_quantized_mean_moves_the_anchor_by_the_dequantized_codes(device, code_dtype):
+    snapshot, anchor, _ = _change_inputs(64, 4, device, 3)
+    codes, scales = ops.quantize_blocks(snapshot, 64, code_dtype)
+    expected = anchor + ops.dequantize_blocks(codes[None], scales[None], 64)
+    ops.apply_quantized_mean(codes, scales, 64, anchor)
+    assert torch.equal(anchor, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_change_and_apply_pass_opcheck(device):
+    snapshot, anchor, residual = _change_inputs(32, 4, device, 5)
+    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, residual, 32))
+    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, None, 32))
+    codes, scales = ops.quantize_blocks(snapshot, 32)
+    torch.library.opcheck(torch.ops.localsgd_ext.apply_quantized_mean.default, (codes, scales, 32, anchor))
+
+
+@pytest.mark.parametrize(
+    "call, exception, message",
+    [
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(6), None, 2), ValueError, r"anchor must have the length of the others \(8\), got 6"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), torch.zeros(8).double(), 2), TypeError, "residual must be float32, got Double"),
+        (lambda: ops.quantize_change(torch.zeros(10), torch.zeros(10), None, 4), ValueError, "the length must be a multiple of block_size"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8, device="meta"), None, 4), ValueError, "anchor is on meta but the others on cpu"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, torch.float16), TypeError, "code_dtype must be torch.int8 or torch.float8_e4m3fn"),
+        (lambda: ops.apply_quantized_mean(torch.zeros(8, dtype=torch.int8), torch.ones(3), 4, torch.zeros(8)), ValueError, "scales must be 1-D and contiguous with 2 entries"),
+        (lambda: ops.apply_quantized_mean(torch.zeros(8), torch.ones(2), 4, torch.zeros(8)), TypeError, "codes must be int8 or float8_e4m3fn"),
+        (lambda: ops.apply_quantized_mean(torch.zeros(8, dtype=torch.int8), torch.ones(2), 4, torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 4"),
+    ],
+)
+def test_quantize_change_and_apply_refuse_bad_arguments(call, exception, message):
+    with pytest.raises(exception, match=message):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_cuda_and_cpu_quantize_change_give_the_same_bits(code_dtype):
+    snapshot, anchor, residual = _change_inputs(1024, 33, "cpu", 9)
+    snapshot[5000] = float("nan")
+    gpu_residual = residual.cuda()
+    cpu_codes, cpu_scales = ops.quantize_change(snapshot, anchor, residual, 1024, code_dtype)
+    gpu_codes, gpu_scales = ops.quantize_change(snapshot.cuda(), anchor.cuda(), gpu_residual, 1024, code_dtype)
+    assert torch.equal(cpu_codes.view(torch.uint8), gpu_codes.cpu().view(torch.uint8))
+    assert torch.equal(cpu_scales.nan_to_num(-1.0), gpu_scales.cpu().nan_to_num(-1.0))
+    assert torch.equal(residual.nan_to_num(-1.0), gpu_residual.cpu().nan_to_num(-1.0))
+    gpu_anchor = anchor.cuda()
+    ops.apply_quantized_mean(cpu_codes, cpu_scales, 1024, anchor)
+    ops.apply_quantized_mean(cpu_codes.cuda(), cpu_scales.cuda(), 1024, gpu_anchor)
+    assert torch.equal(anchor.nan_to_num(-1.0), gpu_anchor.cpu().nan_to_num(-1.0))

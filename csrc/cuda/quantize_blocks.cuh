@@ -30,6 +30,41 @@ LOCALSGD_HOST_DEVICE inline void write_codes(
   }
 }
 
+// quantize_change: thread `thread` of `threads`, max |change| over its elements of one block (the change
+// computed on the fly from the block's snapshot, anchor and residual pointers; residual may be null).
+LOCALSGD_HOST_DEVICE inline float partial_max_change(
+    const float* snapshot, const float* anchor, const float* residual, int64_t block_size, int thread, int threads) {
+  float magnitude = 0.0f;
+  for (int64_t k = thread; k < block_size; k += threads) {
+    magnitude = quantize::max_magnitude(magnitude, quantize::change_at(snapshot, anchor, residual, k));
+  }
+  return magnitude;
+}
+
+// quantize_change: the same elements' codes once the block's scale is known, and (with a residual)
+// what each code leaves out, written back as the next residual.
+template <typename Codec>
+LOCALSGD_HOST_DEVICE inline void write_change_codes(
+    const float* snapshot, const float* anchor, float* residual, typename Codec::Code* codes, int64_t block_size,
+    float scale, int thread, int threads) {
+  const bool gives_codes = quantize::scale_gives_codes(scale);
+  for (int64_t k = thread; k < block_size; k += threads) {
+    const float change = quantize::change_at(snapshot, anchor, residual, k);
+    const typename Codec::Code code = gives_codes ? Codec::encode(change, scale) : typename Codec::Code{0};
+    codes[k] = code;
+    if (residual != nullptr) {
+      residual[k] = quantize::left_out(change, Codec::decode(code), scale);
+    }
+  }
+}
+
+// apply_quantized_mean: element k of the anchor moved by its dequantized mean change.
+template <typename Codec>
+LOCALSGD_HOST_DEVICE inline float moved_anchor_at(
+    const typename Codec::Code* codes, const float* scales, const float* anchor, int64_t block_size, int64_t k) {
+  return quantize::add_dequantized(anchor[k], Codec::decode(codes[k]), scales[k / block_size]);
+}
+
 // Element k of the rows' dequantized mean over divisor: each row's value times its scale / divisor,
 // summed in row order.
 template <typename Codec>

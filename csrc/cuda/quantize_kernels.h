@@ -32,4 +32,27 @@ cudaError_t launch_dequantize_blocks(
     float* out,
     cudaStream_t stream);
 
+// snapshot, anchor (and residual, or null): num_blocks * block_size floats; writes the codes and scales of
+// (snapshot - anchor + residual), and the residual it leaves, on `stream`.
+cudaError_t launch_quantize_change(
+    const float* snapshot,
+    const float* anchor,
+    float* residual,
+    int64_t num_blocks,
+    int64_t block_size,
+    CodeFormat format,
+    void* codes,
+    float* scales,
+    cudaStream_t stream);
+
+// anchor[k] += decode(codes[k]) * scales[k / block_size], for `length` elements, on `stream`.
+cudaError_t launch_apply_quantized_mean(
+    const void* codes,
+    CodeFormat format,
+    const float* scales,
+    int64_t length,
+    int64_t block_size,
+    float* anchor,
+    cudaStream_t stream);
+
 } // namespace localsgd_ext::cuda

@@ -526,6 +526,72 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
   }
 }
 
+// quantize_change's schedule on the host (each thread's partial max of the change, the tree, each thread's
+// codes and residual), against the references of check_quantize_blocks applied to the change computed
+// apart; then apply_quantized_mean's element function against anchor + code * scale.
+void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
+  using localsgd_ext::quantize::Int8Codec;
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const int64_t n = block_size * num_blocks;
+  std::vector<float> snapshot(n), anchor(n), residual(n);
+  for (int64_t k = 0; k < n; ++k) {
+    snapshot[k] = normal(rng), anchor[k] = normal(rng), residual[k] = 0.01f * normal(rng);
+  }
+  std::copy(anchor.begin(), anchor.begin() + block_size, snapshot.begin());  // a block that did not move...
+  std::fill(residual.begin(), residual.begin() + block_size, 0.0f);          // ...and has nothing left over
+  if (num_blocks > 1) {
+    snapshot[block_size + block_size / 2] = std::numeric_limits<float>::quiet_NaN();
+  }
+  std::vector<float> change(n);
+  for (int64_t k = 0; k < n; ++k) {
+    change[k] = (snapshot[k] - anchor[k]) + residual[k];
+  }
+  std::vector<int8_t> codes(n, 99);
+  std::vector<float> scales(num_blocks, -1.0f);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t first = b * block_size;
+    float partial[kQuantizeThreads];
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      partial[thread] = partial_max_change(
+          snapshot.data() + first, anchor.data() + first, residual.data() + first, block_size, thread, kQuantizeThreads);
+    }
+    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+      for (int thread = 0; thread < stride; ++thread) {
+        partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
+      }
+    }
+    scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(partial[0]);
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      write_change_codes<Int8Codec>(
+          snapshot.data() + first, anchor.data() + first, residual.data() + first, codes.data() + first, block_size,
+          scales[b], thread, kQuantizeThreads);
+    }
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    float magnitude = 0.0f;
+    bool has_nan = false;
+    for (int64_t k = b * block_size; k < (b + 1) * block_size; ++k) {
+      has_nan |= std::isnan(change[k]);
+      magnitude = std::max(magnitude, std::fabs(change[k]));
+    }
+    const float expected_scale = magnitude / 127.0f;
+    EXPECT(has_nan ? std::isnan(scales[b]) : scales[b] == expected_scale);
+    for (int64_t k = b * block_size; k < (b + 1) * block_size; ++k) {
+      int8_t expected = 0;
+      if (std::isfinite(expected_scale) && expected_scale > 0.0f && !has_nan) {
+        expected = static_cast<int8_t>(std::clamp(std::nearbyint(change[k] / expected_scale), -127.0f, 127.0f));
+      }
+      EXPECT(codes[k] == expected);
+      const float left_out = change[k] - static_cast<float>(expected) * scales[b];
+      EXPECT((std::isnan(left_out) && std::isnan(residual[k])) || residual[k] == left_out);
+      const float moved = moved_anchor_at<Int8Codec>(codes.data(), scales.data(), anchor.data(), block_size, k);
+      const float expected_anchor = anchor[k] + static_cast<float>(codes[k]) * scales[b];
+      EXPECT((std::isnan(moved) && std::isnan(expected_anchor)) || moved == expected_anchor);
+    }
+  }
+  EXPECT(scales[0] == 0.0f);  // the block that did not move sends nothing
+}
+
 // The e4m3 codec against the CUDA toolkit's own conversions (cuda_fp8.h, callable on the host): every
 // code decodes to the toolkit's value, and floats in -448..448 (random, every code's value, the ties
 // halfway between neighbours, subnormals) encode to the toolkit's saturating round-to-nearest-even code.
@@ -588,6 +654,7 @@ int main() {
   check_e4m3_codec(rng);
   for (int64_t block_size : {1, 7, 256, 300, 1024}) {
     check_quantize_blocks(rng, block_size, 6);
+    check_quantize_change(rng, block_size, 4);
   }
   return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8/e4m3 quantization on the host");
 }
