@@ -25,10 +25,16 @@ TORCH_LIBRARY(localsgd_ext, m) {
   m.def("dequantize_blocks(Tensor codes, Tensor scales, int block_size, float divisor=1.0) -> Tensor");
   // The quantized wire's send side in one pass: the codes and scales of each block of
   // `snapshot - anchor (+ residual)`, as quantize_blocks makes them, and with a residual (error
-  // feedback) what each code leaves out written back into it. All 1-D float32 of one length.
+  // feedback) what each code leaves out written back into it. Inputs 1-D float32 of one length.
+  // Writes into `codes` (whose dtype, int8 or float8_e4m3fn, picks the code) and `scales`.
   m.def(
-      "quantize_change(Tensor snapshot, Tensor anchor, Tensor(a!)? residual, int block_size, "
-      "ScalarType? code_dtype=None) -> (Tensor, Tensor)");
+      "quantize_change(Tensor snapshot, Tensor anchor, Tensor(a!)? residual, int block_size, Tensor(b!) codes, "
+      "Tensor(c!) scales) -> ()");
+  // The reduction's middle in one pass: the mean over the rows of `codes` / `scales` (as
+  // dequantize_blocks with divisor = rows computes it), quantized again into `mean_codes` / `mean_scales`
+  // (as quantize_blocks would), the mean never stored.
+  m.def(
+      "requantize_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) mean_codes, Tensor(b!) mean_scales) -> ()");
   // The receive side in one pass: `anchor` moved by the dequantized codes (the mean change),
   // anchor[k] += code[k] * scales[k / block_size].
   m.def("apply_quantized_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) anchor) -> ()");

@@ -75,13 +75,33 @@ inline void check_flat_float32(const char* op, const char* name, const at::Tenso
   check_storage_holds(t, std::string(op) + ": " + name);
 }
 
-inline at::ScalarType check_quantize_change_arguments(
-    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
-    std::optional<at::ScalarType> code_dtype) {
-  const at::ScalarType codes_type = code_dtype.value_or(at::kChar);
+// Codes (int8 or float8_e4m3fn) and scales (float32, one per block) an op writes: 1-D, contiguous,
+// `length` and `length / block_size` long, on `device`.
+inline void check_codes_out(
+    const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t length, int64_t block_size,
+    c10::Device device, const char* codes_name, const char* scales_name) {
   TORCH_CHECK_TYPE(
-      codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
-      "quantize_change: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
+      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn, op, ": ", codes_name,
+      " must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() == length, op, ": ",
+      codes_name, " must be 1-D and contiguous with ", length, " elements, got sizes ", codes.sizes(), ".");
+  TORCH_CHECK_TYPE(
+      scales.scalar_type() == at::kFloat, op, ": ", scales_name, " must be float32, got ", scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() && scales.numel() == length / block_size,
+      op, ": ", scales_name, " must be 1-D and contiguous with ", length / block_size, " entries (one per block), got sizes ",
+      scales.sizes(), ".");
+  TORCH_CHECK_VALUE(
+      codes.device() == device && scales.device() == device, op, ": ", codes_name, " and ", scales_name,
+      " must be on ", device, ", got ", codes.device(), " and ", scales.device(), ".");
+  check_storage_holds(codes, std::string(op) + ": " + codes_name);
+  check_storage_holds(scales, std::string(op) + ": " + scales_name);
+}
+
+inline void check_quantize_change_arguments(
+    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
+    const at::Tensor& codes, const at::Tensor& scales) {
   check_block_size("quantize_change", block_size);
   check_flat_float32("quantize_change", "snapshot", snapshot, snapshot);
   TORCH_CHECK_VALUE(
@@ -91,7 +111,18 @@ inline at::ScalarType check_quantize_change_arguments(
   if (residual) {
     check_flat_float32("quantize_change", "residual", *residual, snapshot);
   }
-  return codes_type;
+  check_codes_out("quantize_change", codes, scales, snapshot.numel(), block_size, snapshot.device(), "codes", "scales");
+}
+
+inline void check_requantize_mean_arguments(
+    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& mean_codes,
+    const at::Tensor& mean_scales) {
+  check_dequantize_arguments(codes, scales, block_size, 1.0);
+  check_codes_out(
+      "requantize_mean", mean_codes, mean_scales, codes.size(1), block_size, codes.device(), "mean_codes", "mean_scales");
+  TORCH_CHECK_TYPE(
+      mean_codes.scalar_type() == codes.scalar_type(), "requantize_mean: mean_codes must have the codes' dtype (",
+      codes.scalar_type(), "), got ", mean_codes.scalar_type(), ".");
 }
 
 inline void check_apply_quantized_mean_arguments(

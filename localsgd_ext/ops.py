@@ -14,6 +14,7 @@ __all__ = [
     "pack_into",
     "quantize_blocks",
     "quantize_change",
+    "requantize_mean",
     "unpack_from",
 ]
 
@@ -139,12 +140,13 @@ def quantize_change(
     anchor: torch.Tensor,
     residual: Optional[torch.Tensor],
     block_size: int,
-    code_dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
     """The quantized wire's send side, in one compiled pass: the codes and scales of
-    `snapshot - anchor (+ residual)`, exactly as `quantize_blocks` makes them for that change; with a
-    `residual` (error feedback), what each code leaves out (`change - code * scale`) is written back into
-    it. The change is never stored.
+    `snapshot - anchor (+ residual)`, exactly as `quantize_blocks` makes them for that change, written into
+    `codes` and `scales`; with a `residual` (error feedback), what each code leaves out
+    (`change - code * scale`) is written back into it. The change is never stored.
 
     Args:
         snapshot (`torch.Tensor`):
@@ -155,13 +157,34 @@ def quantize_change(
             Like `snapshot`, updated in place; None without error feedback.
         block_size (`int`):
             Elements per scale, 1 to 2**20.
-        code_dtype (`torch.dtype`, *optional*):
-            `torch.int8` (default) or `torch.float8_e4m3fn`.
-
-    Returns:
-        `(codes, scales)`, as `quantize_blocks` returns them.
+        codes (`torch.Tensor`):
+            1-D contiguous int8 or float8_e4m3fn of `snapshot`'s length (its dtype picks the code); written.
+        scales (`torch.Tensor`):
+            1-D contiguous float32, one per block; written.
     """
-    return torch.ops.localsgd_ext.quantize_change.default(snapshot, anchor, residual, int(block_size), code_dtype)
+    torch.ops.localsgd_ext.quantize_change.default(snapshot, anchor, residual, int(block_size), codes, scales)
+
+
+def requantize_mean(
+    codes: torch.Tensor, scales: torch.Tensor, block_size: int, mean_codes: torch.Tensor, mean_scales: torch.Tensor
+) -> None:
+    """The quantized reduction's middle, in one compiled pass: the mean of the rows of `codes`/`scales` (the
+    bits `dequantize_blocks(codes, scales, block_size, rows)` gives), quantized again into
+    `mean_codes`/`mean_scales` (the bits `quantize_blocks` gives), without storing the mean.
+
+    Args:
+        codes (`torch.Tensor`):
+            2-D contiguous int8 or float8_e4m3fn, `(rows, length)`: the chunk each rank sent.
+        scales (`torch.Tensor`):
+            2-D contiguous float32, `(rows, length / block_size)`.
+        block_size (`int`):
+            Elements per scale.
+        mean_codes (`torch.Tensor`):
+            1-D contiguous, of `length` and the codes' dtype; written.
+        mean_scales (`torch.Tensor`):
+            1-D contiguous float32, `length / block_size`; written.
+    """
+    torch.ops.localsgd_ext.requantize_mean.default(codes, scales, int(block_size), mean_codes, mean_scales)
 
 
 def apply_quantized_mean(codes: torch.Tensor, scales: torch.Tensor, block_size: int, anchor: torch.Tensor) -> None:
@@ -315,11 +338,24 @@ def _check_flat_float32(op, name, t, like):
         raise ValueError(f"{op}: {name} is on {t.device} but the others on {like.device}.")
 
 
+def _check_codes_out(op, codes, scales, length, block_size, device, codes_name="codes", scales_name="scales"):
+    if codes.dtype not in CODE_DTYPES:
+        raise TypeError(f"{op}: {codes_name} must be int8 or float8_e4m3fn, got {codes.dtype}.")
+    if codes.dim() != 1 or not codes.is_contiguous() or codes.numel() != length:
+        raise ValueError(f"{op}: {codes_name} must be 1-D and contiguous with {length} elements, got sizes {list(codes.shape)}.")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"{op}: {scales_name} must be float32, got {scales.dtype}.")
+    if scales.dim() != 1 or not scales.is_contiguous() or scales.numel() != length // block_size:
+        raise ValueError(
+            f"{op}: {scales_name} must be 1-D and contiguous with {length // block_size} entries (one per block), got "
+            f"sizes {list(scales.shape)}."
+        )
+    if codes.device != device or scales.device != device:
+        raise ValueError(f"{op}: {codes_name} and {scales_name} must be on {device}, got {codes.device} and {scales.device}.")
+
+
 @torch.library.register_fake("localsgd_ext::quantize_change")
-def _quantize_change_fake(snapshot, anchor, residual, block_size, code_dtype=None):
-    code_dtype = torch.int8 if code_dtype is None else code_dtype
-    if code_dtype not in CODE_DTYPES:
-        raise TypeError(f"quantize_change: code_dtype must be torch.int8 or torch.float8_e4m3fn, got {code_dtype}.")
+def _quantize_change_fake(snapshot, anchor, residual, block_size, codes, scales):
     _check_block_size("quantize_change", block_size)
     _check_flat_float32("quantize_change", "snapshot", snapshot, snapshot)
     if snapshot.numel() % block_size:
@@ -330,7 +366,19 @@ def _quantize_change_fake(snapshot, anchor, residual, block_size, code_dtype=Non
     _check_flat_float32("quantize_change", "anchor", anchor, snapshot)
     if residual is not None:
         _check_flat_float32("quantize_change", "residual", residual, snapshot)
-    return snapshot.new_empty(snapshot.shape, dtype=code_dtype), snapshot.new_empty(snapshot.numel() // block_size)
+    _check_codes_out("quantize_change", codes, scales, snapshot.numel(), block_size, snapshot.device)
+    return None
+
+
+@torch.library.register_fake("localsgd_ext::requantize_mean")
+def _requantize_mean_fake(codes, scales, block_size, mean_codes, mean_scales):
+    _dequantize_blocks_fake(codes, scales, block_size, 1.0)
+    _check_codes_out(
+        "requantize_mean", mean_codes, mean_scales, codes.shape[1], block_size, codes.device, "mean_codes", "mean_scales"
+    )
+    if mean_codes.dtype != codes.dtype:
+        raise TypeError(f"requantize_mean: mean_codes must have the codes' dtype ({codes.dtype}), got {mean_codes.dtype}.")
+    return None
 
 
 @torch.library.register_fake("localsgd_ext::apply_quantized_mean")

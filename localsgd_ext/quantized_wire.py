@@ -177,6 +177,7 @@ class QuantizedAverager:
         self.numel = total
         self._planned_layout = self._layout()
         self._anchor = self._snapshot = self._residual = None
+        self._wire: Optional[_WireBuffers] = None
 
     @property
     def _device(self) -> torch.device:
@@ -213,6 +214,7 @@ class QuantizedAverager:
         self._snapshot = torch.zeros_like(self._anchor)
         if self.error_feedback:
             self._residual = torch.zeros_like(self._anchor)
+        self._wire = _WireBuffers.for_length(self._anchor.numel(), world_size, self.block_size, self._code_dtype, device)
 
     @torch.no_grad()
     def rebase_anchor(self) -> None:
@@ -226,7 +228,8 @@ class QuantizedAverager:
         residual, with error feedback). Refuses a change that float32 cannot hold, before anything is sent."""
         ops.pack_into(self._tensors, self.offsets, self._snapshot)
         # One pass: the change since the anchor (plus the residual), its codes, and the residual it leaves.
-        codes, scales = ops.quantize_change(self._snapshot, self._anchor, self._residual, self.block_size, self._code_dtype)
+        codes, scales = self._wire.codes, self._wire.scales
+        ops.quantize_change(self._snapshot, self._anchor, self._residual, self.block_size, codes, scales)
         self._refuse_overflowed_change(scales)
         return codes, scales
 
@@ -256,7 +259,7 @@ class QuantizedAverager:
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
         """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales. Codes
         travel as bytes (backends may not know float8)."""
-        received = (torch.empty_like(codes), torch.empty_like(scales))
+        received = (self._wire.received_codes, self._wire.received_scales)
         works = [
             dist.all_to_all_single(_as_bytes(received[0]), _as_bytes(codes), group=group, async_op=True),
             dist.all_to_all_single(received[1], scales, group=group, async_op=True),
@@ -269,11 +272,11 @@ class QuantizedAverager:
         exchange.wait()
         world_size = dist.get_world_size(group)
         received_codes, received_scales = exchange.buffers
-        chunk_mean = ops.dequantize_blocks(
-            received_codes.view(world_size, -1), received_scales.view(world_size, -1), self.block_size, world_size
+        mean_codes, mean_scales = self._wire.mean_codes, self._wire.mean_scales
+        ops.requantize_mean(
+            received_codes.view(world_size, -1), received_scales.view(world_size, -1), self.block_size, mean_codes, mean_scales
         )
-        mean_codes, mean_scales = ops.quantize_blocks(chunk_mean, self.block_size, self._code_dtype)
-        gathered = (mean_codes.new_empty(mean_codes.numel() * world_size), mean_scales.new_empty(mean_scales.numel() * world_size))
+        gathered = (self._wire.gathered_codes, self._wire.gathered_scales)
         exchange.phase, exchange.buffers = 2, gathered
         exchange.works = [
             _all_gather_single(_as_bytes(gathered[0]), _as_bytes(mean_codes), group=group, async_op=True),
@@ -383,6 +386,32 @@ class QuantizedAverager:
 
     def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
         self._full_precision.verify_ranks_agree(equal_values)
+
+
+@dataclasses.dataclass
+class _WireBuffers:
+    """What a sync sends and receives, allocated with the anchor and reused (a fresh 100 MB tensor per sync
+    costs more in page faults than the pass that fills it): this rank's codes and scales, the chunks the
+    all_to_all brings, this rank's chunk of the mean, and every chunk's mean after the all_gather."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    received_codes: torch.Tensor
+    received_scales: torch.Tensor
+    mean_codes: torch.Tensor
+    mean_scales: torch.Tensor
+    gathered_codes: torch.Tensor
+    gathered_scales: torch.Tensor
+
+    @classmethod
+    def for_length(cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device) -> "_WireBuffers":
+        def codes_and_scales(n: int):
+            return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
+
+        return cls(
+            *codes_and_scales(length), *codes_and_scales(length), *codes_and_scales(length // world_size),
+            *codes_and_scales(length),
+        )
 
 
 def _as_bytes(codes: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,8 @@ def test_cuda_and_cpu_kernels_give_the_same_bits(code_dtype):
     assert torch.equal(cpu_mean.nan_to_num(-1.0), gpu_mean.cpu().nan_to_num(-1.0))
 
 
-# quantize_change / apply_quantized_mean: the quantized wire's send and receive sides, one pass each.
+# quantize_change / requantize_mean / apply_quantized_mean: the quantized wire's send side, the
+# reduction's middle and the receive side, one pass each.
 
 
 def _change_inputs(block_size, blocks, device, seed):
@@ -147,6 +148,16 @@ def _change_inputs(block_size, blocks, device, seed):
     return snapshot, anchor, residual
 
 
+def _codes_out(n, block_size, code_dtype, device):
+    return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
+
+
+def _quantize_change(snapshot, anchor, residual, block_size, code_dtype):
+    codes, scales = _codes_out(snapshot.numel(), block_size, code_dtype, snapshot.device)
+    ops.quantize_change(snapshot, anchor, residual, block_size, codes, scales)
+    return codes, scales
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("block_size", [1, 7, 256, 1024])
@@ -155,12 +166,28 @@ def test_quantize_change_is_quantize_blocks_of_the_change_and_leaves_its_residua
     change = snapshot - anchor + residual
     codes, scales = ops.quantize_blocks(change, block_size, code_dtype)
     left_out = change - ops.dequantize_blocks(codes[None], scales[None], block_size)
-    got_codes, got_scales = ops.quantize_change(snapshot, anchor, residual, block_size, code_dtype)
+    got_codes, got_scales = _quantize_change(snapshot, anchor, residual, block_size, code_dtype)
     assert torch.equal(got_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(got_scales, scales)
     assert torch.equal(residual, left_out), "error feedback keeps exactly what the codes left out"
-    plain_codes, plain_scales = ops.quantize_change(snapshot, anchor, None, block_size, code_dtype)
+    plain_codes, plain_scales = _quantize_change(snapshot, anchor, None, block_size, code_dtype)
     codes, scales = ops.quantize_blocks(snapshot - anchor, block_size, code_dtype)
     assert torch.equal(plain_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(plain_scales, scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_requantize_mean_is_quantize_blocks_of_the_dequantized_mean(device, code_dtype, rows):
+    generator = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 6 * 64, generator=generator) * torch.logspace(-3, 3, 6 * 64)).to(device)
+    x[:, :64] = 0  # an all-zero block
+    sent = [ops.quantize_blocks(row, 64, code_dtype) for row in x]
+    codes, scales = torch.stack([c for c, _ in sent]), torch.stack([s for _, s in sent])
+    expected_codes, expected_scales = ops.quantize_blocks(ops.dequantize_blocks(codes, scales, 64, rows), 64, code_dtype)
+    mean_codes, mean_scales = _codes_out(6 * 64, 64, code_dtype, device)
+    ops.requantize_mean(codes, scales, 64, mean_codes, mean_scales)
+    assert torch.equal(mean_codes.view(torch.uint8), expected_codes.view(torch.uint8))
+    assert torch.equal(mean_scales, expected_scales)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,43 +201,61 @@ def test_apply_quantized_mean_moves_the_anchor_by_the_dequantized_codes(device, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_quantize_change_and_apply_pass_opcheck(device):
+def test_the_fused_wire_ops_pass_opcheck(device):
     snapshot, anchor, residual = _change_inputs(32, 4, device, 5)
-    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, residual, 32))
-    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, None, 32))
-    codes, scales = ops.quantize_blocks(snapshot, 32)
+    codes, scales = _codes_out(snapshot.numel(), 32, torch.int8, device)
+    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, residual, 32, codes, scales))
+    torch.library.opcheck(torch.ops.localsgd_ext.quantize_change.default, (snapshot, anchor, None, 32, codes, scales))
+    mean_codes, mean_scales = _codes_out(64, 32, torch.int8, device)
+    torch.library.opcheck(
+        torch.ops.localsgd_ext.requantize_mean.default, (codes.view(2, 64), scales.view(2, 2), 32, mean_codes, mean_scales)
+    )
     torch.library.opcheck(torch.ops.localsgd_ext.apply_quantized_mean.default, (codes, scales, 32, anchor))
+
+
+def _int8(n):
+    return torch.zeros(n, dtype=torch.int8)
 
 
 @pytest.mark.parametrize(
     "call, exception, message",
     [
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(6), None, 2), ValueError, r"anchor must have the length of the others \(8\), got 6"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), torch.zeros(8).double(), 2), TypeError, "residual must be float32, got Double"),
-        (lambda: ops.quantize_change(torch.zeros(10), torch.zeros(10), None, 4), ValueError, "the length must be a multiple of block_size"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8, device="meta"), None, 4), ValueError, "anchor is on meta but the others on cpu"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, torch.float16), TypeError, "code_dtype must be torch.int8 or torch.float8_e4m3fn"),
-        (lambda: ops.apply_quantized_mean(torch.zeros(8, dtype=torch.int8), torch.ones(3), 4, torch.zeros(8)), ValueError, "scales must be 1-D and contiguous with 2 entries"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(6), None, 2, _int8(8), torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 6"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), torch.zeros(8).double(), 2, _int8(8), torch.zeros(4)), TypeError, "residual must be float32, got Double"),
+        (lambda: ops.quantize_change(torch.zeros(10), torch.zeros(10), None, 4, _int8(10), torch.zeros(2)), ValueError, "the length must be a multiple of block_size"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8, device="meta"), None, 4, _int8(8), torch.zeros(2)), ValueError, "anchor is on meta but the others on cpu"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, torch.zeros(8, dtype=torch.float16), torch.zeros(2)), TypeError, "codes must be int8 or float8_e4m3fn"),
+        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, _int8(8), torch.zeros(3)), ValueError, r"scales must be 1-D and contiguous with 2 entries"),
+        (lambda: ops.requantize_mean(_int8(8).view(2, 4), torch.ones(2, 1), 4, _int8(8), torch.zeros(1)), ValueError, "mean_codes must be 1-D and contiguous with 4 elements"),
+        (lambda: ops.requantize_mean(_int8(8).view(2, 4), torch.ones(2, 1), 4, torch.zeros(4, dtype=torch.float8_e4m3fn), torch.zeros(1)), TypeError, "mean_codes must have the codes' dtype"),
+        (lambda: ops.apply_quantized_mean(_int8(8), torch.ones(3), 4, torch.zeros(8)), ValueError, "scales must be 1-D and contiguous with 2 entries"),
         (lambda: ops.apply_quantized_mean(torch.zeros(8), torch.ones(2), 4, torch.zeros(8)), TypeError, "codes must be int8 or float8_e4m3fn"),
-        (lambda: ops.apply_quantized_mean(torch.zeros(8, dtype=torch.int8), torch.ones(2), 4, torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 4"),
+        (lambda: ops.apply_quantized_mean(_int8(8), torch.ones(2), 4, torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 4"),
     ],
 )
-def test_quantize_change_and_apply_refuse_bad_arguments(call, exception, message):
+def test_the_fused_wire_ops_refuse_bad_arguments(call, exception, message):
     with pytest.raises(exception, match=message):
         call()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
-def test_cuda_and_cpu_quantize_change_give_the_same_bits(code_dtype):
-    snapshot, anchor, residual = _change_inputs(1024, 33, "cpu", 9)
+def test_cuda_and_cpu_fused_wire_ops_give_the_same_bits(code_dtype):
+    snapshot, anchor, residual = _change_inputs(1024, 34, "cpu", 9)
     snapshot[5000] = float("nan")
     gpu_residual = residual.cuda()
-    cpu_codes, cpu_scales = ops.quantize_change(snapshot, anchor, residual, 1024, code_dtype)
-    gpu_codes, gpu_scales = ops.quantize_change(snapshot.cuda(), anchor.cuda(), gpu_residual, 1024, code_dtype)
+    cpu_codes, cpu_scales = _quantize_change(snapshot, anchor, residual, 1024, code_dtype)
+    gpu_codes, gpu_scales = _quantize_change(snapshot.cuda(), anchor.cuda(), gpu_residual, 1024, code_dtype)
     assert torch.equal(cpu_codes.view(torch.uint8), gpu_codes.cpu().view(torch.uint8))
     assert torch.equal(cpu_scales.nan_to_num(-1.0), gpu_scales.cpu().nan_to_num(-1.0))
     assert torch.equal(residual.nan_to_num(-1.0), gpu_residual.cpu().nan_to_num(-1.0))
+    rows_codes, rows_scales = cpu_codes.view(2, -1), cpu_scales.view(2, -1)
+    cpu_mean = _codes_out(rows_codes.shape[1], 1024, code_dtype, "cpu")
+    gpu_mean = _codes_out(rows_codes.shape[1], 1024, code_dtype, "cuda")
+    ops.requantize_mean(rows_codes, rows_scales, 1024, *cpu_mean)
+    ops.requantize_mean(rows_codes.cuda(), rows_scales.cuda(), 1024, *gpu_mean)
+    assert torch.equal(cpu_mean[0].view(torch.uint8), gpu_mean[0].cpu().view(torch.uint8))
+    assert torch.equal(cpu_mean[1].nan_to_num(-1.0), gpu_mean[1].cpu().nan_to_num(-1.0))
     gpu_anchor = anchor.cuda()
     ops.apply_quantized_mean(cpu_codes, cpu_scales, 1024, anchor)
     ops.apply_quantized_mean(cpu_codes.cuda(), cpu_scales.cuda(), 1024, gpu_anchor)

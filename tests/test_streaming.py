@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from localsgd_ext import QuantizedAverager, ops
+from localsgd_ext.quantized_wire import _WireBuffers
 from multiprocess import run_ranks
 
 
@@ -146,7 +147,8 @@ def test_error_feedback_keeps_what_quantization_left_out(wire):
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.zeros(1000)]
     averager = QuantizedAverager(tensors, wire=wire, block_size=128, error_feedback=True)
-    averager._anchor, averager._snapshot, averager._delta, averager._residual = (torch.zeros(1024) for _ in range(4))
+    averager._anchor, averager._snapshot, averager._residual = (torch.zeros(1024) for _ in range(3))
+    averager._wire = _WireBuffers.for_length(1024, 1, 128, averager._code_dtype, "cpu")
     accumulated, sent = torch.zeros(1024, dtype=torch.float64), torch.zeros(1024, dtype=torch.float64)
     for _ in range(5):
         # Magnitudes spread over decades, so that quantization leaves real residuals.

@@ -81,4 +81,30 @@ LOCALSGD_HOST_DEVICE inline float dequantized_sum_at(
   return sum;
 }
 
+// requantize_mean: thread `thread` of `threads`, max |mean| over its elements of block b (the mean over
+// the rows, as dequantized_sum_at computes it with divisor = rows).
+template <typename Codec>
+LOCALSGD_HOST_DEVICE inline float partial_max_mean(
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, int64_t b,
+    int thread, int threads) {
+  float magnitude = 0.0f;
+  for (int64_t k = b * block_size + thread; k < (b + 1) * block_size; k += threads) {
+    magnitude = quantize::max_magnitude(
+        magnitude, dequantized_sum_at<Codec>(codes, scales, rows, length, block_size, static_cast<float>(rows), k));
+  }
+  return magnitude;
+}
+
+// requantize_mean: the same elements' codes of the mean, once block b's scale is known.
+template <typename Codec>
+LOCALSGD_HOST_DEVICE inline void write_mean_codes(
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, int64_t b,
+    float scale, typename Codec::Code* mean_codes, int thread, int threads) {
+  const bool gives_codes = quantize::scale_gives_codes(scale);
+  for (int64_t k = b * block_size + thread; k < (b + 1) * block_size; k += threads) {
+    const float mean = dequantized_sum_at<Codec>(codes, scales, rows, length, block_size, static_cast<float>(rows), k);
+    mean_codes[k] = gives_codes ? Codec::encode(mean, scale) : typename Codec::Code{0};
+  }
+}
+
 } // namespace localsgd_ext::cuda

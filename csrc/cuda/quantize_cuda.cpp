@@ -44,20 +44,29 @@ at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& sca
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_change_cuda(
+void quantize_change_cuda(
     const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
-    std::optional<at::ScalarType> code_dtype) {
-  const at::ScalarType codes_type = check_quantize_change_arguments(snapshot, anchor, residual, block_size, code_dtype);
+    const at::Tensor& codes, const at::Tensor& scales) {
+  check_quantize_change_arguments(snapshot, anchor, residual, block_size, codes, scales);
   const c10::cuda::CUDAGuard device_guard(snapshot.device());
-  const int64_t num_blocks = snapshot.numel() / block_size;
-  at::Tensor codes = at::empty({snapshot.numel()}, snapshot.options().dtype(codes_type));
-  at::Tensor scales = at::empty({num_blocks}, snapshot.options());
   C10_CUDA_CHECK(cuda::launch_quantize_change(
       snapshot.const_data_ptr<float>(), anchor.const_data_ptr<float>(),
-      residual ? residual->mutable_data_ptr<float>() : nullptr, num_blocks, block_size, code_format(codes_type),
-      codes.mutable_data_ptr(), scales.mutable_data_ptr<float>(),
+      residual ? residual->mutable_data_ptr<float>() : nullptr, snapshot.numel() / block_size, block_size,
+      code_format(codes.scalar_type()), const_cast<at::Tensor&>(codes).mutable_data_ptr(),
+      const_cast<at::Tensor&>(scales).mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream(snapshot.device().index()).stream()));
-  return {codes, scales};
+}
+
+void requantize_mean_cuda(
+    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& mean_codes,
+    const at::Tensor& mean_scales) {
+  check_requantize_mean_arguments(codes, scales, block_size, mean_codes, mean_scales);
+  const c10::cuda::CUDAGuard device_guard(codes.device());
+  C10_CUDA_CHECK(cuda::launch_requantize_mean(
+      codes.const_data_ptr(), code_format(codes.scalar_type()), scales.const_data_ptr<float>(), codes.size(0),
+      codes.size(1), block_size, const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
+      const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
 }
 
 void apply_quantized_mean_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& anchor) {
@@ -73,6 +82,7 @@ void apply_quantized_mean_cuda(const at::Tensor& codes, const at::Tensor& scales
 
 TORCH_LIBRARY_IMPL(localsgd_ext, CUDA, m) {
   m.impl("quantize_change", &quantize_change_cuda);
+  m.impl("requantize_mean", &requantize_mean_cuda);
   m.impl("apply_quantized_mean", &apply_quantized_mean_cuda);
   m.impl("quantize_blocks", &quantize_blocks_cuda);
   m.impl("dequantize_blocks", &dequantize_blocks_cuda);

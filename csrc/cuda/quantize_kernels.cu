@@ -77,6 +77,31 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_change_kernel(
 }
 
 template <typename Codec>
+__global__ void __launch_bounds__(kQuantizeThreads) requantize_mean_kernel(
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+    typename Codec::Code* mean_codes, float* mean_scales) {
+  __shared__ float partial[kQuantizeThreads];
+  const int thread = static_cast<int>(threadIdx.x);
+  const int64_t num_blocks = length / block_size;
+  for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    partial[thread] = partial_max_mean<Codec>(codes, scales, rows, length, block_size, b, thread, kQuantizeThreads);
+    __syncthreads();
+    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+      if (thread < stride) {
+        partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
+      }
+      __syncthreads();
+    }
+    const float scale = quantize::block_scale<Codec>(partial[0]);
+    write_mean_codes<Codec>(codes, scales, rows, length, block_size, b, scale, mean_codes, thread, kQuantizeThreads);
+    if (thread == 0) {
+      mean_scales[b] = scale;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename Codec>
 __global__ void apply_quantized_mean_kernel(
     const typename Codec::Code* codes, const float* scales, int64_t length, int64_t block_size, float* anchor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -120,7 +145,42 @@ void apply_mean_with(
       static_cast<const typename Codec::Code*>(codes), scales, length, block_size, anchor);
 }
 
+template <typename Codec>
+void requantize_mean_with(
+    const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, void* mean_codes,
+    float* mean_scales, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned int>(std::min(length / block_size, kMaxBlocks));
+  requantize_mean_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
+      static_cast<const typename Codec::Code*>(codes), scales, rows, length, block_size,
+      static_cast<typename Codec::Code*>(mean_codes), mean_scales);
+}
+
 } // namespace
+
+cudaError_t launch_requantize_mean(
+    const void* codes,
+    CodeFormat format,
+    const float* scales,
+    int64_t rows,
+    int64_t length,
+    int64_t block_size,
+    void* mean_codes,
+    float* mean_scales,
+    cudaStream_t stream) {
+  if (length == 0) {
+    return cudaSuccess;
+  }
+  if (codes == nullptr || scales == nullptr || mean_codes == nullptr || mean_scales == nullptr || block_size <= 0 ||
+      rows <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (format == CodeFormat::kInt8) {
+    requantize_mean_with<quantize::Int8Codec>(codes, scales, rows, length, block_size, mean_codes, mean_scales, stream);
+  } else {
+    requantize_mean_with<quantize::E4M3Codec>(codes, scales, rows, length, block_size, mean_codes, mean_scales, stream);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t launch_quantize_change(
     const float* snapshot,

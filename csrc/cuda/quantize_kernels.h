@@ -45,6 +45,19 @@ cudaError_t launch_quantize_change(
     float* scales,
     cudaStream_t stream);
 
+// codes: rows x length bytes, scales: rows x (length / block_size); writes the codes and scales of the
+// rows' mean (length bytes, length / block_size floats), on `stream`.
+cudaError_t launch_requantize_mean(
+    const void* codes,
+    CodeFormat format,
+    const float* scales,
+    int64_t rows,
+    int64_t length,
+    int64_t block_size,
+    void* mean_codes,
+    float* mean_scales,
+    cudaStream_t stream);
+
 // anchor[k] += decode(codes[k]) * scales[k / block_size], for `length` elements, on `stream`.
 cudaError_t launch_apply_quantized_mean(
     const void* codes,

@@ -592,6 +592,65 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
   EXPECT(scales[0] == 0.0f);  // the block that did not move sends nothing
 }
 
+// requantize_mean's schedule on the host: each thread's partial max of the rows' mean, the tree, each
+// thread's codes; against check_quantize_blocks' reference applied to the mean computed element by element.
+void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_blocks, int64_t rows) {
+  using localsgd_ext::quantize::Int8Codec;
+  const int64_t length = block_size * num_blocks;
+  std::uniform_int_distribution<int> code(-127, 127);
+  std::uniform_real_distribution<float> scale(0.0f, 2.0f);
+  std::vector<int8_t> codes(rows * length);
+  std::vector<float> scales(rows * num_blocks);
+  for (int8_t& c : codes) {
+    c = static_cast<int8_t>(code(rng));
+  }
+  for (float& s : scales) {
+    s = scale(rng);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    scales[r * num_blocks] = 0.0f;  // block 0 is all zero on every row
+  }
+  std::vector<int8_t> mean_codes(length, 99);
+  std::vector<float> mean_scales(num_blocks, -1.0f);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    float partial[kQuantizeThreads];
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      partial[thread] = partial_max_mean<Int8Codec>(codes.data(), scales.data(), rows, length, block_size, b, thread, kQuantizeThreads);
+    }
+    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+      for (int thread = 0; thread < stride; ++thread) {
+        partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
+      }
+    }
+    mean_scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(partial[0]);
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      write_mean_codes<Int8Codec>(
+          codes.data(), scales.data(), rows, length, block_size, b, mean_scales[b], mean_codes.data(), thread, kQuantizeThreads);
+    }
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    std::vector<float> mean(block_size);
+    float magnitude = 0.0f;
+    for (int64_t k = 0; k < block_size; ++k) {
+      float sum = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) {
+        sum = sum + static_cast<float>(codes[r * length + b * block_size + k]) * (scales[r * num_blocks + b] / static_cast<float>(rows));
+      }
+      mean[k] = sum;
+      magnitude = std::max(magnitude, std::fabs(sum));
+    }
+    const float expected_scale = magnitude / 127.0f;
+    EXPECT(mean_scales[b] == expected_scale);
+    for (int64_t k = 0; k < block_size; ++k) {
+      const int8_t expected = expected_scale > 0.0f
+          ? static_cast<int8_t>(std::clamp(std::nearbyint(mean[k] / expected_scale), -127.0f, 127.0f))
+          : int8_t{0};
+      EXPECT(mean_codes[b * block_size + k] == expected);
+    }
+  }
+  EXPECT(mean_scales[0] == 0.0f);
+}
+
 // The e4m3 codec against the CUDA toolkit's own conversions (cuda_fp8.h, callable on the host): every
 // code decodes to the toolkit's value, and floats in -448..448 (random, every code's value, the ties
 // halfway between neighbours, subnormals) encode to the toolkit's saturating round-to-nearest-even code.
@@ -655,6 +714,9 @@ int main() {
   for (int64_t block_size : {1, 7, 256, 300, 1024}) {
     check_quantize_blocks(rng, block_size, 6);
     check_quantize_change(rng, block_size, 4);
+    for (int64_t rows : {1, 2, 3}) {
+      check_requantize_mean(rng, block_size, 3, rows);
+    }
   }
   return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8/e4m3 quantization on the host");
 }
