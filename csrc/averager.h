@@ -69,6 +69,10 @@ class BucketedAverager {
   // Waits for the started average and merges it: each tensor t += mean(snapshot) - snapshot. Refuses,
   // after waiting, when a tensor changed numel, dtype or device meanwhile.
   void finish_delayed();
+  // finish_delayed() split for an outer step: the mean of the snapshots written into `targets` (one per
+  // tensor, of its shape, dtype and device), then t += target - snapshot once the caller replaced them.
+  void finish_delayed_into_mean(const std::vector<at::Tensor>& targets);
+  void merge_delayed_targets(const std::vector<at::Tensor>& targets);
   // Waits for the started average without merging (after an exception): nothing stays on the wire.
   void drain_delayed() { delayed_.drain(); }
   bool delayed_pending() const { return delayed_.pending(); }
@@ -123,6 +127,7 @@ class BucketedAverager {
   StagingRing ring_;   // copy mode
   FlatStorage flat_;   // zero-copy mode
   DelayedAverage delayed_;
+  void check_targets(const std::vector<at::Tensor>& targets) const;
   std::exception_ptr local_error_;
   bool sync_abandoned_ = false;
   int64_t plans_built_ = 0;

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "averager.h"
+#include "tensor_checks.h"
 
 namespace localsgd_ext {
 
@@ -45,6 +46,43 @@ void BucketedAverager::finish_delayed() {
   sync_abandoned_ = true;
   delayed_.finish(plan_);
   sync_abandoned_ = false;
+}
+
+void BucketedAverager::check_targets(const std::vector<at::Tensor>& targets) const {
+  TORCH_CHECK_VALUE(
+      targets.size() == tensors_.size(), "the outer step's targets must be one per tensor (", tensors_.size(), "), got ",
+      targets.size(), ".");
+  for (size_t i = 0; i < targets.size(); ++i) {
+    TORCH_CHECK_VALUE(
+        targets[i].sizes() == tensors_[i].sizes() && targets[i].scalar_type() == tensors_[i].scalar_type() &&
+            targets[i].device() == tensors_[i].device(),
+        "the outer step's target for ", tensor_label(names_, i), " must have its shape, dtype and device (",
+        tensors_[i].sizes(), ", ", tensors_[i].scalar_type(), ", ", tensors_[i].device(), "), got ", targets[i].sizes(),
+        ", ", targets[i].scalar_type(), ", ", targets[i].device(), ".");
+  }
+}
+
+void BucketedAverager::finish_delayed_into_mean(const std::vector<at::Tensor>& targets) {
+  TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
+  check_targets(targets);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (plan_.stale(tensors_)) {
+    delayed_.drain();
+    TORCH_CHECK_VALUE(
+        false,
+        "a tensor changed numel, dtype or device while a delayed average was in flight; its correction cannot be "
+        "merged. Nothing was merged.");
+  }
+  sync_abandoned_ = true;
+  delayed_.finish_into_mean(plan_, targets);
+  sync_abandoned_ = false;
+}
+
+void BucketedAverager::merge_delayed_targets(const std::vector<at::Tensor>& targets) {
+  TORCH_CHECK(delayed_.awaiting_merge(), "merge_delayed_targets() without finish_delayed_into_mean() first.");
+  check_targets(targets);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  delayed_.merge_targets(plan_, targets);
 }
 
 } // namespace localsgd_ext

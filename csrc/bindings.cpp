@@ -129,6 +129,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
           py::call_guard<py::gil_scoped_release>())
       .def("finish_delayed", &BucketedAverager::finish_delayed, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "finish_delayed_into_mean", &BucketedAverager::finish_delayed_into_mean, py::arg("targets"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "merge_delayed_targets", &BucketedAverager::merge_delayed_targets, py::arg("targets"),
+          py::call_guard<py::gil_scoped_release>())
       .def("drain_delayed", &BucketedAverager::drain_delayed, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("delayed_pending", &BucketedAverager::delayed_pending)
       .def_property_readonly("delayed_bytes", &BucketedAverager::delayed_bytes)

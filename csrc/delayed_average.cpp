@@ -53,6 +53,45 @@ void DelayedAverage::finish(const AveragingPlan& plan) {
   in_flight_.clear();
 }
 
+namespace {
+
+// A bucket's targets, in the order its members list the tensors.
+std::vector<at::Tensor> bucket_targets(const Bucket& bucket, const std::vector<at::Tensor>& targets) {
+  std::vector<at::Tensor> picked;
+  picked.reserve(bucket.tensor_indices.size());
+  for (int64_t index : bucket.tensor_indices) {
+    picked.push_back(targets[static_cast<size_t>(index)]);
+  }
+  return picked;
+}
+
+} // namespace
+
+void DelayedAverage::finish_into_mean(const AveragingPlan& plan, const std::vector<at::Tensor>& targets) {
+  TORCH_CHECK(!awaiting_merge_, "the overlapped average's mean was taken already: merge it first.");
+  for (const InFlight& done : in_flight_) {
+    wait_interruptibly(*done.work, buffers_[done.bucket].sum.is_cpu());
+  }
+  for (const InFlight& done : in_flight_) {
+    const BucketTensors& members = plan.members[done.bucket];
+    unpack_op().call(buffers_[done.bucket].sum, members.offsets, divisor_, bucket_targets(plan.buckets[done.bucket], targets));
+  }
+  awaiting_merge_ = true;
+}
+
+void DelayedAverage::merge_targets(const AveragingPlan& plan, const std::vector<at::Tensor>& targets) {
+  TORCH_CHECK(awaiting_merge_, "merge_targets() without finish_into_mean() first.");
+  for (const InFlight& done : in_flight_) {
+    const BucketTensors& members = plan.members[done.bucket];
+    // The targets take the sum buffer's place (divisor 1): t + (target - snapshot), in the wire's dtype.
+    pack_op().call(bucket_targets(plan.buckets[done.bucket], targets), members.offsets, buffers_[done.bucket].sum, 1.0);
+    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, 1.0, members.tensors);
+    bump_versions(members.tensors);
+  }
+  in_flight_.clear();
+  awaiting_merge_ = false;
+}
+
 void DelayedAverage::drain() {
   for (const InFlight& done : in_flight_) {
     try {
@@ -62,6 +101,7 @@ void DelayedAverage::drain() {
     }
   }
   in_flight_.clear();
+  awaiting_merge_ = false;
 }
 
 int64_t DelayedAverage::bytes() const {

@@ -22,6 +22,13 @@ class DelayedAverage {
   bool pending() const { return !in_flight_.empty(); }
   // Waits for every bucket (interruptibly on CPU) and merges the correction into the tensors.
   void finish(const AveragingPlan& plan);
+  // The outer step's split of finish(): waits for every bucket and writes mean(snapshot) into `targets`
+  // (tensors laid out as the plan's, e.g. fresh ones shaped like them)...
+  void finish_into_mean(const AveragingPlan& plan, const std::vector<at::Tensor>& targets);
+  // ...then, once the caller has replaced those means (by its outer step's result), merges
+  // t += target - snapshot into the tensors.
+  void merge_targets(const AveragingPlan& plan, const std::vector<at::Tensor>& targets);
+  bool awaiting_merge() const { return awaiting_merge_; }
   // Waits for every bucket without merging: nothing is left on the wire (after an exception).
   void drain();
   int64_t bytes() const;
@@ -39,6 +46,7 @@ class DelayedAverage {
   std::vector<BucketBuffers> buffers_;  // per bucket, allocated at the first start() after a reset()
   std::vector<InFlight> in_flight_;
   double divisor_ = 1.0;
+  bool awaiting_merge_ = false;  // finish_into_mean() done, merge_targets() not yet
 };
 
 } // namespace localsgd_ext

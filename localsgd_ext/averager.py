@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import _C
 from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
 from .options import AveragingOptions
-from .sharded import FsdpShardAliases, is_sharded, local_tensors, local_tensors_and_replica_group
+from .sharded import FsdpShardAliases, is_sharded, local_tensors, local_tensors_and_replica_group, shaped_like_parameters
 
 __all__ = ["ParameterAverager"]
 
@@ -343,12 +343,29 @@ class ParameterAverager:
         refuse_overlapped_misuse(self.average_pending, "start_average")
         self._run_engine_checked(self._engine.start_delayed)
 
-    def finish_average(self) -> None:
+    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
         """Waits for the average `start_average()` started and merges it: each tensor `t` becomes
-        `t + (mean(snapshot) - snapshot)`, in one compiled pass."""
+        `t + (mean(snapshot) - snapshot)`, in one compiled pass.
+
+        Args:
+            outer_step (`Callable`, *optional*):
+                Streaming DiLoCo's outer step: handed tensors shaped like the parameters (DTensors for
+                sharded ones) holding the mean of the snapshots, the same bits on every rank; whatever it
+                writes there (the outer optimizer's result) is what is merged, `t + (result - snapshot)`.
+                With a bfloat16 wire the result is rounded to bfloat16 on its way into the merge, as the
+                snapshot was.
+        """
         refuse_overlapped_misuse(self.average_pending, "finish_average")
-        with _lost_rank_errors(self._group()):
-            self._engine.finish_delayed()
+        if outer_step is None:
+            with _lost_rank_errors(self._group()):
+                self._engine.finish_delayed()
+            return
+        with torch.no_grad():
+            means = [torch.empty_like(t) for t in self._tensors]
+            with _lost_rank_errors(self._group()):
+                self._engine.finish_delayed_into_mean(means)
+            outer_step(shaped_like_parameters(means, self.params))
+            self._engine.merge_delayed_targets(means)
 
     @property
     def average_pending(self) -> bool:

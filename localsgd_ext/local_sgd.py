@@ -209,9 +209,9 @@ class LocalSGD:
             meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
             below `local_sgd_steps / num_fragments` (one average in flight at a time); copy mode,
-            `comm_dtype` None or bfloat16, an `outer_optimizer` only with `wire` set (the outer step
-            then runs at the merge, on the snapshots' mean). Extra memory: two copies of the parameters
-            (of one fragment).
+            `comm_dtype` None or bfloat16. With an `outer_optimizer` the outer step runs at the merge,
+            on the snapshots' mean, and each rank adds `result - snapshot` (Streaming DiLoCo). Extra
+            memory: two copies of the parameters (of one fragment).
         num_fragments (`int`, defaults to 1):
             Keyword-only. Streaming DiLoCo's fragments: the parameters are split, in the model's order,
             into `num_fragments` contiguous groups of about equal bytes; each group syncs every
@@ -332,11 +332,6 @@ class LocalSGD:
         self.wire, self.error_feedback, self.wire_block_size = _check_wire(
             wire, error_feedback, wire_block_size, self.options
         )
-        if self.sync_delay > 0 and self._outer is not None and self.wire is None:
-            raise NotImplementedError(
-                'sync_delay with an outer_optimizer (Streaming DiLoCo) needs wire="int8" or "fp8" for now: the float wire\'s '
-                "overlapped sync does not keep the mean the outer step needs"
-            )
         self._hierarchy = None
         if hierarchy is not None and self.local_sgd_steps is not None:
             self._hierarchy = Hierarchy(hierarchy, self.local_sgd_steps)

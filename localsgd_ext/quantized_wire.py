@@ -17,7 +17,7 @@ from . import _C, ops
 from .averager import ParameterAverager, _lost_rank_errors, refuse_overlapped_misuse
 from .consistency import fail_together
 from .options import AveragingOptions, check_bool, check_int_at_least
-from .sharded import is_sharded
+from .sharded import shaped_like_parameters
 
 __all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
 
@@ -143,7 +143,6 @@ class QuantizedAverager:
         # What is packed and written: the tensors themselves, or DTensors' local shards.
         self._tensors: List[torch.Tensor] = self._full_precision._tensors
         self.names = self._full_precision.names
-        self._sharded = is_sharded(self.params)
         self._anchor: Optional[torch.Tensor] = None
         self._snapshot: Optional[torch.Tensor] = None
         self._residual: Optional[torch.Tensor] = None
@@ -366,14 +365,7 @@ class QuantizedAverager:
 
     def _anchor_views(self) -> List[torch.Tensor]:
         views = [self._anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
-        if not self._sharded:
-            return views
-        from torch.distributed.tensor import DTensor
-
-        return [
-            DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-            for view, p in zip(views, self.params)
-        ]
+        return shaped_like_parameters(views, self.params)
 
     @property
     def average_pending(self) -> bool:

@@ -43,6 +43,19 @@ def local_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [t.to_local().detach() if dtensor is not None and isinstance(t, dtensor) else t for t in tensors]
 
 
+def shaped_like_parameters(tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Local tensors (e.g. the averaged means of the shards) as the parameters are: DTensors with each
+    parameter's mesh, placements, shape and strides, sharing the local memory; plain tensors as they are."""
+    if not is_sharded(params):
+        return list(tensors)
+    from torch.distributed.tensor import DTensor
+
+    return [
+        DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        for t, p in zip(tensors, params)
+    ]
+
+
 def local_tensors_and_replica_group(
     params: Sequence[torch.Tensor],
     names: Sequence[str],

@@ -205,7 +205,6 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
         (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
         (dict(sync_delay=1, comm_dtype=torch.float16), ValueError, "sync_delay needs copy mode with comm_dtype None or torch.bfloat16"),
-        (dict(sync_delay=1, outer_optimizer="diloco"), NotImplementedError, 'Streaming DiLoCo.* needs wire="int8" or "fp8"'),
     ],
 )
 def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):

@@ -26,6 +26,20 @@ def test_merge_adds_the_averaged_correction_to_local_progress(world_size):
                 assert torch.allclose(merged.float(), expected.float(), rtol=1e-2 if i else 1e-5, atol=1e-2 if i else 1e-5)
 
 
+@pytest.mark.parametrize("comm_dtype", ["fp32", "bfloat16"])
+def test_the_float_wires_overlapped_sync_hands_the_mean_to_an_outer_step_and_merges_its_result(comm_dtype):
+    results = run_ranks(2, "workers_streaming:delayed_merge_with_outer_step", comm_dtype, timeout=90)
+    for r in results:
+        assert not r["pending_after"]
+        for i, (progressed, snap, mean, merged) in enumerate(zip(r["progressed"], r["snapshots"], r["means"], r["merged"])):
+            wire = lambda t: t if comm_dtype == "fp32" else t.bfloat16().float()  # noqa: E731 - the wire's rounding
+            total = wire(results[0]["snapshots"][i]) + wire(results[1]["snapshots"][i])
+            assert torch.equal(mean, wire(total) / 2), i  # the same bits on both ranks
+            assert torch.equal(mean, results[0]["means"][i])
+            expected = progressed + (wire(mean * 0.5) - wire(snap))  # the outer step's result, then the merge
+            assert torch.equal(merged, expected), i
+
+
 def test_merge_op_matches_its_formula_and_passes_opcheck():
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(100, generator=generator), torch.randn(9, 7, generator=generator).t()]
@@ -170,6 +184,7 @@ def test_error_feedback_keeps_what_quantization_left_out(wire):
         dict(wire="int8", error_feedback=True, outer_optimizer="diloco"),
         dict(wire="int8", outer_optimizer="diloco", sync_delay=1, num_fragments=2),  # Streaming DiLoCo
         dict(wire="fp8", error_feedback=True, sync_delay=2),
+        dict(sync_delay=2, outer_optimizer="diloco"),  # Streaming DiLoCo on the float wire
     ],
     ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
 )

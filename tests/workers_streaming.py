@@ -30,6 +30,33 @@ def delayed_merge():
             "pending_after": averager.average_pending}
 
 
+def delayed_merge_with_outer_step(comm_dtype_name: str):
+    """The float wire's overlapped sync with an outer step (Streaming DiLoCo on fp32 or bf16): a stand-in
+    outer step that is easy to check halves the mean of the snapshots; each rank must then hold its own
+    progress plus `result - snapshot`."""
+    init_group()
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    tensors = [torch.randn(300, generator=generator), torch.randn(5, 7, generator=generator)]
+    comm_dtype = None if comm_dtype_name == "fp32" else getattr(torch, comm_dtype_name)
+    averager = ParameterAverager(tensors, comm_dtype=comm_dtype)
+    snapshots = snapshot(tensors)
+    averager.start_average()
+    for t in tensors:
+        t.add_(torch.randn(t.shape, generator=generator))
+    progressed = snapshot(tensors)
+    means = []
+
+    def outer_step(averaged):
+        means.extend(snapshot(averaged))
+        for m in averaged:
+            m.mul_(0.5)
+
+    averager.finish_average(outer_step=outer_step)
+    return {"snapshots": snapshots, "progressed": progressed, "means": means, "merged": snapshot(tensors),
+            "pending_after": averager.average_pending}
+
+
 def streaming_training(sync_delay: int, options: dict = None):
     """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=..., **options): losses,
     the syncs counted, and the parameters after the exit sync."""
