@@ -177,6 +177,7 @@ class QuantizedAverager:
         self._planned_layout = self._layout()
         self._anchor = self._snapshot = self._residual = None
         self._wire: Optional[_WireBuffers] = None
+        self._pieces: List[Tuple[int, int]] = []
 
     @property
     def _device(self) -> torch.device:
@@ -214,6 +215,18 @@ class QuantizedAverager:
         if self.error_feedback:
             self._residual = torch.zeros_like(self._anchor)
         self._wire = _WireBuffers.for_length(self._anchor.numel(), world_size, self.block_size, self._code_dtype, device)
+        self._pieces = self._wire_pieces(world_size)
+
+    def _wire_pieces(self, world_size: int) -> List[Tuple[int, int]]:
+        """The stretches of the flat buffers that travel as one exchange each, about a bucket (bucket_cap_mb
+        of float32) long and a whole number of every rank's blocks: while one piece's chunks are averaged
+        and re-quantized, the next pieces are on the wire. Each element is reduced by the same rank as a
+        whole-buffer exchange would pick within its piece, and each block's mean is the same, so the result
+        does not depend on the pieces (tested)."""
+        unit = world_size * self.block_size
+        per_piece = max(unit, self._full_precision.options.bucket_cap_bytes // 4 // unit * unit)
+        length = self._anchor.numel()
+        return [(start, min(start + per_piece, length)) for start in range(0, length, per_piece)]
 
     @torch.no_grad()
     def rebase_anchor(self) -> None:
@@ -256,40 +269,63 @@ class QuantizedAverager:
         )
 
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
-        """Phase 1, started: an all_to_all gives rank r chunk r of every rank's codes and scales. Codes
-        travel as bytes (backends may not know float8)."""
-        received = (self._wire.received_codes, self._wire.received_scales)
-        works = [
-            dist.all_to_all_single(_as_bytes(received[0]), _as_bytes(codes), group=group, async_op=True),
-            dist.all_to_all_single(received[1], scales, group=group, async_op=True),
-        ]
-        return _Exchange(phase=1, buffers=received, works=works, host_blocking=codes.device.type == "cpu")
+        """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
+        and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8)."""
+        wire, block = self._wire, self.block_size
+        works = []
+        for start, end in self._pieces:
+            works.append([
+                dist.all_to_all_single(
+                    _as_bytes(wire.received_codes[start:end]), _as_bytes(codes[start:end]), group=group, async_op=True
+                ),
+                dist.all_to_all_single(
+                    wire.received_scales[start // block : end // block], scales[start // block : end // block],
+                    group=group, async_op=True,
+                ),
+            ])
+        return _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
 
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
-        """Phase 2, started: this rank's chunk averaged in float32 and quantized again, then an
-        all_gather of every chunk's average."""
-        exchange.wait()
+        """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
+        and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive)."""
         world_size = dist.get_world_size(group)
-        received_codes, received_scales = exchange.buffers
-        mean_codes, mean_scales = self._wire.mean_codes, self._wire.mean_scales
-        ops.requantize_mean(
-            received_codes.view(world_size, -1), received_scales.view(world_size, -1), self.block_size, mean_codes, mean_scales
-        )
-        gathered = (self._wire.gathered_codes, self._wire.gathered_scales)
-        exchange.phase, exchange.buffers = 2, gathered
-        exchange.works = [
-            _all_gather_single(_as_bytes(gathered[0]), _as_bytes(mean_codes), group=group, async_op=True),
-            _all_gather_single(gathered[1], mean_scales, group=group, async_op=True),
-        ]
-        self.last_wire_bytes = 2 * (world_size - 1) * (mean_codes.numel() + 4 * mean_scales.numel())
+        wire, block = self._wire, self.block_size
+        gathers = []
+        for (start, end), arriving in zip(self._pieces, exchange.works):
+            exchange.wait_for(arriving)
+            mine = slice(start // world_size, end // world_size)
+            mine_scales = slice(start // world_size // block, end // world_size // block)
+            ops.requantize_mean(
+                wire.received_codes[start:end].view(world_size, -1),
+                wire.received_scales[start // block : end // block].view(world_size, -1),
+                block, wire.mean_codes[mine], wire.mean_scales[mine_scales],
+            )
+            gathers.append([
+                _all_gather_single(
+                    _as_bytes(wire.gathered_codes[start:end]), _as_bytes(wire.mean_codes[mine]), group=group, async_op=True
+                ),
+                _all_gather_single(
+                    wire.gathered_scales[start // block : end // block], wire.mean_scales[mine_scales], group=group,
+                    async_op=True,
+                ),
+            ])
+        exchange.phase, exchange.works = 2, gathers
+        mean_bytes = wire.mean_codes.numel() + 4 * wire.mean_scales.numel()
+        self.last_wire_bytes = 2 * (world_size - 1) * mean_bytes
 
     def _finish_exchange(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
-        """Both phases completed; the anchor moves by the mean delta, the same bits on every rank."""
+        """Both phases completed, piece by piece: the anchor moves by the mean delta, the same bits on every
+        rank."""
         if exchange.phase == 1:
             self._start_gather(group, exchange)
-        exchange.wait()
-        all_codes, all_scales = exchange.buffers
-        ops.apply_quantized_mean(all_codes, all_scales, self.block_size, self._anchor)
+        wire, block = self._wire, self.block_size
+        for (start, end), arriving in zip(self._pieces, exchange.works):
+            exchange.wait_for(arriving)
+            ops.apply_quantized_mean(
+                wire.gathered_codes[start:end], wire.gathered_scales[start // block : end // block], block,
+                self._anchor[start:end],
+            )
+        exchange.works = []
 
     def _begin_sync(self, call: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """What every sync starts with. Refuses one while another is in flight. Without an anchor (the first
@@ -412,16 +448,19 @@ def _as_bytes(codes: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class _Exchange:
-    """An quantized average on the wire: phase 1 (all_to_all of every rank's codes) or 2 (all_gather of the
-    averaged chunks), with the buffers being received and the collectives' work handles."""
+    """A quantized average on the wire: phase 1 (the all_to_alls of every rank's codes) or 2 (the all_gathers
+    of the averaged chunks), with the collectives' work handles, one list per piece."""
 
     phase: int
-    buffers: Tuple[torch.Tensor, torch.Tensor]
-    works: list
+    works: List[list]
     # gloo on CPU: the wait blocks this thread, so it waits in slices that let Ctrl-C through.
     host_blocking: bool
 
-    def wait(self) -> None:
-        for work in self.works:
+    def wait_for(self, works: list) -> None:
+        for work in works:
             _C.wait_interruptibly(work, self.host_blocking)
+
+    def wait(self) -> None:
+        for works in self.works:
+            self.wait_for(works)
         self.works = []

@@ -40,6 +40,15 @@ def test_the_float_wires_overlapped_sync_hands_the_mean_to_an_outer_step_and_mer
             assert torch.equal(merged, expected), i
 
 
+@pytest.mark.parametrize("wire, overlapped", [("int8", False), ("fp8", True)])
+def test_the_quantized_wire_gives_the_same_bits_in_one_piece_or_many(wire, overlapped):
+    for whole, pieces in run_ranks(2, "workers_streaming:quantized_pieces_agree", wire, overlapped, timeout=90):
+        assert whole["pieces"] == 1 and pieces["pieces"] == 5  # 5120 padded elements in pieces of 1024
+        for a, b in zip(whole["tensors"], pieces["tensors"]):
+            assert torch.equal(a, b)
+        assert torch.equal(whole["residual"], pieces["residual"])
+
+
 def test_merge_op_matches_its_formula_and_passes_opcheck():
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(100, generator=generator), torch.randn(9, 7, generator=generator).t()]

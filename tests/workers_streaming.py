@@ -57,6 +57,30 @@ def delayed_merge_with_outer_step(comm_dtype_name: str):
             "pending_after": averager.average_pending}
 
 
+def quantized_pieces_agree(wire: str, overlapped: bool):
+    """The same tensors averaged over the quantized wire in one piece and in many (bucket_cap_mb tiny):
+    the results must be the same bits, waited for or overlapped."""
+    init_group()
+    rank = dist.get_rank()
+    results = []
+    for bucket_cap_mb in (25, 0.004):  # one piece; pieces of 1024 elements (2 ranks x 512-element blocks)
+        generator = torch.Generator().manual_seed(rank)
+        tensors = [torch.randn(3000, generator=generator), torch.randn(40, 30, generator=generator)]
+        averager = QuantizedAverager(tensors, wire=wire, block_size=512, error_feedback=True, bucket_cap_mb=bucket_cap_mb)
+        averager.average()
+        for _ in range(2):
+            for t in tensors:
+                t.add_(torch.randn(t.shape, generator=generator) * (rank + 1))
+            if overlapped:
+                averager.start_average()
+                averager.advance_average()
+                averager.finish_average()
+            else:
+                averager.average()
+        results.append({"tensors": snapshot(tensors), "pieces": len(averager._pieces), "residual": averager._residual.clone()})
+    return results
+
+
 def streaming_training(sync_delay: int, options: dict = None):
     """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=..., **options): losses,
     the syncs counted, and the parameters after the exit sync."""
