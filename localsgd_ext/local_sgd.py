@@ -240,8 +240,10 @@ class LocalSGD:
             agree on the settings), each with the timeout of the group it is carved from.
             `level_sync_counts` counts each level's averages. With replicas given (`process_group`,
             `device_mesh`), a level groups consecutive replicas instead (e.g. the replicas on one node)
-            and its sizes divide the number of replicas. Not with fragments, `sync_delay`, a quantized wire, an outer optimizer or
-            zero-copy yet.
+            and its sizes divide the number of replicas. The levels average the parameters plainly, in
+            float32 (a fast link needs no narrow wire); the world's sync carries the other options
+            (fragments, `sync_delay`, `wire`, the outer optimizer), for which a level average is local
+            progress. Not with zero-copy (the engines would each flatten the same parameters).
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
@@ -335,13 +337,13 @@ class LocalSGD:
         self._hierarchy = None
         if hierarchy is not None and self.local_sgd_steps is not None:
             self._hierarchy = Hierarchy(hierarchy, self.local_sgd_steps)
-            combined = {
-                "num_fragments": self.num_fragments > 1, "sync_delay": self.sync_delay > 0, "wire": self.wire is not None,
-                "outer_optimizer": self._outer is not None, "zero_copy": self.zero_copy,
-            }
-            for option, used in combined.items():
-                if used:
-                    raise NotImplementedError(f"hierarchy with {option} is not implemented yet")
+            if self.zero_copy:
+                # A real limit (docs/options.md's refusals): the level and world engines would each move the
+                # same parameters into flat buffers of their own.
+                raise NotImplementedError(
+                    "hierarchy with zero_copy is not supported: each level's engine and the world's would move the same "
+                    "parameters into flat buffers of their own; use copy mode (zero_copy=False) with hierarchy"
+                )
         if device_mesh is not None and process_group is not None:
             raise ValueError(
                 f"pass process_group or device_mesh, not both: got process_group={process_group!r}, "

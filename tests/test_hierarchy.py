@@ -34,6 +34,39 @@ def test_each_level_averages_its_own_group_at_its_own_steps():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "options, world_steps, merge_steps",
+    [
+        (dict(wire="int8"), {4}, set()),
+        (dict(sync_delay=1), {4}, {5}),
+        (dict(outer_optimizer="diloco"), {4}, set()),
+        (dict(num_fragments=2), {2, 4, 6}, set()),
+        (dict(wire="int8", sync_delay=1, outer_optimizer="diloco", num_fragments=2), {2, 4, 6}, {5, 7}),
+    ],
+    ids=lambda value: ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+def test_levels_compose_with_the_worlds_options(options, world_steps, merge_steps):
+    # Pairs (ranks 0-1, 2-3) average plainly, in float32, at every step that is not the world's; the world's
+    # syncs carry the options. A level step is exactly its pair's mean (the merge of a delayed world
+    # average, where one lands on a level step, comes first and is checked by the option's own tests).
+    steps = 7
+    results = run_ranks(4, "workers_hierarchy:hierarchical_syncs", 4, {2: 1}, steps, options, timeout=150)
+    level_steps = [step for step in range(1, steps + 1) if step not in world_steps]
+    for step in level_steps:
+        for pair in ([0, 1], [2, 3]):
+            for i in range(len(results[0]["final"])):
+                a, b = (results[r]["after"][step - 1][i] for r in pair)
+                assert torch.equal(a, b), (step, pair, i, "a pair leaves bit-identical")
+                if step not in merge_steps:
+                    before = [results[r]["before"][step - 1][i] for r in pair]
+                    assert torch.equal(a, (before[0] + before[1]) / 2), (step, pair, i)
+            assert not torch.equal(results[0]["after"][step - 1][0], results[2]["after"][step - 1][0]), "pairs differ"
+    for r in results:
+        assert r["level_sync_counts"] == {2: len(level_steps)}
+        for a, b in zip(r["final"], results[0]["final"]):
+            assert torch.equal(a, b), "the exit leaves every rank identical"
+
+
 def test_a_group_size_that_does_not_divide_the_world_is_refused_on_every_rank():
     messages = run_ranks(4, "workers_hierarchy:hierarchy_that_does_not_fit", timeout=60)
     assert all(m == "hierarchy group size 3 must divide the world size and be below it, got a world of 4 ranks" for m in messages)

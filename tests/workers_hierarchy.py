@@ -11,16 +11,20 @@ from localsgd_ext import LocalSGD
 from rank_setup import group_timeout, snapshot, step_with_rank_moves
 
 
-def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int):
-    """LocalSGD with `hierarchy` over a small model whose parameters each rank moves by its own amounts
-    at every step (no optimizer): each step's parameters before and after `step()`, and the counts."""
+def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int, options: dict = None):
+    """LocalSGD with `hierarchy` (and `options`) over a small model whose parameters each rank moves by its
+    own amounts at every step (no optimizer): each step's parameters before and after `step()`, and the
+    counts."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)))
     moves = torch.Generator().manual_seed(200 + rank)
     levels = {int(size): period for size, period in hierarchy.items()}  # JSON keys arrive as strings
-    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, hierarchy=levels) as local_sgd:
+    options = dict(options or {})
+    with LocalSGD(
+        accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, hierarchy=levels, **options
+    ) as local_sgd:
         before, after = step_with_rank_moves(model, local_sgd, steps, moves)
     return {"before": before, "after": after, "final": snapshot(model.parameters()),
             "sync_count": local_sgd.sync_count, "level_sync_counts": local_sgd.level_sync_counts}
