@@ -77,9 +77,7 @@ def local_sgd_options(args) -> dict:
         options["hierarchy"] = args.hierarchy
     if args.zero_copy:
         options["zero_copy"] = True
-    if args.wire in ("bf16", "fp16"):
-        options["comm_dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.wire]
-    elif args.wire in ("int8", "fp8"):
+    if args.wire != "fp32":
         options["wire"] = args.wire
     if args.sync_delay:
         options["sync_delay"] = args.sync_delay

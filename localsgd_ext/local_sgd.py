@@ -89,22 +89,41 @@ def _say_once_why_disabled(accelerator) -> None:
         logger.warning(message, accelerator.distributed_type)
 
 
+# The float wires: what the parameters travel as (cast inside the compiled pack); comm_dtype is their alias.
+FLOAT_WIRES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE_NAMES = tuple(FLOAT_WIRES) + tuple(WIRES)
+
+
+def _resolve_wire(wire, comm_dtype):
+    """(the wire's name, the float wire's comm_dtype or None) from `wire` and its alias `comm_dtype`."""
+    if wire is not None and wire not in WIRE_NAMES:
+        raise ValueError(f"wire must be None or one of {WIRE_NAMES}, got {wire!r}")
+    if wire is None:
+        names = {dtype: name for name, dtype in FLOAT_WIRES.items()}
+        return names.get(comm_dtype, "fp32"), comm_dtype
+    if wire in FLOAT_WIRES:
+        if comm_dtype is not None and comm_dtype != FLOAT_WIRES[wire]:
+            raise ValueError(
+                f"wire={wire!r} and comm_dtype={comm_dtype} disagree; pass one of them (comm_dtype=torch.bfloat16 is "
+                'wire="bf16", comm_dtype=torch.float16 is wire="fp16")'
+            )
+        return wire, FLOAT_WIRES[wire]
+    if comm_dtype is not None:
+        raise ValueError(f"wire={wire!r} replaces the float wire: it needs comm_dtype=None, got comm_dtype={comm_dtype}")
+    return wire, None
+
+
 def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions):
-    if wire is not None and wire not in WIRES:
-        raise ValueError(f'wire must be None, "int8" or "fp8", got {wire!r}')
     check_bool("error_feedback", error_feedback)
     wire_block_size = check_int_at_least("wire_block_size", wire_block_size, 1)
-    if wire is None:
+    if wire not in WIRES:
         if error_feedback or wire_block_size != DEFAULT_BLOCK_SIZE:
             raise ValueError(
                 f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={error_feedback}, '
-                f"wire_block_size={wire_block_size} with wire=None"
+                f"wire_block_size={wire_block_size} with wire={wire!r}"
             )
-    elif options.zero_copy or options.comm_dtype is not None:
-        raise ValueError(
-            f"wire={wire!r} replaces the float wire: it needs zero_copy=False and comm_dtype=None, got "
-            f"zero_copy={options.zero_copy}, comm_dtype={options.comm_dtype}"
-        )
+    elif options.zero_copy:
+        raise ValueError(f"wire={wire!r} needs copy mode (zero_copy=False): it quantizes a snapshot of the parameters")
     return wire, error_feedback, wire_block_size
 
 
@@ -219,13 +238,15 @@ class LocalSGD:
             be a whole number), so each sync moves, and stages, one fragment. Warm-up steps and the exit
             sync average every fragment. `sync_count` counts fragment syncs. 1: Accelerate's behaviour.
         wire (`str`, *optional*):
-            Keyword-only. `"int8"`: each sync sends every rank's change since the previous sync,
+            Keyword-only. What travels. The float wires send the parameters: `"fp32"` (the default, as
+            they are), `"bf16"` or `"fp16"` (float32 parameters cast inside the compiled pack, as
+            `comm_dtype`, its alias, does). `"int8"`: each sync sends every rank's change since the previous sync,
             quantized to int8 with one float32 scale per `wire_block_size` elements, about a quarter of
             the bytes of float32 (see `QuantizedAverager` for the reduction, which cannot overflow, and the
             error bound). `"fp8"`: the same with float8 e4m3 codes (same bytes; error relative to each
             value instead of to its block's largest). The first sync averages in float32 and sets the
-            anchor the changes are measured from. float32 parameters on one device, copy mode, no
-            `comm_dtype`. None: the float wire.
+            anchor the changes are measured from. float32 parameters on one device, copy mode. None:
+            `"fp32"`, or what `comm_dtype` says. The attribute `wire` holds the name.
         error_feedback (`bool`, defaults to `False`):
             Keyword-only, with `wire` set: each rank keeps what quantization left out of its change and
             adds it to the next one.
@@ -306,6 +327,7 @@ class LocalSGD:
         self.accelerator = accelerator
         self.model = model
         self.local_sgd_steps = _check_local_sgd_steps(local_sgd_steps, enabled)
+        wire, comm_dtype = _resolve_wire(wire, comm_dtype)
         self.options = AveragingOptions(
             bucket_cap_mb=bucket_cap_mb, check_finite=check_finite, zero_copy=zero_copy, comm_dtype=comm_dtype
         )
@@ -334,6 +356,8 @@ class LocalSGD:
         self.wire, self.error_feedback, self.wire_block_size = _check_wire(
             wire, error_feedback, wire_block_size, self.options
         )
+        # The quantized wire's name, or None for the float wires (which the engine's pack casts).
+        self._quantized = self.wire if self.wire in WIRES else None
         self._hierarchy = None
         if hierarchy is not None and self.local_sgd_steps is not None:
             self._hierarchy = Hierarchy(hierarchy, self.local_sgd_steps)
@@ -481,7 +505,7 @@ class LocalSGD:
             if in_flight_for >= self.sync_delay:
                 self._finish_delayed_sync()
                 self._last_step_synced = True
-            elif in_flight_for == (self.sync_delay + 1) // 2 and self.wire is not None:
+            elif in_flight_for == (self.sync_delay + 1) // 2 and self._quantized is not None:
                 # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
                 self._averagers[self._delayed_fragment].advance_average()
         fragments = self._cadence.due(self.num_steps)
@@ -568,8 +592,8 @@ class LocalSGD:
                 fragment = dict(
                     names=names[start:end], agreement_settings=self._agreement_settings(), process_group=self.process_group
                 )
-                if self.wire is not None:
-                    fragment.update(wire=self.wire, block_size=self.wire_block_size, error_feedback=self.error_feedback)
+                if self._quantized is not None:
+                    fragment.update(wire=self._quantized, block_size=self.wire_block_size, error_feedback=self.error_feedback)
                     averagers.append(QuantizedAverager.with_options(params[start:end], self.options, **fragment))
                 else:
                     averagers.append(
@@ -676,7 +700,7 @@ class LocalSGD:
             # Waited for: a plain sync, or a quantized wire's first (it has no anchor to send changes from yet).
             if self._outer is not None:
                 self._outer.apply(averager.params, first=self._fragment_starts[fragment])
-                if self.wire is not None:
+                if self._quantized is not None:
                     averager.rebase_anchor()  # a quantized wire measures the next changes from here
             self._synced_at_step[fragment] = self.num_steps
             self.sync_count += 1

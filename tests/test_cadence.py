@@ -132,7 +132,7 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
         "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0,
-        "num_fragments": 1, "wire": None, "hierarchy": None}
+        "num_fragments": 1, "wire": "fp32", "hierarchy": None}
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -278,11 +278,13 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
 @pytest.mark.parametrize(
     "kwargs, exception, message",
     [
-        (dict(wire="int4"), ValueError, "wire must be None, \"int8\" or \"fp8\", got 'int4'"),
+        (dict(wire="int4"), ValueError, r"wire must be None or one of \('fp32', 'bf16', 'fp16', 'int8', 'fp8'\), got 'int4'"),
         (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8" or "fp8"'),
-        (dict(wire="int8", zero_copy=True), ValueError, "wire='int8' replaces the float wire: it needs zero_copy=False"),
-        (dict(wire="fp8", zero_copy=True), ValueError, "wire='fp8' replaces the float wire"),
-        (dict(wire="int8", comm_dtype=torch.bfloat16), ValueError, "comm_dtype=torch.bfloat16"),
+        (dict(wire="bf16", error_feedback=True), ValueError, "with wire='bf16'"),
+        (dict(wire="int8", zero_copy=True), ValueError, r"wire='int8' needs copy mode \(zero_copy=False\)"),
+        (dict(wire="fp8", zero_copy=True), ValueError, "wire='fp8' needs copy mode"),
+        (dict(wire="int8", comm_dtype=torch.bfloat16), ValueError, "wire='int8' replaces the float wire: it needs comm_dtype=None"),
+        (dict(wire="fp16", comm_dtype=torch.bfloat16), ValueError, "wire='fp16' and comm_dtype=torch.bfloat16 disagree"),
         (dict(wire="int8", wire_block_size=0), ValueError, "wire_block_size must be an int >= 1, got 0"),
         (dict(wire="int8", error_feedback="yes"), TypeError, "error_feedback must be a bool"),
     ],
@@ -290,6 +292,26 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
 def test_the_quantized_wires_refuse_what_they_cannot_do(fake_averager, kwargs, exception, message):
     with pytest.raises(exception, match=message):
         local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, wire, comm_dtype",
+    [
+        (dict(), "fp32", None),
+        (dict(wire="fp32"), "fp32", None),
+        (dict(wire="bf16"), "bf16", torch.bfloat16),
+        (dict(comm_dtype=torch.bfloat16), "bf16", torch.bfloat16),  # comm_dtype, the alias
+        (dict(wire="fp16", comm_dtype=torch.float16), "fp16", torch.float16),
+    ],
+)
+def test_wire_names_every_float_wire_and_comm_dtype_is_its_alias(fake_averager, kwargs, wire, comm_dtype):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=4, **kwargs)
+    assert local_sgd.wire == wire and local_sgd.comm_dtype == comm_dtype
+    with local_sgd:
+        pass
+    (options, _, _), *_ = fake_averager.built
+    assert options.comm_dtype == comm_dtype, "the engine gets the float wire as its comm_dtype"
+    assert local_sgd_over(fake_averager, local_sgd_steps=4, wire="int8").wire == "int8"
 
 
 def test_the_quantized_averager_refuses_tensors_it_cannot_quantize():

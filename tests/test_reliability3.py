@@ -58,7 +58,7 @@ def test_a_parameter_no_longer_float32_on_the_quantized_wire_is_named(mistakes):
 def test_wire_on_one_rank_only_names_the_wire(mistakes):  # 17
     for r in mistakes:
         assert r["wire on one rank"] == (
-            "RanksDisagreeError: LocalSGD: the ranks' settings differ: wire is 'int8' on rank 0, None on rank 1. Every "
+            "RanksDisagreeError: LocalSGD: the ranks' settings differ: wire is 'int8' on rank 0, 'fp32' on rank 1. Every "
             "rank must be configured alike, or they would send different messages. Nothing was created or averaged."
         )
 
