@@ -80,7 +80,8 @@ def record_build_torch() -> None:
     """The compiled module works with the torch it was built against only (C++ ABI): the package checks
     this at import and names both versions, instead of failing with a linker error."""
     with open(os.path.join(HERE, "localsgd_ext", "_build_info.py"), "w") as f:
-        f.write(f'"""Written by setup.py: the torch localsgd_ext._C was compiled against."""\n\nTORCH_VERSION = {torch.__version__!r}\n')
+        f.write('"""Written by setup.py: the torch localsgd_ext._C was compiled against."""\n\n')
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
 
 
 record_build_torch()

@@ -70,7 +70,10 @@ def run_rank(args):
     names = [f"tiny.{i}" for i in range(len(tiny))]
     plain = ParameterAverager(tiny, names=names)
     with_buffers = ParameterAverager(
-        tiny, names=names, agreement_settings={"local_sgd_steps": 8}, agreement_tensors=[(f"buffer.{i}", t) for i, t in enumerate(tiny)]
+        tiny,
+        names=names,
+        agreement_settings={"local_sgd_steps": 8},
+        agreement_tensors=[(f"buffer.{i}", t) for i, t in enumerate(tiny)],
     )
     status = torch.zeros(5, dtype=torch.int64)
     small = measure(

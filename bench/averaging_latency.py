@@ -24,7 +24,8 @@ A method's time in a round is the slowest rank's; tables give the median over ro
 the floor. Peak extra memory: each method's first (cold) sync, as the rise of the process's peak
 resident memory over what it held before (Linux /proc; max over ranks), after returning freed heap
 memory to the OS; on CUDA, the rise of torch's peak allocated GPU memory. GPU times include the device
-finishing (synchronized before and after each call). Writes JSON per world size, a combined JSON and a PNG plot (x floor per shape) to --out.
+finishing (synchronized before and after each call). Writes JSON per world size, a combined JSON and a PNG
+plot (x floor per shape) to --out.
 """
 
 import argparse
@@ -44,7 +45,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import SHAPES  # noqa: E402
 
-from localsgd_ext import QuantizedAverager, LocalSGD, ParameterAverager  # noqa: E402
+from localsgd_ext import LocalSGD, ParameterAverager, QuantizedAverager  # noqa: E402
 
 FLOOR = "flat all_reduce (floor)"
 OURS = "localsgd_ext"

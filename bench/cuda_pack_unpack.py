@@ -35,7 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import SHAPES  # noqa: E402  (the same models as the CPU benchmark)
 
-from localsgd_ext import LocalSGD, ParameterAverager, _C, ops  # noqa: E402
+from localsgd_ext import _C, LocalSGD, ParameterAverager, ops  # noqa: E402
 
 
 def parse_args():

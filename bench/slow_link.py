@@ -237,7 +237,7 @@ def run_mode(args, mode, port):
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = args.max_seconds * 3 + 120  # training clock + evaluation + start-up
     outputs = wait_all(procs, deadline, f"mode {mode}")
-    (line,) = [l for l in outputs[0].splitlines() if l.startswith("RESULT ")]
+    (line,) = [output for output in outputs[0].splitlines() if output.startswith("RESULT ")]
     result = json.loads(line[len("RESULT "):])
     result["link_bytes"] = link_bytes() - bytes_before
     return result

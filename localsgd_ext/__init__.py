@@ -27,10 +27,18 @@ _check_built_against_this_torch()
 from . import ops  # noqa: E402
 from .averager import ParameterAverager  # noqa: E402
 from .consistency import RanksDisagreeError  # noqa: E402
-from .quantized_wire import QuantizedAverager  # noqa: E402
 from .options import AveragingOptions  # noqa: E402
+from .quantized_wire import QuantizedAverager  # noqa: E402
 
-__all__ = ["AveragingOptions", "QuantizedAverager", "LocalSGD", "ParameterAverager", "RanksDisagreeError", "ops", "patch_accelerate"]
+__all__ = [
+    "AveragingOptions",
+    "LocalSGD",
+    "ParameterAverager",
+    "QuantizedAverager",
+    "RanksDisagreeError",
+    "ops",
+    "patch_accelerate",
+]
 
 _NEEDS_ACCELERATE = (
     "{what} needs Hugging Face Accelerate, which is not installed: pip install accelerate (or, from the "

@@ -230,7 +230,8 @@ class ParameterAverager:
     def agreement_tensors(self, named_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]]) -> None:
         named = list(named_tensors or [])
         for i, item in enumerate(named):
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+            is_pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            if not (is_pair and isinstance(item[1], torch.Tensor)):
                 raise TypeError(f"agreement_tensors[{i}] must be a (name, tensor) pair, got {item!r}")
         self._agreement_tensors = named
         self._agreement_tensor_list = [t for _, t in named]

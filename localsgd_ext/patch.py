@@ -48,7 +48,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     arguments = argv[2:] if as_module else argv[1:]
     if not as_module and not os.path.exists(target):
         # Python's own words for a script that is not there.
-        print(f"{sys.executable}: can't open file {os.path.abspath(target)!r}: [Errno 2] No such file or directory", file=sys.stderr)
+        message = f"can't open file {os.path.abspath(target)!r}: [Errno 2] No such file or directory"
+        print(f"{sys.executable}: {message}", file=sys.stderr)
         raise SystemExit(2)
     patch_accelerate()
     if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank

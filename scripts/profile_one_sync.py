@@ -66,10 +66,11 @@ def main():
         nbytes = sum(p.numel() * p.element_size() for p in params)
         flat = torch.zeros(nbytes // 4, device=args.device)
         averager = ParameterAverager(params)
+        floor_op = dist.ReduceOp.AVG if args.device == "cuda" else dist.ReduceOp.SUM  # gloo has AVG as SUM + a pass
         methods = {
             "engine average()": averager.average,
             "Accelerate's algorithm": lambda: accelerates_sync(theirs, 1),
-            "flat all_reduce (floor)": lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG if args.device == "cuda" else dist.ReduceOp.SUM),
+            "flat all_reduce (floor)": lambda: dist.all_reduce(flat, op=floor_op),
         }
         for call in methods.values():  # warm-up: staging allocations, NCCL's first-use setup
             timed(call, args.device)

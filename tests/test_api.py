@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
-from localsgd_ext import LocalSGD, ParameterAverager, _C
+from localsgd_ext import _C, LocalSGD, ParameterAverager
 
 
 @pytest.fixture(scope="module")

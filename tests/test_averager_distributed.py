@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 
 TOLERANCE = {  # for 3 ranks, where gloo's summation order may differ from a sequential sum

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from multiprocess import REPO_ROOT
 
 

@@ -4,7 +4,6 @@ tested in-process in test_cadence.py."""
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 from workers_beyond import CHECKPOINT_AT, CHECKPOINT_STEPS
 

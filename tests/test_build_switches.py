@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from multiprocess import REPO_ROOT
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from multiprocess import run_ranks
 
 from localsgd_ext import ops
-from multiprocess import run_ranks
 
 # Unit roundoff (half an ulp, relative) of each wire dtype.
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}

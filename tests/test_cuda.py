@@ -10,11 +10,11 @@ import random
 
 import pytest
 import torch
-
-from localsgd_ext import _C, ops
 from multiprocess import run_ranks
 from test_averager_distributed import check_means
 from workers_local_sgd import SCENARIOS
+
+from localsgd_ext import _C, ops
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

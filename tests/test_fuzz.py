@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multiprocess import run_ranks
 
 from localsgd_ext import _C, ops
-from multiprocess import run_ranks
 
 CLEAN_ERRORS = (ValueError, TypeError, RuntimeError, NotImplementedError, OverflowError, IndexError)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool]

@@ -3,9 +3,9 @@ exact means; and the argument checks."""
 
 import pytest
 import torch
+from multiprocess import run_ranks
 
 from localsgd_ext.hierarchy import Hierarchy
-from multiprocess import run_ranks
 
 
 def test_each_level_averages_its_own_group_at_its_own_steps():

@@ -3,7 +3,6 @@ and 3 real gloo ranks."""
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 from workers_local_sgd import OUR_MODES, SCENARIOS
 

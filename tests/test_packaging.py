@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
-import localsgd_ext
 from multiprocess import REPO_ROOT
+
+import localsgd_ext
 
 # Run with Accelerate unimportable, as on a machine where it was never installed.
 WITHOUT_ACCELERATE = """
@@ -65,8 +66,9 @@ def test_a_torch_other_than_the_one_built_against_is_named_at_import():
 
 
 def test_the_build_records_the_torch_it_compiled_against():
-    from localsgd_ext._build_info import TORCH_VERSION
     import torch
+
+    from localsgd_ext._build_info import TORCH_VERSION
 
     assert TORCH_VERSION == torch.__version__
     assert os.path.exists(os.path.join(REPO_ROOT, "localsgd_ext", "py.typed"))

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import accelerate.local_sgd
+from multiprocess import REPO_ROOT
 
 import localsgd_ext
-from multiprocess import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "tests", "scripts", "by_feature_local_sgd.py")
 

@@ -5,10 +5,9 @@ import re
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 
-from localsgd_ext import ParameterAverager, _C
+from localsgd_ext import _C, ParameterAverager
 
 LOST_RANK_GROUP_TIMEOUT = 10  # seconds: short, so that a stalled rank fails the others quickly
 

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 
 from localsgd_ext import ParameterAverager, ops

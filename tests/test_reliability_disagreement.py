@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 from workers_disagreement import SETTING_CASES
 

@@ -5,7 +5,6 @@ model across replicas; the replicas train apart in between."""
 
 import pytest
 import torch
-
 from multiprocess import run_ranks
 
 

@@ -3,10 +3,10 @@ averages in flight. The cadence and the argument checks are tested in-process in
 
 import pytest
 import torch
+from multiprocess import run_ranks
 
 from localsgd_ext import QuantizedAverager, ops
 from localsgd_ext.quantized_wire import _WireBuffers
-from multiprocess import run_ranks
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

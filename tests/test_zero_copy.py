@@ -3,9 +3,9 @@ between syncs (real gloo ranks). Its agreement with Accelerate is in test_local_
 
 import pytest
 import torch
+from multiprocess import run_ranks
 
 from localsgd_ext import ParameterAverager
-from multiprocess import run_ranks
 
 
 def _assert_means(got, expected):

@@ -2,9 +2,9 @@
 
 import torch
 import torch.distributed as dist
+from rank_setup import init_group, snapshot
 
 from localsgd_ext import ParameterAverager
-from rank_setup import init_group, snapshot
 
 
 def _mixed_tensors(seed: int, device: str = "cpu"):

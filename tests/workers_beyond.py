@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from rank_setup import group_timeout, snapshot
 
 from localsgd_ext import LocalSGD
-from rank_setup import group_timeout, snapshot
 
 
 def _accelerator(*handlers) -> Accelerator:

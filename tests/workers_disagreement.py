@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from rank_setup import group_timeout, init_group, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, RanksDisagreeError
-from rank_setup import group_timeout, init_group, snapshot
 
 
 def _accelerator() -> Accelerator:

@@ -4,10 +4,10 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from localsgd_ext import _C
 from rank_setup import init_group
 from test_fuzz import CLEAN_ERRORS, tensors
+
+from localsgd_ext import _C
 
 
 def fuzz_engine_average():

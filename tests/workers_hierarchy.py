@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from rank_setup import group_timeout, snapshot, step_with_rank_moves
 
 from localsgd_ext import LocalSGD
-from rank_setup import group_timeout, snapshot, step_with_rank_moves
 
 
 def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int, options: dict = None):

@@ -6,10 +6,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.local_sgd import LocalSGD as AccelerateLocalSGD
 from accelerate.utils import InitProcessGroupKwargs
+from rank_setup import group_timeout
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd_ext import LocalSGD
-from rank_setup import group_timeout
 
 SCENARIOS = {
     "base": dict(local_sgd_steps=4, batches=12),

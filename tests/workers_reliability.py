@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from rank_setup import group_timeout, init_group, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager
-from rank_setup import group_timeout, init_group, snapshot
 
 
 def _params_for(rank: int, mismatch: str):

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from rank_setup import group_timeout, init_group, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, QuantizedAverager
-from rank_setup import group_timeout, init_group, snapshot
 
 
 def _accelerator() -> Accelerator:

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from rank_setup import group_timeout, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager
-from rank_setup import group_timeout, snapshot
 
 
 def _sharded_model(mesh_shape, names, shard_over=None, mesh=None, hidden=16):

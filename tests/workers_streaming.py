@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-
-from localsgd_ext import QuantizedAverager, LocalSGD, ParameterAverager
 from rank_setup import group_timeout, init_group, snapshot, step_with_rank_moves
+
+from localsgd_ext import LocalSGD, ParameterAverager, QuantizedAverager
 
 
 def delayed_merge():

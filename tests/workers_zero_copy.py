@@ -4,9 +4,9 @@ averaged all the same (run through multiprocess.run_ranks on real gloo ranks).""
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from rank_setup import init_group, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager
-from rank_setup import init_group, snapshot
 
 
 def _model() -> torch.nn.Module:

@@ -6,13 +6,11 @@
 import argparse
 
 import torch
-from torch.optim import AdamW
-from torch.utils.data import DataLoader, TensorDataset
-
 from accelerate import Accelerator, DistributedType
 from accelerate.local_sgd import LocalSGD
 from accelerate.utils import set_seed
-
+from torch.optim import AdamW
+from torch.utils.data import DataLoader, TensorDataset
 
 EVAL_BATCH_SIZE = 32
 
