@@ -128,6 +128,8 @@ class BucketedAverager {
   FlatStorage flat_;   // zero-copy mode
   DelayedAverage delayed_;
   void check_targets(const std::vector<at::Tensor>& targets) const;
+  // A tensor re-planned while a delayed average was in flight: drains it and refuses the merge.
+  void refuse_stale_delayed();
   std::exception_ptr local_error_;
   bool sync_abandoned_ = false;
   int64_t plans_built_ = 0;

@@ -36,6 +36,13 @@ bool BucketedAverager::start_delayed(
 void BucketedAverager::finish_delayed() {
   TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  refuse_stale_delayed();
+  sync_abandoned_ = true;
+  delayed_.finish(plan_);
+  sync_abandoned_ = false;
+}
+
+void BucketedAverager::refuse_stale_delayed() {
   if (plan_.stale(tensors_)) {
     delayed_.drain();
     TORCH_CHECK_VALUE(
@@ -43,9 +50,6 @@ void BucketedAverager::finish_delayed() {
         "a tensor changed numel, dtype or device while a delayed average was in flight; its correction cannot be "
         "merged. Nothing was merged.");
   }
-  sync_abandoned_ = true;
-  delayed_.finish(plan_);
-  sync_abandoned_ = false;
 }
 
 void BucketedAverager::check_targets(const std::vector<at::Tensor>& targets) const {
@@ -66,13 +70,7 @@ void BucketedAverager::finish_delayed_into_mean(const std::vector<at::Tensor>& t
   TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
   check_targets(targets);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (plan_.stale(tensors_)) {
-    delayed_.drain();
-    TORCH_CHECK_VALUE(
-        false,
-        "a tensor changed numel, dtype or device while a delayed average was in flight; its correction cannot be "
-        "merged. Nothing was merged.");
-  }
+  refuse_stale_delayed();
   sync_abandoned_ = true;
   delayed_.finish_into_mean(plan_, targets);
   sync_abandoned_ = false;

@@ -13,6 +13,31 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 1 << 16;
 
+// The thread block's max of every thread's `partial` (each thread has written its own): a shared-memory
+// tree. max_magnitude is order-independent, so the tree gives the CPU loop's result.
+__device__ float block_max(float* partial, int thread) {
+  __syncthreads();
+  for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+    if (thread < stride) {
+      partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
+    }
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+// Runs `launch` with the codec of `format` (a value of its type, for its template argument) and returns
+// the launch's status.
+template <typename Launch>
+cudaError_t launch_for_format(CodeFormat format, const Launch& launch) {
+  if (format == CodeFormat::kInt8) {
+    launch(quantize::Int8Codec{});
+  } else {
+    launch(quantize::E4M3Codec{});
+  }
+  return cudaGetLastError();
+}
+
 template <typename Codec>
 __global__ void __launch_bounds__(kQuantizeThreads) quantize_blocks_kernel(
     const float* x, int64_t num_blocks, int64_t block_size, typename Codec::Code* codes, float* scales) {
@@ -21,15 +46,7 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_blocks_kernel(
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
     const float* block = x + b * block_size;
     partial[thread] = partial_max_magnitude(block, block_size, thread, kQuantizeThreads);
-    __syncthreads();
-    // max_magnitude is order-independent, so this tree gives the CPU loop's result.
-    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
-      if (thread < stride) {
-        partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
-      }
-      __syncthreads();
-    }
-    const float scale = quantize::block_scale<Codec>(partial[0]);
+    const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
     write_codes<Codec>(block, codes + b * block_size, block_size, scale, thread, kQuantizeThreads);
     if (thread == 0) {
       scales[b] = scale;
@@ -59,14 +76,7 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_change_kernel(
     float* block_residual = residual == nullptr ? nullptr : residual + first;
     partial[thread] =
         partial_max_change(snapshot + first, anchor + first, block_residual, block_size, thread, kQuantizeThreads);
-    __syncthreads();
-    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
-      if (thread < stride) {
-        partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
-      }
-      __syncthreads();
-    }
-    const float scale = quantize::block_scale<Codec>(partial[0]);
+    const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
     write_change_codes<Codec>(
         snapshot + first, anchor + first, block_residual, codes + first, block_size, scale, thread, kQuantizeThreads);
     if (thread == 0) {
@@ -85,14 +95,7 @@ __global__ void __launch_bounds__(kQuantizeThreads) requantize_mean_kernel(
   const int64_t num_blocks = length / block_size;
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
     partial[thread] = partial_max_mean<Codec>(codes, scales, rows, length, block_size, b, thread, kQuantizeThreads);
-    __syncthreads();
-    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
-      if (thread < stride) {
-        partial[thread] = quantize::max_magnitude(partial[thread], partial[thread + stride]);
-      }
-      __syncthreads();
-    }
-    const float scale = quantize::block_scale<Codec>(partial[0]);
+    const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
     write_mean_codes<Codec>(codes, scales, rows, length, block_size, b, scale, mean_codes, thread, kQuantizeThreads);
     if (thread == 0) {
       mean_scales[b] = scale;
@@ -174,12 +177,9 @@ cudaError_t launch_requantize_mean(
       rows <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (format == CodeFormat::kInt8) {
-    requantize_mean_with<quantize::Int8Codec>(codes, scales, rows, length, block_size, mean_codes, mean_scales, stream);
-  } else {
-    requantize_mean_with<quantize::E4M3Codec>(codes, scales, rows, length, block_size, mean_codes, mean_scales, stream);
-  }
-  return cudaGetLastError();
+  return launch_for_format(format, [&](auto codec) {
+    requantize_mean_with<decltype(codec)>(codes, scales, rows, length, block_size, mean_codes, mean_scales, stream);
+  });
 }
 
 cudaError_t launch_quantize_change(
@@ -198,12 +198,9 @@ cudaError_t launch_quantize_change(
   if (snapshot == nullptr || anchor == nullptr || codes == nullptr || scales == nullptr || block_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (format == CodeFormat::kInt8) {
-    quantize_change_with<quantize::Int8Codec>(snapshot, anchor, residual, num_blocks, block_size, codes, scales, stream);
-  } else {
-    quantize_change_with<quantize::E4M3Codec>(snapshot, anchor, residual, num_blocks, block_size, codes, scales, stream);
-  }
-  return cudaGetLastError();
+  return launch_for_format(format, [&](auto codec) {
+    quantize_change_with<decltype(codec)>(snapshot, anchor, residual, num_blocks, block_size, codes, scales, stream);
+  });
 }
 
 cudaError_t launch_apply_quantized_mean(
@@ -220,12 +217,9 @@ cudaError_t launch_apply_quantized_mean(
   if (codes == nullptr || scales == nullptr || anchor == nullptr || block_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (format == CodeFormat::kInt8) {
-    apply_mean_with<quantize::Int8Codec>(codes, scales, length, block_size, anchor, stream);
-  } else {
-    apply_mean_with<quantize::E4M3Codec>(codes, scales, length, block_size, anchor, stream);
-  }
-  return cudaGetLastError();
+  return launch_for_format(format, [&](auto codec) {
+    apply_mean_with<decltype(codec)>(codes, scales, length, block_size, anchor, stream);
+  });
 }
 
 cudaError_t launch_quantize_blocks(
@@ -242,12 +236,9 @@ cudaError_t launch_quantize_blocks(
   if (x == nullptr || codes == nullptr || scales == nullptr || block_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (format == CodeFormat::kInt8) {
-    quantize_with<quantize::Int8Codec>(x, num_blocks, block_size, codes, scales, stream);
-  } else {
-    quantize_with<quantize::E4M3Codec>(x, num_blocks, block_size, codes, scales, stream);
-  }
-  return cudaGetLastError();
+  return launch_for_format(format, [&](auto codec) {
+    quantize_with<decltype(codec)>(x, num_blocks, block_size, codes, scales, stream);
+  });
 }
 
 cudaError_t launch_dequantize_blocks(
@@ -266,12 +257,9 @@ cudaError_t launch_dequantize_blocks(
   if (codes == nullptr || scales == nullptr || out == nullptr || block_size <= 0 || rows <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (format == CodeFormat::kInt8) {
-    dequantize_with<quantize::Int8Codec>(codes, scales, rows, length, block_size, divisor, out, stream);
-  } else {
-    dequantize_with<quantize::E4M3Codec>(codes, scales, rows, length, block_size, divisor, out, stream);
-  }
-  return cudaGetLastError();
+  return launch_for_format(format, [&](auto codec) {
+    dequantize_with<decltype(codec)>(codes, scales, rows, length, block_size, divisor, out, stream);
+  });
 }
 
 } // namespace localsgd_ext::cuda
