@@ -1,0 +1,104 @@
+// The CPU loops every quantized-wire kernel shares (quantize_cpu.cpp: quantize_blocks / dequantize_blocks;
+// quantize_wire_cpu.cpp: the fused send, reduce and receive): how blocks are spread over threads, the decode
+// table, one block's scale and codes, one block's mean over rows. The arithmetic is quantize_math.h's,
+// shared with the CUDA kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "quantize_math.h"
+
+namespace localsgd_ext::cpu {
+
+// Blocks per parallel task: enough elements that a task outweighs its scheduling.
+inline int64_t blocks_per_task(int64_t block_size) {
+  return std::max<int64_t>(1, (64 * 1024) / block_size);
+}
+
+// Each code's value, computed once by Codec::decode: a table lookup instead of e4m3's bit work per
+// element. An int8 code's value is the code itself: a conversion, which vectorizes where a lookup does not.
+template <typename Codec>
+struct DecodedCodes {
+  float values[256];
+  DecodedCodes() {
+    for (int raw = 0; raw < 256; ++raw) {
+      values[raw] = Codec::decode(static_cast<typename Codec::Code>(raw));
+    }
+  }
+  float operator()(typename Codec::Code code) const {
+    if constexpr (std::is_same_v<Codec, quantize::Int8Codec>) {
+      return static_cast<float>(code);
+    } else {
+      return values[static_cast<uint8_t>(code)];
+    }
+  }
+};
+
+// One block's scale and codes, from `value(k)` for k < block_size (read twice: once for the scale, once
+// for the codes). Both loops are branch-free so that the compiler vectorizes them. The max ignores NaN
+// and a flag carries it instead: the same scale as quantize::max_magnitude's, which the CUDA kernels use.
+template <typename Codec, typename Value>
+inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Code* codes) {
+  // Eight running maxima, so that the compiler keeps them in one vector register (a single running max
+  // is a dependency chain it will not vectorize without -ffast-math); the max is exact in any order.
+  constexpr int64_t kLanes = 8;
+  float lanes[kLanes] = {};
+  int nan_lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= block_size; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = value(k + j);
+      const float m = std::fabs(v);
+      lanes[j] = m > lanes[j] ? m : lanes[j];
+      nan_lanes[j] |= v != v;
+    }
+  }
+  float magnitude = 0.0f;
+  int has_nan = 0;
+  for (; k < block_size; ++k) {
+    const float v = value(k);
+    const float m = std::fabs(v);
+    magnitude = m > magnitude ? m : magnitude;
+    has_nan |= v != v;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    magnitude = lanes[j] > magnitude ? lanes[j] : magnitude;
+    has_nan |= nan_lanes[j];
+  }
+  const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
+  if (!quantize::scale_gives_codes(scale)) {
+    std::memset(codes, 0, block_size * sizeof(typename Codec::Code));
+  } else {
+    for (int64_t k = 0; k < block_size; ++k) {
+      codes[k] = Codec::encode(value(k), scale);
+    }
+  }
+  return scale;
+}
+
+// Block b of the rows' dequantized mean over `divisor` rows, into `sums`: row by row, so that the inner
+// loops vectorize; each element still adds its rows in order, from 0.0f, exactly as the CUDA kernel does
+// element by element.
+template <typename Codec>
+inline void sum_rows_of_block(
+    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+    float divisor, int64_t b, float* sums) {
+  static const DecodedCodes<Codec> decoded;
+  const int64_t num_blocks = length / block_size;
+  std::fill(sums, sums + block_size, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename Codec::Code* row = codes + r * length + b * block_size;
+    const float scale = quantize::scale_for_mean(scales[r * num_blocks + b], divisor);
+    for (int64_t k = 0; k < block_size; ++k) {
+      sums[k] = quantize::add_dequantized(sums[k], decoded(row[k]), scale);
+    }
+  }
+}
+
+} // namespace localsgd_ext::cpu
