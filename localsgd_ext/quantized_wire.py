@@ -268,20 +268,22 @@ class QuantizedAverager:
             + ". Values this large need the float wire (wire=None)"
         )
 
+    def _scales_of(self, start: int, end: int) -> slice:
+        """The scales of the elements start..end (whole blocks)."""
+        return slice(start // self.block_size, end // self.block_size)
+
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
         """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
         and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8)."""
-        wire, block = self._wire, self.block_size
+        wire = self._wire
         works = []
         for start, end in self._pieces:
+            its_scales = self._scales_of(start, end)
             works.append([
                 dist.all_to_all_single(
                     _as_bytes(wire.received_codes[start:end]), _as_bytes(codes[start:end]), group=group, async_op=True
                 ),
-                dist.all_to_all_single(
-                    wire.received_scales[start // block : end // block], scales[start // block : end // block],
-                    group=group, async_op=True,
-                ),
+                dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
             ])
         return _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
 
@@ -289,25 +291,23 @@ class QuantizedAverager:
         """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
         and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive)."""
         world_size = dist.get_world_size(group)
-        wire, block = self._wire, self.block_size
+        wire = self._wire
         gathers = []
         for (start, end), arriving in zip(self._pieces, exchange.works):
             exchange.wait_for(arriving)
-            mine = slice(start // world_size, end // world_size)
-            mine_scales = slice(start // world_size // block, end // world_size // block)
+            its_scales = self._scales_of(start, end)
+            mine = slice(start // world_size, end // world_size)  # this rank's chunk of the piece's mean
+            mine_scales = self._scales_of(mine.start, mine.stop)
             ops.requantize_mean(
                 wire.received_codes[start:end].view(world_size, -1),
-                wire.received_scales[start // block : end // block].view(world_size, -1),
-                block, wire.mean_codes[mine], wire.mean_scales[mine_scales],
+                wire.received_scales[its_scales].view(world_size, -1),
+                self.block_size, wire.mean_codes[mine], wire.mean_scales[mine_scales],
             )
             gathers.append([
                 _all_gather_single(
                     _as_bytes(wire.gathered_codes[start:end]), _as_bytes(wire.mean_codes[mine]), group=group, async_op=True
                 ),
-                _all_gather_single(
-                    wire.gathered_scales[start // block : end // block], wire.mean_scales[mine_scales], group=group,
-                    async_op=True,
-                ),
+                _all_gather_single(wire.gathered_scales[its_scales], wire.mean_scales[mine_scales], group=group, async_op=True),
             ])
         exchange.phase, exchange.works = 2, gathers
         mean_bytes = wire.mean_codes.numel() + 4 * wire.mean_scales.numel()
@@ -318,11 +318,11 @@ class QuantizedAverager:
         rank."""
         if exchange.phase == 1:
             self._start_gather(group, exchange)
-        wire, block = self._wire, self.block_size
+        wire = self._wire
         for (start, end), arriving in zip(self._pieces, exchange.works):
             exchange.wait_for(arriving)
             ops.apply_quantized_mean(
-                wire.gathered_codes[start:end], wire.gathered_scales[start // block : end // block], block,
+                wire.gathered_codes[start:end], wire.gathered_scales[self._scales_of(start, end)], self.block_size,
                 self._anchor[start:end],
             )
         exchange.works = []
@@ -335,13 +335,13 @@ class QuantizedAverager:
         so every rank stops before anything is sent."""
         if self._pending is not None:
             raise RuntimeError(f"{call}() while an overlapped average is in flight: call finish_average() first")
-        quantized = None
         try:
             if self._layout() != self._planned_layout:
                 self._plan()
             quantized = None if self._anchor is None else self._quantized_delta()
         except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
             fail_together(self._group(), error)
+            raise  # unreachable: fail_together raises
         if quantized is None:
             self._take_anchor_by_averaging()
             return None

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-from rank_setup import group_timeout, init_group, snapshot
+from rank_setup import group_timeout, init_group, save_result_and_leave, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, RanksDisagreeError
 
@@ -274,5 +274,4 @@ def interrupted_sync():
         reuse_error = str(e)
     result = {"interrupted": interrupted, "seconds": seconds, "reuse_error": reuse_error}
     # The collective left in flight would hold up the group's teardown until its timeout: leave now.
-    torch.save(result, os.path.join(os.environ["LOCALSGD_TEST_OUT_DIR"], f"rank{rank}.pt"))
-    os._exit(0)
+    save_result_and_leave(result)

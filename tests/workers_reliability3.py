@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from rank_setup import group_timeout, init_group, snapshot
+from rank_setup import group_timeout, init_group, save_result_and_leave, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, QuantizedAverager
 
@@ -252,8 +252,7 @@ def hierarchy_disagreement_then_stall():
         except RuntimeError as error:
             stall_error = str(error)
         result.update(stall_error=stall_error, stall_seconds=time.monotonic() - start)
-        torch.save(result, os.path.join(os.environ["LOCALSGD_TEST_OUT_DIR"], f"rank{rank}.pt"))
-        os._exit(0)  # the group is broken: no teardown
+        save_result_and_leave(result)
 
 
 def interrupted_quantized_sync():
@@ -274,5 +273,4 @@ def interrupted_quantized_sync():
     except KeyboardInterrupt:
         interrupted = True
     result = {"interrupted": interrupted, "seconds": time.monotonic() - start}
-    torch.save(result, os.path.join(os.environ["LOCALSGD_TEST_OUT_DIR"], f"rank{rank}.pt"))
-    os._exit(0)
+    save_result_and_leave(result)
