@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from .consistency import RanksDisagreeError, describe, digest, explain, gather, settings_fingerprint, status_device
+from .consistency import (
+    RanksDisagreeError,
+    describe,
+    digest,
+    explain,
+    gather,
+    settings_fingerprint,
+    status_device,
+    world_group,
+)
 from .options import AveragingOptions
 from .sharded import FsdpShardAliases, is_sharded, local_tensors, local_tensors_and_replica_group, shaped_like_parameters
 
@@ -193,7 +202,8 @@ class ParameterAverager:
             )
             if options.zero_copy:
                 # Refuses what cannot alias before the engine moves anything.
-                self._shard_aliases = FsdpShardAliases(sharded_model, self.params, self.names)
+                # sharded_model may be None here: FsdpShardAliases refuses it with the reason.
+                self._shard_aliases = FsdpShardAliases(cast(torch.nn.Module, sharded_model), self.params, self.names)
         if agreement_settings is not None and not isinstance(agreement_settings, Mapping):
             raise TypeError(f"agreement_settings must be a mapping or None, got {type(agreement_settings).__name__}")
         self.process_group = process_group
@@ -260,7 +270,7 @@ class ParameterAverager:
                 "ParameterAverager.average() needs torch.distributed to be initialized "
                 "(call torch.distributed.init_process_group first) or an explicit process_group"
             )
-        return dist.group.WORLD
+        return world_group()
 
     def _use_avg_op(self, group: dist.ProcessGroup) -> bool:
         if self.comm_dtype is not None:
@@ -368,12 +378,20 @@ class ParameterAverager:
             outer_step(shaped_like_parameters(means, self.params))
             self._engine.merge_delayed_targets(means)
 
+    def advance_average(self) -> None:
+        """Nothing to move on: `start_average()` put every bucket's all_reduce on the wire at once. (The
+        quantized wire's exchange has a second half; every averager has the same interface.)"""
+        refuse_overlapped_misuse(self.average_pending, "advance_average")
+
+    def rebase_anchor(self) -> None:
+        """Nothing to rebase: the float wire sends the tensors themselves, not their change since an anchor."""
+
     @property
     def average_pending(self) -> bool:
         """Whether `start_average()` started an average that `finish_average()` has not merged yet."""
         return self._engine.delayed_pending
 
-    def _drain_pending_average(self) -> None:
+    def drain_pending_average(self) -> None:
         """Waits for a started average without merging it (an exception is on its way): nothing stays on
         the wire, so the group can be torn down cleanly."""
         self._engine.drain_delayed()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -123,8 +123,14 @@ def confirm_settings_agree(group: dist.ProcessGroup, settings: Mapping[str, Any]
     )
 
 
+def world_group() -> dist.ProcessGroup:
+    """torch's default group. Typed Optional by torch: it is None before init_process_group, and then the
+    collective it is handed to raises torch's own error saying so."""
+    return cast(dist.ProcessGroup, dist.group.WORLD)
+
+
 def gather(group: dist.ProcessGroup, mine: Dict[str, Any]) -> List[dict]:
-    everyone: List[Optional[dict]] = [None] * dist.get_world_size(group)
+    everyone: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return everyone
 
@@ -192,7 +198,7 @@ def confirm_across_world(group: dist.ProcessGroup, outcome: Optional[BaseExcepti
             raise outcome
         return
     mine = None if outcome is None else f"{type(outcome).__name__}: {outcome}"
-    everyone = gather(dist.group.WORLD, {"rank": dist.get_rank(), "error": mine})
+    everyone = gather(world_group(), {"rank": dist.get_rank(), "error": mine})
     if outcome is not None:
         raise outcome
     failed = [entry for entry in everyone if entry["error"]]

@@ -77,8 +77,14 @@ class OuterStep:
         else:
             self._check_matches(params)
 
+    def anchor_slice(self, first: int = 0, count: Optional[int] = None) -> List[torch.Tensor]:
+        """The anchors of parameters `first` to `first + count` (a fragment; all of them by default)."""
+        if self.anchors is None:
+            raise RuntimeError("the outer step has no anchor yet: it is taken on enter (take_anchor)")
+        return self.anchors[first:] if count is None else self.anchors[first : first + count]
+
     def _check_matches(self, params: Sequence[torch.Tensor], anchors: Optional[Sequence[torch.Tensor]] = None) -> None:
-        anchors = self.anchors if anchors is None else anchors
+        anchors = self.anchor_slice() if anchors is None else anchors
         described = [(tuple(p.shape), p.dtype, _kind(p)) for p in params]
         anchored = [(tuple(a.shape), a.dtype, _kind(a)) for a in anchors]
         if described != anchored:
@@ -100,9 +106,9 @@ class OuterStep:
         """`averaged` holds the means of the parameters from index `first` on (a fragment; all of them by
         default); afterwards it holds the outer optimizer's result, which is also their new anchor. The
         other anchors have no gradient, so the optimizer leaves them and their state alone."""
-        anchors = self.anchors[first : first + len(averaged)]
+        anchors = self.anchor_slice(first, len(averaged))
         self._check_matches(averaged, anchors)
-        if not anchors:
+        if not anchors or self.optimizer is None:
             return
         for anchor, mean in zip(anchors, averaged):
             anchor.grad = anchor - mean.to(anchor.device)

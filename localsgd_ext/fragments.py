@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
-__all__ = ["fragment_bounds", "FragmentCadence"]
+__all__ = ["fragment_bounds"]
 
 
 def fragment_bounds(sizes_in_bytes: Sequence[int], num_fragments: int) -> List[int]:
@@ -36,29 +36,3 @@ def fragment_bounds(sizes_in_bytes: Sequence[int], num_fragments: int) -> List[i
         bounds.append(cut)
     bounds.append(count)
     return bounds
-
-
-class FragmentCadence:
-    """Which fragments sync at a step: all of them at every warm-up step; after warm-up, one every
-    `local_sgd_steps / num_fragments` steps, in order (fragment 0 first), so that each fragment syncs
-    every `local_sgd_steps` steps. With one fragment this is Accelerate's cadence."""
-
-    def __init__(self, local_sgd_steps: int, warmup_steps: int, num_fragments: int):
-        if local_sgd_steps % num_fragments != 0:
-            raise ValueError(
-                "local_sgd_steps must be a multiple of num_fragments (each fragment syncs every local_sgd_steps "
-                f"steps, one every local_sgd_steps / num_fragments), got local_sgd_steps={local_sgd_steps}, "
-                f"num_fragments={num_fragments}"
-            )
-        self.warmup_steps = warmup_steps
-        self.num_fragments = num_fragments
-        self.stride = local_sgd_steps // num_fragments
-
-    def due(self, step: int) -> Optional[List[int]]:
-        """The fragments to sync after `step` steps, in order; None if none is due."""
-        if step <= self.warmup_steps:
-            return list(range(self.num_fragments))
-        since_warmup = step - self.warmup_steps
-        if since_warmup % self.stride != 0:
-            return None
-        return [(since_warmup // self.stride - 1) % self.num_fragments]

@@ -11,9 +11,10 @@ from typing import Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .consistency import world_group
 from .options import check_int_at_least
 
-__all__ = ["Hierarchy", "group_timeout"]
+__all__ = ["Hierarchy", "check_levels", "group_timeout"]
 
 
 def group_timeout(group: dist.ProcessGroup) -> Optional[datetime.timedelta]:
@@ -25,6 +26,25 @@ def group_timeout(group: dist.ProcessGroup) -> Optional[datetime.timedelta]:
         except (AttributeError, RuntimeError):
             continue
     return None
+
+
+def check_levels(levels: Mapping[int, int], local_sgd_steps: int) -> Dict[int, int]:
+    """`{group_size: period}` checked (group sizes >= 2, periods >= 1 and below `local_sgd_steps`), sorted
+    by group size."""
+    if not isinstance(levels, Mapping) or not levels:
+        raise TypeError(f"hierarchy must be a non-empty mapping {{group_size: period}}, got {levels!r}")
+    checked: Dict[int, int] = {}
+    # Each key and period checked before sorting, which would compare a bad key with the others first.
+    for group_size, period in levels.items():
+        group_size = check_int_at_least("hierarchy group size", group_size, 2)
+        period = check_int_at_least(f"hierarchy[{group_size}] (the period)", period, 1)
+        if period >= local_sgd_steps:
+            raise ValueError(
+                f"hierarchy[{group_size}] (the period) must be below local_sgd_steps (the world's period), got "
+                f"{period} with local_sgd_steps={local_sgd_steps}"
+            )
+        checked[group_size] = period
+    return dict(sorted(checked.items()))
 
 
 class Hierarchy:
@@ -42,20 +62,7 @@ class Hierarchy:
     """
 
     def __init__(self, levels: Mapping[int, int], local_sgd_steps: int):
-        if not isinstance(levels, Mapping) or not levels:
-            raise TypeError(f"hierarchy must be a non-empty mapping {{group_size: period}}, got {levels!r}")
-        checked: Dict[int, int] = {}
-        # Each key and period checked before sorting, which would compare a bad key with the others first.
-        for group_size, period in levels.items():
-            group_size = check_int_at_least("hierarchy group size", group_size, 2)
-            period = check_int_at_least(f"hierarchy[{group_size}] (the period)", period, 1)
-            if period >= local_sgd_steps:
-                raise ValueError(
-                    f"hierarchy[{group_size}] (the period) must be below local_sgd_steps (the world's period), got "
-                    f"{period} with local_sgd_steps={local_sgd_steps}"
-                )
-            checked[group_size] = period
-        self.levels: Dict[int, int] = dict(sorted(checked.items()))
+        self.levels: Dict[int, int] = check_levels(levels, local_sgd_steps)
         self.groups: Dict[int, dist.ProcessGroup] = {}
 
     def build_groups(self, replicas: Optional[dist.ProcessGroup] = None) -> None:
@@ -67,14 +74,14 @@ class Hierarchy:
             return
         # A level's collectives give up as the group it was carved from does, not after torch's default
         # 30 minutes: a stalled peer must fail its partners as soon as it fails everyone else.
-        timeout = group_timeout(replicas if replicas is not None else dist.group.WORLD)
+        timeout = group_timeout(replicas if replicas is not None else world_group())
         if replicas is None:
             world_size = dist.get_world_size()
             self._check_divides(world_size, f"the world size and be below it, got a world of {world_size} ranks")
             for group_size in self.levels:
                 self.groups[group_size], _ = dist.new_subgroups(group_size=group_size, timeout=timeout)
             return
-        everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
+        everyone: List[List[int]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(everyone, dist.get_process_group_ranks(replicas))
         replica_groups = sorted({tuple(ranks) for ranks in everyone})
         sizes = sorted({len(ranks) for ranks in replica_groups})
@@ -92,9 +99,3 @@ class Hierarchy:
         for group_size in self.levels:
             if group_size >= total or total % group_size != 0:
                 raise ValueError(f"hierarchy group size {group_size} must divide {what}")
-
-    def due(self, steps_since_warmup: int) -> Optional[int]:
-        """The group size of the level to average after this many steps past warm-up (the world's steps
-        excluded by the caller); None if no level is due."""
-        sizes: List[int] = [size for size, period in self.levels.items() if steps_since_warmup % period == 0]
-        return max(sizes) if sizes else None

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
-from . import _C
-from .averager import ParameterAverager, _lost_rank_errors
-from .buffers import BufferSync
-from .consistency import confirm_across_world, confirm_settings_agree, fail_together
-from .diloco import OuterStep, check_anchor_device, resolve_outer_optimizer
-from .fragments import FragmentCadence, fragment_bounds
-from .hierarchy import Hierarchy
-from .options import AveragingOptions, check_bool, check_int_at_least
-from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES, QuantizedAverager
+from .averager import _lost_rank_errors
+from .config import LocalSGDConfig, check_local_sgd_steps
+from .consistency import confirm_across_world, confirm_settings_agree
+from .controller import SyncController
+from .options import check_int_at_least
+from .quantized_wire import DEFAULT_BLOCK_SIZE
 from .sharded import REPLICATE_DIM_NAMES, is_sharded, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
@@ -44,18 +40,6 @@ _SUPPORTED_DISTRIBUTED_TYPES = tuple(
     )
     if hasattr(DistributedType, name)
 )
-
-
-def _check_local_sgd_steps(local_sgd_steps, enabled):
-    # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
-    if local_sgd_steps is None and not enabled:
-        return None
-    # A whole float (8.0, from a YAML or JSON config) counts as Accelerate's `num_steps % 8.0` does.
-    if isinstance(local_sgd_steps, float) and local_sgd_steps.is_integer():
-        local_sgd_steps = int(local_sgd_steps)
-    return check_int_at_least(
-        "local_sgd_steps", local_sgd_steps, 1, " (or a whole float such as 8.0; None only with enabled=False)"
-    )
 
 
 def _check_enabled(enabled) -> bool:
@@ -87,44 +71,6 @@ def _say_once_why_disabled(accelerator) -> None:
         get_logger(__name__).warning(message, accelerator.distributed_type)
     except (ImportError, RuntimeError):
         logger.warning(message, accelerator.distributed_type)
-
-
-# The float wires: what the parameters travel as (cast inside the compiled pack); comm_dtype is their alias.
-FLOAT_WIRES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-WIRE_NAMES = tuple(FLOAT_WIRES) + tuple(WIRES)
-
-
-def _resolve_wire(wire, comm_dtype):
-    """(the wire's name, the float wire's comm_dtype or None) from `wire` and its alias `comm_dtype`."""
-    if wire is not None and wire not in WIRE_NAMES:
-        raise ValueError(f"wire must be None or one of {WIRE_NAMES}, got {wire!r}")
-    if wire is None:
-        names = {dtype: name for name, dtype in FLOAT_WIRES.items()}
-        return names.get(comm_dtype, "fp32"), comm_dtype
-    if wire in FLOAT_WIRES:
-        if comm_dtype is not None and comm_dtype != FLOAT_WIRES[wire]:
-            raise ValueError(
-                f"wire={wire!r} and comm_dtype={comm_dtype} disagree; pass one of them (comm_dtype=torch.bfloat16 is "
-                'wire="bf16", comm_dtype=torch.float16 is wire="fp16")'
-            )
-        return wire, FLOAT_WIRES[wire]
-    if comm_dtype is not None:
-        raise ValueError(f"wire={wire!r} replaces the float wire: it needs comm_dtype=None, got comm_dtype={comm_dtype}")
-    return wire, None
-
-
-def _check_wire(wire, error_feedback, wire_block_size, options: AveragingOptions):
-    check_bool("error_feedback", error_feedback)
-    wire_block_size = check_int_at_least("wire_block_size", wire_block_size, 1)
-    if wire not in WIRES:
-        if error_feedback or wire_block_size != DEFAULT_BLOCK_SIZE:
-            raise ValueError(
-                f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={error_feedback}, '
-                f"wire_block_size={wire_block_size} with wire={wire!r}"
-            )
-    elif options.zero_copy:
-        raise ValueError(f"wire={wire!r} needs copy mode (zero_copy=False): it quantizes a snapshot of the parameters")
-    return wire, error_feedback, wire_block_size
 
 
 def _accelerate_replicate_mesh(accelerator):
@@ -326,48 +272,43 @@ class LocalSGD:
         self.num_steps = 0
         self.accelerator = accelerator
         self.model = model
-        self.local_sgd_steps = _check_local_sgd_steps(local_sgd_steps, enabled)
-        wire, comm_dtype = _resolve_wire(wire, comm_dtype)
-        self.options = AveragingOptions(
-            bucket_cap_mb=bucket_cap_mb, check_finite=check_finite, zero_copy=zero_copy, comm_dtype=comm_dtype
+        self.local_sgd_steps = check_local_sgd_steps(local_sgd_steps, enabled)
+        self.config = LocalSGDConfig(
+            self.local_sgd_steps, bucket_cap_mb=bucket_cap_mb, check_finite=check_finite, zero_copy=zero_copy,
+            comm_dtype=comm_dtype, outer_optimizer=outer_optimizer, outer_anchor_device=outer_anchor_device,
+            sync_buffers=sync_buffers, warmup_steps=warmup_steps, sync_delay=sync_delay, num_fragments=num_fragments,
+            wire=wire, error_feedback=error_feedback, wire_block_size=wire_block_size, hierarchy=hierarchy,
         )
-        build_outer_optimizer = resolve_outer_optimizer(outer_optimizer)
-        self.outer_anchor_device = check_anchor_device(outer_anchor_device)
-        self._outer = None if build_outer_optimizer is None else OuterStep(build_outer_optimizer, self.outer_anchor_device)
-        self.sync_buffers = check_bool("sync_buffers", sync_buffers)
-        self.warmup_steps = check_int_at_least("warmup_steps", warmup_steps, 0)
-        self.sync_delay = check_int_at_least("sync_delay", sync_delay, 0)
-        self.num_fragments = check_int_at_least("num_fragments", num_fragments, 1)
-        self._cadence = None
-        if self.local_sgd_steps is not None:
-            self._cadence = FragmentCadence(self.local_sgd_steps, self.warmup_steps, self.num_fragments)
-        if self.sync_delay > 0:
-            if self._cadence is not None and self.sync_delay >= self._cadence.stride:
-                raise ValueError(
-                    "sync_delay must be below local_sgd_steps / num_fragments (one average in flight at a time), got "
-                    f"sync_delay={self.sync_delay} with local_sgd_steps={self.local_sgd_steps}, "
-                    f"num_fragments={self.num_fragments}"
-                )
-            if self.zero_copy or self.comm_dtype == torch.float16:
-                raise ValueError(
-                    "sync_delay needs copy mode with comm_dtype None or torch.bfloat16, got "
-                    f"zero_copy={self.zero_copy}, comm_dtype={self.comm_dtype}"
-                )
-        self.wire, self.error_feedback, self.wire_block_size = _check_wire(
-            wire, error_feedback, wire_block_size, self.options
-        )
-        # The quantized wire's name, or None for the float wires (which the engine's pack casts).
-        self._quantized = self.wire if self.wire in WIRES else None
-        self._hierarchy = None
-        if hierarchy is not None and self.local_sgd_steps is not None:
-            self._hierarchy = Hierarchy(hierarchy, self.local_sgd_steps)
-            if self.zero_copy:
-                # A real limit (docs/options.md's refusals): the level and world engines would each move the
-                # same parameters into flat buffers of their own.
-                raise NotImplementedError(
-                    "hierarchy with zero_copy is not supported: each level's engine and the world's would move the same "
-                    "parameters into flat buffers of their own; use copy mode (zero_copy=False) with hierarchy"
-                )
+        self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
+        self._controller = SyncController(model, self.config, self.process_group)
+        self._entered = False
+
+    # The options, as attributes of their own (read-only); `config` holds them all.
+    options = property(lambda self: self.config.averaging)
+    bucket_cap_mb = property(lambda self: self.config.bucket_cap_mb)
+    check_finite = property(lambda self: self.config.check_finite)
+    zero_copy = property(lambda self: self.config.zero_copy)
+    comm_dtype = property(lambda self: self.config.comm_dtype)
+    outer_anchor_device = property(lambda self: self.config.outer_anchor_device)
+    sync_buffers = property(lambda self: self.config.sync_buffers)
+    warmup_steps = property(lambda self: self.config.warmup_steps)
+    sync_delay = property(lambda self: self.config.sync_delay)
+    num_fragments = property(lambda self: self.config.num_fragments)
+    wire = property(lambda self: self.config.wire)
+    error_feedback = property(lambda self: self.config.error_feedback)
+    wire_block_size = property(lambda self: self.config.wire_block_size)
+    level_sync_counts = property(lambda self: self._controller.level_sync_counts)
+
+    # What the averaging reports; writable, as Accelerate subclasses that time the sync set them.
+    sync_count = property(
+        lambda self: self._controller.sync_count, lambda self, value: setattr(self._controller, "sync_count", value)
+    )
+    last_sync_seconds = property(
+        lambda self: self._controller.last_sync_seconds,
+        lambda self, value: setattr(self._controller, "last_sync_seconds", value),
+    )
+
+    def _replica_group(self, process_group, device_mesh, mesh_dim) -> Optional[dist.ProcessGroup]:
         if device_mesh is not None and process_group is not None:
             raise ValueError(
                 f"pass process_group or device_mesh, not both: got process_group={process_group!r}, "
@@ -378,57 +319,10 @@ class LocalSGD:
         if mesh_dim is not None and device_mesh is None:
             raise ValueError(f"mesh_dim needs device_mesh, got mesh_dim={mesh_dim!r} with device_mesh=None")
         if device_mesh is None and process_group is None and self.enabled:
-            device_mesh = _accelerate_replicate_mesh(accelerator)
+            device_mesh = _accelerate_replicate_mesh(self.accelerator)
         if device_mesh is not None:
             process_group = replica_group_from_mesh(device_mesh, mesh_dim)
-        self.process_group = process_group
-        self.level_sync_counts: Dict[int, int] = {size: 0 for size in (self._hierarchy.levels if self._hierarchy else {})}
-        # Each level's averager over all the parameters, in its subgroup.
-        self._level_averagers: Dict[int, ParameterAverager] = {}
-        # The step at which the delayed average in flight was started (None: nothing in flight), and its fragment.
-        self._delayed_since: Optional[int] = None
-        self._delayed_fragment = 0
-        self._last_step_synced = False
-        self._buffer_sync: Optional[BufferSync] = None
-        self.sync_count = 0
-        self.last_sync_seconds: Optional[float] = None
-        # One averager per fragment, over the parameters model.parameters()[bounds[i]:bounds[i + 1]].
-        self._averagers: List[Union[ParameterAverager, QuantizedAverager]] = []
-        self._fragment_starts: List[int] = []
-        # Per fragment, the step at which its last waited-for sync completed (None: not since enter).
-        self._synced_at_step: List[Optional[int]] = []
-        self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
-        self._entered = False
-
-    # The averaging options, as attributes of their own (read-only).
-    bucket_cap_mb = property(lambda self: self.options.bucket_cap_mb)
-    check_finite = property(lambda self: self.options.check_finite)
-    zero_copy = property(lambda self: self.options.zero_copy)
-    comm_dtype = property(lambda self: self.options.comm_dtype)
-
-    def _agreement_settings(self) -> Mapping[str, object]:
-        """What every rank must share beyond the averager's own options: when it syncs, and what it does
-        around the average."""
-        return {
-            "local_sgd_steps": self.local_sgd_steps,
-            "warmup_steps": self.warmup_steps,
-            "outer_optimizer": self._outer is not None,
-            "sync_buffers": self.sync_buffers,
-            "sync_delay": self.sync_delay,
-            "num_fragments": self.num_fragments,
-            "wire": self.wire,
-            "hierarchy": None if self._hierarchy is None else self._hierarchy.levels,
-        }
-
-    def _settings_to_agree_on(self) -> Mapping[str, object]:
-        """Everything checked on enter, before any group is created."""
-        return {
-            **self.options.settings(),
-            **self._agreement_settings(),
-            "error_feedback": self.error_feedback,
-            "wire_block_size": self.wire_block_size,
-            "outer_anchor_device": self.outer_anchor_device,
-        }
+        return process_group
 
     def __enter__(self):
         if self._entered:
@@ -439,14 +333,12 @@ class LocalSGD:
         if self.enabled:
             # Before any other collective: a rank configured differently (e.g. hierarchy on one rank only)
             # would otherwise wait alone inside new_group, or send mismatched messages.
-            group = self.process_group or dist.group.WORLD
+            group = self._controller.group
             with _lost_rank_errors(group):
-                confirm_settings_agree(group, self._settings_to_agree_on(), "created or averaged")
-            if self._hierarchy is not None:
-                self._hierarchy.build_groups(self.process_group)
+                confirm_settings_agree(group, self.config.settings_to_agree_on(), "created or averaged")
             outcome = None
             try:
-                self._verify_before_training()
+                self._controller.prepare()
             except Exception as error:  # noqa: BLE001 - every rank must hear of it; re-raised below
                 outcome = error
             if self.process_group is not None and is_sharded(list(self.model.parameters())):
@@ -459,36 +351,17 @@ class LocalSGD:
         self._entered = True
         return self
 
-    def _verify_before_training(self) -> None:
-        """Refuses bad parameters, and ranks whose models or settings differ, before any training."""
-        averagers = self._averagers_or_fail_together()
-        if self._outer is not None:
-            self._outer.take_anchor([p for averager in averagers for p in averager.params])
-        # The averagers over all ranks first: a rank that could not build them joins their check as failed.
-        for averager, first in zip(averagers, self._fragment_starts):
-            if self._outer is not None:
-                averager.verify_ranks_agree(equal_values=self._outer.anchors[first : first + len(averager.params)])
-            else:
-                averager.verify_ranks_agree()
-        for level_averager in self._level_averagers.values():
-            level_averager.verify_ranks_agree()
-
     def __exit__(self, type, value, tb):
         self._entered = False
         if self.enabled:
             try:
                 if type is None:
                     # Average all models on exit; not after an exception, which other ranks may not share.
-                    self._finish_delayed_sync()
-                    if self._outer is None:
-                        self._sync_and_avg_model_params()  # Accelerate's exit call, for subclasses that wrap it
-                    else:
-                        self._sync_fragments(fragments=self._fragments_changed_since_sync())
+                    actions = self.config.schedule.exit_actions(self.num_steps)
+                    self._controller.finish(actions, self.num_steps, self._sync_and_avg_model_params)
             finally:
-                if type is not None and self._delayed_since is not None:
-                    # Started on every rank, so it completes: wait for it rather than leave it on the wire.
-                    self._averagers[self._delayed_fragment]._drain_pending_average()
-                    self._delayed_since = None
+                if type is not None:
+                    self._controller.abort()
                 self.model_sync_obj.__exit__(type, value, tb)
 
     def step(self):
@@ -498,29 +371,14 @@ class LocalSGD:
         self.num_steps += 1
         if not self.enabled:
             return
+        actions = self.config.schedule.actions(self.num_steps)
+        self._controller.run_step(actions, self.num_steps, self._sync_and_avg_model_params)
 
-        self._last_step_synced = False
-        if self._delayed_since is not None:
-            in_flight_for = self.num_steps - self._delayed_since
-            if in_flight_for >= self.sync_delay:
-                self._finish_delayed_sync()
-                self._last_step_synced = True
-            elif in_flight_for == (self.sync_delay + 1) // 2 and self._quantized is not None:
-                # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
-                self._averagers[self._delayed_fragment].advance_average()
-        fragments = self._cadence.due(self.num_steps)
-        if fragments is not None:
-            delayed = self.sync_delay > 0 and self.num_steps > self.warmup_steps
-            if not delayed and len(fragments) == len(self._averagers or [None]):
-                self._sync_and_avg_model_params()  # Accelerate's call, for subclasses that wrap it
-            else:
-                self._sync_fragments(delayed=delayed, fragments=fragments)
-            # A delayed sync may still complete at once (a quantized wire's first, in float32).
-            self._last_step_synced = self._delayed_since is None
-        elif self._hierarchy is not None:
-            group_size = self._hierarchy.due(self.num_steps - self.warmup_steps)
-            if group_size is not None:
-                self._average_level(group_size)
+    def _sync_and_avg_model_params(self):
+        """
+        Synchronize + Average model parameters across all processes
+        """
+        self._controller.sync(self.num_steps)
 
     @property
     def last_step_synced(self) -> bool:
@@ -529,7 +387,7 @@ class LocalSGD:
         holds the same parameters; with it, the step that merged a delayed average, or that completed a
         sync it waited for (warm-up, a quantized wire's first). With fragments, the ranks agree then on
         the fragment just synced only."""
-        return self.enabled and self._last_step_synced
+        return self.enabled and self._controller.last_step_synced
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue as if uninterrupted: the step count (so the sync cadence
@@ -538,16 +396,13 @@ class LocalSGD:
         Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true.
         A quantized wire's anchor and residual are not saved: after a resume its first sync averages in
         float32 again and takes a new anchor, and error feedback starts from zero."""
-        if self._delayed_since is not None:
+        if self._controller.delayed_fragment is not None:
             raise RuntimeError(
                 "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
                 "last_step_synced is True"
             )
-        return {
-            "num_steps": self.num_steps,
-            "sync_count": self.sync_count,
-            "outer": None if self._outer is None else self._outer.state_dict(),
-        }
+        outer = None if self._controller.outer is None else self._controller.outer.state_dict()
+        return {"num_steps": self.num_steps, "sync_count": self.sync_count, "outer": outer}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores what `state_dict()` returned; call it before entering the `with` block."""
@@ -563,147 +418,13 @@ class LocalSGD:
             raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
         num_steps = check_int_at_least("state_dict['num_steps']", state_dict["num_steps"], 0)
         sync_count = check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
-        if (state_dict["outer"] is None) != (self._outer is None):
+        outer = self._controller.outer
+        if (state_dict["outer"] is None) != (outer is None):
             raise ValueError(
                 "state_dict was saved with outer_optimizer " + ("set" if state_dict["outer"] is not None else "None")
-                + ", but this LocalSGD has outer_optimizer " + ("None" if self._outer is None else "set")
+                + ", but this LocalSGD has outer_optimizer " + ("None" if outer is None else "set")
             )
         self.num_steps = num_steps
         self.sync_count = sync_count
-        if self._outer is not None:
-            self._outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
-
-    def _current_averagers(self) -> List[Union[ParameterAverager, QuantizedAverager]]:
-        # Accelerate averages whatever model.parameters() lists at each sync. Walking the module tree in
-        # Python costs ~1.4 ms per 1000 modules; the compiled snapshot answers "would it still list the
-        # same objects?" in microseconds, and the walk runs again only when something was registered,
-        # replaced or removed. (A tensor re-pointed inside a Parameter is the engine's to catch.)
-        averagers = self._averagers
-        if averagers and self._module_tree is not None and self._module_tree.unchanged():
-            return averagers
-        params: List[torch.nn.Parameter] = list(self.model.parameters())
-        current = [p for averager in averagers for p in averager.params]
-        if not averagers or len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
-            names = [name for name, _ in self.model.named_parameters()]
-            bounds = fragment_bounds([p.numel() * p.element_size() for p in params], self.num_fragments)
-            # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
-            self._averagers = averagers = []
-            for start, end in zip(bounds, bounds[1:]):
-                fragment = dict(
-                    names=names[start:end], agreement_settings=self._agreement_settings(), process_group=self.process_group
-                )
-                if self._quantized is not None:
-                    fragment.update(wire=self._quantized, block_size=self.wire_block_size, error_feedback=self.error_feedback)
-                    averagers.append(QuantizedAverager.with_options(params[start:end], self.options, **fragment))
-                else:
-                    averagers.append(
-                        ParameterAverager.with_options(params[start:end], self.options, sharded_model=self.model, **fragment)
-                    )
-            self._fragment_starts = bounds[:-1]
-            self._synced_at_step = [None] * len(averagers)
-            if self._hierarchy is not None:
-                self._level_averagers = {
-                    size: ParameterAverager.with_options(
-                        params, self.options, process_group=group, names=names,
-                        agreement_settings={**self._agreement_settings(), "level": size},
-                    )
-                    for size, group in self._hierarchy.groups.items()
-                }
-        if self.sync_buffers:
-            named_buffers = list(self.model.named_buffers())
-            self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.bucket_cap_mb))
-            # Checked with the last fragment's parameters, in the same collective: the buffers' sync
-            # runs unchecked, with that fragment's (or every fragment's) sync.
-            averagers[-1].agreement_tensors = named_buffers
-        self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
-        return averagers
-
-    def _averagers_or_fail_together(self) -> List[Union[ParameterAverager, QuantizedAverager]]:
-        """The current averagers; if this rank cannot build them (a parameter refused), the other ranks,
-        waiting in the agreement check, are told, and this rank raises its own error."""
-        try:
-            return self._current_averagers()
-        except Exception as error:
-            fail_together(self.process_group or dist.group.WORLD, error)
-            raise  # unreachable: fail_together raises
-
-    def _average_level(self, group_size: int) -> None:
-        """One level's average, within this rank's subgroup of `group_size` ranks."""
-        start = time.perf_counter()
-        # Rebuilds the level averagers too when the parameters changed. Not through fail_together: that
-        # is a world collective, and only this subgroup is syncing now.
-        self._current_averagers()
-        self._level_averagers[group_size].average()
-        self.level_sync_counts[group_size] += 1
-        self.last_sync_seconds = time.perf_counter() - start
-
-    def _fragments_changed_since_sync(self) -> List[int]:
-        """The exit sync's fragments with an outer optimizer: a fragment whose sync completed at the last
-        `step()` has nothing to contribute (its pseudo-gradient would be zero, and momentum would still move
-        it). Plain averaging averages every fragment, as Accelerate does."""
-        every = range(len(self._averagers_or_fail_together()))
-        return [f for f in every if self._synced_at_step[f] != self.num_steps]
-
-    def _check_delayed_params_still_the_models(self) -> None:
-        """The delayed merge writes into the objects snapshotted at its start; if the model holds others now
-        (`load_state_dict(assign=True)`, a module replaced), the merge would be lost for the model."""
-        averager = self._averagers[self._delayed_fragment]
-        if self._module_tree is not None and self._module_tree.unchanged():
-            return
-        held = set(map(id, self.model.parameters()))
-        replaced = [name for name, p in zip(averager.names, averager.params) if id(p) not in held]
-        if replaced:
-            averager._drain_pending_average()
-            raise RuntimeError(
-                f"LocalSGD: the model's parameters were replaced (first {replaced[0]}; e.g. by "
-                "load_state_dict(assign=True) or a module swapped in) while a delayed average (sync_delay) was in "
-                "flight, so its correction cannot be merged into what the model holds now. Replace parameters only "
-                "at a step where last_step_synced is True, or load without assign=True (which copies into them)."
-            )
-
-    def _finish_delayed_sync(self) -> None:
-        if self._delayed_since is None:
-            return
-        self._delayed_since = None
-        self._check_delayed_params_still_the_models()
-        averager = self._averagers[self._delayed_fragment]
-        if self._outer is not None:
-            # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.
-            first = self._fragment_starts[self._delayed_fragment]
-            averager.finish_average(outer_step=lambda means: self._outer.apply(means, first=first))
-        else:
-            averager.finish_average()
-        self.sync_count += 1
-
-    def _sync_and_avg_model_params(self):
-        """
-        Synchronize + Average model parameters across all processes
-        """
-        self._sync_fragments()
-
-    def _sync_fragments(self, delayed: bool = False, fragments: Optional[List[int]] = None) -> None:
-        """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started."""
-        start = time.perf_counter()
-        averagers = self._averagers_or_fail_together()
-        if fragments is None:
-            fragments = list(range(len(averagers)))
-        for fragment in fragments:
-            averager = averagers[fragment]
-            if delayed:
-                averager.start_average()
-            else:
-                averager.average()
-            if averager.average_pending:
-                # Counted in sync_count when it is merged (_finish_delayed_sync).
-                self._delayed_since, self._delayed_fragment = self.num_steps, fragment
-                continue
-            # Waited for: a plain sync, or a quantized wire's first (it has no anchor to send changes from yet).
-            if self._outer is not None:
-                self._outer.apply(averager.params, first=self._fragment_starts[fragment])
-                if self._quantized is not None:
-                    averager.rebase_anchor()  # a quantized wire measures the next changes from here
-            self._synced_at_step[fragment] = self.num_steps
-            self.sync_count += 1
-        if self.sync_buffers and fragments and fragments[-1] == len(averagers) - 1:
-            self._buffer_sync.sync()
-        self.last_sync_seconds = time.perf_counter() - start
+        if outer is not None:
+            outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))

@@ -28,7 +28,7 @@ def check_bool(name: str, value) -> bool:
 def check_int_at_least(name: str, value, minimum: int, type_note: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}{type_note}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
+    if int(value) < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
 
@@ -36,9 +36,10 @@ def check_int_at_least(name: str, value, minimum: int, type_note: str = "") -> i
 def _check_bucket_cap_mb(bucket_cap_mb) -> float:
     if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real):
         raise TypeError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-    if not bucket_cap_mb > 0 or bucket_cap_mb == float("inf"):
+    value = float(bucket_cap_mb)
+    if not value > 0 or value == float("inf"):
         raise ValueError(f"bucket_cap_mb must be a positive finite number, got {bucket_cap_mb!r}")
-    return float(bucket_cap_mb)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

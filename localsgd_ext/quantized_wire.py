@@ -143,9 +143,8 @@ class QuantizedAverager:
         # What is packed and written: the tensors themselves, or DTensors' local shards.
         self._tensors: List[torch.Tensor] = self._full_precision._tensors
         self.names = self._full_precision.names
-        self._anchor: Optional[torch.Tensor] = None
-        self._snapshot: Optional[torch.Tensor] = None
-        self._residual: Optional[torch.Tensor] = None
+        # The anchor and the buffers around it, from the first sync on.
+        self._anchored: Optional[_Anchored] = None
         # An overlapped sync in flight.
         self._pending: Optional[_Exchange] = None
         self.last_wire_bytes = 0
@@ -175,9 +174,7 @@ class QuantizedAverager:
             total += p.numel()
         self.numel = total
         self._planned_layout = self._layout()
-        self._anchor = self._snapshot = self._residual = None
-        self._wire: Optional[_WireBuffers] = None
-        self._pieces: List[Tuple[int, int]] = []
+        self._anchored = None
 
     @property
     def _device(self) -> torch.device:
@@ -208,16 +205,24 @@ class QuantizedAverager:
         self._full_precision.average()
         world_size = dist.get_world_size(self._group())
         device = self._device
-        self._anchor = torch.zeros(self._padded_length(world_size), dtype=torch.float32, device=device)
-        ops.pack_into(self._tensors, self.offsets, self._anchor)
-        # Reused at every sync; its padding stays zero (pack writes the tensors' elements only).
-        self._snapshot = torch.zeros_like(self._anchor)
-        if self.error_feedback:
-            self._residual = torch.zeros_like(self._anchor)
-        self._wire = _WireBuffers.for_length(self._anchor.numel(), world_size, self.block_size, self._code_dtype, device)
-        self._pieces = self._wire_pieces(world_size)
+        length = self._padded_length(world_size)
+        anchor = torch.zeros(length, dtype=torch.float32, device=device)
+        ops.pack_into(self._tensors, self.offsets, anchor)
+        self._anchored = _Anchored(
+            anchor=anchor,
+            # Reused at every sync; its padding stays zero (pack writes the tensors' elements only).
+            snapshot=torch.zeros_like(anchor),
+            residual=torch.zeros_like(anchor) if self.error_feedback else None,
+            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device),
+            pieces=self._wire_pieces(world_size, length),
+        )
 
-    def _wire_pieces(self, world_size: int) -> List[Tuple[int, int]]:
+    def _state(self) -> "_Anchored":
+        if self._anchored is None:
+            raise RuntimeError("the quantized wire has no anchor yet: its first sync takes it")
+        return self._anchored
+
+    def _wire_pieces(self, world_size: int, length: int) -> List[Tuple[int, int]]:
         """The stretches of the flat buffers that travel as one exchange each, about a bucket (bucket_cap_mb
         of float32) long and a whole number of every rank's blocks: while one piece's chunks are averaged
         and re-quantized, the next pieces are on the wire. Each element is reduced by the same rank as a
@@ -225,23 +230,23 @@ class QuantizedAverager:
         does not depend on the pieces (tested)."""
         unit = world_size * self.block_size
         per_piece = max(unit, self._full_precision.options.bucket_cap_bytes // 4 // unit * unit)
-        length = self._anchor.numel()
         return [(start, min(start + per_piece, length)) for start in range(0, length, per_piece)]
 
     @torch.no_grad()
     def rebase_anchor(self) -> None:
         """Makes the tensors' current values the anchor (after something that changed them alike on every
         rank, e.g. DiLoCo's outer step)."""
-        if self._anchor is not None:
-            ops.pack_into(self._tensors, self.offsets, self._anchor)
+        if self._anchored is not None:
+            ops.pack_into(self._tensors, self.offsets, self._anchored.anchor)
 
     def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
         residual, with error feedback). Refuses a change that float32 cannot hold, before anything is sent."""
-        ops.pack_into(self._tensors, self.offsets, self._snapshot)
+        state = self._state()
+        ops.pack_into(self._tensors, self.offsets, state.snapshot)
         # One pass: the change since the anchor (plus the residual), its codes, and the residual it leaves.
-        codes, scales = self._wire.codes, self._wire.scales
-        ops.quantize_change(self._snapshot, self._anchor, self._residual, self.block_size, codes, scales)
+        codes, scales = state.wire.codes, state.wire.scales
+        ops.quantize_change(state.snapshot, state.anchor, state.residual, self.block_size, codes, scales)
         self._refuse_overflowed_change(scales)
         return codes, scales
 
@@ -252,19 +257,20 @@ class QuantizedAverager:
         they are (and check_finite refuses them in the check that follows)."""
         if self.numel == 0 or bool(torch.isfinite(scales).all()):
             return
+        state = self._state()
         block = int((~torch.isfinite(scales)).nonzero()[0])
         begin, end = block * self.block_size, min((block + 1) * self.block_size, self.numel)
-        if not bool(torch.isfinite(self._snapshot[begin:end]).all()) or not bool(torch.isfinite(self._anchor[begin:end]).all()):
+        if not bool(torch.isfinite(state.snapshot[begin:end]).all()) or not bool(torch.isfinite(state.anchor[begin:end]).all()):
             return
         index = bisect.bisect_right(self.offsets, begin) - 1
         while self._tensors[index].numel() == 0 or self.offsets[index] + self._tensors[index].numel() <= begin:
             index += 1
-        if self._residual is not None:
-            self._residual.zero_()  # its overflowing block holds NaN now
+        if state.residual is not None:
+            state.residual.zero_()  # its overflowing block holds NaN now
         raise ValueError(
             f"the {self.wire} wire cannot send the change of {self.names[index]} since the last sync: it overflows "
             "float32 (a value moved by more than 3.4e38), so it would arrive as NaN on every rank. Nothing was "
-            "averaged" + ("; error feedback starts again from zero" if self._residual is not None else "")
+            "averaged" + ("; error feedback starts again from zero" if state.residual is not None else "")
             + ". Values this large need the float wire (wire=None)"
         )
 
@@ -275,9 +281,10 @@ class QuantizedAverager:
     def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
         """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
         and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8)."""
-        wire = self._wire
+        state = self._state()
+        wire = state.wire
         works = []
-        for start, end in self._pieces:
+        for start, end in state.pieces:
             its_scales = self._scales_of(start, end)
             works.append([
                 dist.all_to_all_single(
@@ -291,9 +298,9 @@ class QuantizedAverager:
         """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
         and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive)."""
         world_size = dist.get_world_size(group)
-        wire = self._wire
+        wire = self._state().wire
         gathers = []
-        for (start, end), arriving in zip(self._pieces, exchange.works):
+        for (start, end), arriving in zip(self._state().pieces, exchange.works):
             exchange.wait_for(arriving)
             its_scales = self._scales_of(start, end)
             mine = slice(start // world_size, end // world_size)  # this rank's chunk of the piece's mean
@@ -318,12 +325,12 @@ class QuantizedAverager:
         rank."""
         if exchange.phase == 1:
             self._start_gather(group, exchange)
-        wire = self._wire
-        for (start, end), arriving in zip(self._pieces, exchange.works):
+        state = self._state()
+        for (start, end), arriving in zip(state.pieces, exchange.works):
             exchange.wait_for(arriving)
             ops.apply_quantized_mean(
-                wire.gathered_codes[start:end], wire.gathered_scales[self._scales_of(start, end)], self.block_size,
-                self._anchor[start:end],
+                state.wire.gathered_codes[start:end], state.wire.gathered_scales[self._scales_of(start, end)],
+                self.block_size, state.anchor[start:end],
             )
         exchange.works = []
 
@@ -338,7 +345,7 @@ class QuantizedAverager:
         try:
             if self._layout() != self._planned_layout:
                 self._plan()
-            quantized = None if self._anchor is None else self._quantized_delta()
+            quantized = None if self._anchored is None else self._quantized_delta()
         except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
             fail_together(self._group(), error)
             raise  # unreachable: fail_together raises
@@ -357,7 +364,7 @@ class QuantizedAverager:
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, self._start_exchange(group, *quantized))
-        ops.unpack_from(self._anchor, self.offsets, 1.0, self._tensors)
+        ops.unpack_from(self._state().anchor, self.offsets, 1.0, self._tensors)
 
     @torch.no_grad()
     def start_average(self) -> None:
@@ -390,24 +397,28 @@ class QuantizedAverager:
         writes there (the outer optimizer's result) becomes the anchor and is what is merged. The mean
         is the same bits on every rank, so a deterministic outer step keeps the anchors identical. Sharded
         tensors' views are handed over as DTensors shaped like the parameters."""
-        refuse_overlapped_misuse(self._pending is not None, "finish_average")
-        exchange, self._pending = self._pending, None
+        exchange = self._pending
+        refuse_overlapped_misuse(exchange is not None, "finish_average")
+        assert exchange is not None
+        self._pending = None
         group = self._group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, exchange)
         if outer_step is not None:
             outer_step(self._anchor_views())
-        ops.merge_into(self._anchor, self._snapshot, self.offsets, 1.0, self._tensors)
+        state = self._state()
+        ops.merge_into(state.anchor, state.snapshot, self.offsets, 1.0, self._tensors)
 
     def _anchor_views(self) -> List[torch.Tensor]:
-        views = [self._anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
+        anchor = self._state().anchor
+        views = [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
         return shaped_like_parameters(views, self.params)
 
     @property
     def average_pending(self) -> bool:
         return self._pending is not None
 
-    def _drain_pending_average(self) -> None:
+    def drain_pending_average(self) -> None:
         if self._pending is not None:
             exchange, self._pending = self._pending, None
             exchange.wait()
@@ -440,6 +451,19 @@ class _WireBuffers:
             *codes_and_scales(length), *codes_and_scales(length), *codes_and_scales(length // world_size),
             *codes_and_scales(length),
         )
+
+
+@dataclasses.dataclass
+class _Anchored:
+    """The anchor (the tensors' values after the last sync, flat, padded to whole blocks of every rank) and
+    what each sync reuses around it: the snapshot it packs, the residual (error feedback), the wire's
+    buffers and the pieces the exchange travels in."""
+
+    anchor: torch.Tensor
+    snapshot: torch.Tensor
+    residual: Optional[torch.Tensor]
+    wire: _WireBuffers
+    pieces: List[Tuple[int, int]]
 
 
 def _as_bytes(codes: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ model across replicas."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ def shaped_like_parameters(tensors: Sequence[torch.Tensor], params: Sequence[tor
 
     return [
         DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-        for t, p in zip(tensors, params)
+        for t, p in zip(tensors, cast(Sequence[DTensor], params))
     ]
 
 
@@ -75,15 +75,16 @@ def local_tensors_and_replica_group(
                 f"{name} (params[{i}]) is a plain tensor among DTensor parameters; shard the whole model (FSDP2's "
                 "fully_shard on its root) or none of it"
             )
-    mesh = params[0].device_mesh
-    for i, (p, name) in enumerate(zip(params, names)):
+    dtensors = cast(Sequence[DTensor], params)
+    mesh = dtensors[0].device_mesh
+    for i, (p, name) in enumerate(zip(dtensors, names)):
         if p.device_mesh != mesh:
             raise ValueError(f"{name} (params[{i}]) lives on another device mesh than {names[0]}: {p.device_mesh} vs {mesh}")
-    if any(isinstance(placement, Replicate) for placement in params[0].placements):
+    if any(isinstance(placement, Replicate) for placement in dtensors[0].placements):
         # FSDP2's HSDP: set_requires_all_reduce(False) does not skip the cross-replica all-reduce, it
         # defers it, and the gradients are not handed to the optimizer meanwhile.
         raise NotImplementedError(
-            f"DTensor parameters replicated over their own mesh (FSDP2's HSDP, placements {params[0].placements}) "
+            f"DTensor parameters replicated over their own mesh (FSDP2's HSDP, placements {dtensors[0].placements}) "
             "are not supported: FSDP2 all-reduces their gradients across replicas at every step, and switching that "
             "off withholds the gradients. Shard each replica on its own mesh, fully_shard(model, "
             "mesh=mesh['shard']), and pass process_group=mesh.get_group('replicate') or device_mesh=mesh. With "
@@ -92,7 +93,7 @@ def local_tensors_and_replica_group(
         )
     if process_group is None:
         raise ValueError(
-            f"the parameters are sharded over their whole device mesh (placements {params[0].placements} on a mesh "
+            f"the parameters are sharded over their whole device mesh (placements {dtensors[0].placements} on a mesh "
             f"of shape {tuple(mesh.shape)}): each rank holds a different part of one model, so there are no "
             "replicas to average among them. Local SGD needs replicas: pass process_group, the group of the ranks "
             "that hold the same shard in the other replicas (e.g. mesh.get_group('replicate') with "
@@ -100,7 +101,7 @@ def local_tensors_and_replica_group(
         )
     _refuse_group_across_shards(params[0], process_group)
     if own_objects:
-        return [p._local_tensor for p in params], process_group
+        return [p._local_tensor for p in dtensors], process_group
     return local_tensors(params), process_group
 
 
@@ -176,7 +177,7 @@ class FsdpShardAliases:
                     "and keeps in a buffer of its own. Use zero_copy=False, or sizes divisible by the shard count"
                 )
             self._records.append((i, record))
-        self._plans_aliased = None
+        self._plans_aliased: Optional[int] = None
 
     def follow(self, tensors: Sequence[torch.Tensor], plans_built: int) -> None:
         """Points FSDP2 at the local tensors again when the engine has moved them since the last call

@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import DistributedType
 
+import localsgd_ext.controller as controller_module
 import localsgd_ext.local_sgd as local_sgd_module
 from localsgd_ext import AveragingOptions, LocalSGD, ParameterAverager
 from localsgd_ext.fragments import fragment_bounds
@@ -59,13 +60,13 @@ def fake_averager(monkeypatch):
 
         averager.start_average.side_effect = in_flight(record.started, True)
         averager.finish_average.side_effect = in_flight(record.merged, False)
-        averager._drain_pending_average.side_effect = in_flight(record.drained, False)
+        averager.drain_pending_average.side_effect = in_flight(record.drained, False)
         record.built.append((options, kwargs, averager))
         return averager
 
     fake_class = mock.create_autospec(ParameterAverager)
     fake_class.with_options.side_effect = build
-    monkeypatch.setattr(local_sgd_module, "ParameterAverager", fake_class)
+    monkeypatch.setattr(controller_module, "ParameterAverager", fake_class)
     # The settings' agreement on enter is a collective (tested on real ranks): here it records what it got.
     record.agreed_settings = []
     monkeypatch.setattr(

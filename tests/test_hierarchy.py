@@ -6,6 +6,7 @@ import torch
 from multiprocess import run_ranks
 
 from localsgd_ext.hierarchy import Hierarchy
+from localsgd_ext.schedule import SyncSchedule
 
 
 def test_each_level_averages_its_own_group_at_its_own_steps():
@@ -88,7 +89,9 @@ def test_bad_levels_are_refused_by_name(levels, exception, message):
 
 def test_the_largest_due_level_wins():
     hierarchy = Hierarchy({2: 2, 4: 4}, local_sgd_steps=16)
-    assert [hierarchy.due(step) for step in range(1, 9)] == [None, 2, None, 4, None, 2, None, 4]
+    schedule = SyncSchedule(16, levels=hierarchy.levels)
+    due = [[action.group_size for action in schedule.actions(step)] for step in range(1, 9)]
+    assert due == [[], [2], [], [4], [], [2], [], [4]]
 
 
 def test_a_rank_refused_while_planning_stops_every_rank_at_once():

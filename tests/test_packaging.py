@@ -137,3 +137,12 @@ def test_the_documented_constructor_is_the_real_one():
     with open(os.path.join(REPO_ROOT, "docs", "options.md")) as f:
         block = re.search(r"```python\n(LocalSGD\(.*?\))\n```", f.read(), re.S).group(1)
     assert re.sub(r"\s*\n\s*", " ", block) == real
+
+
+def test_the_declared_license_ships_with_its_text():
+    with open(os.path.join(REPO_ROOT, "LICENSE")) as f:
+        text = f.read()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    metadata = importlib.metadata.metadata("localsgd_ext")
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert "LICENSE" in (metadata.get_all("License-File") or []), "the built metadata must list the license file"

@@ -6,7 +6,7 @@ import torch
 from multiprocess import run_ranks
 
 from localsgd_ext import QuantizedAverager, ops
-from localsgd_ext.quantized_wire import _WireBuffers
+from localsgd_ext.quantized_wire import _Anchored, _WireBuffers
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -170,8 +170,9 @@ def test_error_feedback_keeps_what_quantization_left_out(wire):
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.zeros(1000)]
     averager = QuantizedAverager(tensors, wire=wire, block_size=128, error_feedback=True)
-    averager._anchor, averager._snapshot, averager._residual = (torch.zeros(1024) for _ in range(3))
-    averager._wire = _WireBuffers.for_length(1024, 1, 128, averager._code_dtype, "cpu")
+    anchor, snapshot, residual = (torch.zeros(1024) for _ in range(3))
+    wire = _WireBuffers.for_length(1024, 1, 128, averager._code_dtype, "cpu")
+    averager._anchored = _Anchored(anchor=anchor, snapshot=snapshot, residual=residual, wire=wire, pieces=[(0, 1024)])
     accumulated, sent = torch.zeros(1024, dtype=torch.float64), torch.zeros(1024, dtype=torch.float64)
     for _ in range(5):
         # Magnitudes spread over decades, so that quantization leaves real residuals.
@@ -179,8 +180,8 @@ def test_error_feedback_keeps_what_quantization_left_out(wire):
         accumulated[:1000] += tensors[0].double()
         codes, scales = averager._quantized_delta()
         sent += ops.dequantize_blocks(codes[None], scales[None], 128).double()
-        assert torch.allclose(sent + averager._residual.double(), accumulated, rtol=0, atol=1e-5)
-    assert averager._residual.abs().max() > 0
+        assert torch.allclose(sent + residual.double(), accumulated, rtol=0, atol=1e-5)
+    assert residual.abs().max() > 0
 
 
 @pytest.mark.parametrize(

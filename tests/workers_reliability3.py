@@ -166,7 +166,7 @@ def _diloco_exit_after_a_sync(accelerator, rank: int, steps: int) -> dict:
             local_sgd.step()
         before_exit = snapshot(model.parameters())
         synced_last = local_sgd.last_step_synced
-        anchors = snapshot(local_sgd._outer.anchors)
+        anchors = snapshot(local_sgd._controller.outer.anchors)
     return {
         "synced_last": synced_last,
         "before_exit": before_exit,

@@ -62,7 +62,7 @@ def hsdp_local_sgd(steps: int, source: str = "process_group", options: dict = No
             local_sgd.step()
             after.append([p.full_tensor() for p in model.parameters()])
             local_after.append(snapshot(p.to_local() for p in model.parameters()))
-        group = local_sgd._averagers[0].process_group
+        group = local_sgd._controller.averagers[0].process_group
         replica_ranks = dist.get_process_group_ranks(group)
         assert replica_ranks == dist.get_process_group_ranks(mesh.get_group(replicate_dim))
     return {"initial": initial, "before": before, "after": after, "local_before": local_before, "local_after": local_after,
@@ -93,7 +93,7 @@ def zero_copy_like_copy_mode(steps: int, forward_first: bool):
                 after.append([p.full_tensor() for p in model.parameters()])
             results[zero_copy] = after
             if zero_copy:
-                averager = local_sgd._averagers[0]
+                averager = local_sgd._controller.averagers[0]
                 results["flat_bytes"] = averager.flat_bytes
                 results["aliased"] = _fsdp_gathers_local_shards(model)
                 moved = model[0].weight._local_tensor
@@ -206,6 +206,6 @@ def hierarchy_over_replicas(steps: int):
                     local.add_(torch.randn(local.shape, generator=moves))
             local_sgd.step()
             after.append(snapshot(p.to_local() for p in model.parameters()))
-        level_ranks = dist.get_process_group_ranks(local_sgd._hierarchy.groups[2])
+        level_ranks = dist.get_process_group_ranks(local_sgd._controller.hierarchy.groups[2])
     return {"after": after, "level_ranks": level_ranks, "sync_count": local_sgd.sync_count,
             "level_sync_counts": local_sgd.level_sync_counts}

@@ -77,7 +77,7 @@ def quantized_pieces_agree(wire: str, overlapped: bool):
                 averager.finish_average()
             else:
                 averager.average()
-        results.append({"tensors": snapshot(tensors), "pieces": len(averager._pieces), "residual": averager._residual.clone()})
+        results.append({"tensors": snapshot(tensors), "pieces": len(averager._anchored.pieces), "residual": averager._anchored.residual.clone()})
     return results
 
 
@@ -120,7 +120,7 @@ def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
         accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, num_fragments=num_fragments
     ) as local_sgd:
         before, after = step_with_rank_moves(model, local_sgd, steps, moves)
-        fragment_starts = list(local_sgd._fragment_starts)
+        fragment_starts = list(local_sgd._controller.fragment_starts)
     return {"before": before, "after": after, "fragment_starts": fragment_starts, "final": snapshot(model.parameters())}
 
 
@@ -150,7 +150,8 @@ def quantized_average(wire: str, error_feedback: bool, overlapped: bool, halve_i
         averager.finish_average(outer_step=outer_step)
     else:
         averager.average()
-    residual = None if averager._residual is None else averager._residual.clone()
+    anchored = averager._anchored
+    residual = None if anchored is None or anchored.residual is None else anchored.residual.clone()
     return {"anchor": anchor, "deltas": deltas, "later": later if overlapped else None, "result": snapshot(tensors),
-            "new_anchor": None if averager._anchor is None else averager._anchor.clone(),
+            "new_anchor": None if anchored is None else anchored.anchor.clone(),
             "wire_bytes": averager.last_wire_bytes, "residual": residual}

@@ -1,0 +1,59 @@
+"""The one interface every averager has (`ParameterAverager` on the float wires, `QuantizedAverager` on
+int8/fp8), so that `SyncController` drives either without knowing which."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+__all__ = ["Averager"]
+
+
+class Averager(Protocol):
+    """A fixed list of tensors averaged in place across one process group. Every method that moves data
+    is a collective: every rank of the group calls it at the same point."""
+
+    params: List[torch.Tensor]
+    names: List[str]
+
+    @property
+    def agreement_tensors(self) -> List[Tuple[str, torch.Tensor]]:
+        """Named tensors (e.g. buffers) whose names, shapes and dtypes join the agreement check."""
+        ...
+
+    @agreement_tensors.setter
+    def agreement_tensors(self, named_tensors: Optional[Sequence[Tuple[str, torch.Tensor]]]) -> None: ...
+
+    def average(self) -> None:
+        """Waited for: each tensor becomes its mean across the group."""
+        ...
+
+    def start_average(self) -> None:
+        """Starts an average of a snapshot of the tensors and returns; `finish_average()` merges it."""
+        ...
+
+    def advance_average(self) -> None:
+        """Puts the next part of the started average on the wire (if it has one)."""
+        ...
+
+    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+        """Waits for the started average and merges it, through `outer_step` when given."""
+        ...
+
+    @property
+    def average_pending(self) -> bool:
+        """Whether a started average has not been finished."""
+        ...
+
+    def drain_pending_average(self) -> None:
+        """Waits for a started average without merging it."""
+        ...
+
+    def rebase_anchor(self) -> None:
+        """Takes the tensors' current values as what the next change is measured from (if anything is)."""
+        ...
+
+    def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """The agreement check alone, optionally with values that must be bit-identical on every rank."""
+        ...

@@ -1,0 +1,176 @@
+"""Every option of `LocalSGD`, validated once, in one frozen object: what the averagers are built with
+(`AveragingOptions`), when they run (`SyncSchedule`), what travels (the wire) and what happens around an
+average (the outer step, buffers). `LocalSGD` builds one from its arguments; `SyncController` reads it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from .diloco import OuterOptimizerOption, check_anchor_device, resolve_outer_optimizer
+from .hierarchy import check_levels
+from .options import AveragingOptions, check_bool, check_int_at_least
+from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES
+from .schedule import SyncSchedule
+
+__all__ = ["LocalSGDConfig", "FLOAT_WIRES", "WIRE_NAMES"]
+
+# The float wires: what the parameters travel as (cast inside the compiled pack); comm_dtype is their alias.
+FLOAT_WIRES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE_NAMES = tuple(FLOAT_WIRES) + tuple(WIRES)
+
+
+def check_local_sgd_steps(local_sgd_steps, enabled: bool) -> Optional[int]:
+    # Accelerate's own example passes local_sgd_steps=None together with enabled=False.
+    if local_sgd_steps is None and not enabled:
+        return None
+    # A whole float (8.0, from a YAML or JSON config) counts as Accelerate's `num_steps % 8.0` does.
+    if isinstance(local_sgd_steps, float) and local_sgd_steps.is_integer():
+        local_sgd_steps = int(local_sgd_steps)
+    return check_int_at_least(
+        "local_sgd_steps", local_sgd_steps, 1, " (or a whole float such as 8.0; None only with enabled=False)"
+    )
+
+
+def _resolve_wire(wire, comm_dtype):
+    """(the wire's name, the float wire's comm_dtype or None) from `wire` and its alias `comm_dtype`."""
+    if wire is not None and wire not in WIRE_NAMES:
+        raise ValueError(f"wire must be None or one of {WIRE_NAMES}, got {wire!r}")
+    if wire is None:
+        names = {dtype: name for name, dtype in FLOAT_WIRES.items()}
+        return names.get(comm_dtype, "fp32"), comm_dtype
+    if wire in FLOAT_WIRES:
+        if comm_dtype is not None and comm_dtype != FLOAT_WIRES[wire]:
+            raise ValueError(
+                f"wire={wire!r} and comm_dtype={comm_dtype} disagree; pass one of them (comm_dtype=torch.bfloat16 is "
+                'wire="bf16", comm_dtype=torch.float16 is wire="fp16")'
+            )
+        return wire, FLOAT_WIRES[wire]
+    if comm_dtype is not None:
+        raise ValueError(f"wire={wire!r} replaces the float wire: it needs comm_dtype=None, got comm_dtype={comm_dtype}")
+    return wire, None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDConfig:
+    """`LocalSGD`'s keyword options (documented there), checked when built. `local_sgd_steps` is None
+    only when Local SGD was disabled; then no schedule is built and the cadence options go unchecked
+    against it. Derived, read-only: `averaging`, `schedule`, `outer_optimizer_factory`, `quantized`."""
+
+    local_sgd_steps: Optional[int]
+    bucket_cap_mb: float = 25
+    check_finite: bool = False
+    zero_copy: bool = False
+    comm_dtype: Optional[torch.dtype] = None
+    outer_optimizer: OuterOptimizerOption = None
+    outer_anchor_device: str = "device"
+    sync_buffers: bool = False
+    warmup_steps: int = 0
+    sync_delay: int = 0
+    num_fragments: int = 1
+    wire: Optional[str] = None
+    error_feedback: bool = False
+    wire_block_size: int = DEFAULT_BLOCK_SIZE
+    hierarchy: Optional[Mapping[int, int]] = None
+
+    averaging: AveragingOptions = dataclasses.field(init=False)
+    schedule: Optional[SyncSchedule] = dataclasses.field(init=False)
+    outer_optimizer_factory: Optional[Callable[[List[torch.Tensor]], torch.optim.Optimizer]] = dataclasses.field(init=False)
+
+    def _set(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __post_init__(self):
+        wire, comm_dtype = _resolve_wire(self.wire, self.comm_dtype)
+        averaging = AveragingOptions(
+            bucket_cap_mb=self.bucket_cap_mb, check_finite=self.check_finite, zero_copy=self.zero_copy, comm_dtype=comm_dtype
+        )
+        self._set(
+            wire=wire,
+            comm_dtype=comm_dtype,
+            averaging=averaging,
+            bucket_cap_mb=averaging.bucket_cap_mb,
+            outer_optimizer_factory=resolve_outer_optimizer(self.outer_optimizer),
+            outer_anchor_device=check_anchor_device(self.outer_anchor_device),
+            sync_buffers=check_bool("sync_buffers", self.sync_buffers),
+            warmup_steps=check_int_at_least("warmup_steps", self.warmup_steps, 0),
+            sync_delay=check_int_at_least("sync_delay", self.sync_delay, 0),
+            num_fragments=check_int_at_least("num_fragments", self.num_fragments, 1),
+        )
+        schedule = None
+        levels: Optional[Dict[int, int]] = None
+        if self.local_sgd_steps is not None:
+            if self.hierarchy is not None:
+                levels = check_levels(self.hierarchy, self.local_sgd_steps)
+            schedule = SyncSchedule(
+                self.local_sgd_steps,
+                warmup_steps=self.warmup_steps,
+                num_fragments=self.num_fragments,
+                sync_delay=self.sync_delay,
+                levels=levels or {},
+                advance_midway=wire in WIRES,
+            )
+        self._set(schedule=schedule, hierarchy=levels)
+        if self.sync_delay > 0 and (self.zero_copy or comm_dtype == torch.float16):
+            raise ValueError(
+                f"sync_delay needs copy mode with comm_dtype None or torch.bfloat16, got zero_copy={self.zero_copy}, "
+                f"comm_dtype={comm_dtype}"
+            )
+        self._check_quantized_wire_options()
+        if levels is not None and self.zero_copy:
+            # A real limit (docs/options.md's refusals): the level and world engines would each move the
+            # same parameters into flat buffers of their own.
+            raise NotImplementedError(
+                "hierarchy with zero_copy is not supported: each level's engine and the world's would move the same "
+                "parameters into flat buffers of their own; use copy mode (zero_copy=False) with hierarchy"
+            )
+
+    def _check_quantized_wire_options(self) -> None:
+        check_bool("error_feedback", self.error_feedback)
+        self._set(wire_block_size=check_int_at_least("wire_block_size", self.wire_block_size, 1))
+        if not self.quantized:
+            if self.error_feedback or self.wire_block_size != DEFAULT_BLOCK_SIZE:
+                raise ValueError(
+                    f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={self.error_feedback}, '
+                    f"wire_block_size={self.wire_block_size} with wire={self.wire!r}"
+                )
+        elif self.zero_copy:
+            raise ValueError(f"wire={self.wire!r} needs copy mode (zero_copy=False): it quantizes a snapshot of the parameters")
+
+    @property
+    def wire_name(self) -> str:
+        """The wire's name, resolved on construction (`wire` None with `comm_dtype` None is "fp32")."""
+        assert self.wire is not None
+        return self.wire
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the wire is a quantized one (its own averager), not a float wire (the engine's cast)."""
+        return self.wire in WIRES
+
+    def agreement_settings(self) -> Dict[str, object]:
+        """What every rank must share beyond the averager's own options, checked at every sync: when it
+        syncs, and what it does around the average."""
+        return {
+            "local_sgd_steps": self.local_sgd_steps,
+            "warmup_steps": self.warmup_steps,
+            "outer_optimizer": self.outer_optimizer_factory is not None,
+            "sync_buffers": self.sync_buffers,
+            "sync_delay": self.sync_delay,
+            "num_fragments": self.num_fragments,
+            "wire": self.wire,
+            "hierarchy": self.hierarchy,
+        }
+
+    def settings_to_agree_on(self) -> Dict[str, object]:
+        """Everything checked on enter, before any group is created."""
+        return {
+            **self.averaging.settings(),
+            **self.agreement_settings(),
+            "error_feedback": self.error_feedback,
+            "wire_block_size": self.wire_block_size,
+            "outer_anchor_device": self.outer_anchor_device,
+        }

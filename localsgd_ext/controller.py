@@ -1,0 +1,278 @@
+"""`SyncController`: carries out the schedule's actions (localsgd_ext/schedule.py) over one averager per
+fragment and one per level below the world, and owns what happens around an average: the outer step
+(DiLoCo), the buffers, the delayed sync in flight, and the counts `LocalSGD` reports."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .averager import ParameterAverager
+from .averager_interface import Averager
+from .buffers import BufferSync
+from .config import LocalSGDConfig
+from .consistency import fail_together, world_group
+from .diloco import OuterStep
+from .fragments import fragment_bounds
+from .hierarchy import Hierarchy
+from .options import AveragingOptions
+from .quantized_wire import QuantizedAverager
+from .schedule import Action, Advance, LevelAverage, Merge, Sync
+
+__all__ = ["SyncController"]
+
+class SyncController:
+    """The averagers of one model and the state between its syncs.
+
+    Args:
+        model (`torch.nn.Module`): whose `parameters()` (and buffers, with `sync_buffers`) are averaged;
+            re-read whenever the module tree changes.
+        config (`LocalSGDConfig`): the options, already checked.
+        process_group (`ProcessGroup`, *optional*): the replicas to average over (default: the world).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: LocalSGDConfig, process_group: Optional[dist.ProcessGroup]):
+        self.model = model
+        self.config = config
+        self.process_group = process_group
+        factory = config.outer_optimizer_factory
+        self.outer = None if factory is None else OuterStep(factory, config.outer_anchor_device)
+        self.hierarchy = None
+        if config.hierarchy is not None and config.local_sgd_steps is not None:
+            self.hierarchy = Hierarchy(config.hierarchy, config.local_sgd_steps)
+        self.level_sync_counts: Dict[int, int] = dict.fromkeys(config.hierarchy or {}, 0)
+        self.sync_count = 0
+        self.last_sync_seconds: Optional[float] = None
+        self.last_step_synced = False
+        # One averager per fragment, over model.parameters()[fragment_starts[i]:fragment_starts[i + 1]].
+        self.averagers: List[Averager] = []
+        self.fragment_starts: List[int] = []
+        # Each level's averager over all the parameters, in its subgroup.
+        self.level_averagers: Dict[int, ParameterAverager] = {}
+        # Per fragment, the step at which its last waited-for sync completed (None: not since enter).
+        self.synced_at_step: List[Optional[int]] = []
+        # The fragment whose delayed sync is in flight, or None.
+        self.delayed_fragment: Optional[int] = None
+        self._buffer_sync: Optional[BufferSync] = None
+        self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self.process_group or world_group()
+
+    # --- Before training -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """On enter, on every rank: the levels' subgroups (a collective), the averagers, and the checks
+        that refuse bad parameters and ranks whose models differ before any training."""
+        if self.hierarchy is not None:
+            self.hierarchy.build_groups(self.process_group)
+        averagers = self._averagers_or_fail_together()
+        if self.outer is not None:
+            self.outer.take_anchor([p for averager in averagers for p in averager.params])
+        # The averagers over all ranks first: a rank that could not build them joins their check as failed.
+        for averager, first in zip(averagers, self.fragment_starts):
+            if self.outer is not None:
+                averager.verify_ranks_agree(equal_values=self.outer.anchor_slice(first, len(averager.params)))
+            else:
+                averager.verify_ranks_agree()
+        for level_averager in self.level_averagers.values():
+            level_averager.verify_ranks_agree()
+
+    def _current_averagers(self) -> List[Averager]:
+        # Accelerate averages whatever model.parameters() lists at each sync. Walking the module tree in
+        # Python costs ~1.4 ms per 1000 modules; the compiled snapshot answers "would it still list the
+        # same objects?" in microseconds, and the walk runs again only when something was registered,
+        # replaced or removed. (A tensor re-pointed inside a Parameter is the engine's to catch.)
+        averagers = self.averagers
+        if averagers and self._module_tree is not None and self._module_tree.unchanged():
+            return averagers
+        params: List[torch.nn.Parameter] = list(self.model.parameters())
+        current = [p for averager in averagers for p in averager.params]
+        if not averagers or len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
+            self._build_averagers(params)
+            averagers = self.averagers
+        if self.config.sync_buffers:
+            named_buffers = list(self.model.named_buffers())
+            self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.config.bucket_cap_mb))
+            # Checked with the last fragment's parameters, in the same collective: the buffers' sync
+            # runs unchecked, with that fragment's (or every fragment's) sync.
+            averagers[-1].agreement_tensors = named_buffers
+        self._module_tree = _C.ModuleTreeSnapshot(list(self.model.modules()))
+        return averagers
+
+    def _build_averagers(self, params: List[torch.nn.Parameter]) -> None:
+        config = self.config
+        names = [name for name, _ in self.model.named_parameters()]
+        bounds = fragment_bounds([p.numel() * p.element_size() for p in params], config.num_fragments)
+        settings = config.agreement_settings()
+        # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
+        self.averagers = []
+        for start, end in zip(bounds, bounds[1:]):
+            averager: Averager
+            if config.quantized:
+                averager = QuantizedAverager.with_options(
+                    params[start:end], config.averaging, wire=config.wire_name, block_size=config.wire_block_size,
+                    error_feedback=config.error_feedback, names=names[start:end], agreement_settings=settings,
+                    process_group=self.process_group,
+                )
+            else:
+                averager = ParameterAverager.with_options(
+                    params[start:end], config.averaging, names=names[start:end], agreement_settings=settings,
+                    process_group=self.process_group, sharded_model=self.model,
+                )
+            self.averagers.append(averager)
+        self.fragment_starts = bounds[:-1]
+        self.synced_at_step = [None] * len(self.averagers)
+        if self.hierarchy is not None:
+            self.level_averagers = {
+                size: ParameterAverager.with_options(
+                    params, config.averaging, process_group=group, names=names, agreement_settings={**settings, "level": size}
+                )
+                for size, group in self.hierarchy.groups.items()
+            }
+
+    def _averagers_or_fail_together(self) -> List[Averager]:
+        """The current averagers; if this rank cannot build them (a parameter refused), the other ranks,
+        waiting in the agreement check, are told, and this rank raises its own error."""
+        try:
+            return self._current_averagers()
+        except Exception as error:
+            fail_together(self.group, error)
+            raise  # unreachable: fail_together raises
+
+    # --- Running the schedule ----------------------------------------------------------------------------
+
+    def is_whole_average(self, action: Action) -> bool:
+        """A waited sync of every fragment: what Accelerate's `_sync_and_avg_model_params` does, so the
+        adapter runs it through that method (subclasses wrap it). Not the exit sync with an outer
+        optimizer, which skips a fragment whose outer step just ran."""
+        return (
+            isinstance(action, Sync)
+            and not action.delayed
+            and len(action.fragments) == self.config.num_fragments
+            and not (action.final and self.outer is not None)
+        )
+
+    def run_step(self, actions: Sequence[Action], step: int, whole_average: Callable[[], None]) -> None:
+        """The actions due after the `step`-th `step()`, in order."""
+        self.last_step_synced = False
+        for action in actions:
+            if isinstance(action, Sync):
+                self._run_sync(action, step, whole_average)
+                self.last_step_synced = self.delayed_fragment is None
+            else:
+                self._run(action)
+
+    def finish(self, actions: Sequence[Action], step: int, whole_average: Callable[[], None]) -> None:
+        """The exit's actions: merge what is in flight, then the final sync."""
+        for action in actions:
+            if isinstance(action, Merge):
+                self._finish_delayed_sync()
+            elif isinstance(action, Sync):
+                self._run_sync(action, step, whole_average)
+
+    def _run_sync(self, action: Sync, step: int, whole_average: Callable[[], None]) -> None:
+        if self.is_whole_average(action):
+            whole_average()
+        elif action.final:
+            self.sync(step, fragments=self._fragments_changed_since_sync(step))
+        else:
+            self.sync(step, fragments=list(action.fragments), delayed=action.delayed)
+
+    def _run(self, action: Action) -> None:
+        if isinstance(action, Merge):
+            if self.delayed_fragment is not None:
+                self._finish_delayed_sync()
+                self.last_step_synced = True
+        elif isinstance(action, Advance):
+            # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
+            if self.delayed_fragment is not None:
+                self.averagers[self.delayed_fragment].advance_average()
+        elif isinstance(action, LevelAverage):
+            self._average_level(action.group_size)
+
+    def abort(self) -> None:
+        """After an exception in the loop: a delayed sync was started on every rank, so it completes; wait
+        for it rather than leave it on the wire."""
+        if self.delayed_fragment is not None:
+            self.averagers[self.delayed_fragment].drain_pending_average()
+            self.delayed_fragment = None
+
+    def sync(self, step: int, fragments: Optional[List[int]] = None, delayed: bool = False) -> None:
+        """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started."""
+        start = time.perf_counter()
+        averagers = self._averagers_or_fail_together()
+        if fragments is None:
+            fragments = list(range(len(averagers)))
+        for fragment in fragments:
+            averager = averagers[fragment]
+            if delayed:
+                averager.start_average()
+            else:
+                averager.average()
+            if averager.average_pending:
+                # Counted in sync_count when it is merged (_finish_delayed_sync).
+                self.delayed_fragment = fragment
+                continue
+            # Waited for: a plain sync, or a quantized wire's first (it has no anchor to send changes from yet).
+            if self.outer is not None:
+                self.outer.apply(averager.params, first=self.fragment_starts[fragment])
+                averager.rebase_anchor()  # a quantized wire measures the next changes from here
+            self.synced_at_step[fragment] = step
+            self.sync_count += 1
+        if self._buffer_sync is not None and fragments and fragments[-1] == len(averagers) - 1:
+            self._buffer_sync.sync()
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _average_level(self, group_size: int) -> None:
+        """One level's average, within this rank's subgroup of `group_size` ranks."""
+        start = time.perf_counter()
+        # Rebuilds the level averagers too when the parameters changed. Not through fail_together: that
+        # is a world collective, and only this subgroup is syncing now.
+        self._current_averagers()
+        self.level_averagers[group_size].average()
+        self.level_sync_counts[group_size] += 1
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _fragments_changed_since_sync(self, step: int) -> List[int]:
+        """The exit sync's fragments with an outer optimizer: a fragment whose sync completed at the last
+        `step()` has nothing to contribute (its pseudo-gradient would be zero, and momentum would still move
+        it). Plain averaging averages every fragment, as Accelerate does."""
+        every = range(len(self._averagers_or_fail_together()))
+        return [f for f in every if self.synced_at_step[f] != step]
+
+    def _check_delayed_params_still_the_models(self, averager: Averager) -> None:
+        """The delayed merge writes into the objects snapshotted at its start; if the model holds others now
+        (`load_state_dict(assign=True)`, a module replaced), the merge would be lost for the model."""
+        if self._module_tree is not None and self._module_tree.unchanged():
+            return
+        held = set(map(id, self.model.parameters()))
+        replaced = [name for name, p in zip(averager.names, averager.params) if id(p) not in held]
+        if replaced:
+            averager.drain_pending_average()
+            raise RuntimeError(
+                f"LocalSGD: the model's parameters were replaced (first {replaced[0]}; e.g. by "
+                "load_state_dict(assign=True) or a module swapped in) while a delayed average (sync_delay) was in "
+                "flight, so its correction cannot be merged into what the model holds now. Replace parameters only "
+                "at a step where last_step_synced is True, or load without assign=True (which copies into them)."
+            )
+
+    def _finish_delayed_sync(self) -> None:
+        fragment, self.delayed_fragment = self.delayed_fragment, None
+        if fragment is None:
+            return
+        averager = self.averagers[fragment]
+        self._check_delayed_params_still_the_models(averager)
+        outer = self.outer
+        if outer is not None:
+            # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.
+            first = self.fragment_starts[fragment]
+            averager.finish_average(outer_step=lambda means: outer.apply(means, first=first))
+        else:
+            averager.finish_average()
+        self.sync_count += 1
