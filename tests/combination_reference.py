@@ -1,0 +1,208 @@
+"""A pure-Python reference of LocalSGD's documented semantics (docs/options.md), simulating every rank in
+one process: which steps sync which fragment and level, what a waited sync, a delayed merge, the outer
+step, the buffers' sync and the exit do. Written from the documentation, independent of the engine: it
+uses neither localsgd_ext's schedule nor its averagers.
+
+The inputs are dyadic (multiples of 1/8, small): sums and means of them are exact in float32 whatever the
+order of summation, so float32 results must match the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+# Each option of the combination test at the value it is tested with (local_sgd_steps 4, 4 ranks).
+AXES: Dict[str, dict] = {
+    "sync_delay": {"sync_delay": 1},
+    "num_fragments": {"num_fragments": 2},
+    "int8": {"wire": "int8"},
+    "fp8": {"wire": "fp8"},
+    "bf16": {"wire": "bf16"},
+    "hierarchy": {"hierarchy": {2: 1}},
+    "outer_optimizer": {"outer_optimizer": "diloco"},
+    "zero_copy": {"zero_copy": True},
+    "sync_buffers": {"sync_buffers": True},
+    "warmup_steps": {"warmup_steps": 2},
+    "error_feedback": {"error_feedback": True},  # on the int8 wire, unless the pair names fp8
+}
+WIRES = ("int8", "fp8", "bf16")
+LOCAL_SGD_STEPS = 4
+STEPS = 10
+WORLD_SIZE = 4
+
+# The pairs that are refused, each a row of docs/options.md's refusal table: zero-copy averages the
+# parameters' own memory in place (nothing to cast into, quantize from or snapshot), and each level's
+# engine would flatten the same parameters again.
+REFUSED = {
+    frozenset({"zero_copy", "sync_delay"}): (ValueError, "sync_delay needs copy mode"),
+    frozenset({"zero_copy", "int8"}): (ValueError, "needs copy mode"),
+    frozenset({"zero_copy", "fp8"}): (ValueError, "needs copy mode"),
+    frozenset({"zero_copy", "error_feedback"}): (ValueError, "needs copy mode"),
+    frozenset({"zero_copy", "bf16"}): (ValueError, "comm_dtype needs copy mode"),
+    frozenset({"zero_copy", "hierarchy"}): (NotImplementedError, "hierarchy with zero_copy is not supported"),
+}
+
+
+def pairs() -> List[tuple]:
+    """Every pair of axes that names two settings (two wires, or error feedback with the bf16 wire, are
+    one setting of one axis: skipped)."""
+    chosen = []
+    for a, b in itertools.combinations(AXES, 2):
+        if {a, b} <= set(WIRES) or {a, b} == {"error_feedback", "bf16"}:
+            continue
+        chosen.append((a, b))
+    return chosen
+
+
+def options_of(case: Sequence[str]) -> dict:
+    options: dict = {}
+    for axis in case:
+        options.update(AXES[axis])
+    if options.get("error_feedback") and "wire" not in options:
+        options["wire"] = "int8"
+    return options
+
+
+def move(rank: int, step: int, index: int, shape) -> torch.Tensor:
+    """What rank `rank` adds to tensor `index` before its `step`-th `step()`: multiples of 1/8 in [-1/4, 1/4]."""
+    generator = torch.Generator().manual_seed(100_000 * rank + 100 * step + index)
+    return torch.randint(-2, 3, tuple(shape), generator=generator).float() / 8
+
+
+def initial(index: int, shape) -> torch.Tensor:
+    """Every rank's starting value of tensor `index`: multiples of 1/8 in [-1, 1]."""
+    generator = torch.Generator().manual_seed(7 + index)
+    return torch.randint(-8, 9, tuple(shape), generator=generator).float() / 8
+
+
+def fragment_cuts(sizes: Sequence[int], parts: int) -> List[int]:
+    """Contiguous groups of about equal bytes, each cut where the running count is nearest an equal share,
+    every group keeping at least one tensor (docs/options.md, num_fragments)."""
+    prefix = list(itertools.accumulate(sizes, initial=0))
+    cuts = [0]
+    for k in range(1, parts):
+        target = prefix[-1] * k / parts
+        candidates = range(cuts[-1] + 1, len(sizes) - (parts - k) + 1)
+        cuts.append(min(candidates, key=lambda c: (abs(prefix[c] - target), c)))
+    return cuts + [len(sizes)]
+
+
+class Reference:
+    """Every rank's parameters and buffers through `steps` steps and the exit, as documented."""
+
+    def __init__(self, options: dict, params: List[torch.Tensor], float_buffers: List[torch.Tensor], int_buffers: int):
+        self.world = WORLD_SIZE
+        self.k = LOCAL_SGD_STEPS
+        self.fragments = options.get("num_fragments", 1)
+        self.delay = options.get("sync_delay", 0)
+        self.warmup = options.get("warmup_steps", 0)
+        self.levels: Dict[int, int] = dict(options.get("hierarchy") or {})
+        self.outer = options.get("outer_optimizer") == "diloco"
+        self.quantized = options.get("wire") in ("int8", "fp8")
+        self.sync_buffers = options.get("sync_buffers", False)
+        self.params = [[p.clone() for p in params] for _ in range(self.world)]
+        self.float_buffers = [[b.clone() for b in float_buffers] for _ in range(self.world)]
+        self.int_buffers = [[0] * int_buffers for _ in range(self.world)]
+        cuts = fragment_cuts([p.numel() * 4 for p in params], self.fragments)
+        self.fragment_indices = [range(cuts[f], cuts[f + 1]) for f in range(self.fragments)]
+        self.anchor = [p.clone() for p in params]
+        self.momentum: List[Optional[torch.Tensor]] = [None] * len(params)
+        self.anchored = [False] * self.fragments  # a quantized wire's first sync of a fragment waits, in float32
+        self.in_flight: Optional[tuple] = None  # (fragment, merge step, each rank's snapshot)
+        self.synced_at: List[Optional[int]] = [None] * self.fragments
+        self.sync_count = 0
+        self.level_sync_counts = dict.fromkeys(self.levels, 0)
+
+    def _mean(self, values: List[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values).sum(0) / len(values)
+
+    def _outer_step(self, i: int, mean: torch.Tensor) -> torch.Tensor:
+        """DiLoCo's outer step on the anchor (SGD, lr 0.7, momentum 0.9, Nesterov), the mean as its target."""
+        gradient = self.anchor[i] - mean
+        buffer = self.momentum[i]
+        buffer = gradient.clone() if buffer is None else buffer * 0.9 + gradient
+        self.momentum[i] = buffer
+        self.anchor[i] = self.anchor[i] - 0.7 * (gradient + 0.9 * buffer)
+        return self.anchor[i].clone()
+
+    def _waited(self, fragment: int, step: int) -> None:
+        for i in self.fragment_indices[fragment]:
+            target = self._mean([self.params[r][i] for r in range(self.world)])
+            if self.outer:
+                target = self._outer_step(i, target)
+            for r in range(self.world):
+                self.params[r][i] = target.clone()
+        self.anchored[fragment] = True
+        self.synced_at[fragment] = step
+        self.sync_count += 1
+
+    def _start(self, fragment: int, step: int) -> None:
+        if self.quantized and not self.anchored[fragment]:
+            self._waited(fragment, step)
+            return
+        snapshot = {(r, i): self.params[r][i].clone() for r in range(self.world) for i in self.fragment_indices[fragment]}
+        self.in_flight = (fragment, step + self.delay, snapshot)
+
+    def _merge(self) -> None:
+        assert self.in_flight is not None
+        fragment, _, snapshot = self.in_flight
+        self.in_flight = None
+        for i in self.fragment_indices[fragment]:
+            target = self._mean([snapshot[(r, i)] for r in range(self.world)])
+            if self.outer:
+                target = self._outer_step(i, target)
+            for r in range(self.world):
+                self.params[r][i] = self.params[r][i] + (target - snapshot[(r, i)])
+        self.sync_count += 1
+
+    def _sync(self, fragments: List[int], step: int, delayed: bool) -> None:
+        for fragment in fragments:
+            (self._start if delayed else self._waited)(fragment, step)
+        if self.sync_buffers and fragments and fragments[-1] == self.fragments - 1:
+            for j in range(len(self.float_buffers[0])):
+                mean = self._mean([self.float_buffers[r][j] for r in range(self.world)])
+                for r in range(self.world):
+                    self.float_buffers[r][j] = mean.clone()
+            for r in range(self.world):
+                self.int_buffers[r] = list(self.int_buffers[0])
+
+    def _level(self, size: int) -> None:
+        for first in range(0, self.world, size):
+            group = range(first, first + size)
+            for i in range(len(self.params[0])):
+                mean = self._mean([self.params[r][i] for r in group])
+                for r in group:
+                    self.params[r][i] = mean.clone()
+        self.level_sync_counts[size] += 1
+
+    def step(self, step: int) -> None:
+        for r in range(self.world):
+            for i, p in enumerate(self.params[r]):
+                self.params[r][i] = p + move(r, step, i, p.shape)
+            for j, b in enumerate(self.float_buffers[r]):
+                self.float_buffers[r][j] = b + move(r, step, 1000 + j, b.shape)
+            self.int_buffers[r] = [step * (r + 1) + j for j in range(len(self.int_buffers[r]))]
+        if step <= self.warmup:
+            self._sync(list(range(self.fragments)), step, delayed=False)
+            return
+        if self.in_flight is not None and self.in_flight[1] == step:
+            self._merge()
+        since = step - self.warmup
+        stride = self.k // self.fragments
+        if since % stride == 0:
+            self._sync([(since // stride - 1) % self.fragments], step, delayed=self.delay > 0)
+            return
+        due = [size for size, period in self.levels.items() if since % period == 0]
+        if due:
+            self._level(max(due))
+
+    def exit(self, step: int) -> None:
+        if self.in_flight is not None:
+            self._merge()
+        fragments = list(range(self.fragments))
+        if self.outer:
+            fragments = [f for f in fragments if self.synced_at[f] != step]
+        self._sync(fragments, step, delayed=False)
