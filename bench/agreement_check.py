@@ -122,8 +122,15 @@ def main():
         return
     forwarded = ["--rounds", str(args.rounds), "--big-rounds", str(args.big_rounds), "--out", args.out]
     forwarded += ["--smoke"] if args.smoke else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-               os.path.abspath(__file__), *forwarded]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.ranks}",
+        os.path.abspath(__file__),
+        *forwarded,
+    ]
     print("$ " + " ".join(command[2:]), flush=True)
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 

@@ -194,16 +194,18 @@ def bench_shape(name, args, accelerator, memory):
     ours_zero_copy_local_sgd = LocalSGD(accelerator=accelerator, model=zero_copy_model, local_sgd_steps=1, zero_copy=True)
     theirs = AccelerateLocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1)
     methods = {name_: engine.average for name_, engine in engines.items()}
-    methods.update({
-        f"{OURS} LocalSGD": ours_local_sgd._sync_and_avg_model_params,
-        # Built lazily, so that flattening counts in the cold sync's memory.
-        f"{OURS} zero-copy": lazy_zero_copy_average(zero_copy_params),
-        f"{OURS} LocalSGD zero-copy": ours_zero_copy_local_sgd._sync_and_avg_model_params,
-        "accelerate LocalSGD": theirs._sync_and_avg_model_params,
-        "torch average_parameters": lambda: average_parameters(iter(torch_copy), None),
-        "python cat buckets": python_cat_buckets(params, 25 * 2**20),
-        FLOOR: lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
-    })
+    methods.update(
+        {
+            f"{OURS} LocalSGD": ours_local_sgd._sync_and_avg_model_params,
+            # Built lazily, so that flattening counts in the cold sync's memory.
+            f"{OURS} zero-copy": lazy_zero_copy_average(zero_copy_params),
+            f"{OURS} LocalSGD zero-copy": ours_zero_copy_local_sgd._sync_and_avg_model_params,
+            "accelerate LocalSGD": theirs._sync_and_avg_model_params,
+            "torch average_parameters": lambda: average_parameters(iter(torch_copy), None),
+            "python cat buckets": python_cat_buckets(params, 25 * 2**20),
+            FLOOR: lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG),
+        }
+    )
     if all(p.dtype == torch.float32 for p in int8_params):
         methods[f"{OURS} int8 wire"] = QuantizedAverager(int8_params).average
 
@@ -275,18 +277,23 @@ def run_rank(args):
 
 
 def print_table(report):
-    print(f"\n{report['world_size']} ranks, {report['backend']}, {report['threads_per_rank']} thread(s)/rank, "
-          f"median of {report['rounds']} rounds (slowest rank)")
-    print(f"{'shape':<12}{'tensors':>8}{'MiB':>8}  {'method':<33}{'median ms':>11}{'x floor':>9}"
-          f"{'x ours':>8}{'extra MiB':>11}")
+    print(
+        f"\n{report['world_size']} ranks, {report['backend']}, {report['threads_per_rank']} thread(s)/rank, "
+        f"median of {report['rounds']} rounds (slowest rank)"
+    )
+    print(f"{'shape':<12}{'tensors':>8}{'MiB':>8}  {'method':<33}{'median ms':>11}{'x floor':>9}{'x ours':>8}{'extra MiB':>11}")
     for r in report["results"]:
         ours_ms = r["methods"][OURS]["median_ms"]
         for method, m in r["methods"].items():
             extra = "" if m["peak_extra_bytes"] is None else f"{m['peak_extra_bytes'] / 2**20:.1f}"
-            print(f"{r['shape']:<12}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<33}"
-                  f"{m['median_ms']:>11.2f}{m['x_floor']:>9.2f}{m['median_ms'] / ours_ms:>8.2f}{extra:>11}")
-        print(f"{'':<28}largest bucket {r['largest_bucket_bytes'] / 2**20:.1f} MiB, "
-              f"staging held {r['staging_bytes'] / 2**20:.1f} MiB")
+            print(
+                f"{r['shape']:<12}{r['tensors']:>8}{r['bytes'] / 2**20:>8.1f}  {method:<33}"
+                f"{m['median_ms']:>11.2f}{m['x_floor']:>9.2f}{m['median_ms'] / ours_ms:>8.2f}{extra:>11}"
+            )
+        print(
+            f"{'':<28}largest bucket {r['largest_bucket_bytes'] / 2**20:.1f} MiB, "
+            f"staging held {r['staging_bytes'] / 2**20:.1f} MiB"
+        )
 
 
 def plot(reports, path):
@@ -315,8 +322,18 @@ def plot(reports, path):
 
 def launch(args):
     script = os.path.abspath(__file__)
-    forwarded = ["--shapes", *args.shapes, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--out", args.out,
-                 "--device", args.device]
+    forwarded = [
+        "--shapes",
+        *args.shapes,
+        "--rounds",
+        str(args.rounds),
+        "--warmup",
+        str(args.warmup),
+        "--out",
+        args.out,
+        "--device",
+        args.device,
+    ]
     forwarded += ["--smoke"] if args.smoke else []
     forwarded += ["--no-sweep"] if args.no_sweep else []
     reports = []
@@ -324,8 +341,15 @@ def launch(args):
         if args.device == "cuda" and world_size > torch.cuda.device_count():
             print(f"skipping {world_size} ranks: {torch.cuda.device_count()} GPU(s) here, one per rank needed")
             continue
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-                   script, *forwarded]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world_size}",
+            script,
+            *forwarded,
+        ]
         print("$ " + " ".join(command[2:]), flush=True)
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         subprocess.run(command, check=True, env=env)

@@ -162,8 +162,11 @@ def count_launches(fn):
         if "emcpy" in event.name or "emset" in event.name:
             memcpys += 1
             continue
-        name = "ours: multi_tensor_copy_kernel" if "multi_tensor_copy_kernel" in event.name else (
-            "nccl" if "nccl" in event.name.lower() else event.name[:60])
+        name = (
+            "ours: multi_tensor_copy_kernel"
+            if "multi_tensor_copy_kernel" in event.name
+            else ("nccl" if "nccl" in event.name.lower() else event.name[:60])
+        )
         kernels[name] = kernels.get(name, 0) + 1
     return {"kernels": sum(kernels.values()), "by_kernel": kernels, "memcpys": memcpys}
 
@@ -211,8 +214,9 @@ def init_world_of_one(device):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     from accelerate import Accelerator
 
     # With LOCAL_RANK set, Accelerate picks NCCL on a GPU and gloo with cpu=True.
@@ -236,31 +240,48 @@ def main():
     bandwidth = bench_bandwidth(args, timer)
     syncs = bench_syncs(args, timer, accelerator)
 
-    print(f"\n{machine(args.device)}; backend {dist.get_backend()}, world size {dist.get_world_size()}; "
-          f"median of {args.rounds} rounds")
+    print(
+        f"\n{machine(args.device)}; backend {dist.get_backend()}, world size {dist.get_world_size()}; "
+        f"median of {args.rounds} rounds"
+    )
     print("\nPack/unpack of one bucket (fp32) vs torch's copy of the same bytes; GB/s counts reads + writes")
     print("(the casts' GB/s and 'of copy' are against fp32 bytes; see 'of torch's cast' for them)")
     print(f"{'bucket MB':>9}{'tensors':>8}  {'method':<46}{'median us':>11}{'GB/s':>9}{'of copy':>9}")
     for row in bandwidth:
         for name, m in row["methods"].items():
-            print(f"{row['bucket_mb']:>9g}{row['tensors']:>8}  {name:<46}{m['median_us']:>11.1f}"
-                  f"{m['gb_per_s']:>9.1f}{m['of_copy_bandwidth']:>9.0%}")
+            print(
+                f"{row['bucket_mb']:>9g}{row['tensors']:>8}  {name:<46}{m['median_us']:>11.1f}"
+                f"{m['gb_per_s']:>9.1f}{m['of_copy_bandwidth']:>9.0%}"
+            )
         print(f"{'':>17}  {'pack + unpack (fused)':<46}{'':>20}{row['pack_plus_unpack_of_copy_bandwidth']:>9.0%}")
-        print(f"{'':>17}  {'cast pack, unpack, of torch cast':<46}{'':>11}"
-              f"{row['cast_pack_of_torch_cast']:>9.0%}{row['cast_unpack_of_torch_cast']:>9.0%}")
+        print(
+            f"{'':>17}  {'cast pack, unpack, of torch cast':<46}{'':>11}"
+            f"{row['cast_pack_of_torch_cast']:>9.0%}{row['cast_unpack_of_torch_cast']:>9.0%}"
+        )
     print("\nOne LocalSGD sync, timed to completion")
     print(f"{'shape':<6}{'tensors':>8}{'MiB':>8}{'buckets':>8}  {'method':<28}{'median ms':>10}  launches")
     for row in syncs:
         for name, m in row["methods"].items():
             launches = row.get("launches", {}).get(name)
             described = f"{launches['kernels']} kernels, {launches['memcpys']} memcpys" if launches else ""
-            print(f"{row['shape']:<6}{row['tensors']:>8}{row['bytes'] / 2**20:>8.1f}{row['buckets']:>8}  "
-                  f"{name:<28}{m['median_ms']:>10.3f}  {described}")
+            print(
+                f"{row['shape']:<6}{row['tensors']:>8}{row['bytes'] / 2**20:>8.1f}{row['buckets']:>8}  "
+                f"{name:<28}{m['median_ms']:>10.3f}  {described}"
+            )
         print(f"{'':<30}  Accelerate / ours: {row['accelerate_over_ours']:.1f}x")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": machine(args.device), "device": args.device, "rounds": args.rounds,
-                   "bandwidth": bandwidth, "syncs": syncs}, f, indent=1)
+        json.dump(
+            {
+                "machine": machine(args.device),
+                "device": args.device,
+                "rounds": args.rounds,
+                "bandwidth": bandwidth,
+                "syncs": syncs,
+            },
+            f,
+            indent=1,
+        )
     print(f"\nwrote {args.json}")
     accelerator.free_memory()
     accelerator.end_training()

@@ -56,8 +56,10 @@ def main():
         seconds["flat all_reduce (floor)"].append(time.perf_counter() - start)
     if dist.get_rank() == 0:
         floor = statistics.median(seconds["flat all_reduce (floor)"])
-        print(f"{args.shape}, {args.wire} wire, {dist.get_world_size()} ranks, gloo, {torch.get_num_threads()} thread(s), "
-              f"median of {args.rounds} interleaved rounds")
+        print(
+            f"{args.shape}, {args.wire} wire, {dist.get_world_size()} ranks, gloo, {torch.get_num_threads()} thread(s), "
+            f"median of {args.rounds} interleaved rounds"
+        )
         for label, times in seconds.items():
             median = statistics.median(times)
             print(f"  {label:26s} {1e3 * median:8.1f} ms  {median / floor:5.2f} x floor")

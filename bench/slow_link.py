@@ -75,13 +75,16 @@ def train(args):
     labels = torch.tensor(digits.target)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, args.hidden), torch.nn.ReLU(),
-        torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU(),
+        torch.nn.Linear(64, args.hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(args.hidden, args.hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(args.hidden, 10),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = DataLoader(TensorDataset(features, labels), batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    loader = DataLoader(
+        TensorDataset(features, labels), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     mode = parse_mode(args.mode)
     ddp = mode["kind"] == "ddp"
@@ -94,9 +97,16 @@ def train(args):
     trace = [(0, 0.0, full_loss())]
     clock, step, reached = 0.0, 0, False
     no_communication = model.no_sync() if not communicating else contextlib.nullcontext()
-    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=mode["steps"],
-                         enabled=mode["kind"] == "local_sgd", sync_delay=mode["delay"],
-                         num_fragments=mode["fragments"], wire=mode["wire"], error_feedback=mode["error_feedback"])
+    local_sgd = LocalSGD(
+        accelerator=accelerator,
+        model=model,
+        local_sgd_steps=mode["steps"],
+        enabled=mode["kind"] == "local_sgd",
+        sync_delay=mode["delay"],
+        num_fragments=mode["fragments"],
+        wire=mode["wire"],
+        error_feedback=mode["error_feedback"],
+    )
     with no_communication, local_sgd:
         while not reached and step < args.max_steps and clock < args.max_seconds:
             for x, y in loader:
@@ -120,9 +130,15 @@ def train(args):
                 if reached or step >= args.max_steps or clock >= args.max_seconds:
                     break
     if accelerator.is_main_process:
-        result = {"mode": args.mode, "steps": step, "seconds": clock, "reached": reached,
-                  "final_loss": trace[-1][2], "trace": trace,
-                  "syncs": step if ddp else local_sgd.sync_count}
+        result = {
+            "mode": args.mode,
+            "steps": step,
+            "seconds": clock,
+            "reached": reached,
+            "final_loss": trace[-1][2],
+            "trace": trace,
+            "syncs": step if ddp else local_sgd.sync_count,
+        }
         print("RESULT " + json.dumps(result), flush=True)
     accelerator.free_memory(model, optimizer, loader)
     accelerator.end_training()
@@ -139,9 +155,14 @@ def parse_mode(mode: str) -> dict:
     match = MODE_PATTERN.match(mode)
     if match is None:
         raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8][e]' (e.g. 8d2f2qe), got {mode!r}")
-    return {"kind": "local_sgd", "steps": int(match["steps"]), "delay": int(match["delay"] or 0),
-            "fragments": int(match["fragments"] or 1), "wire": {"q": "int8", "fp8": "fp8", None: None}[match["wire"]],
-            "error_feedback": match["ef"] is not None}
+    return {
+        "kind": "local_sgd",
+        "steps": int(match["steps"]),
+        "delay": int(match["delay"] or 0),
+        "fragments": int(match["fragments"] or 1),
+        "wire": {"q": "int8", "fp8": "fp8", None: None}[match["wire"]],
+        "error_feedback": match["ef"] is not None,
+    }
 
 
 def describe_mode(mode: str) -> str:
@@ -188,13 +209,47 @@ def set_up_link(rate):
     for ns in NAMESPACES:
         run(["ip", "netns", "add", ns])
         run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
-    run(["ip", "link", "add", INTERFACES[0], "netns", NAMESPACES[0], "type", "veth",
-         "peer", "name", INTERFACES[1], "netns", NAMESPACES[1]])
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            INTERFACES[0],
+            "netns",
+            NAMESPACES[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            INTERFACES[1],
+            "netns",
+            NAMESPACES[1],
+        ]
+    )
     for ns, interface, address in zip(NAMESPACES, INTERFACES, ADDRESSES):
         run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/30", "dev", interface])
         run(["ip", "netns", "exec", ns, "ip", "link", "set", interface, "up"])
-        run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", interface, "root", "tbf",
-             "rate", rate, "burst", "256kb", "latency", "50ms"])
+        run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                interface,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ]
+        )
 
 
 def link_bytes() -> int:
@@ -228,17 +283,41 @@ def run_mode(args, mode, port):
     bytes_before = link_bytes()
     procs = []
     for rank, (ns, interface) in enumerate(zip(NAMESPACES, INTERFACES)):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR=ADDRESSES[0], MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=interface,
-                   OMP_NUM_THREADS="1")
-        command = ["ip", "netns", "exec", ns, sys.executable, script, "--worker", "--mode", mode,
-                   "--target-loss", str(args.target_loss), "--max-seconds", str(args.max_seconds),
-                   "--max-steps", str(args.max_steps), "--hidden", str(args.hidden)]
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=ADDRESSES[0],
+            MASTER_PORT=str(port),
+            GLOO_SOCKET_IFNAME=interface,
+            OMP_NUM_THREADS="1",
+        )
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            script,
+            "--worker",
+            "--mode",
+            mode,
+            "--target-loss",
+            str(args.target_loss),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--max-steps",
+            str(args.max_steps),
+            "--hidden",
+            str(args.hidden),
+        ]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = args.max_seconds * 3 + 120  # training clock + evaluation + start-up
     outputs = wait_all(procs, deadline, f"mode {mode}")
     (line,) = [output for output in outputs[0].splitlines() if output.startswith("RESULT ")]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     result["link_bytes"] = link_bytes() - bytes_before
     return result
 
@@ -287,15 +366,19 @@ def main():
     baseline = next((r for r in results if r["mode"] == "ddp" and r["reached"]), None)
     floor = next((r for r in results if r["mode"] == "none" and r["reached"]), None)
     print(f"\n2 ranks, link {args.rate} (tbf), target loss {args.target_loss}")
-    print(f"{'mode':<42}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}"
-          f"{'x floor':>9}{'link MB':>10}{'MB/sync':>9}")
+    print(
+        f"{'mode':<42}{'reached':>8}{'steps':>7}{'syncs':>7}{'wall s':>9}{'final loss':>12}{'x faster':>10}"
+        f"{'x floor':>9}{'link MB':>10}{'MB/sync':>9}"
+    )
     for r in results:
         speedup = f"{baseline['seconds'] / r['seconds']:.2f}" if baseline and r["reached"] else "-"
         over_floor = f"{r['seconds'] / floor['seconds']:.2f}" if floor and r["reached"] else "-"
         name = describe_mode(r["mode"])
-        print(f"{name:<42}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
-              f"{r['final_loss']:>12.4f}{speedup:>10}{over_floor:>9}{r['link_bytes'] / 1e6:>10.1f}"
-              f"{r['link_bytes'] / 1e6 / r['syncs'] if r['syncs'] else 0:>9.2f}")
+        print(
+            f"{name:<42}{str(r['reached']):>8}{r['steps']:>7}{r['syncs']:>7}{r['seconds']:>9.2f}"
+            f"{r['final_loss']:>12.4f}{speedup:>10}{over_floor:>9}{r['link_bytes'] / 1e6:>10.1f}"
+            f"{r['link_bytes'] / 1e6 / r['syncs'] if r['syncs'] else 0:>9.2f}"
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "slow_link.json"), "w") as f:
         json.dump({"rate": args.rate, "target_loss": args.target_loss, "results": results}, f, indent=1)

@@ -51,8 +51,18 @@ def parse_args():
 
 def job_arguments(args, save_path, hierarchy=True):
     extra = ["--hierarchy", args.hierarchy] if hierarchy else []
-    return [JOB, "--epochs", str(args.epochs), "--hidden", str(args.hidden), "--local-sgd-steps",
-            str(args.local_sgd_steps), "--save-params", save_path, *extra]
+    return [
+        JOB,
+        "--epochs",
+        str(args.epochs),
+        "--hidden",
+        str(args.hidden),
+        "--local-sgd-steps",
+        str(args.local_sgd_steps),
+        "--save-params",
+        save_path,
+        *extra,
+    ]
 
 
 def report(output: str, seconds: float) -> dict:
@@ -65,15 +75,23 @@ def report(output: str, seconds: float) -> dict:
     return {
         "wall_seconds": seconds,
         "test_accuracy": float(accuracy.group(1)),
-        "world_ms": float(world.group(1)), "world_averages": int(world.group(2)),
+        "world_ms": float(world.group(1)),
+        "world_averages": int(world.group(2)),
         "levels": {size: {"ms": float(ms), "averages": int(n)} for size, ms, n in levels},
     }
 
 
 def one_node(args, save_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-               *job_arguments(args, save_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        *job_arguments(args, save_path),
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = "\n".join(slow_link.wait_all([process], args.timeout, "the one-node run"))
@@ -86,14 +104,34 @@ def two_nodes(args, save_path, port, hierarchy=True):
     start = time.perf_counter()
     for node, (ns, interface, address) in enumerate(zip(slow_link.NAMESPACES, slow_link.INTERFACES, slow_link.ADDRESSES)):
         env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=interface)
-        command = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
-                   "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{slow_link.ADDRESSES[0]}:{port}",
-                   "--rdzv-id", f"localsgd-two-nodes-{port}",
-                   # Both namespaces share one hostname ("localhost"), so torchrun can neither tell which
-                   # hosts the store nor tell the workers where it is: say both.
-                   "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", address,
-                   *job_arguments(args, save_path, hierarchy)]
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--node-rank",
+            str(node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{slow_link.ADDRESSES[0]}:{port}",
+            "--rdzv-id",
+            f"localsgd-two-nodes-{port}",
+            # Both namespaces share one hostname ("localhost"), so torchrun can neither tell which
+            # hosts the store nor tell the workers where it is: say both.
+            "--rdzv-conf",
+            f"is_host={int(node == 0)}",
+            "--local-addr",
+            address,
+            *job_arguments(args, save_path, hierarchy),
+        ]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     output = "\n".join(slow_link.wait_all(procs, args.timeout, "the two-node run"))
     result = report(output, time.perf_counter() - start)
@@ -121,15 +159,18 @@ def main():
             slow_link.teardown()
         one, two = torch.load(paths[0]), torch.load(paths[1])
         identical = len(one) == len(two) and all(torch.equal(a, b) for a, b in zip(one, two))
-    print(f"\nmain job, {args.epochs} epochs, local_sgd_steps={args.local_sgd_steps}, node level {args.hierarchy}, "
-          f"inter-node link {args.rate} (tbf)")
-    print(f"{'run':<34}{'wall s':>8}{'accuracy':>10}{'world ms':>10}{'world n':>9}{'node ms':>9}{'node n':>8}"
-          f"{'link MB':>9}")
+    print(
+        f"\nmain job, {args.epochs} epochs, local_sgd_steps={args.local_sgd_steps}, node level {args.hierarchy}, "
+        f"inter-node link {args.rate} (tbf)"
+    )
+    print(f"{'run':<34}{'wall s':>8}{'accuracy':>10}{'world ms':>10}{'world n':>9}{'node ms':>9}{'node n':>8}{'link MB':>9}")
     for name, r in runs.items():
         level = r["levels"].get("2", {"ms": float("nan"), "averages": 0})
         link = f"{r['link_bytes'] / 1e6:.1f}" if "link_bytes" in r else "-"
-        print(f"{name:<34}{r['wall_seconds']:>8.1f}{r['test_accuracy']:>9.1f}%{r['world_ms']:>10.2f}"
-              f"{r['world_averages']:>9}{level['ms']:>9.2f}{level['averages']:>8}{link:>9}")
+        print(
+            f"{name:<34}{r['wall_seconds']:>8.1f}{r['test_accuracy']:>9.1f}%{r['world_ms']:>10.2f}"
+            f"{r['world_averages']:>9}{level['ms']:>9.2f}{level['averages']:>8}{link:>9}"
+        )
     print(f"two-node parameters bit-identical to the one-node run's: {identical}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "two_nodes.json"), "w") as f:

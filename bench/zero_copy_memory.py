@@ -39,8 +39,10 @@ def main():
     peak = status_mib("VmHWM") - before
     after = status_mib("VmRSS") - before
     largest = max(b["numel"] * b["element_size"] for b in averager.buckets) / 2**20
-    print(f"{args.shape}: model {model_mib:.1f} MiB, largest bucket {largest:.1f} MiB; flattening: peak +{peak:.1f} MiB, "
-          f"afterwards +{after:.1f} MiB (flat buffers {averager.flat_bytes / 2**20:.1f} MiB)")
+    print(
+        f"{args.shape}: model {model_mib:.1f} MiB, largest bucket {largest:.1f} MiB; flattening: peak +{peak:.1f} MiB, "
+        f"afterwards +{after:.1f} MiB (flat buffers {averager.flat_bytes / 2**20:.1f} MiB)"
+    )
 
 
 if __name__ == "__main__":

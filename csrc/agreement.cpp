@@ -37,10 +37,8 @@ double amax_from_key(int64_t key) {
 
 } // namespace
 
-AgreementCheck::AgreementCheck(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    c10::Device status_device,
-    const AgreementInput& mine) {
+AgreementCheck::AgreementCheck(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device,
+                               const AgreementInput& mine) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
   status_ = at::empty({kSlots}, at::TensorOptions().dtype(at::kLong));
   int64_t* values = status_.mutable_data_ptr<int64_t>();

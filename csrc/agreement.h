@@ -26,7 +26,7 @@ struct AgreementOutcome {
   bool fingerprints_equal = true;
   bool any_nonfinite = false;
   bool any_local_error = false;
-  double narrow_wire_amax = 0;  // over the group; infinity when any rank's was not finite
+  double narrow_wire_amax = 0; // over the group; infinity when any rank's was not finite
 
   bool holds() const { return fingerprints_equal && !any_nonfinite && !any_local_error; }
 };
@@ -34,7 +34,8 @@ struct AgreementOutcome {
 class AgreementCheck {
  public:
   // Starts the MAX all_reduce on `status_device` (where the group's backend takes tensors).
-  AgreementCheck(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device, const AgreementInput& mine);
+  AgreementCheck(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device,
+                 const AgreementInput& mine);
   // Waits for it (interruptibly on CPU) and decodes it.
   AgreementOutcome finish();
 

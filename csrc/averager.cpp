@@ -29,31 +29,23 @@ double narrow_wire_scale(double amax, int64_t world_size) {
 
 } // namespace
 
-BucketedAverager::BucketedAverager(
-    std::vector<at::Tensor> tensors,
-    int64_t bucket_cap_bytes,
-    int64_t buffers_in_flight,
-    bool zero_copy,
-    std::optional<c10::ScalarType> comm_dtype,
-    std::vector<std::string> names)
+BucketedAverager::BucketedAverager(std::vector<at::Tensor> tensors, int64_t bucket_cap_bytes, int64_t buffers_in_flight,
+                                   bool zero_copy, std::optional<c10::ScalarType> comm_dtype,
+                                   std::vector<std::string> names)
     : tensors_(std::move(tensors)),
       names_(std::move(names)),
       bucket_cap_bytes_(bucket_cap_bytes),
       zero_copy_(zero_copy),
       comm_dtype_(comm_dtype),
       ring_(buffers_in_flight) {
-  TORCH_CHECK_VALUE(
-      names_.empty() || names_.size() == tensors_.size(),
-      "names must be empty or have one entry per tensor, got ", names_.size(), " names for ", tensors_.size(),
-      " tensors.");
-  TORCH_CHECK_VALUE(
-      !comm_dtype_ || *comm_dtype_ == at::kBFloat16 || *comm_dtype_ == at::kHalf,
-      "comm_dtype must be BFloat16 or Half, got ", *comm_dtype_, ".");
-  TORCH_CHECK_VALUE(
-      !(comm_dtype_ && zero_copy_),
-      "comm_dtype needs copy mode: zero_copy all-reduces the parameters' own memory, in their dtype.");
-  TORCH_CHECK_VALUE(
-      bucket_cap_bytes_ > 0, "bucket_cap_bytes must be positive, got ", bucket_cap_bytes_, ".");
+  TORCH_CHECK_VALUE(names_.empty() || names_.size() == tensors_.size(),
+                    "names must be empty or have one entry per tensor, got ", names_.size(), " names for ",
+                    tensors_.size(), " tensors.");
+  TORCH_CHECK_VALUE(!comm_dtype_ || *comm_dtype_ == at::kBFloat16 || *comm_dtype_ == at::kHalf,
+                    "comm_dtype must be BFloat16 or Half, got ", *comm_dtype_, ".");
+  TORCH_CHECK_VALUE(!(comm_dtype_ && zero_copy_),
+                    "comm_dtype needs copy mode: zero_copy all-reduces the parameters' own memory, in their dtype.");
+  TORCH_CHECK_VALUE(bucket_cap_bytes_ > 0, "bucket_cap_bytes must be positive, got ", bucket_cap_bytes_, ".");
   build_plan();
 }
 
@@ -82,9 +74,7 @@ int64_t BucketedAverager::fingerprint(bool use_avg_op, int64_t extra_fingerprint
   return hash.digest();
 }
 
-int64_t BucketedAverager::first_nonfinite() const {
-  return localsgd_ext::first_nonfinite(tensors_);
-}
+int64_t BucketedAverager::first_nonfinite() const { return localsgd_ext::first_nonfinite(tensors_); }
 
 std::string BucketedAverager::local_error() const {
   if (!local_error_) {
@@ -106,19 +96,14 @@ void BucketedAverager::rethrow_local_error() const {
 }
 
 void BucketedAverager::refuse_after_abandoned_sync() const {
-  TORCH_CHECK(
-      !sync_abandoned_,
-      "a previous average() was interrupted (KeyboardInterrupt, or a collective that failed) while its "
-      "collectives were in flight: the tensors may be partly averaged and the other ranks were left waiting. "
-      "This averager cannot be used again; restart the group and resume from a checkpoint.");
+  TORCH_CHECK(!sync_abandoned_,
+              "a previous average() was interrupted (KeyboardInterrupt, or a collective that failed) while its "
+              "collectives were in flight: the tensors may be partly averaged and the other ranks were left waiting. "
+              "This averager cannot be used again; restart the group and resume from a checkpoint.");
 }
 
-AgreementInput BucketedAverager::prepare(
-    bool use_avg_op,
-    bool check_finite,
-    int64_t extra_fingerprint,
-    bool for_average,
-    bool allocate_staging) {
+AgreementInput BucketedAverager::prepare(bool use_avg_op, bool check_finite, int64_t extra_fingerprint,
+                                         bool for_average, bool allocate_staging) {
   local_error_ = nullptr;
   AgreementInput mine;
   try {
@@ -147,15 +132,11 @@ AgreementInput BucketedAverager::prepare(
   return mine;
 }
 
-bool BucketedAverager::ranks_agree(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    bool use_avg_op,
-    c10::Device status_device,
-    bool check_finite,
-    int64_t extra_fingerprint) {
+bool BucketedAverager::ranks_agree(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op,
+                                   c10::Device status_device, bool check_finite, int64_t extra_fingerprint) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
   refuse_after_abandoned_sync();
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // zero-copy re-flattening rebinds parameters
+  at::AutoDispatchBelowADInplaceOrView below_autograd; // zero-copy re-flattening rebinds parameters
   const AgreementInput mine = prepare(use_avg_op, check_finite, extra_fingerprint, /*for_average=*/false);
   sync_abandoned_ = true;
   const bool holds = AgreementCheck(group, status_device, mine).finish().holds();
@@ -163,18 +144,14 @@ bool BucketedAverager::ranks_agree(
   return holds;
 }
 
-bool BucketedAverager::average(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    bool use_avg_op,
-    c10::Device status_device,
-    bool check_finite,
-    int64_t extra_fingerprint,
-    bool run_check) {
+bool BucketedAverager::average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op,
+                               c10::Device status_device, bool check_finite, int64_t extra_fingerprint,
+                               bool run_check) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
-  TORCH_CHECK_VALUE(
-      !(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype: the division must happen in float32.");
-  TORCH_CHECK_VALUE(
-      run_check || comm_dtype_ != at::kHalf, "run_check=false cannot be combined with an fp16 wire, whose scale the check agrees on.");
+  TORCH_CHECK_VALUE(!(use_avg_op && comm_dtype_),
+                    "use_avg_op cannot be combined with comm_dtype: the division must happen in float32.");
+  TORCH_CHECK_VALUE(run_check || comm_dtype_ != at::kHalf,
+                    "run_check=false cannot be combined with an fp16 wire, whose scale the check agrees on.");
   refuse_after_abandoned_sync();
   ring_.wait_for_previous_run(plan_);
   // Parameters are leaves that require grad; the copies must bypass autograd like an optimizer's

@@ -27,13 +27,8 @@ class BucketedAverager {
   // buffer per bucket and rebound (like `param.data = ...`) as views of it; no staging.
   // `comm_dtype` (copy mode only): float32 tensors travel in that dtype (BFloat16 or Half), cast by
   // pack and unpack; bucket caps count wire bytes. `names` (optional, one per tensor) label errors.
-  BucketedAverager(
-      std::vector<at::Tensor> tensors,
-      int64_t bucket_cap_bytes,
-      int64_t buffers_in_flight,
-      bool zero_copy,
-      std::optional<c10::ScalarType> comm_dtype = std::nullopt,
-      std::vector<std::string> names = {});
+  BucketedAverager(std::vector<at::Tensor> tensors, int64_t bucket_cap_bytes, int64_t buffers_in_flight, bool zero_copy,
+                   std::optional<c10::ScalarType> comm_dtype = std::nullopt, std::vector<std::string> names = {});
 
   // Replaces every tensor by its mean across `group`, in place, after checking with one small
   // all_reduce (on `status_device`, see agreement.h) that every rank holds the same layout, plan and
@@ -49,23 +44,14 @@ class BucketedAverager {
   // On CPU it returns when every tensor holds the mean. On CUDA, packs and unpacks run on the current
   // stream and Work::wait() only makes that stream wait for NCCL's: the work is queued, with no host
   // sync between buckets (the check's result is read on the host, a sync on the status device).
-  bool average(
-      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-      bool use_avg_op,
-      c10::Device status_device,
-      bool check_finite,
-      int64_t extra_fingerprint = 0,
-      bool run_check = true);
+  bool average(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, c10::Device status_device,
+               bool check_finite, int64_t extra_fingerprint = 0, bool run_check = true);
 
   // The overlapped sync: prepares and checks as average() does (the check is waited for), then packs
   // every bucket into a snapshot and starts its all_reduce, and returns without waiting. Copy mode,
   // no fp16 wire. False, with nothing started, when the check fails.
-  bool start_delayed(
-      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-      bool use_avg_op,
-      c10::Device status_device,
-      bool check_finite,
-      int64_t extra_fingerprint = 0);
+  bool start_delayed(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, c10::Device status_device,
+                     bool check_finite, int64_t extra_fingerprint = 0);
   // Waits for the started average and merges it: each tensor t += mean(snapshot) - snapshot. Refuses,
   // after waiting, when a tensor changed numel, dtype or device meanwhile.
   void finish_delayed();
@@ -79,12 +65,8 @@ class BucketedAverager {
   int64_t delayed_bytes() const { return delayed_.bytes(); }
 
   // Only the check average() starts with. A collective: every rank must call it.
-  bool ranks_agree(
-      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-      bool use_avg_op,
-      c10::Device status_device,
-      bool check_finite,
-      int64_t extra_fingerprint = 0);
+  bool ranks_agree(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, c10::Device status_device,
+                   bool check_finite, int64_t extra_fingerprint = 0);
 
   // A 62-bit digest of everything that decides what this rank would send: the tensors' count, dtypes
   // and shapes, the bucket plan (sizes, offsets, wire dtypes), zero_copy, the reduce op, and the
@@ -112,8 +94,8 @@ class BucketedAverager {
   // Everything a sync does locally before anything is sent: check memory, re-plan when the tensors
   // changed, allocate staging, scan for NaN/Inf and the fp16 range. A failure is kept in local_error_
   // and flagged in the check, so that every rank stops before any bucket is on the wire.
-  AgreementInput prepare(
-      bool use_avg_op, bool check_finite, int64_t extra_fingerprint, bool for_average, bool allocate_staging = true);
+  AgreementInput prepare(bool use_avg_op, bool check_finite, int64_t extra_fingerprint, bool for_average,
+                         bool allocate_staging = true);
   // A sync that threw with collectives in flight (Ctrl-C, a failed collective) leaves them to finish
   // in the background; the engine refuses to be used again.
   void refuse_after_abandoned_sync() const;
@@ -124,8 +106,8 @@ class BucketedAverager {
   bool zero_copy_;
   std::optional<c10::ScalarType> comm_dtype_;
   AveragingPlan plan_;
-  StagingRing ring_;   // copy mode
-  FlatStorage flat_;   // zero-copy mode
+  StagingRing ring_; // copy mode
+  FlatStorage flat_; // zero-copy mode
   DelayedAverage delayed_;
   void check_targets(const std::vector<at::Tensor>& targets) const;
   // A tensor re-planned while a delayed average was in flight: drains it and refuses the merge.

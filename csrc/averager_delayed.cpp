@@ -8,18 +8,15 @@
 
 namespace localsgd_ext {
 
-bool BucketedAverager::start_delayed(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    bool use_avg_op,
-    c10::Device status_device,
-    bool check_finite,
-    int64_t extra_fingerprint) {
+bool BucketedAverager::start_delayed(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op,
+                                     c10::Device status_device, bool check_finite, int64_t extra_fingerprint) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
   TORCH_CHECK_VALUE(!zero_copy_, "a delayed average needs copy mode: zero_copy averages the parameters' own memory.");
-  TORCH_CHECK_VALUE(
-      comm_dtype_ != at::kHalf, "a delayed average cannot use an fp16 wire (its scale is agreed per sync); use bfloat16.");
+  TORCH_CHECK_VALUE(comm_dtype_ != at::kHalf,
+                    "a delayed average cannot use an fp16 wire (its scale is agreed per sync); use bfloat16.");
   TORCH_CHECK_VALUE(!(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype.");
-  TORCH_CHECK(!delayed_.pending(), "start_average() while an overlapped average is in flight: call finish_average() first.");
+  TORCH_CHECK(!delayed_.pending(),
+              "start_average() while an overlapped average is in flight: call finish_average() first.");
   refuse_after_abandoned_sync();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const AgreementInput mine =
@@ -34,7 +31,8 @@ bool BucketedAverager::start_delayed(
 }
 
 void BucketedAverager::finish_delayed() {
-  TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
+  TORCH_CHECK(delayed_.pending(),
+              "finish_average() without an overlapped average in flight: call start_average() first.");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   refuse_stale_delayed();
   sync_abandoned_ = true;
@@ -53,9 +51,8 @@ void BucketedAverager::refuse_stale_delayed() {
 }
 
 void BucketedAverager::check_targets(const std::vector<at::Tensor>& targets) const {
-  TORCH_CHECK_VALUE(
-      targets.size() == tensors_.size(), "the outer step's targets must be one per tensor (", tensors_.size(), "), got ",
-      targets.size(), ".");
+  TORCH_CHECK_VALUE(targets.size() == tensors_.size(), "the outer step's targets must be one per tensor (",
+                    tensors_.size(), "), got ", targets.size(), ".");
   for (size_t i = 0; i < targets.size(); ++i) {
     TORCH_CHECK_VALUE(
         targets[i].sizes() == tensors_[i].sizes() && targets[i].scalar_type() == tensors_[i].scalar_type() &&
@@ -67,7 +64,8 @@ void BucketedAverager::check_targets(const std::vector<at::Tensor>& targets) con
 }
 
 void BucketedAverager::finish_delayed_into_mean(const std::vector<at::Tensor>& targets) {
-  TORCH_CHECK(delayed_.pending(), "finish_average() without an overlapped average in flight: call start_average() first.");
+  TORCH_CHECK(delayed_.pending(),
+              "finish_average() without an overlapped average in flight: call start_average() first.");
   check_targets(targets);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   refuse_stale_delayed();

@@ -5,10 +5,8 @@
 
 namespace localsgd_ext {
 
-AveragingPlan::AveragingPlan(
-    const std::vector<at::Tensor>& tensors,
-    int64_t bucket_cap_bytes,
-    std::optional<c10::ScalarType> comm_dtype) {
+AveragingPlan::AveragingPlan(const std::vector<at::Tensor>& tensors, int64_t bucket_cap_bytes,
+                             std::optional<c10::ScalarType> comm_dtype) {
   for (const at::Tensor& t : tensors) {
     const auto same_group = [&](const TensorGroup& g) {
       return g.dtype == t.scalar_type() && devices[g.device] == t.device();

@@ -33,7 +33,8 @@ struct BucketTensors {
 struct AveragingPlan {
   AveragingPlan() = default;
   // `comm_dtype`: float32 groups travel in it (bucket caps then count wire bytes).
-  AveragingPlan(const std::vector<at::Tensor>& tensors, int64_t bucket_cap_bytes, std::optional<c10::ScalarType> comm_dtype);
+  AveragingPlan(const std::vector<at::Tensor>& tensors, int64_t bucket_cap_bytes,
+                std::optional<c10::ScalarType> comm_dtype);
 
   // True when a tensor's numel, dtype or device no longer matches the plan (e.g. `param.data = ...`).
   bool stale(const std::vector<at::Tensor>& tensors) const;
@@ -46,11 +47,11 @@ struct AveragingPlan {
   // Every message's size and layout: ranks that differ here must not meet on the wire.
   void mix_into(WordHash& hash) const;
 
-  std::vector<PlanInput> inputs;  // per tensor
+  std::vector<PlanInput> inputs; // per tensor
   std::vector<TensorGroup> groups;
   std::vector<c10::Device> devices;
   std::vector<Bucket> buckets;
-  std::vector<BucketTensors> members;  // per bucket
+  std::vector<BucketTensors> members; // per bucket
 };
 
 // After writing tensors in place below autograd: what an in-place op would do to their versions.

@@ -49,8 +49,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "plan_buckets",
-      [](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& inputs, int64_t cap_bytes,
-         int64_t alignment_bytes) {
+      [](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& inputs, int64_t cap_bytes, int64_t alignment_bytes) {
         std::vector<PlanInput> plan_inputs;
         plan_inputs.reserve(inputs.size());
         for (const auto& [group, numel, element_size] : inputs) {
@@ -94,47 +93,40 @@ PYBIND11_MODULE(_C, m) {
       "Waits for a torch.distributed Work in slices, so that Ctrl-C raises KeyboardInterrupt within about 0.1 s "
       "(host_blocking: the collective runs on host threads, as gloo's on CPU do).");
   m.def(
-      "layout_fingerprint", [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::layout_fingerprint(tensors); },
+      "layout_fingerprint",
+      [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::layout_fingerprint(tensors); },
       py::arg("tensors"), "62-bit digest of the tensors' count, dtypes and shapes.");
   m.def(
       "content_fingerprints",
       [](const std::vector<at::Tensor>& tensors) { return localsgd_ext::content_fingerprints(tensors); },
       py::arg("tensors"), py::call_guard<py::gil_scoped_release>(), "62-bit digest of each tensor's bytes.");
-  m.def(
-      "join_agreement_check_as_failed", &localsgd_ext::join_agreement_check_as_failed, py::arg("group").none(false),
-      py::arg("status_device"), py::call_guard<py::gil_scoped_release>(),
-      "Takes part in an averager's agreement check as a rank that failed to prepare.");
+  m.def("join_agreement_check_as_failed", &localsgd_ext::join_agreement_check_as_failed, py::arg("group").none(false),
+        py::arg("status_device"), py::call_guard<py::gil_scoped_release>(),
+        "Takes part in an averager's agreement check as a rank that failed to prepare.");
 
   py::class_<BucketedAverager>(m, "BucketedAverager")
-      .def(
-          py::init<std::vector<at::Tensor>, int64_t, int64_t, bool, std::optional<c10::ScalarType>,
-                   std::vector<std::string>>(),
-          py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2,
-          py::arg("zero_copy") = false, py::arg("comm_dtype") = py::none(),
-          py::arg("names") = std::vector<std::string>())
-      .def(
-          "average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
-          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
-          py::arg("run_check") = true, py::call_guard<py::gil_scoped_release>())
-      .def(
-          "ranks_agree", &BucketedAverager::ranks_agree, py::arg("group").none(false), py::arg("use_avg_op"),
-          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
-          py::call_guard<py::gil_scoped_release>())
-      .def(
-          "fingerprint", &BucketedAverager::fingerprint, py::arg("use_avg_op") = false,
-          py::arg("extra_fingerprint") = 0)
+      .def(py::init<std::vector<at::Tensor>, int64_t, int64_t, bool, std::optional<c10::ScalarType>,
+                    std::vector<std::string>>(),
+           py::arg("tensors"), py::arg("bucket_cap_bytes"), py::arg("buffers_in_flight") = 2,
+           py::arg("zero_copy") = false, py::arg("comm_dtype") = py::none(),
+           py::arg("names") = std::vector<std::string>())
+      .def("average", &BucketedAverager::average, py::arg("group").none(false), py::arg("use_avg_op"),
+           py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+           py::arg("run_check") = true, py::call_guard<py::gil_scoped_release>())
+      .def("ranks_agree", &BucketedAverager::ranks_agree, py::arg("group").none(false), py::arg("use_avg_op"),
+           py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("fingerprint", &BucketedAverager::fingerprint, py::arg("use_avg_op") = false,
+           py::arg("extra_fingerprint") = 0)
       .def("layout_fingerprint", [](const BucketedAverager& self) { return self.fingerprint(false, 0); })
-      .def(
-          "start_delayed", &BucketedAverager::start_delayed, py::arg("group").none(false), py::arg("use_avg_op"),
-          py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
-          py::call_guard<py::gil_scoped_release>())
+      .def("start_delayed", &BucketedAverager::start_delayed, py::arg("group").none(false), py::arg("use_avg_op"),
+           py::arg("status_device"), py::arg("check_finite"), py::arg("extra_fingerprint") = 0,
+           py::call_guard<py::gil_scoped_release>())
       .def("finish_delayed", &BucketedAverager::finish_delayed, py::call_guard<py::gil_scoped_release>())
-      .def(
-          "finish_delayed_into_mean", &BucketedAverager::finish_delayed_into_mean, py::arg("targets"),
-          py::call_guard<py::gil_scoped_release>())
-      .def(
-          "merge_delayed_targets", &BucketedAverager::merge_delayed_targets, py::arg("targets"),
-          py::call_guard<py::gil_scoped_release>())
+      .def("finish_delayed_into_mean", &BucketedAverager::finish_delayed_into_mean, py::arg("targets"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("merge_delayed_targets", &BucketedAverager::merge_delayed_targets, py::arg("targets"),
+           py::call_guard<py::gil_scoped_release>())
       .def("drain_delayed", &BucketedAverager::drain_delayed, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("delayed_pending", &BucketedAverager::delayed_pending)
       .def_property_readonly("delayed_bytes", &BucketedAverager::delayed_bytes)

@@ -33,9 +33,6 @@ struct Bucket {
 // so that vectorized kernels can use aligned accesses. Every input lands in exactly one bucket.
 // Throws std::invalid_argument on a non-positive cap or alignment, a negative numel, or a
 // non-positive element size.
-std::vector<Bucket> plan_buckets(
-    const std::vector<PlanInput>& inputs,
-    int64_t cap_bytes,
-    int64_t alignment_bytes);
+std::vector<Bucket> plan_buckets(const std::vector<PlanInput>& inputs, int64_t cap_bytes, int64_t alignment_bytes);
 
 } // namespace localsgd_ext

@@ -14,12 +14,10 @@ void DelayedAverage::reset() {
   buffers_.clear();
 }
 
-void DelayedAverage::start(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    const AveragingPlan& plan,
-    bool use_avg_op) {
+void DelayedAverage::start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan,
+                           bool use_avg_op) {
   TORCH_CHECK(in_flight_.empty(), "a delayed average is already in flight: finish it before starting another.");
-  if (buffers_.empty()) {  // first start() since the plan was built (reset())
+  if (buffers_.empty()) { // first start() since the plan was built (reset())
     for (const Bucket& bucket : plan.buckets) {
       // Zeroed once: padding between tensors is never written by pack, so it averages zeros forever.
       const auto options = at::TensorOptions().dtype(plan.group_of(bucket).wire_dtype).device(plan.device_of(bucket));
@@ -47,7 +45,8 @@ void DelayedAverage::finish(const AveragingPlan& plan) {
   }
   for (const InFlight& done : in_flight_) {
     const BucketTensors& members = plan.members[done.bucket];
-    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, divisor_, members.tensors);
+    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, divisor_,
+                    members.tensors);
     bump_versions(members.tensors);
   }
   in_flight_.clear();
@@ -74,7 +73,8 @@ void DelayedAverage::finish_into_mean(const AveragingPlan& plan, const std::vect
   }
   for (const InFlight& done : in_flight_) {
     const BucketTensors& members = plan.members[done.bucket];
-    unpack_op().call(buffers_[done.bucket].sum, members.offsets, divisor_, bucket_targets(plan.buckets[done.bucket], targets));
+    unpack_op().call(buffers_[done.bucket].sum, members.offsets, divisor_,
+                     bucket_targets(plan.buckets[done.bucket], targets));
   }
   awaiting_merge_ = true;
 }

@@ -35,18 +35,18 @@ class DelayedAverage {
 
  private:
   struct BucketBuffers {
-    at::Tensor snapshot;  // the bucket as packed at the sync step
-    at::Tensor sum;       // its copy, all-reduced in place
+    at::Tensor snapshot; // the bucket as packed at the sync step
+    at::Tensor sum;      // its copy, all-reduced in place
   };
   struct InFlight {
     size_t bucket;
     c10::intrusive_ptr<c10d::Work> work;
   };
 
-  std::vector<BucketBuffers> buffers_;  // per bucket, allocated at the first start() after a reset()
+  std::vector<BucketBuffers> buffers_; // per bucket, allocated at the first start() after a reset()
   std::vector<InFlight> in_flight_;
   double divisor_ = 1.0;
-  bool awaiting_merge_ = false;  // finish_into_mean() done, merge_targets() not yet
+  bool awaiting_merge_ = false; // finish_into_mean() done, merge_targets() not yet
 };
 
 } // namespace localsgd_ext

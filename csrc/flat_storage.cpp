@@ -19,8 +19,8 @@ void FlatStorage::flatten(const AveragingPlan& plan) {
     const Bucket& bucket = plan.buckets[b];
     const BucketTensors& members = plan.members[b];
     // Zeroed: the padding between tensors is never written, so it averages zeros forever.
-    at::Tensor flat = at::zeros(
-        {bucket.numel}, at::TensorOptions().dtype(plan.group_of(bucket).dtype).device(plan.device_of(bucket)));
+    at::Tensor flat = at::zeros({bucket.numel},
+                                at::TensorOptions().dtype(plan.group_of(bucket).dtype).device(plan.device_of(bucket)));
     pack_op().call(members.tensors, members.offsets, flat, 1.0);
     for (size_t k = 0; k < members.tensors.size(); ++k) {
       at::Tensor t = members.tensors[k];
@@ -54,10 +54,8 @@ int64_t FlatStorage::bytes() const {
   return total;
 }
 
-void FlatStorage::all_reduce(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    bool use_avg_op,
-    const AveragingPlan& plan) {
+void FlatStorage::all_reduce(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op,
+                             const AveragingPlan& plan) {
   c10d::AllreduceOptions options;
   options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
   // Nothing to overlap: every flat buffer goes on the wire at once, in place.

@@ -25,7 +25,7 @@ class FlatStorage {
   void all_reduce(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, const AveragingPlan& plan);
 
  private:
-  std::vector<at::Tensor> buffers_;  // per bucket
+  std::vector<at::Tensor> buffers_; // per bucket
 };
 
 } // namespace localsgd_ext

@@ -15,9 +15,7 @@ std::function<void()>& interrupt_check() {
 
 } // namespace
 
-void set_interrupt_check(std::function<void()> check) {
-  interrupt_check() = std::move(check);
-}
+void set_interrupt_check(std::function<void()> check) { interrupt_check() = std::move(check); }
 
 void wait_interruptibly(c10d::Work& work, bool host_blocking) {
   const std::function<void()>& check = interrupt_check();

@@ -25,12 +25,8 @@ void merge_contiguous(const wire_t* sum, const wire_t* snapshot, scalar_t* tenso
   });
 }
 
-void merge_into_cpu(
-    const at::Tensor& sum,
-    const at::Tensor& snapshot,
-    at::IntArrayRef offsets,
-    double divisor,
-    at::TensorList tensors) {
+void merge_into_cpu(const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor,
+                    at::TensorList tensors) {
   check_merge_arguments(sum, snapshot, offsets, divisor, tensors);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -44,16 +40,14 @@ void merge_into_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "merge_into", [&] {
       scalar_t* data = static_cast<scalar_t*>(t.data_ptr());
       if (sum.scalar_type() == t.scalar_type()) {
-        merge_contiguous(
-            sum.const_data_ptr<scalar_t>() + offsets[i], snapshot.const_data_ptr<scalar_t>() + offsets[i], data,
-            t.numel(), divisor);
+        merge_contiguous(sum.const_data_ptr<scalar_t>() + offsets[i], snapshot.const_data_ptr<scalar_t>() + offsets[i],
+                         data, t.numel(), divisor);
       } else {
         // A narrow wire (comm_dtype) under float32 tensors.
         AT_DISPATCH_REDUCED_FLOATING_TYPES(sum.scalar_type(), "merge_into", [&] {
           using wire_t = scalar_t;
-          merge_contiguous(
-              sum.const_data_ptr<wire_t>() + offsets[i], snapshot.const_data_ptr<wire_t>() + offsets[i],
-              reinterpret_cast<float*>(data), t.numel(), divisor);
+          merge_contiguous(sum.const_data_ptr<wire_t>() + offsets[i], snapshot.const_data_ptr<wire_t>() + offsets[i],
+                           reinterpret_cast<float*>(data), t.numel(), divisor);
         });
       }
     });
@@ -62,8 +56,6 @@ void merge_into_cpu(
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(localsgd_ext, CPU, m) {
-  m.impl("merge_into", &merge_into_cpu);
-}
+TORCH_LIBRARY_IMPL(localsgd_ext, CPU, m) { m.impl("merge_into", &merge_into_cpu); }
 
 } // namespace localsgd_ext

@@ -29,9 +29,8 @@ ModuleTreeSnapshot::ModuleTreeSnapshot(const py::list& modules) {
       py::object attribute = py::reinterpret_steal<py::object>(PyUnicode_InternFromString(name));
       PyObject* dict = PyDict_Check(owner_dict.ptr()) ? PyDict_GetItem(owner_dict.ptr(), attribute.ptr()) : nullptr;
       if (dict == nullptr || !PyDict_Check(dict)) {
-        throw py::type_error(
-            std::string("modules must be torch.nn.Module objects, each with a dict ") + name + " in its __dict__; got " +
-            std::string(py::str(py::type::of(module).attr("__name__"))));
+        throw py::type_error(std::string("modules must be torch.nn.Module objects, each with a dict ") + name +
+                             " in its __dict__; got " + std::string(py::str(py::type::of(module).attr("__name__"))));
       }
       records_.push_back(
           {owner_dict, std::move(attribute), py::reinterpret_borrow<py::object>(dict), dict_values(dict)});

@@ -30,8 +30,8 @@ class LOCALSGD_EXT_HIDDEN ModuleTreeSnapshot {
 
  private:
   struct DictRecord {
-    pybind11::object owner_dict;  // the module's __dict__
-    pybind11::object attribute;   // interned "_parameters", "_buffers" or "_modules"
+    pybind11::object owner_dict; // the module's __dict__
+    pybind11::object attribute;  // interned "_parameters", "_buffers" or "_modules"
     pybind11::object dict;
     std::vector<pybind11::object> values;
   };

@@ -11,8 +11,7 @@ using UnpackFn = void(const at::Tensor&, at::IntArrayRef, double, at::TensorList
 using MergeFn = void(const at::Tensor&, const at::Tensor&, at::IntArrayRef, double, at::TensorList);
 
 inline const c10::TypedOperatorHandle<PackFn>& pack_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("localsgd_ext::pack_into", "").typed<PackFn>();
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("localsgd_ext::pack_into", "").typed<PackFn>();
   return op;
 }
 

@@ -34,7 +34,8 @@ TORCH_LIBRARY(localsgd_ext, m) {
   // dequantize_blocks with divisor = rows computes it), quantized again into `mean_codes` / `mean_scales`
   // (as quantize_blocks would), the mean never stored.
   m.def(
-      "requantize_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) mean_codes, Tensor(b!) mean_scales) -> ()");
+      "requantize_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) mean_codes, Tensor(b!) mean_scales) -> "
+      "()");
   // The receive side in one pass: `anchor` moved by the dequantized codes (the mean change),
   // anchor[k] += code[k] * scales[k / block_size].
   m.def("apply_quantized_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) anchor) -> ()");

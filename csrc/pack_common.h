@@ -2,12 +2,12 @@
 // same sentence whichever kernel it reaches) and how a tensor's slot in the flat buffer is viewed.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/div.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -23,41 +23,28 @@ inline bool is_wire_cast(c10::ScalarType tensor_dtype, c10::ScalarType buffer_dt
   return tensor_dtype == at::kFloat && (buffer_dtype == at::kBFloat16 || buffer_dtype == at::kHalf);
 }
 
-inline void check_pack_arguments(
-    const char* op,
-    at::TensorList tensors,
-    at::IntArrayRef offsets,
-    const at::Tensor& buffer) {
-  TORCH_CHECK_VALUE(
-      tensors.size() == offsets.size(),
-      op, ": tensors and offsets must have the same length, got ", tensors.size(), " tensors and ",
-      offsets.size(), " offsets.");
-  TORCH_CHECK_VALUE(
-      buffer.layout() == at::kStrided,
-      op, ": buffer must be a strided (dense) tensor, got layout ", buffer.layout(), ".");
-  TORCH_CHECK_VALUE(
-      buffer.dim() == 1 && buffer.is_contiguous(),
-      op, ": buffer must be 1-D and contiguous, got sizes ", buffer.sizes(), " and strides ",
-      buffer.strides(), ".");
+inline void check_pack_arguments(const char* op, at::TensorList tensors, at::IntArrayRef offsets,
+                                 const at::Tensor& buffer) {
+  TORCH_CHECK_VALUE(tensors.size() == offsets.size(), op, ": tensors and offsets must have the same length, got ",
+                    tensors.size(), " tensors and ", offsets.size(), " offsets.");
+  TORCH_CHECK_VALUE(buffer.layout() == at::kStrided, op, ": buffer must be a strided (dense) tensor, got layout ",
+                    buffer.layout(), ".");
+  TORCH_CHECK_VALUE(buffer.dim() == 1 && buffer.is_contiguous(), op, ": buffer must be 1-D and contiguous, got sizes ",
+                    buffer.sizes(), " and strides ", buffer.strides(), ".");
   check_storage_holds(buffer, std::string(op) + ": buffer");
   const int64_t capacity = buffer.numel();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.defined(), op, ": tensors[", i, "] is undefined.");
-    TORCH_CHECK_VALUE(
-        t.layout() == at::kStrided,
-        op, ": tensors[", i, "] must be strided (dense), got layout ", t.layout(), ".");
-    TORCH_CHECK_TYPE(
-        t.scalar_type() == buffer.scalar_type() || is_wire_cast(t.scalar_type(), buffer.scalar_type()),
-        op, ": tensors[", i, "] has dtype ", t.scalar_type(), " but buffer has dtype ",
-        buffer.scalar_type(), "; a bucket holds one dtype (or float32 tensors in a BFloat16 or Half buffer).");
-    TORCH_CHECK_VALUE(
-        t.device() == buffer.device(),
-        op, ": tensors[", i, "] is on ", t.device(), " but buffer is on ", buffer.device(), ".");
-    TORCH_CHECK_VALUE(
-        offsets[i] >= 0 && offsets[i] <= capacity - t.numel(),
-        op, ": tensors[", i, "] with ", t.numel(), " elements at offset ", offsets[i],
-        " does not fit in a buffer of ", capacity, " elements.");
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": tensors[", i, "] must be strided (dense), got layout ",
+                      t.layout(), ".");
+    TORCH_CHECK_TYPE(t.scalar_type() == buffer.scalar_type() || is_wire_cast(t.scalar_type(), buffer.scalar_type()), op,
+                     ": tensors[", i, "] has dtype ", t.scalar_type(), " but buffer has dtype ", buffer.scalar_type(),
+                     "; a bucket holds one dtype (or float32 tensors in a BFloat16 or Half buffer).");
+    TORCH_CHECK_VALUE(t.device() == buffer.device(), op, ": tensors[", i, "] is on ", t.device(), " but buffer is on ",
+                      buffer.device(), ".");
+    TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] <= capacity - t.numel(), op, ": tensors[", i, "] with ", t.numel(),
+                      " elements at offset ", offsets[i], " does not fit in a buffer of ", capacity, " elements.");
     check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
   }
 }
@@ -67,23 +54,22 @@ inline void check_pack_arguments(
 // subnormal (whose reciprocal overflows) is refused as it is, not only once it is NaN in the result.
 inline bool is_normal_float32(double value) {
   return value >= static_cast<double>(std::numeric_limits<float>::min()) &&
-      value <= static_cast<double>(std::numeric_limits<float>::max());
+         value <= static_cast<double>(std::numeric_limits<float>::max());
 }
 
 inline void check_float32_factor(const char* op, const char* name, double value) {
-  TORCH_CHECK_VALUE(
-      is_normal_float32(value), op, ": ", name, " must be a finite positive number, got ", value,
-      ": the kernels compute with it in float32, whose normal range is 1.2e-38 to 3.4e38.");
+  TORCH_CHECK_VALUE(is_normal_float32(value), op, ": ", name, " must be a finite positive number, got ", value,
+                    ": the kernels compute with it in float32, whose normal range is 1.2e-38 to 3.4e38.");
 }
 
 // `scale` multiplies float32 values on their way into a narrower buffer; every other copy is exact.
 inline void check_scale(const char* op, at::TensorList tensors, const at::Tensor& buffer, double scale) {
   check_float32_factor(op, "scale", scale);
   for (size_t i = 0; i < tensors.size() && scale != 1.0; ++i) {
-    TORCH_CHECK_VALUE(
-        is_wire_cast(tensors[i].scalar_type(), buffer.scalar_type()),
-        op, ": scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; tensors[", i,
-        "] has dtype ", tensors[i].scalar_type(), " and buffer ", buffer.scalar_type(), ", got scale ", scale, ".");
+    TORCH_CHECK_VALUE(is_wire_cast(tensors[i].scalar_type(), buffer.scalar_type()), op,
+                      ": scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; tensors[", i,
+                      "] has dtype ", tensors[i].scalar_type(), " and buffer ", buffer.scalar_type(), ", got scale ",
+                      scale, ".");
   }
 }
 
@@ -109,26 +95,24 @@ inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, doubl
 
 // Overlapped sync's merge through ATen (any device, any strides): t + (sum / divisor - snapshot), each
 // operand widened to the tensor's math dtype (float32 for fp16/bf16), rounded once into the tensor.
-inline void merge_one_with_aten(
-    const at::Tensor& sum, const at::Tensor& snapshot, int64_t offset, double divisor, const at::Tensor& tensor) {
+inline void merge_one_with_aten(const at::Tensor& sum, const at::Tensor& snapshot, int64_t offset, double divisor,
+                                const at::Tensor& tensor) {
   const c10::ScalarType math = at::toOpMathType(tensor.scalar_type());
   const at::Tensor mean = at::div(slot_in_buffer(sum, offset, tensor).to(math), divisor);
   const at::Tensor merged = at::add(tensor.to(math), at::sub(mean, slot_in_buffer(snapshot, offset, tensor).to(math)));
   const_cast<at::Tensor&>(tensor).copy_(merged);
 }
 
-inline void check_divisor(const char* op, double divisor) {
-  check_float32_factor(op, "divisor", divisor);
-}
+inline void check_divisor(const char* op, double divisor) { check_float32_factor(op, "divisor", divisor); }
 
-inline void check_merge_arguments(
-    const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
+inline void check_merge_arguments(const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets,
+                                  double divisor, at::TensorList tensors) {
   check_pack_arguments("merge_into", tensors, offsets, sum);
   check_pack_arguments("merge_into", tensors, offsets, snapshot);
   check_divisor("merge_into", divisor);
-  TORCH_CHECK_TYPE(
-      sum.scalar_type() == snapshot.scalar_type(),
-      "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ", snapshot.scalar_type(), ".");
+  TORCH_CHECK_TYPE(sum.scalar_type() == snapshot.scalar_type(),
+                   "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ",
+                   snapshot.scalar_type(), ".");
 }
 
 } // namespace localsgd_ext

@@ -60,11 +60,8 @@ struct BucketCopies {
 
 enum class Direction { kIntoBuffer, kFromBuffer };
 
-BucketCopies plan_copies(
-    at::TensorList tensors,
-    at::IntArrayRef offsets,
-    const at::Tensor& buffer,
-    Direction direction) {
+BucketCopies plan_copies(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer,
+                         Direction direction) {
   BucketCopies copies;
   const int64_t element_size = buffer.element_size();
   char* base = static_cast<char*>(buffer.data_ptr());
@@ -94,9 +91,7 @@ BucketCopies plan_copies(
   return copies;
 }
 
-void copy_chunk(const CopyChunk& c) {
-  std::memcpy(c.dst, c.src, c.nbytes);
-}
+void copy_chunk(const CopyChunk& c) { std::memcpy(c.dst, c.src, c.nbytes); }
 
 // Elements per task when a cast is spread over intra-op threads.
 constexpr int64_t kCastGrain = 64 * 1024;
@@ -111,9 +106,8 @@ bool cast_through_aten(const at::Tensor& tensor, const at::Tensor& buffer) {
 
 // float32 (times `scale`, in float32) -> the wire dtype, rounding to nearest even (as
 // `(tensor * scale).to(dtype)` does).
-void pack_casts(
-    at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
-    const std::vector<size_t>& casts) {
+void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
+                const std::vector<size_t>& casts) {
   const float s = static_cast<float>(scale);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
     scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
@@ -135,9 +129,8 @@ void pack_casts(
 }
 
 // The wire dtype -> float32, then the division in float32 (as `slot.float() / divisor` does).
-void unpack_casts(
-    const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
-    const std::vector<size_t>& casts) {
+void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
+                  const std::vector<size_t>& casts) {
   const float d = static_cast<float>(divisor);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
     const scalar_t* base = buffer.const_data_ptr<scalar_t>();
@@ -196,11 +189,7 @@ void divide_copy(const CopyChunk& chunk, double divisor) {
   }
 }
 
-void unpack_from_cpu(
-    const at::Tensor& buffer,
-    at::IntArrayRef offsets,
-    double divisor,
-    at::TensorList tensors) {
+void unpack_from_cpu(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
   check_pack_arguments("unpack_from", tensors, offsets, buffer);
   check_divisor("unpack_from", divisor);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kFromBuffer);
@@ -208,8 +197,8 @@ void unpack_from_cpu(
     for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
-      for_each_chunk(
-          copies.chunks, copies.total_bytes, [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
+      for_each_chunk(copies.chunks, copies.total_bytes,
+                     [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
     });
   }
   if (!copies.casts.empty()) {

@@ -23,8 +23,8 @@ void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, doub
   }
 }
 
-void merge_into_generic(
-    const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor, at::TensorList tensors) {
+void merge_into_generic(const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor,
+                        at::TensorList tensors) {
   check_merge_arguments(sum, snapshot, offsets, divisor, tensors);
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() > 0) {

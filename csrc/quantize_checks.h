@@ -13,51 +13,47 @@
 namespace localsgd_ext {
 
 inline void check_block_size(const char* op, int64_t block_size) {
-  TORCH_CHECK_VALUE(
-      block_size >= 1 && block_size <= (1 << 20), op, ": block_size must be between 1 and 1048576, got ", block_size, ".");
+  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (1 << 20), op, ": block_size must be between 1 and 1048576, got ",
+                    block_size, ".");
 }
 
 // The codes' dtype: int8 (the default) or float8_e4m3fn.
-inline at::ScalarType check_quantize_arguments(
-    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+inline at::ScalarType check_quantize_arguments(const at::Tensor& x, int64_t block_size,
+                                               std::optional<at::ScalarType> code_dtype) {
   const at::ScalarType codes_type = code_dtype.value_or(at::kChar);
-  TORCH_CHECK_TYPE(
-      codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
-      "quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
+  TORCH_CHECK_TYPE(codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
+                   "quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
   check_block_size("quantize_blocks", block_size);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "quantize_blocks: x must be float32, got ", x.scalar_type(), ".");
-  TORCH_CHECK_VALUE(
-      x.layout() == at::kStrided && x.dim() == 1 && x.is_contiguous(),
-      "quantize_blocks: x must be a 1-D contiguous tensor, got sizes ", x.sizes(), " and strides ", x.strides(), ".");
-  TORCH_CHECK_VALUE(
-      x.numel() % block_size == 0, "quantize_blocks: x's length must be a multiple of block_size (pad it), got ",
-      x.numel(), " elements and block_size ", block_size, ".");
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided && x.dim() == 1 && x.is_contiguous(),
+                    "quantize_blocks: x must be a 1-D contiguous tensor, got sizes ", x.sizes(), " and strides ",
+                    x.strides(), ".");
+  TORCH_CHECK_VALUE(x.numel() % block_size == 0,
+                    "quantize_blocks: x's length must be a multiple of block_size (pad it), got ", x.numel(),
+                    " elements and block_size ", block_size, ".");
   check_storage_holds(x, "quantize_blocks: x");
   return codes_type;
 }
 
-inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
+inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                       double divisor) {
   check_block_size("dequantize_blocks", block_size);
-  TORCH_CHECK_TYPE(
-      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
-      "dequantize_blocks: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
-  TORCH_CHECK_TYPE(
-      scales.scalar_type() == at::kFloat, "dequantize_blocks: scales must be float32, got ", scales.scalar_type(), ".");
-  TORCH_CHECK_VALUE(
-      codes.layout() == at::kStrided && codes.dim() == 2 && codes.is_contiguous(),
-      "dequantize_blocks: codes must be 2-D (rows to sum, elements) and contiguous, got sizes ", codes.sizes(),
-      " and strides ", codes.strides(), ".");
-  TORCH_CHECK_VALUE(
-      codes.size(1) % block_size == 0, "dequantize_blocks: codes' row length must be a multiple of block_size, got ",
-      codes.size(1), " and block_size ", block_size, ".");
-  TORCH_CHECK_VALUE(
-      scales.layout() == at::kStrided && scales.dim() == 2 && scales.is_contiguous() &&
-          scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) / block_size,
-      "dequantize_blocks: scales must be contiguous with sizes [", codes.size(0), ", ", codes.size(1) / block_size,
-      "] (one per block of each row), got sizes ", scales.sizes(), ".");
-  TORCH_CHECK_VALUE(
-      codes.device() == scales.device(), "dequantize_blocks: codes are on ", codes.device(), " but scales on ",
-      scales.device(), ".");
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
+                   "dequantize_blocks: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "dequantize_blocks: scales must be float32, got ",
+                   scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(codes.layout() == at::kStrided && codes.dim() == 2 && codes.is_contiguous(),
+                    "dequantize_blocks: codes must be 2-D (rows to sum, elements) and contiguous, got sizes ",
+                    codes.sizes(), " and strides ", codes.strides(), ".");
+  TORCH_CHECK_VALUE(codes.size(1) % block_size == 0,
+                    "dequantize_blocks: codes' row length must be a multiple of block_size, got ", codes.size(1),
+                    " and block_size ", block_size, ".");
+  TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 2 && scales.is_contiguous() &&
+                        scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) / block_size,
+                    "dequantize_blocks: scales must be contiguous with sizes [", codes.size(0), ", ",
+                    codes.size(1) / block_size, "] (one per block of each row), got sizes ", scales.sizes(), ".");
+  TORCH_CHECK_VALUE(codes.device() == scales.device(), "dequantize_blocks: codes are on ", codes.device(),
+                    " but scales on ", scales.device(), ".");
   check_divisor("dequantize_blocks", divisor);
   check_storage_holds(codes, "dequantize_blocks: codes");
   check_storage_holds(scales, "dequantize_blocks: scales");
@@ -65,48 +61,44 @@ inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor
 
 inline void check_flat_float32(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type(), ".");
-  TORCH_CHECK_VALUE(
-      t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous(), op, ": ", name,
-      " must be a 1-D contiguous tensor, got sizes ", t.sizes(), " and strides ", t.strides(), ".");
-  TORCH_CHECK_VALUE(
-      t.numel() == like.numel(), op, ": ", name, " must have the length of the others (", like.numel(), "), got ",
-      t.numel(), ".");
-  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the others on ", like.device(), ".");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous(), op, ": ", name,
+                    " must be a 1-D contiguous tensor, got sizes ", t.sizes(), " and strides ", t.strides(), ".");
+  TORCH_CHECK_VALUE(t.numel() == like.numel(), op, ": ", name, " must have the length of the others (", like.numel(),
+                    "), got ", t.numel(), ".");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the others on ",
+                    like.device(), ".");
   check_storage_holds(t, std::string(op) + ": " + name);
 }
 
 // Codes (int8 or float8_e4m3fn) and scales (float32, one per block) an op writes: 1-D, contiguous,
 // `length` and `length / block_size` long, on `device`.
-inline void check_codes_out(
-    const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t length, int64_t block_size,
-    c10::Device device, const char* codes_name, const char* scales_name) {
-  TORCH_CHECK_TYPE(
-      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn, op, ": ", codes_name,
-      " must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+inline void check_codes_out(const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t length,
+                            int64_t block_size, c10::Device device, const char* codes_name, const char* scales_name) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn, op, ": ", codes_name,
+                   " must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
   TORCH_CHECK_VALUE(
       codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() == length, op, ": ",
       codes_name, " must be 1-D and contiguous with ", length, " elements, got sizes ", codes.sizes(), ".");
-  TORCH_CHECK_TYPE(
-      scales.scalar_type() == at::kFloat, op, ": ", scales_name, " must be float32, got ", scales.scalar_type(), ".");
-  TORCH_CHECK_VALUE(
-      scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() && scales.numel() == length / block_size,
-      op, ": ", scales_name, " must be 1-D and contiguous with ", length / block_size, " entries (one per block), got sizes ",
-      scales.sizes(), ".");
-  TORCH_CHECK_VALUE(
-      codes.device() == device && scales.device() == device, op, ": ", codes_name, " and ", scales_name,
-      " must be on ", device, ", got ", codes.device(), " and ", scales.device(), ".");
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, op, ": ", scales_name, " must be float32, got ",
+                   scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
+                        scales.numel() == length / block_size,
+                    op, ": ", scales_name, " must be 1-D and contiguous with ", length / block_size,
+                    " entries (one per block), got sizes ", scales.sizes(), ".");
+  TORCH_CHECK_VALUE(codes.device() == device && scales.device() == device, op, ": ", codes_name, " and ", scales_name,
+                    " must be on ", device, ", got ", codes.device(), " and ", scales.device(), ".");
   check_storage_holds(codes, std::string(op) + ": " + codes_name);
   check_storage_holds(scales, std::string(op) + ": " + scales_name);
 }
 
-inline void check_quantize_change_arguments(
-    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
-    const at::Tensor& codes, const at::Tensor& scales) {
+inline void check_quantize_change_arguments(const at::Tensor& snapshot, const at::Tensor& anchor,
+                                            const std::optional<at::Tensor>& residual, int64_t block_size,
+                                            const at::Tensor& codes, const at::Tensor& scales) {
   check_block_size("quantize_change", block_size);
   check_flat_float32("quantize_change", "snapshot", snapshot, snapshot);
-  TORCH_CHECK_VALUE(
-      snapshot.numel() % block_size == 0, "quantize_change: the length must be a multiple of block_size (pad it), got ",
-      snapshot.numel(), " elements and block_size ", block_size, ".");
+  TORCH_CHECK_VALUE(snapshot.numel() % block_size == 0,
+                    "quantize_change: the length must be a multiple of block_size (pad it), got ", snapshot.numel(),
+                    " elements and block_size ", block_size, ".");
   check_flat_float32("quantize_change", "anchor", anchor, snapshot);
   if (residual) {
     check_flat_float32("quantize_change", "residual", *residual, snapshot);
@@ -114,38 +106,35 @@ inline void check_quantize_change_arguments(
   check_codes_out("quantize_change", codes, scales, snapshot.numel(), block_size, snapshot.device(), "codes", "scales");
 }
 
-inline void check_requantize_mean_arguments(
-    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& mean_codes,
-    const at::Tensor& mean_scales) {
+inline void check_requantize_mean_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                            const at::Tensor& mean_codes, const at::Tensor& mean_scales) {
   check_dequantize_arguments(codes, scales, block_size, 1.0);
-  check_codes_out(
-      "requantize_mean", mean_codes, mean_scales, codes.size(1), block_size, codes.device(), "mean_codes", "mean_scales");
-  TORCH_CHECK_TYPE(
-      mean_codes.scalar_type() == codes.scalar_type(), "requantize_mean: mean_codes must have the codes' dtype (",
-      codes.scalar_type(), "), got ", mean_codes.scalar_type(), ".");
+  check_codes_out("requantize_mean", mean_codes, mean_scales, codes.size(1), block_size, codes.device(), "mean_codes",
+                  "mean_scales");
+  TORCH_CHECK_TYPE(mean_codes.scalar_type() == codes.scalar_type(),
+                   "requantize_mean: mean_codes must have the codes' dtype (", codes.scalar_type(), "), got ",
+                   mean_codes.scalar_type(), ".");
 }
 
-inline void check_apply_quantized_mean_arguments(
-    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& anchor) {
+inline void check_apply_quantized_mean_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                                 const at::Tensor& anchor) {
   check_block_size("apply_quantized_mean", block_size);
-  TORCH_CHECK_TYPE(
-      codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
-      "apply_quantized_mean: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
+                   "apply_quantized_mean: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
   TORCH_CHECK_VALUE(
       codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() % block_size == 0,
       "apply_quantized_mean: codes must be 1-D, contiguous, a multiple of block_size long, got sizes ", codes.sizes(),
       " and block_size ", block_size, ".");
   check_flat_float32("apply_quantized_mean", "anchor", anchor, codes);
-  TORCH_CHECK_TYPE(
-      scales.scalar_type() == at::kFloat, "apply_quantized_mean: scales must be float32, got ", scales.scalar_type(), ".");
-  TORCH_CHECK_VALUE(
-      scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
-          scales.numel() == codes.numel() / block_size,
-      "apply_quantized_mean: scales must be 1-D and contiguous with ", codes.numel() / block_size,
-      " entries (one per block), got sizes ", scales.sizes(), ".");
-  TORCH_CHECK_VALUE(
-      codes.device() == scales.device() && codes.device() == anchor.device(), "apply_quantized_mean: codes are on ",
-      codes.device(), ", scales on ", scales.device(), " and anchor on ", anchor.device(), "; they must share a device.");
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "apply_quantized_mean: scales must be float32, got ",
+                   scales.scalar_type(), ".");
+  TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
+                        scales.numel() == codes.numel() / block_size,
+                    "apply_quantized_mean: scales must be 1-D and contiguous with ", codes.numel() / block_size,
+                    " entries (one per block), got sizes ", scales.sizes(), ".");
+  TORCH_CHECK_VALUE(codes.device() == scales.device() && codes.device() == anchor.device(),
+                    "apply_quantized_mean: codes are on ", codes.device(), ", scales on ", scales.device(),
+                    " and anchor on ", anchor.device(), "; they must share a device.");
   check_storage_holds(codes, "apply_quantized_mean: codes");
   check_storage_holds(scales, "apply_quantized_mean: scales");
 }

@@ -28,9 +28,8 @@ void quantize_all(const float* in, int64_t num_blocks, int64_t block_size, void*
 }
 
 template <typename Codec>
-void dequantize_all(
-    const void* codes, const float* scale_in, int64_t rows, int64_t length, int64_t block_size, float divisor,
-    float* sum_out) {
+void dequantize_all(const void* codes, const float* scale_in, int64_t rows, int64_t length, int64_t block_size,
+                    float divisor, float* sum_out) {
   const auto* in = static_cast<const typename Codec::Code*>(codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
@@ -39,9 +38,8 @@ void dequantize_all(
   });
 }
 
-
-std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(
-    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(const at::Tensor& x, int64_t block_size,
+                                                       std::optional<at::ScalarType> code_dtype) {
   const at::ScalarType codes_type = check_quantize_arguments(x, block_size, code_dtype);
   const int64_t num_blocks = x.numel() / block_size;
   at::Tensor codes = at::empty({x.numel()}, x.options().dtype(codes_type));
@@ -51,11 +49,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_blocks_cpu(
   return {codes, scales};
 }
 
-at::Tensor dequantize_blocks_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
+at::Tensor dequantize_blocks_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                 double divisor) {
   check_dequantize_arguments(codes, scales, block_size, divisor);
   at::Tensor out = at::empty({codes.size(1)}, scales.options());
-  const auto run = codes.scalar_type() == at::kChar ? &dequantize_all<quantize::Int8Codec>
-                                                    : &dequantize_all<quantize::E4M3Codec>;
+  const auto run =
+      codes.scalar_type() == at::kChar ? &dequantize_all<quantize::Int8Codec> : &dequantize_all<quantize::E4M3Codec>;
   run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
       static_cast<float>(divisor), out.mutable_data_ptr<float>());
   return out;

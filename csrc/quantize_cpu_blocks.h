@@ -17,9 +17,7 @@
 namespace localsgd_ext::cpu {
 
 // Blocks per parallel task: enough elements that a task outweighs its scheduling.
-inline int64_t blocks_per_task(int64_t block_size) {
-  return std::max<int64_t>(1, (64 * 1024) / block_size);
-}
+inline int64_t blocks_per_task(int64_t block_size) { return std::max<int64_t>(1, (64 * 1024) / block_size); }
 
 // Each code's value, computed once by Codec::decode: a table lookup instead of e4m3's bit work per
 // element. An int8 code's value is the code itself: a conversion, which vectorizes where a lookup does not.
@@ -86,9 +84,8 @@ inline float quantize_block(const Value& value, int64_t block_size, typename Cod
 // loops vectorize; each element still adds its rows in order, from 0.0f, exactly as the CUDA kernel does
 // element by element.
 template <typename Codec>
-inline void sum_rows_of_block(
-    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
-    float divisor, int64_t b, float* sums) {
+inline void sum_rows_of_block(const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length,
+                              int64_t block_size, float divisor, int64_t b, float* sums) {
   static const DecodedCodes<Codec> decoded;
   const int64_t num_blocks = length / block_size;
   std::fill(sums, sums + block_size, 0.0f);

@@ -42,15 +42,13 @@ LOCALSGD_HOST_DEVICE inline float max_magnitude(float running, float x) {
 
 // Whether a block's scale gives codes: a zero scale (an all-zero block, or one so small that the
 // division underflows) and a non-finite one give codes 0, and the scale alone then carries the block.
-LOCALSGD_HOST_DEVICE inline bool scale_gives_codes(float scale) {
-  return scale > 0.0f && scale <= 3.402823466e38f;
-}
+LOCALSGD_HOST_DEVICE inline bool scale_gives_codes(float scale) { return scale > 0.0f && scale <= 3.402823466e38f; }
 
 // Round half to even, for |v| <= 2^22, by the float adder itself: once 1.5 * 2^23 is added no fraction
 // bits remain, and the addition rounds as IEEE does (to nearest, ties to even), like rintf. Unlike a
 // call to rintf it vectorizes on any x86-64 (SSE2 has no rounding instruction).
 LOCALSGD_HOST_DEVICE inline float round_half_even(float v) {
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  constexpr float kShift = 12582912.0f; // 1.5 * 2^23
   return (v + kShift) - kShift;
 }
 
@@ -128,7 +126,8 @@ LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, float value, fl
 // does not).
 // What a rank's quantized wire sends for element k: its change since the anchor, plus (error feedback)
 // what earlier quantization left out. `residual` may be null.
-LOCALSGD_HOST_DEVICE inline float change_at(const float* snapshot, const float* anchor, const float* residual, int64_t k) {
+LOCALSGD_HOST_DEVICE inline float change_at(const float* snapshot, const float* anchor, const float* residual,
+                                            int64_t k) {
   const float change = snapshot[k] - anchor[k];
   return residual == nullptr ? change : change + residual[k];
 }

@@ -20,9 +20,8 @@ using namespace cpu;
 // quantize_change: the change (snapshot - anchor + residual) is recomputed from inputs that a block keeps
 // in cache, rather than stored: for the scale, for the codes, and for the residual.
 template <typename Codec, bool kWithResidual>
-void quantize_change_all(
-    const float* snapshot, const float* anchor, float* residual, int64_t num_blocks, int64_t block_size, void* codes,
-    float* scale_out) {
+void quantize_change_all(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
+                         int64_t block_size, void* codes, float* scale_out) {
   auto* out = static_cast<typename Codec::Code*>(codes);
   static const DecodedCodes<Codec> decoded;
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
@@ -38,7 +37,7 @@ void quantize_change_all(
       if constexpr (kWithResidual) {
         const typename Codec::Code* block_codes = out + offset;
         for (int64_t k = 0; k < block_size; ++k) {
-          r[k] = quantize::left_out(change(k), decoded(block_codes[k]), scale);  // reads r[k] before writing it
+          r[k] = quantize::left_out(change(k), decoded(block_codes[k]), scale); // reads r[k] before writing it
         }
       }
     }
@@ -47,9 +46,8 @@ void quantize_change_all(
 
 // requantize_mean: each block's mean over the rows into a buffer of the task's own, then its codes.
 template <typename Codec>
-void requantize_mean_all(
-    const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, void* mean_codes,
-    float* mean_scales) {
+void requantize_mean_all(const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+                         void* mean_codes, float* mean_scales) {
   const auto* in = static_cast<const typename Codec::Code*>(codes);
   auto* out = static_cast<typename Codec::Code*>(mean_codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
@@ -78,34 +76,37 @@ void apply_mean_all(const void* codes, const float* scales, int64_t length, int6
   });
 }
 
-void quantize_change_cpu(
-    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
-    const at::Tensor& codes, const at::Tensor& scales) {
+void quantize_change_cpu(const at::Tensor& snapshot, const at::Tensor& anchor,
+                         const std::optional<at::Tensor>& residual, int64_t block_size, const at::Tensor& codes,
+                         const at::Tensor& scales) {
   check_quantize_change_arguments(snapshot, anchor, residual, block_size, codes, scales);
   const bool int8 = codes.scalar_type() == at::kChar;
-  const auto run = residual
-      ? (int8 ? &quantize_change_all<quantize::Int8Codec, true> : &quantize_change_all<quantize::E4M3Codec, true>)
-      : (int8 ? &quantize_change_all<quantize::Int8Codec, false> : &quantize_change_all<quantize::E4M3Codec, false>);
+  const auto run =
+      residual
+          ? (int8 ? &quantize_change_all<quantize::Int8Codec, true> : &quantize_change_all<quantize::E4M3Codec, true>)
+          : (int8 ? &quantize_change_all<quantize::Int8Codec, false>
+                  : &quantize_change_all<quantize::E4M3Codec, false>);
   // const_cast: the schema declares the outputs mutable (Tensor(a!)).
   run(snapshot.const_data_ptr<float>(), anchor.const_data_ptr<float>(),
       residual ? residual->mutable_data_ptr<float>() : nullptr, snapshot.numel() / block_size, block_size,
       const_cast<at::Tensor&>(codes).mutable_data_ptr(), const_cast<at::Tensor&>(scales).mutable_data_ptr<float>());
 }
 
-void requantize_mean_cpu(
-    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& mean_codes,
-    const at::Tensor& mean_scales) {
+void requantize_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                         const at::Tensor& mean_codes, const at::Tensor& mean_scales) {
   check_requantize_mean_arguments(codes, scales, block_size, mean_codes, mean_scales);
   const auto run = codes.scalar_type() == at::kChar ? &requantize_mean_all<quantize::Int8Codec>
                                                     : &requantize_mean_all<quantize::E4M3Codec>;
   run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
-      const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(), const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>());
+      const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
+      const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>());
 }
 
-void apply_quantized_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& anchor) {
+void apply_quantized_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                              const at::Tensor& anchor) {
   check_apply_quantized_mean_arguments(codes, scales, block_size, anchor);
-  const auto run = codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec>
-                                                    : &apply_mean_all<quantize::E4M3Codec>;
+  const auto run =
+      codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec> : &apply_mean_all<quantize::E4M3Codec>;
   // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
   run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.numel(), block_size,
       const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>());

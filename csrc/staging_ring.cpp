@@ -21,9 +21,8 @@ c10::Stream current_stream(const c10::Device& device) {
 } // namespace
 
 StagingRing::StagingRing(int64_t buffers_in_flight) : buffers_in_flight_(buffers_in_flight) {
-  TORCH_CHECK_VALUE(
-      buffers_in_flight_ >= 1 && buffers_in_flight_ <= kMaxBuffersInFlight,
-      "buffers_in_flight must be between 1 and ", kMaxBuffersInFlight, ", got ", buffers_in_flight_, ".");
+  TORCH_CHECK_VALUE(buffers_in_flight_ >= 1 && buffers_in_flight_ <= kMaxBuffersInFlight,
+                    "buffers_in_flight must be between 1 and ", kMaxBuffersInFlight, ", got ", buffers_in_flight_, ".");
 }
 
 void StagingRing::reset(const AveragingPlan& plan) {
@@ -59,12 +58,8 @@ at::Tensor StagingRing::view(size_t slot, const AveragingPlan& plan, const Bucke
   return bytes.narrow(0, 0, bucket.nbytes()).view(plan.group_of(bucket).wire_dtype);
 }
 
-bool StagingRing::run(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-    const AveragingPlan& plan,
-    bool use_avg_op,
-    std::optional<AgreementCheck>& check,
-    double narrow_wire_scale) {
+bool StagingRing::run(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan, bool use_avg_op,
+                      std::optional<AgreementCheck>& check, double narrow_wire_scale) {
   const double divisor = use_avg_op ? 1.0 : static_cast<double>(group->getSize());
   c10d::AllreduceOptions options;
   options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
@@ -127,7 +122,7 @@ void StagingRing::wait_for_previous_run(const AveragingPlan& plan) {
 void StagingRing::mark_released(const AveragingPlan& plan) {
   for (size_t d = 0; d < plan.devices.size(); ++d) {
     if (plan.devices[d].is_cpu()) {
-      continue;  // CPU work is done when run() returns
+      continue; // CPU work is done when run() returns
     }
     if (!released_[d]) {
       released_[d] = std::make_unique<c10::Event>(plan.devices[d].type());

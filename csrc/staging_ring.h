@@ -32,12 +32,8 @@ class StagingRing {
   // unless `use_avg_op`; fp16-scaled buckets packed with `narrow_wire_scale`, see AveragingPlan::scaled).
   // `check`, when set, is still in flight: it is finished after bucket 0's pack and before anything is
   // sent; when it fails, run() returns false having sent nothing.
-  bool run(
-      const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-      const AveragingPlan& plan,
-      bool use_avg_op,
-      std::optional<AgreementCheck>& check,
-      double narrow_wire_scale);
+  bool run(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan, bool use_avg_op,
+           std::optional<AgreementCheck>& check, double narrow_wire_scale);
   // Stream-ordered devices (CUDA): the next run may be on another current stream, so it first waits
   // for the point where the previous run's last unpack had read the buffers.
   void wait_for_previous_run(const AveragingPlan& plan);

@@ -27,11 +27,9 @@ inline void check_storage_holds(const at::Tensor& t, const std::string& label) {
   }
   const int64_t needed = (t.storage_offset() + last_reachable_element(t) + 1) * static_cast<int64_t>(t.element_size());
   const int64_t held = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
-  TORCH_CHECK_VALUE(
-      held >= needed,
-      label, " needs ", needed, " bytes of storage but its storage holds ", held,
-      ": its memory was freed or shrunk (e.g. by untyped_storage().resize_(0), as FSDP does to sharded "
-      "parameters). Restore it before averaging.");
+  TORCH_CHECK_VALUE(held >= needed, label, " needs ", needed, " bytes of storage but its storage holds ", held,
+                    ": its memory was freed or shrunk (e.g. by untyped_storage().resize_(0), as FSDP does to sharded "
+                    "parameters). Restore it before averaging.");
 }
 
 } // namespace localsgd_ext

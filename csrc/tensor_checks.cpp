@@ -29,15 +29,12 @@ void check_averageable(const std::vector<at::Tensor>& tensors) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.defined(), "tensors[", i, "] is undefined.");
     check_not_python_subclass(t, "tensors[" + std::to_string(i) + "]");
-    TORCH_CHECK_VALUE(
-        t.layout() == at::kStrided,
-        "tensors[", i, "] must be a strided (dense) tensor, got layout ", t.layout(), ".");
-    TORCH_CHECK_VALUE(
-        t.device().type() != c10::DeviceType::Meta,
-        "tensors[", i, "] is on the meta device and has no data to average.");
-    TORCH_CHECK_TYPE(
-        at::isFloatingType(t.scalar_type()),
-        "tensors[", i, "] must have a floating-point dtype to be averaged, got ", t.scalar_type(), ".");
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, "tensors[", i, "] must be a strided (dense) tensor, got layout ",
+                      t.layout(), ".");
+    TORCH_CHECK_VALUE(t.device().type() != c10::DeviceType::Meta, "tensors[", i,
+                      "] is on the meta device and has no data to average.");
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "tensors[", i,
+                     "] must have a floating-point dtype to be averaged, got ", t.scalar_type(), ".");
   }
 }
 
@@ -47,17 +44,16 @@ void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std:
     if (t.numel() == 0) {
       continue;
     }
-    TORCH_CHECK_VALUE(
-        at::has_internal_overlap(t) != at::MemOverlap::Yes,
-        tensor_label(names, i), " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
-        ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
-        "Give it memory of its own (e.g. .contiguous()).");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, tensor_label(names, i),
+                      " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
+                      ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
+                      "Give it memory of its own (e.g. .contiguous()).");
     check_storage_holds(t, tensor_label(names, i));
   }
 }
 
-void check_no_shared_memory(
-    const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names, bool zero_copy) {
+void check_no_shared_memory(const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names,
+                            bool zero_copy) {
   struct Extent {
     const void* storage;
     int64_t begin;
@@ -92,16 +88,15 @@ void check_no_shared_memory(
         continue;
       }
       const size_t a = std::min(previous->index, current.index), b = std::max(previous->index, current.index);
-      TORCH_CHECK_VALUE(
-          !zero_copy,
-          "zero_copy cannot flatten tensors that share memory: tensors[", a, "] and tensors[", b,
-          "] overlap in one storage, and flattening would untie them. Average them without zero_copy.");
+      TORCH_CHECK_VALUE(!zero_copy, "zero_copy cannot flatten tensors that share memory: tensors[", a, "] and tensors[",
+                        b,
+                        "] overlap in one storage, and flattening would untie them. Average them without zero_copy.");
       // Copy mode averages overlapping tensors of one dtype correctly (both slots get the same mean);
       // under two dtypes the same bytes would be averaged twice, under two meanings.
       TORCH_CHECK_VALUE(
-          other_dtype == dtype,
-          tensor_label(names, a), " (", tensors[a].scalar_type(), ") and ", tensor_label(names, b), " (",
-          tensors[b].scalar_type(), ") share memory under two dtypes (one views the other's bytes, e.g. through "
+          other_dtype == dtype, tensor_label(names, a), " (", tensors[a].scalar_type(), ") and ",
+          tensor_label(names, b), " (", tensors[b].scalar_type(),
+          ") share memory under two dtypes (one views the other's bytes, e.g. through "
           ".view(dtype)): averaging both would average the same bytes twice, under two meanings, and leave "
           "both wrong. Average only one of them.");
     }

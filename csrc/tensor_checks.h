@@ -26,7 +26,7 @@ void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std:
 
 // Tensors that overlap each other in one storage: zero-copy cannot flatten them apart; copy mode can
 // average them only when they share a dtype (the same bytes under two dtypes would be averaged twice).
-void check_no_shared_memory(
-    const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names, bool zero_copy);
+void check_no_shared_memory(const std::vector<at::Tensor>& tensors, const std::vector<std::string>& names,
+                            bool zero_copy);
 
 } // namespace localsgd_ext

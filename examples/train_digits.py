@@ -38,13 +38,17 @@ def parse_args():
         "--zero-copy", action="store_true", help="keep the parameters in flat buffers, so a sync is only the all_reduce"
     )
     parser.add_argument(
-        "--wire", choices=["fp32", "bf16", "fp16", "int8", "fp8"], default="fp32",
+        "--wire",
+        choices=["fp32", "bf16", "fp16", "int8", "fp8"],
+        default="fp32",
         help="what travels: the parameters (fp32, or cast to bf16/fp16), or each rank's change quantized (int8, fp8)",
     )
     parser.add_argument("--sync-delay", type=int, default=0, help="overlap each sync with this many local steps")
     parser.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's fragments, synced in turn")
     parser.add_argument(
-        "--outer-optimizer", choices=["none", "diloco"], default="none",
+        "--outer-optimizer",
+        choices=["none", "diloco"],
+        default="none",
         help="DiLoCo's outer step on the averaged change (Nesterov SGD, lr 0.7, momentum 0.9)",
     )
     parser.add_argument(
@@ -55,7 +59,10 @@ def parse_args():
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--hierarchy", nargs="+", default=[], metavar="SIZE:PERIOD",
+        "--hierarchy",
+        nargs="+",
+        default=[],
+        metavar="SIZE:PERIOD",
         help="hierarchical averaging: groups of SIZE consecutive ranks (a node) also average every PERIOD steps",
     )
     parser.add_argument("--save-params", metavar="PATH", help="rank 0 saves the final parameters here (torch.save)")
@@ -92,9 +99,7 @@ def digits_data(seed: int):
     digits = load_digits()
     features = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
-    train_x, test_x, train_y, test_y = train_test_split(
-        features, labels, test_size=0.2, random_state=seed, stratify=labels
-    )
+    train_x, test_x, train_y, test_y = train_test_split(features, labels, test_size=0.2, random_state=seed, stratify=labels)
     return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
 
 
@@ -195,7 +200,8 @@ def main():
         mean_loss = accelerator.reduce(mean_loss, reduction="mean").item()
         averaging = (
             f"averaging median {1e3 * statistics.median(epoch_sync_seconds):.2f} ms over {len(epoch_sync_seconds)} syncs"
-            if epoch_sync_seconds else "nothing averaged"
+            if epoch_sync_seconds
+            else "nothing averaged"
         )
         accelerator.print(f"epoch {epoch + 1}: train loss {mean_loss:.4f}  test accuracy {100 * test_accuracy:.1f}%  {averaging}")
 

@@ -42,7 +42,7 @@ __all__ = [
 
 _NEEDS_ACCELERATE = (
     "{what} needs Hugging Face Accelerate, which is not installed: pip install accelerate (or, from the "
-    "localsgd_ext checkout, pip install --no-build-isolation \".[accelerate]\"). ParameterAverager works without it."
+    'localsgd_ext checkout, pip install --no-build-isolation ".[accelerate]"). ParameterAverager works without it.'
 )
 
 
@@ -62,6 +62,7 @@ def __dir__():
 
 def __getattr__(name: str):
     if name == "LocalSGD":
+
         def load():
             from .local_sgd import LocalSGD
 

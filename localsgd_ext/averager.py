@@ -181,9 +181,7 @@ class ParameterAverager:
         averager._setup(params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model)
         return averager
 
-    def _setup(
-        self, params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model
-    ) -> None:
+    def _setup(self, params, options, process_group, names, agreement_settings, agreement_tensors, sharded_model) -> None:
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
         if sharded_model is not None and not isinstance(sharded_model, torch.nn.Module):
@@ -321,9 +319,7 @@ class ParameterAverager:
         group = self._group()
         device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)
-        self._run_checked(
-            group, lambda: engine_call(group, use_avg_op, device, self.check_finite, self._extra_fingerprint())
-        )
+        self._run_checked(group, lambda: engine_call(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()))
 
     def average(self) -> None:
         """Replaces every tensor by its mean over the group's processes.
@@ -340,9 +336,7 @@ class ParameterAverager:
         layout (LocalSGD's buffers). A local failure raises here only."""
         group = self._group()
         with _lost_rank_errors(group):
-            self._engine.average(
-                group, self._use_avg_op(group), status_device(group, self._tensors), False, 0, run_check=False
-            )
+            self._engine.average(group, self._use_avg_op(group), status_device(group, self._tensors), False, 0, run_check=False)
 
     def start_average(self) -> None:
         """Starts an overlapped average and returns without waiting for the wire: the same check as
@@ -414,9 +408,7 @@ class ParameterAverager:
             extra = digest(extra, *values)
         device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)
-        self._run_checked(
-            group, lambda: self._engine.ranks_agree(group, use_avg_op, device, self.check_finite, extra), values
-        )
+        self._run_checked(group, lambda: self._engine.ranks_agree(group, use_avg_op, device, self.check_finite, extra), values)
 
 
 def refuse_overlapped_misuse(pending: bool, call: str) -> None:

@@ -118,8 +118,7 @@ def confirm_settings_agree(group: dist.ProcessGroup, settings: Mapping[str, Any]
         return
     reason = _first_setting_difference(gather(group, {"rank": dist.get_rank(), "settings": dict(settings)}))
     raise RanksDisagreeError(
-        f"LocalSGD: {reason}. Every rank must be configured alike, or they would send different messages. "
-        f"Nothing was {what}."
+        f"LocalSGD: {reason}. Every rank must be configured alike, or they would send different messages. Nothing was {what}."
     )
 
 

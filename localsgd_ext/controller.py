@@ -25,6 +25,7 @@ from .schedule import Action, Advance, LevelAverage, Merge, Sync
 
 __all__ = ["SyncController"]
 
+
 class SyncController:
     """The averagers of one model and the state between its syncs.
 
@@ -116,14 +117,23 @@ class SyncController:
             averager: Averager
             if config.quantized:
                 averager = QuantizedAverager.with_options(
-                    params[start:end], config.averaging, wire=config.wire_name, block_size=config.wire_block_size,
-                    error_feedback=config.error_feedback, names=names[start:end], agreement_settings=settings,
+                    params[start:end],
+                    config.averaging,
+                    wire=config.wire_name,
+                    block_size=config.wire_block_size,
+                    error_feedback=config.error_feedback,
+                    names=names[start:end],
+                    agreement_settings=settings,
                     process_group=self.process_group,
                 )
             else:
                 averager = ParameterAverager.with_options(
-                    params[start:end], config.averaging, names=names[start:end], agreement_settings=settings,
-                    process_group=self.process_group, sharded_model=self.model,
+                    params[start:end],
+                    config.averaging,
+                    names=names[start:end],
+                    agreement_settings=settings,
+                    process_group=self.process_group,
+                    sharded_model=self.model,
                 )
             self.averagers.append(averager)
         self.fragment_starts = bounds[:-1]

@@ -31,7 +31,7 @@ def resolve_outer_optimizer(option: OuterOptimizerOption) -> Optional[Callable[[
         return diloco_outer_optimizer
     if not callable(option) or isinstance(option, torch.optim.Optimizer):
         raise TypeError(
-            "outer_optimizer must be None, \"diloco\", or a callable that builds an optimizer from a list of "
+            'outer_optimizer must be None, "diloco", or a callable that builds an optimizer from a list of '
             f"tensors (e.g. functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)), got {option!r}"
         )
     return option
@@ -131,4 +131,3 @@ class OuterStep:
         self._check_matches(params)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-

@@ -20,9 +20,7 @@ def fragment_bounds(sizes_in_bytes: Sequence[int], num_fragments: int) -> List[i
     if count == 0 and num_fragments == 1:
         return [0, 0]  # a model without parameters: one empty fragment, nothing to average (as Accelerate)
     if num_fragments > count:
-        raise ValueError(
-            f"num_fragments must be at most the number of parameters ({count}), got num_fragments={num_fragments}"
-        )
+        raise ValueError(f"num_fragments must be at most the number of parameters ({count}), got num_fragments={num_fragments}")
     prefix = list(itertools.accumulate(sizes_in_bytes, initial=0))
     total = prefix[-1]
     bounds = [0]

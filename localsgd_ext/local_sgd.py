@@ -253,9 +253,7 @@ class LocalSGD:
     ):
         # Duck-typed as Accelerate is (it reads only `distributed_type`), but None or a string gets a clear error.
         if not isinstance(accelerator, Accelerator) and not hasattr(accelerator, "distributed_type"):
-            raise TypeError(
-                f"accelerator must be an accelerate.Accelerator, got {accelerator!r} ({type(accelerator).__name__})"
-            )
+            raise TypeError(f"accelerator must be an accelerate.Accelerator, got {accelerator!r} ({type(accelerator).__name__})")
         if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
             raise NotImplementedError(
                 "LocalSGD with Accelerate's FSDP supports FSDP2 only (fsdp_version=2), sharding each replica on its "
@@ -274,10 +272,21 @@ class LocalSGD:
         self.model = model
         self.local_sgd_steps = check_local_sgd_steps(local_sgd_steps, enabled)
         self.config = LocalSGDConfig(
-            self.local_sgd_steps, bucket_cap_mb=bucket_cap_mb, check_finite=check_finite, zero_copy=zero_copy,
-            comm_dtype=comm_dtype, outer_optimizer=outer_optimizer, outer_anchor_device=outer_anchor_device,
-            sync_buffers=sync_buffers, warmup_steps=warmup_steps, sync_delay=sync_delay, num_fragments=num_fragments,
-            wire=wire, error_feedback=error_feedback, wire_block_size=wire_block_size, hierarchy=hierarchy,
+            self.local_sgd_steps,
+            bucket_cap_mb=bucket_cap_mb,
+            check_finite=check_finite,
+            zero_copy=zero_copy,
+            comm_dtype=comm_dtype,
+            outer_optimizer=outer_optimizer,
+            outer_anchor_device=outer_anchor_device,
+            sync_buffers=sync_buffers,
+            warmup_steps=warmup_steps,
+            sync_delay=sync_delay,
+            num_fragments=num_fragments,
+            wire=wire,
+            error_feedback=error_feedback,
+            wire_block_size=wire_block_size,
+            hierarchy=hierarchy,
         )
         self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
         self._controller = SyncController(model, self.config, self.process_group)
@@ -311,8 +320,7 @@ class LocalSGD:
     def _replica_group(self, process_group, device_mesh, mesh_dim) -> Optional[dist.ProcessGroup]:
         if device_mesh is not None and process_group is not None:
             raise ValueError(
-                f"pass process_group or device_mesh, not both: got process_group={process_group!r}, "
-                f"device_mesh={device_mesh!r}"
+                f"pass process_group or device_mesh, not both: got process_group={process_group!r}, device_mesh={device_mesh!r}"
             )
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
@@ -421,8 +429,10 @@ class LocalSGD:
         outer = self._controller.outer
         if (state_dict["outer"] is None) != (outer is None):
             raise ValueError(
-                "state_dict was saved with outer_optimizer " + ("set" if state_dict["outer"] is not None else "None")
-                + ", but this LocalSGD has outer_optimizer " + ("None" if outer is None else "set")
+                "state_dict was saved with outer_optimizer "
+                + ("set" if state_dict["outer"] is not None else "None")
+                + ", but this LocalSGD has outer_optimizer "
+                + ("None" if outer is None else "set")
             )
         self.num_steps = num_steps
         self.sync_count = sync_count

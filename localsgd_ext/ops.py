@@ -19,9 +19,7 @@ __all__ = [
 ]
 
 
-def pack_into(
-    tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, scale: float = 1.0
-) -> None:
+def pack_into(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, scale: float = 1.0) -> None:
     """Copies each tensor into `buffer` at its element offset, in one compiled pass.
 
     Args:
@@ -40,9 +38,7 @@ def pack_into(
     torch.ops.localsgd_ext.pack_into.default(list(tensors), list(offsets), buffer, float(scale))
 
 
-def unpack_from(
-    buffer: torch.Tensor, offsets: Sequence[int], divisor: float, tensors: Sequence[torch.Tensor]
-) -> None:
+def unpack_from(buffer: torch.Tensor, offsets: Sequence[int], divisor: float, tensors: Sequence[torch.Tensor]) -> None:
     """Copies `buffer` back into each tensor from its element offset, divided by `divisor`.
 
     The division is fused into the copy and rounds as torch's `tensor / divisor` does (in float for
@@ -386,8 +382,7 @@ def _apply_quantized_mean_fake(codes, scales, block_size, anchor):
     _check_block_size("apply_quantized_mean", block_size)
     if codes.dtype not in CODE_DTYPES or scales.dtype != torch.float32:
         raise TypeError(
-            f"apply_quantized_mean: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and "
-            f"{scales.dtype}."
+            f"apply_quantized_mean: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and {scales.dtype}."
         )
     if codes.dim() != 1 or codes.numel() % block_size or tuple(scales.shape) != (codes.numel() // block_size,):
         raise ValueError(

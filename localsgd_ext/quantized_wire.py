@@ -270,7 +270,8 @@ class QuantizedAverager:
         raise ValueError(
             f"the {self.wire} wire cannot send the change of {self.names[index]} since the last sync: it overflows "
             "float32 (a value moved by more than 3.4e38), so it would arrive as NaN on every rank. Nothing was "
-            "averaged" + ("; error feedback starts again from zero" if state.residual is not None else "")
+            "averaged"
+            + ("; error feedback starts again from zero" if state.residual is not None else "")
             + ". Values this large need the float wire (wire=None)"
         )
 
@@ -286,12 +287,14 @@ class QuantizedAverager:
         works = []
         for start, end in state.pieces:
             its_scales = self._scales_of(start, end)
-            works.append([
-                dist.all_to_all_single(
-                    _as_bytes(wire.received_codes[start:end]), _as_bytes(codes[start:end]), group=group, async_op=True
-                ),
-                dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
-            ])
+            works.append(
+                [
+                    dist.all_to_all_single(
+                        _as_bytes(wire.received_codes[start:end]), _as_bytes(codes[start:end]), group=group, async_op=True
+                    ),
+                    dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
+                ]
+            )
         return _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
 
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
@@ -308,14 +311,20 @@ class QuantizedAverager:
             ops.requantize_mean(
                 wire.received_codes[start:end].view(world_size, -1),
                 wire.received_scales[its_scales].view(world_size, -1),
-                self.block_size, wire.mean_codes[mine], wire.mean_scales[mine_scales],
+                self.block_size,
+                wire.mean_codes[mine],
+                wire.mean_scales[mine_scales],
             )
-            gathers.append([
-                _all_gather_single(
-                    _as_bytes(wire.gathered_codes[start:end]), _as_bytes(wire.mean_codes[mine]), group=group, async_op=True
-                ),
-                _all_gather_single(wire.gathered_scales[its_scales], wire.mean_scales[mine_scales], group=group, async_op=True),
-            ])
+            gathers.append(
+                [
+                    _all_gather_single(
+                        _as_bytes(wire.gathered_codes[start:end]), _as_bytes(wire.mean_codes[mine]), group=group, async_op=True
+                    ),
+                    _all_gather_single(
+                        wire.gathered_scales[its_scales], wire.mean_scales[mine_scales], group=group, async_op=True
+                    ),
+                ]
+            )
         exchange.phase, exchange.works = 2, gathers
         mean_bytes = wire.mean_codes.numel() + 4 * wire.mean_scales.numel()
         self.last_wire_bytes = 2 * (world_size - 1) * mean_bytes
@@ -329,8 +338,10 @@ class QuantizedAverager:
         for (start, end), arriving in zip(state.pieces, exchange.works):
             exchange.wait_for(arriving)
             ops.apply_quantized_mean(
-                state.wire.gathered_codes[start:end], state.wire.gathered_scales[self._scales_of(start, end)],
-                self.block_size, state.anchor[start:end],
+                state.wire.gathered_codes[start:end],
+                state.wire.gathered_scales[self._scales_of(start, end)],
+                self.block_size,
+                state.anchor[start:end],
             )
         exchange.works = []
 
@@ -448,7 +459,9 @@ class _WireBuffers:
             return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
 
         return cls(
-            *codes_and_scales(length), *codes_and_scales(length), *codes_and_scales(length // world_size),
+            *codes_and_scales(length),
+            *codes_and_scales(length),
+            *codes_and_scales(length // world_size),
             *codes_and_scales(length),
         )
 

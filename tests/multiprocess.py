@@ -44,9 +44,7 @@ def run_ranks(
     rank's return value, in rank order. Ranks in `may_fail` may die or hang (the tests that lose a rank
     on purpose): they are killed once the others are done, and their result is None. With
     `expect_killed`, every rank must end by SIGKILL (a target that kills itself); the results are None."""
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout)
-    )
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout))
     with tempfile.TemporaryDirectory() as out_dir:
         base_env = dict(os.environ)
         base_env.update(
@@ -68,9 +66,7 @@ def run_ranks(
             logs.append(log)
             rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             command = [sys.executable, "-m", "rank_main", target, json.dumps(args), out_dir]
-            procs.append(
-                subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            )
+            procs.append(subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + timeout
         timed_out = False
         for rank, proc in enumerate(procs):

@@ -45,7 +45,11 @@ def test_averager_rejects_bad_options(kwargs, exception, message):
         ([torch.zeros(3), [1.0]], TypeError, r"params\[1\] must be a torch.Tensor, got list"),
         ([torch.zeros(3, dtype=torch.int64)], TypeError, r"params\[0\] must have a floating-point dtype .* got torch.int64"),
         ([torch.zeros(3, device="meta")], ValueError, r"params\[0\] is on the meta device"),
-        ([torch.zeros(3).to_sparse()], ValueError, r"params\[0\] must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+        (
+            [torch.zeros(3).to_sparse()],
+            ValueError,
+            r"params\[0\] must be a dense \(strided\) tensor, got layout torch.sparse_coo",
+        ),
     ],
 )
 def test_averager_rejects_bad_params(params, exception, message):
@@ -109,7 +113,11 @@ def test_accelerate_fsdp1_is_refused_and_fsdp2_accepted():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(device_mesh="replicate"), TypeError, r"device_mesh must be a torch.distributed.device_mesh.DeviceMesh or None, got 'replicate'"),
+        (
+            dict(device_mesh="replicate"),
+            TypeError,
+            r"device_mesh must be a torch.distributed.device_mesh.DeviceMesh or None, got 'replicate'",
+        ),
         (dict(mesh_dim="replicate"), ValueError, r"mesh_dim needs device_mesh, got mesh_dim='replicate' with device_mesh=None"),
         (dict(device_mesh="m", process_group="g"), ValueError, r"pass process_group or device_mesh, not both"),
     ],
@@ -148,7 +156,12 @@ def test_engine_refuses_what_the_python_layer_refuses():
 
 LOCAL_SGD_BAD_ARGUMENTS = [
     # (description, constructor arguments, exception, message)
-    ("steps bool", dict(local_sgd_steps=True), TypeError, r"local_sgd_steps must be an int >= 1 \(or a whole float such as 8.0; None only with enabled=False\), got True \(bool\)"),
+    (
+        "steps bool",
+        dict(local_sgd_steps=True),
+        TypeError,
+        r"local_sgd_steps must be an int >= 1 \(or a whole float such as 8.0; None only with enabled=False\), got True \(bool\)",
+    ),
     ("steps fractional", dict(local_sgd_steps=8.5), TypeError, r"local_sgd_steps must be an int >= 1 .*got 8.5 \(float\)"),
     ("steps str", dict(local_sgd_steps="8"), TypeError, r"got '8' \(str\)"),
     ("steps zero", dict(local_sgd_steps=0), ValueError, "local_sgd_steps must be an int >= 1, got 0"),
@@ -156,21 +169,43 @@ LOCAL_SGD_BAD_ARGUMENTS = [
     ("steps None while enabled", dict(local_sgd_steps=None), TypeError, r"None only with enabled=False\), got None"),
     ("enabled not bool", dict(enabled="yes"), TypeError, r"enabled must be a bool \(or 0 or 1\), got 'yes' \(str\)"),
     ("enabled 2", dict(enabled=2), TypeError, r"enabled must be a bool \(or 0 or 1\), got 2 \(int\)"),
-    ("model not a module", dict(model=[torch.nn.Parameter(torch.zeros(2))]), TypeError, "model must be a torch.nn.Module, got list"),
+    (
+        "model not a module",
+        dict(model=[torch.nn.Parameter(torch.zeros(2))]),
+        TypeError,
+        "model must be a torch.nn.Module, got list",
+    ),
     ("bucket cap", dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite number, got 0"),
     ("check_finite", dict(check_finite="no"), TypeError, "check_finite must be a bool, got 'no'"),
     ("zero_copy", dict(zero_copy=1), TypeError, "zero_copy must be a bool, got 1"),
     ("sync_buffers", dict(sync_buffers=None), TypeError, "sync_buffers must be a bool, got None"),
     ("warmup negative", dict(warmup_steps=-1), ValueError, "warmup_steps must be an int >= 0, got -1"),
     ("warmup float", dict(warmup_steps=2.5), TypeError, r"warmup_steps must be an int >= 0, got 2.5 \(float\)"),
-    ("outer unknown name", dict(outer_optimizer="adam"), ValueError, "outer_optimizer must be None, \"diloco\" or a callable, got 'adam'"),
-    ("outer an optimizer instance", dict(outer_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)),
-     TypeError, "outer_optimizer must be None, \"diloco\", or a callable that builds an optimizer"),
-    ("anchor device", dict(outer_optimizer="diloco", outer_anchor_device="gpu"), ValueError,
-     r"outer_anchor_device must be one of \('device', 'cpu'\), got 'gpu'"),
-    ("comm_dtype not floating", dict(comm_dtype=torch.int8), ValueError, "comm_dtype must be None, torch.bfloat16 or torch.float16, got torch.int8"),
-    ("comm_dtype with zero_copy", dict(comm_dtype=torch.bfloat16, zero_copy=True), ValueError,
-     "comm_dtype needs copy mode"),
+    (
+        "outer unknown name",
+        dict(outer_optimizer="adam"),
+        ValueError,
+        "outer_optimizer must be None, \"diloco\" or a callable, got 'adam'",
+    ),
+    (
+        "outer an optimizer instance",
+        dict(outer_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)),
+        TypeError,
+        'outer_optimizer must be None, "diloco", or a callable that builds an optimizer',
+    ),
+    (
+        "anchor device",
+        dict(outer_optimizer="diloco", outer_anchor_device="gpu"),
+        ValueError,
+        r"outer_anchor_device must be one of \('device', 'cpu'\), got 'gpu'",
+    ),
+    (
+        "comm_dtype not floating",
+        dict(comm_dtype=torch.int8),
+        ValueError,
+        "comm_dtype must be None, torch.bfloat16 or torch.float16, got torch.int8",
+    ),
+    ("comm_dtype with zero_copy", dict(comm_dtype=torch.bfloat16, zero_copy=True), ValueError, "comm_dtype needs copy mode"),
 ]
 
 
@@ -203,7 +238,10 @@ def test_local_sgd_says_once_why_it_is_disabled_under_a_single_process(single_pr
         LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4, enabled=False)
     notices = [r for r in caplog.records if "LocalSGD is disabled" in r.getMessage()]
     assert len(notices) == 1, "once, and not when the user disabled it"
-    assert "distributed_type=DistributedType.NO" in notices[0].getMessage() and "torchrun --nproc-per-node" in notices[0].getMessage()
+    assert (
+        "distributed_type=DistributedType.NO" in notices[0].getMessage()
+        and "torchrun --nproc-per-node" in notices[0].getMessage()
+    )
 
 
 def test_local_sgd_accepts_none_steps_when_disabled_as_accelerates_example_does(single_process_accelerator):
@@ -227,7 +265,10 @@ def test_a_huge_bucket_cap_plans_one_bucket_instead_of_overflowing():
 @pytest.mark.parametrize(
     "tensor, message",
     [
-        (torch.zeros(1, 1).expand(4, 3), r"tensors\[0\] \('w'\) has elements that share memory \(sizes \[4, 3\], strides \[0, 0\]"),
+        (
+            torch.zeros(1, 1).expand(4, 3),
+            r"tensors\[0\] \('w'\) has elements that share memory \(sizes \[4, 3\], strides \[0, 0\]",
+        ),
         (torch.zeros(6)[::2].unsqueeze(0).expand(2, 3), "has elements that share memory"),
     ],
 )
@@ -246,8 +287,16 @@ def test_freed_storage_is_refused_instead_of_read():
 @pytest.mark.parametrize(
     "state, exception, message",
     [
-        ({"num_steps": "abc", "sync_count": 0, "outer": None}, TypeError, r"state_dict\['num_steps'\] must be an int >= 0, got 'abc' \(str\)"),
-        ({"num_steps": 3, "sync_count": -1, "outer": None}, ValueError, r"state_dict\['sync_count'\] must be an int >= 0, got -1"),
+        (
+            {"num_steps": "abc", "sync_count": 0, "outer": None},
+            TypeError,
+            r"state_dict\['num_steps'\] must be an int >= 0, got 'abc' \(str\)",
+        ),
+        (
+            {"num_steps": 3, "sync_count": -1, "outer": None},
+            ValueError,
+            r"state_dict\['sync_count'\] must be an int >= 0, got -1",
+        ),
         ([("num_steps", 3)], TypeError, "state_dict must be a dict from LocalSGD.state_dict"),
     ],
 )

@@ -13,23 +13,61 @@ def test_cuda_pack_unpack_bench_runs_in_cpu_mode(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "bench/cuda_pack_unpack.py", "--device", "cpu", "--bucket-mb", "0.25", "--tensors", "20",
-         "--shapes", "tiny", "--rounds", "1", "--calls-per-round", "1", "--json", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "bench/cuda_pack_unpack.py",
+            "--device",
+            "cpu",
+            "--bucket-mb",
+            "0.25",
+            "--tensors",
+            "20",
+            "--shapes",
+            "tiny",
+            "--rounds",
+            "1",
+            "--calls-per-round",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [row["tensors"] for row in report["bandwidth"]] == [20]
     assert set(report["syncs"][0]["methods"]) == {
-        "localsgd_ext LocalSGD", "accelerate LocalSGD", "localsgd_ext (bare engine)", "flat all_reduce"}
+        "localsgd_ext LocalSGD",
+        "accelerate LocalSGD",
+        "localsgd_ext (bare engine)",
+        "flat all_reduce",
+    }
     assert "Accelerate / ours" in result.stdout
 
 
 def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
     result = subprocess.run(
-        [sys.executable, "bench/averaging_latency.py", "--smoke", "--ranks", "2", "--rounds", "1", "--warmup", "0",
-         "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "bench/averaging_latency.py",
+            "--smoke",
+            "--ranks",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "averaging_latency.json").read_text())
@@ -37,9 +75,18 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
     assert per_world_size["world_size"] == 2
     assert [r["shape"] for r in per_world_size["results"]] == ["wide", "tiny", "transformer", "mixed"]
     methods = per_world_size["results"][0]["methods"]
-    for method in ("localsgd_ext", "localsgd_ext LocalSGD", "localsgd_ext zero-copy", "localsgd_ext LocalSGD zero-copy",
-                   "accelerate LocalSGD", "torch average_parameters", "python cat buckets", "flat all_reduce (floor)",
-                   "localsgd_ext cap=1", "localsgd_ext cap=100"):
+    for method in (
+        "localsgd_ext",
+        "localsgd_ext LocalSGD",
+        "localsgd_ext zero-copy",
+        "localsgd_ext LocalSGD zero-copy",
+        "accelerate LocalSGD",
+        "torch average_parameters",
+        "python cat buckets",
+        "flat all_reduce (floor)",
+        "localsgd_ext cap=1",
+        "localsgd_ext cap=100",
+    ):
         assert methods[method]["median_ms"] > 0, method
     assert (tmp_path / "averaging_latency.png").stat().st_size > 0
 
@@ -47,20 +94,44 @@ def test_averaging_latency_bench_runs_at_tiny_sizes(tmp_path):
 def test_agreement_check_bench_runs_at_tiny_sizes(tmp_path):
     result = subprocess.run(
         [sys.executable, "bench/agreement_check.py", "--smoke", "--rounds", "2", "--big-rounds", "1", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "agreement_check_2ranks.json").read_text())
     assert set(report["median_ms"]) == {
-        "small all_reduce (floor)", "check: 2000 tensors", "check: + 2000 named buffers", "sync: tiny",
-        "sync: wide bf16 wire", "sync: wide fp16 wire", "DiLoCo enter digest (wide)"}
+        "small all_reduce (floor)",
+        "check: 2000 tensors",
+        "check: + 2000 named buffers",
+        "sync: tiny",
+        "sync: wide bf16 wire",
+        "sync: wide fp16 wire",
+        "DiLoCo enter digest (wide)",
+    }
 
 
 def test_pipeline_depth_bench_runs_at_tiny_sizes():
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "bench/pipeline_depth.py", "--smoke", "--rounds", "1", "--bucket-cap-mb", "0.001"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "bench/pipeline_depth.py",
+            "--smoke",
+            "--rounds",
+            "1",
+            "--bucket-cap-mb",
+            "0.001",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for variant in ("copy, 1 in flight", "copy, 3 in flight", "zero-copy", "flat all_reduce AVG (floor)"):
@@ -70,7 +141,10 @@ def test_pipeline_depth_bench_runs_at_tiny_sizes():
 def test_zero_copy_memory_bench_runs_at_tiny_sizes():
     result = subprocess.run(
         [sys.executable, "bench/zero_copy_memory.py", "--smoke", "--shape", "wide"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "flattening: peak +" in result.stdout
@@ -99,14 +173,38 @@ def test_slow_link_bench_runs_briefly_where_it_can(tmp_path, slow_link):
     if missing:
         pytest.skip("needs " + "; ".join(missing))
     result = subprocess.run(
-        [sys.executable, "bench/slow_link.py", "--modes", "ddp", "4", "4d2", "4d1f2qe", "none", "--max-steps", "32", "--hidden", "64",
-         "--target-loss", "0", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/slow_link.py",
+            "--modes",
+            "ddp",
+            "4",
+            "4d2",
+            "4d1f2qe",
+            "none",
+            "--max-steps",
+            "32",
+            "--hidden",
+            "64",
+            "--target-loss",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "slow_link.json").read_text())
     assert [(r["mode"], r["steps"], r["reached"]) for r in report["results"]] == [
-        ("ddp", 32, False), ("4", 32, False), ("4d2", 32, False), ("4d1f2qe", 32, False), ("none", 32, False)]
+        ("ddp", 32, False),
+        ("4", 32, False),
+        ("4d2", 32, False),
+        ("4d1f2qe", 32, False),
+        ("none", 32, False),
+    ]
     assert report["results"][1]["syncs"] == 9  # 32 / 4, plus the one at exit
     assert report["results"][2]["syncs"] == 9  # 8 merged (the last at exit), plus the exit sync
     assert report["results"][3]["syncs"] == 16 + 2  # a fragment every 2 steps, then both at exit
@@ -129,7 +227,10 @@ def test_two_nodes_launched_with_torchrun_end_identical_to_one_node(tmp_path, sl
         pytest.skip("needs " + "; ".join(missing))
     result = subprocess.run(
         [sys.executable, "bench/two_nodes.py", "--epochs", "1", "--hidden", "64", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "two_nodes.json").read_text())

@@ -14,7 +14,11 @@ def setup_py(**env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOCALSGD_EXT_")}
     full_env.update(env)
     return subprocess.run(
-        [sys.executable, "setup.py", "--name"], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+        [sys.executable, "setup.py", "--name"],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 

@@ -132,8 +132,15 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
     assert options == AveragingOptions(bucket_cap_mb=4, check_finite=True)
     assert kwargs["names"] == ["linear.weight", "linear.bias"]
     assert kwargs["agreement_settings"] == {
-        "local_sgd_steps": 3, "warmup_steps": 1, "outer_optimizer": False, "sync_buffers": False, "sync_delay": 0,
-        "num_fragments": 1, "wire": "fp32", "hierarchy": None}
+        "local_sgd_steps": 3,
+        "warmup_steps": 1,
+        "outer_optimizer": False,
+        "sync_buffers": False,
+        "sync_delay": 0,
+        "num_fragments": 1,
+        "wire": "fp32",
+        "hierarchy": None,
+    }
     averager.verify_ranks_agree.assert_called_once_with()
 
 
@@ -205,7 +212,11 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
         (dict(sync_delay=-1), ValueError, "sync_delay must be an int >= 0, got -1"),
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
         (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
-        (dict(sync_delay=1, comm_dtype=torch.float16), ValueError, "sync_delay needs copy mode with comm_dtype None or torch.bfloat16"),
+        (
+            dict(sync_delay=1, comm_dtype=torch.float16),
+            ValueError,
+            "sync_delay needs copy mode with comm_dtype None or torch.bfloat16",
+        ),
     ],
 )
 def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, message):
@@ -248,7 +259,10 @@ def test_fragments_with_sync_delay_keep_one_fragment_in_flight(fake_averager):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(local_sgd_steps=6, num_fragments=4), "local_sgd_steps must be a multiple of num_fragments .* got local_sgd_steps=6, num_fragments=4"),
+        (
+            dict(local_sgd_steps=6, num_fragments=4),
+            "local_sgd_steps must be a multiple of num_fragments .* got local_sgd_steps=6, num_fragments=4",
+        ),
         (dict(local_sgd_steps=4, num_fragments=0), "num_fragments must be an int >= 1, got 0"),
     ],
 )
@@ -284,7 +298,11 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
         (dict(wire="bf16", error_feedback=True), ValueError, "with wire='bf16'"),
         (dict(wire="int8", zero_copy=True), ValueError, r"wire='int8' needs copy mode \(zero_copy=False\)"),
         (dict(wire="fp8", zero_copy=True), ValueError, "wire='fp8' needs copy mode"),
-        (dict(wire="int8", comm_dtype=torch.bfloat16), ValueError, "wire='int8' replaces the float wire: it needs comm_dtype=None"),
+        (
+            dict(wire="int8", comm_dtype=torch.bfloat16),
+            ValueError,
+            "wire='int8' replaces the float wire: it needs comm_dtype=None",
+        ),
         (dict(wire="fp16", comm_dtype=torch.bfloat16), ValueError, "wire='fp16' and comm_dtype=torch.bfloat16 disagree"),
         (dict(wire="int8", wire_block_size=0), ValueError, "wire_block_size must be an int >= 1, got 0"),
         (dict(wire="int8", error_feedback="yes"), TypeError, "error_feedback must be a bool"),

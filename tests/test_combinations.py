@@ -80,4 +80,12 @@ def test_the_refused_pairs_are_the_refusal_tables_rows():
         table = f.read().split("## What is refused, and why", 1)[1]
     assert "| `zero_copy` with `comm_dtype`, a quantized `wire` or `sync_delay` | `ValueError` |" in table
     assert "| `hierarchy` with `zero_copy` | `NotImplementedError` |" in table
-    assert {axis for pair in REFUSED for axis in pair} == {"zero_copy", "sync_delay", "int8", "fp8", "error_feedback", "bf16", "hierarchy"}
+    assert {axis for pair in REFUSED for axis in pair} == {
+        "zero_copy",
+        "sync_delay",
+        "int8",
+        "fp8",
+        "error_feedback",
+        "bf16",
+        "hierarchy",
+    }

@@ -37,9 +37,7 @@ def test_only_float32_tensors_may_differ_from_the_buffer():
 def test_opcheck_with_a_cast():
     tensors = [torch.randn(5), torch.randn(2, 3)]
     torch.library.opcheck(torch.ops.localsgd_ext.pack_into.default, ([*tensors], [0, 8], torch.zeros(16, dtype=torch.bfloat16)))
-    torch.library.opcheck(
-        torch.ops.localsgd_ext.unpack_from.default, (torch.randn(16).bfloat16(), [0, 8], 2.0, [*tensors])
-    )
+    torch.library.opcheck(torch.ops.localsgd_ext.unpack_from.default, (torch.randn(16).bfloat16(), [0, 8], 2.0, [*tensors]))
 
 
 @pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
@@ -65,7 +63,10 @@ def test_pack_refuses_a_scale_on_plain_copies_and_bad_scales(packer):
     from localsgd_ext import _C
 
     pack = ops.pack_into if packer == "dispatched" else _C._pack_into_generic
-    with pytest.raises(ValueError, match=r"scale must be 1 unless every tensor is float32 cast .* tensors\[0\] has dtype Float and buffer Float, got scale 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"scale must be 1 unless every tensor is float32 cast .* tensors\[0\] has dtype Float and buffer Float, got scale 2",
+    ):
         pack([torch.zeros(4)], [0], torch.zeros(4), 2.0)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="scale must be a finite positive number"):

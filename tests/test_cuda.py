@@ -31,8 +31,18 @@ def interesting_sizes(dtype):
     """Sizes around the 16-byte vector width and the chunk boundaries, plus random ones."""
     per_vector = 16 // torch.empty((), dtype=dtype).element_size()
     chunk = CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
-    return [1, 2, per_vector - 1, per_vector, per_vector + 1, 3 * per_vector + 1, chunk - 1, chunk, chunk + 1,
-            3 * chunk + per_vector - 1]
+    return [
+        1,
+        2,
+        per_vector - 1,
+        per_vector,
+        per_vector + 1,
+        3 * per_vector + 1,
+        chunk - 1,
+        chunk,
+        chunk + 1,
+        3 * chunk + per_vector - 1,
+    ]
 
 
 def poisoned(numel, dtype, byte, storage_offset=0):
@@ -198,7 +208,11 @@ def test_parameter_averager_on_nccl_world_size_1(bucket_cap_mb):
 def test_local_sgd_on_nccl_matches_accelerate():
     """Every LocalSGD scenario on one GPU with NCCL, ours (both modes) against Accelerate's, bit for bit."""
     results = run_ranks(
-        1, "workers_local_sgd:compare_with_accelerate", list(SCENARIOS), False, timeout=300,
+        1,
+        "workers_local_sgd:compare_with_accelerate",
+        list(SCENARIOS),
+        False,
+        timeout=300,
         env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     )[0]
     for name, r in results.items():

@@ -27,7 +27,7 @@ def tensors(draw, dtype=None, device=None):
     for size in shape:
         numel *= size
     base = torch.arange(numel + offset, dtype=torch.float64).to(dtype).to(device)
-    t = base[offset:].view(shape) if shape else base[offset:offset + 1].view(())
+    t = base[offset:].view(shape) if shape else base[offset : offset + 1].view(())
     view = draw(st.sampled_from(["plain", "transposed", "sliced"]))
     if view == "transposed" and t.dim() >= 2:
         t = t.transpose(0, 1)
@@ -75,7 +75,7 @@ def test_pack_into_is_correct_or_refuses_cleanly(kernel, case):
     if buffer.is_meta:
         return
     for t, offset in zip(items, offsets):
-        assert torch.equal(buffer[offset:offset + t.numel()], t.reshape(-1))
+        assert torch.equal(buffer[offset : offset + t.numel()], t.reshape(-1))
 
 
 @pytest.mark.parametrize("kernel", list(UNPACKERS))
@@ -93,9 +93,11 @@ def test_unpack_from_is_correct_or_refuses_cleanly(kernel, case, divisor):
     if buffer.is_meta:
         return
     for t, offset in zip(targets, offsets):
-        slot = buffer[offset:offset + t.numel()].view(t.shape)
+        slot = buffer[offset : offset + t.numel()].view(t.shape)
         expected = slot if divisor == 1.0 else slot / divisor
-        assert torch.equal(t, expected.to(t.dtype)) or (t.is_floating_point() and torch.allclose(t, expected.to(t.dtype), equal_nan=True))
+        assert torch.equal(t, expected.to(t.dtype)) or (
+            t.is_floating_point() and torch.allclose(t, expected.to(t.dtype), equal_nan=True)
+        )
 
 
 @FUZZ
@@ -114,8 +116,9 @@ def test_merge_into_is_correct_or_refuses_cleanly(case, divisor):
     if buffer.is_meta:
         return
     for t, before, offset in zip(targets, items, offsets):
+
         def slot(b):
-            return b[offset:offset + t.numel()].view(t.shape).to(torch.float64)
+            return b[offset : offset + t.numel()].view(t.shape).to(torch.float64)
 
         expected = before.to(torch.float64) + (slot(buffer) / divisor - slot(snapshot))
         assert torch.allclose(t.to(torch.float64), expected.to(t.dtype).to(torch.float64), rtol=1e-2, atol=1e-2, equal_nan=True)
@@ -123,7 +126,9 @@ def test_merge_into_is_correct_or_refuses_cleanly(case, divisor):
 
 @FUZZ
 @given(
-    inputs=st.lists(st.tuples(st.integers(-3, 5), st.integers(-10, 10**6), st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 16])), max_size=12),
+    inputs=st.lists(
+        st.tuples(st.integers(-3, 5), st.integers(-10, 10**6), st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 16])), max_size=12
+    ),
     cap=st.integers(-5, 2**22),
     alignment=st.sampled_from([-16, 0, 1, 3, 8, 16, 64, 2**40]),
 )
@@ -183,6 +188,9 @@ def test_quantize_and_dequantize_are_correct_or_refuse_cleanly(length, block_siz
     finite = torch.isfinite(scales).repeat_interleave(block_size)
     assert torch.isnan(values[~finite]).all()
     error = (values - x)[finite].abs()
-    bound = (scales / 2).repeat_interleave(block_size)[finite] if code_dtype in (None, torch.int8) else torch.maximum(
-        x[finite].abs() / 16, (scales / 1024).repeat_interleave(block_size)[finite])
+    bound = (
+        (scales / 2).repeat_interleave(block_size)[finite]
+        if code_dtype in (None, torch.int8)
+        else torch.maximum(x[finite].abs() / 16, (scales / 1024).repeat_interleave(block_size)[finite])
+    )
     assert torch.all(error <= bound * (1 + 1e-6) + 1e-45)

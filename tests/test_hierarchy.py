@@ -28,7 +28,9 @@ def test_each_level_averages_its_own_group_at_its_own_steps():
                     assert torch.equal(value, values[0]), (step, group, i, "a group leaves bit-identical")
                     assert torch.allclose(value, total / len(group), rtol=0, atol=1e-6), (step, group, i)
                 if len(group) < 4:
-                    assert not torch.equal(results[group[0]]["after"][step - 1][i], results[(group[-1] + 1) % 4]["after"][step - 1][i])
+                    assert not torch.equal(
+                        results[group[0]]["after"][step - 1][i], results[(group[-1] + 1) % 4]["after"][step - 1][i]
+                    )
     for r in results:
         assert r["level_sync_counts"] == {2: 2} and r["sync_count"] == 1 + 1  # step 4, then the exit
         for a, b in zip(r["final"], results[0]["final"]):

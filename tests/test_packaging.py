@@ -55,8 +55,14 @@ def test_a_torch_other_than_the_one_built_against_is_named_at_import():
         "sys.modules['localsgd_ext._build_info'] = fake\n"
         "try:\n import localsgd_ext\nexcept ImportError as e:\n print(e)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    )
     import torch
 
     assert result.stdout.startswith(
@@ -75,7 +81,9 @@ def test_the_build_records_the_torch_it_compiled_against():
 
 
 def test_importing_the_package_does_not_load_accelerate():
-    code = "import sys, localsgd_ext; print('accelerate' in sys.modules); localsgd_ext.LocalSGD; print('accelerate' in sys.modules)"
+    code = (
+        "import sys, localsgd_ext; print('accelerate' in sys.modules); localsgd_ext.LocalSGD; print('accelerate' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False", "True"], result.stdout + result.stderr
 
@@ -100,7 +108,6 @@ def test_the_cuda_arch_list_is_defined_once():
             text = f.read()
         assert "csrc/cuda/ARCH_LIST" in text or '"cuda", "ARCH_LIST"' in text, path
         assert own_copy not in text, path
-
 
 
 def test_every_test_the_reliability_table_names_exists():

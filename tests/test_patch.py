@@ -29,7 +29,11 @@ def _torchrun(*args, cwd=REPO_ROOT):
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 
@@ -59,8 +63,15 @@ def test_a_subclass_overriding_accelerates_private_method_runs_under_the_patch()
     (Accelerate's signature); under the patch that class derives from ours, whose step() and exit must
     call it the way Accelerate's do."""
     patched = _torchrun(
-        "-m", "localsgd_ext.patch", os.path.join(REPO_ROOT, "examples", "train_digits.py"),
-        "--implementation", "accelerate", "--epochs", "1", "--hidden", "32",
+        "-m",
+        "localsgd_ext.patch",
+        os.path.join(REPO_ROOT, "examples", "train_digits.py"),
+        "--implementation",
+        "accelerate",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
     )
     assert patched.returncode == 0, patched.stdout[-3000:] + patched.stderr[-3000:]
     assert "median" in patched.stdout, patched.stdout[-2000:]  # the override's timings were recorded
@@ -68,11 +79,17 @@ def test_a_subclass_overriding_accelerates_private_method_runs_under_the_patch()
 
 def test_a_missing_script_gets_pythons_own_message():
     missing = subprocess.run(
-        [sys.executable, "-m", "localsgd_ext.patch", "no_such_script.py"], cwd=REPO_ROOT, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=60,
+        [sys.executable, "-m", "localsgd_ext.patch", "no_such_script.py"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        timeout=60,
     )
     assert missing.returncode == 2
-    assert missing.stderr.strip().endswith("can't open file " + repr(os.path.join(REPO_ROOT, "no_such_script.py")) + ": [Errno 2] No such file or directory")
+    assert missing.stderr.strip().endswith(
+        "can't open file " + repr(os.path.join(REPO_ROOT, "no_such_script.py")) + ": [Errno 2] No such file or directory"
+    )
     assert "Traceback" not in missing.stderr
 
 

@@ -29,7 +29,7 @@ def reference_dequantize(codes, scales, block_size, divisor):
 @pytest.mark.parametrize("block_size", [1, 5, 256, 1024])
 def test_quantize_matches_the_reference_and_stays_within_half_a_step(device, block_size):
     generator = torch.Generator().manual_seed(block_size)
-    x = (torch.randn(block_size * 9, generator=generator) * torch.logspace(-6, 3, 9).repeat_interleave(block_size))
+    x = torch.randn(block_size * 9, generator=generator) * torch.logspace(-6, 3, 9).repeat_interleave(block_size)
     x[:block_size] = 0  # an all-zero block
     x = x.to(device)
     codes, scales = ops.quantize_blocks(x, block_size)
@@ -46,7 +46,10 @@ def test_quantize_matches_the_reference_and_stays_within_half_a_step(device, blo
 def test_fp8_codes_match_torch_and_stay_within_their_bound(device, block_size):
     generator = torch.Generator().manual_seed(block_size)
     # Decades of magnitudes within each block, so that many values land among e4m3's subnormals.
-    x = torch.randn(block_size * 8, generator=generator) * torch.logspace(-5, 2, block_size * 8)[torch.randperm(block_size * 8, generator=generator)]
+    x = (
+        torch.randn(block_size * 8, generator=generator)
+        * torch.logspace(-5, 2, block_size * 8)[torch.randperm(block_size * 8, generator=generator)]
+    )
     x[:block_size] = 0
     x = x.to(device)
     codes, scales = ops.quantize_blocks(x, block_size, torch.float8_e4m3fn)
@@ -102,14 +105,34 @@ def test_opcheck(device):
 @pytest.mark.parametrize(
     "call, exception, message",
     [
-        (lambda: ops.quantize_blocks(torch.randn(10), 4), ValueError, "x's length must be a multiple of block_size .* got 10 elements and block_size 4"),
+        (
+            lambda: ops.quantize_blocks(torch.randn(10), 4),
+            ValueError,
+            "x's length must be a multiple of block_size .* got 10 elements and block_size 4",
+        ),
         (lambda: ops.quantize_blocks(torch.randn(8).double(), 4), TypeError, "x must be float32, got Double"),
         (lambda: ops.quantize_blocks(torch.randn(4, 4), 4), ValueError, "x must be a 1-D contiguous tensor"),
         (lambda: ops.quantize_blocks(torch.randn(8), 0), ValueError, "block_size must be between 1 and 1048576, got 0"),
-        (lambda: ops.quantize_blocks(torch.randn(8), 4, torch.float16), TypeError, "code_dtype must be torch.int8 or torch.float8_e4m3fn, got Half"),
-        (lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 3), 4), ValueError, r"scales must be contiguous with sizes \[1, 2\]"),
-        (lambda: ops.dequantize_blocks(torch.zeros(1, 8), torch.ones(1, 2), 4), TypeError, "codes must be int8 or float8_e4m3fn, got Float"),
-        (lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 2), 4, 0.0), ValueError, "divisor must be a finite positive number, got 0"),
+        (
+            lambda: ops.quantize_blocks(torch.randn(8), 4, torch.float16),
+            TypeError,
+            "code_dtype must be torch.int8 or torch.float8_e4m3fn, got Half",
+        ),
+        (
+            lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 3), 4),
+            ValueError,
+            r"scales must be contiguous with sizes \[1, 2\]",
+        ),
+        (
+            lambda: ops.dequantize_blocks(torch.zeros(1, 8), torch.ones(1, 2), 4),
+            TypeError,
+            "codes must be int8 or float8_e4m3fn, got Float",
+        ),
+        (
+            lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 2), 4, 0.0),
+            ValueError,
+            "divisor must be a finite positive number, got 0",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, exception, message):
@@ -220,17 +243,65 @@ def _int8(n):
 @pytest.mark.parametrize(
     "call, exception, message",
     [
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(6), None, 2, _int8(8), torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 6"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), torch.zeros(8).double(), 2, _int8(8), torch.zeros(4)), TypeError, "residual must be float32, got Double"),
-        (lambda: ops.quantize_change(torch.zeros(10), torch.zeros(10), None, 4, _int8(10), torch.zeros(2)), ValueError, "the length must be a multiple of block_size"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8, device="meta"), None, 4, _int8(8), torch.zeros(2)), ValueError, "anchor is on meta but the others on cpu"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, torch.zeros(8, dtype=torch.float16), torch.zeros(2)), TypeError, "codes must be int8 or float8_e4m3fn"),
-        (lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, _int8(8), torch.zeros(3)), ValueError, r"scales must be 1-D and contiguous with 2 entries"),
-        (lambda: ops.requantize_mean(_int8(8).view(2, 4), torch.ones(2, 1), 4, _int8(8), torch.zeros(1)), ValueError, "mean_codes must be 1-D and contiguous with 4 elements"),
-        (lambda: ops.requantize_mean(_int8(8).view(2, 4), torch.ones(2, 1), 4, torch.zeros(4, dtype=torch.float8_e4m3fn), torch.zeros(1)), TypeError, "mean_codes must have the codes' dtype"),
-        (lambda: ops.apply_quantized_mean(_int8(8), torch.ones(3), 4, torch.zeros(8)), ValueError, "scales must be 1-D and contiguous with 2 entries"),
-        (lambda: ops.apply_quantized_mean(torch.zeros(8), torch.ones(2), 4, torch.zeros(8)), TypeError, "codes must be int8 or float8_e4m3fn"),
-        (lambda: ops.apply_quantized_mean(_int8(8), torch.ones(2), 4, torch.zeros(4)), ValueError, r"anchor must have the length of the others \(8\), got 4"),
+        (
+            lambda: ops.quantize_change(torch.zeros(8), torch.zeros(6), None, 2, _int8(8), torch.zeros(4)),
+            ValueError,
+            r"anchor must have the length of the others \(8\), got 6",
+        ),
+        (
+            lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), torch.zeros(8).double(), 2, _int8(8), torch.zeros(4)),
+            TypeError,
+            "residual must be float32, got Double",
+        ),
+        (
+            lambda: ops.quantize_change(torch.zeros(10), torch.zeros(10), None, 4, _int8(10), torch.zeros(2)),
+            ValueError,
+            "the length must be a multiple of block_size",
+        ),
+        (
+            lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8, device="meta"), None, 4, _int8(8), torch.zeros(2)),
+            ValueError,
+            "anchor is on meta but the others on cpu",
+        ),
+        (
+            lambda: ops.quantize_change(
+                torch.zeros(8), torch.zeros(8), None, 4, torch.zeros(8, dtype=torch.float16), torch.zeros(2)
+            ),
+            TypeError,
+            "codes must be int8 or float8_e4m3fn",
+        ),
+        (
+            lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, _int8(8), torch.zeros(3)),
+            ValueError,
+            r"scales must be 1-D and contiguous with 2 entries",
+        ),
+        (
+            lambda: ops.requantize_mean(_int8(8).view(2, 4), torch.ones(2, 1), 4, _int8(8), torch.zeros(1)),
+            ValueError,
+            "mean_codes must be 1-D and contiguous with 4 elements",
+        ),
+        (
+            lambda: ops.requantize_mean(
+                _int8(8).view(2, 4), torch.ones(2, 1), 4, torch.zeros(4, dtype=torch.float8_e4m3fn), torch.zeros(1)
+            ),
+            TypeError,
+            "mean_codes must have the codes' dtype",
+        ),
+        (
+            lambda: ops.apply_quantized_mean(_int8(8), torch.ones(3), 4, torch.zeros(8)),
+            ValueError,
+            "scales must be 1-D and contiguous with 2 entries",
+        ),
+        (
+            lambda: ops.apply_quantized_mean(torch.zeros(8), torch.ones(2), 4, torch.zeros(8)),
+            TypeError,
+            "codes must be int8 or float8_e4m3fn",
+        ),
+        (
+            lambda: ops.apply_quantized_mean(_int8(8), torch.ones(2), 4, torch.zeros(4)),
+            ValueError,
+            r"anchor must have the length of the others \(8\), got 4",
+        ),
     ],
 )
 def test_the_fused_wire_ops_refuse_bad_arguments(call, exception, message):

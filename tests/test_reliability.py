@@ -12,11 +12,14 @@ from localsgd_ext import _C, ParameterAverager
 LOST_RANK_GROUP_TIMEOUT = 10  # seconds: short, so that a stalled rank fails the others quickly
 
 
-@pytest.mark.parametrize("mismatch, expected", [
-    ("shape", r"parameter index 1: rank 0 has layer1.weight \(5,\) float32, rank 1 has layer1.weight \(6,\) float32"),
-    ("dtype", r"parameter index 2: rank 0 has layer2.weight \(2, 2\) float32, rank 1 has layer2.weight \(2, 2\) bfloat16"),
-    ("count", r"parameter index 3: rank 0 has no such parameter, rank 2 has layer3.weight \(7,\) float32"),
-])
+@pytest.mark.parametrize(
+    "mismatch, expected",
+    [
+        ("shape", r"parameter index 1: rank 0 has layer1.weight \(5,\) float32, rank 1 has layer1.weight \(6,\) float32"),
+        ("dtype", r"parameter index 2: rank 0 has layer2.weight \(2, 2\) float32, rank 1 has layer2.weight \(2, 2\) bfloat16"),
+        ("count", r"parameter index 3: rank 0 has no such parameter, rank 2 has layer3.weight \(7,\) float32"),
+    ],
+)
 def test_mismatched_ranks_all_raise_naming_the_first_difference(mismatch, expected):
     results = run_ranks(3, "workers_reliability:mismatched_layouts", mismatch, timeout=60)
     for rank, r in enumerate(results):
@@ -56,7 +59,12 @@ def test_exception_inside_with_propagates_without_averaging():
 @pytest.mark.parametrize("how", ["dies", "stalls"])
 def test_survivors_raise_a_clear_error_within_the_group_timeout(how):
     results = run_ranks(
-        3, "workers_reliability:lost_rank", how, 2, may_fail=(2,), timeout=90,
+        3,
+        "workers_reliability:lost_rank",
+        how,
+        2,
+        may_fail=(2,),
+        timeout=90,
         env={"LOCALSGD_TEST_GROUP_TIMEOUT": str(LOST_RANK_GROUP_TIMEOUT)},
     )
     for rank in (0, 1):

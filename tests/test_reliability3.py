@@ -64,7 +64,9 @@ def test_wire_on_one_rank_only_names_the_wire(mistakes):  # 17
 
 def test_a_change_that_overflows_float32_is_refused_before_anything_is_averaged(mistakes):  # 5
     a, b = (r["overflowing change"] for r in mistakes)
-    assert a["error"].startswith("ValueError: the int8 wire cannot send the change of w since the last sync: it overflows float32")
+    assert a["error"].startswith(
+        "ValueError: the int8 wire cannot send the change of w since the last sync: it overflows float32"
+    )
     assert b["error"].startswith("RanksDisagreeError") and "rank 0 could not take part" in b["error"]
     assert a["untouched"] and b["untouched"]
 
@@ -137,12 +139,17 @@ def test_parameters_replaced_while_a_delayed_average_is_in_flight_are_refused(mi
 
 def test_hierarchy_on_one_rank_and_a_stalled_level_partner_fail_within_the_timeout():  # 1, 2
     results = run_ranks(
-        4, "workers_reliability3:hierarchy_disagreement_then_stall", may_fail=(3,), timeout=120,
+        4,
+        "workers_reliability3:hierarchy_disagreement_then_stall",
+        may_fail=(3,),
+        timeout=120,
         env={"LOCALSGD_TEST_GROUP_TIMEOUT": str(STALL_GROUP_TIMEOUT)},
     )
     for rank in (0, 1, 2):
         r = results[rank]
-        assert r["disagreement"].startswith("RanksDisagreeError: LocalSGD: the ranks' settings differ: hierarchy is {2: 1} on rank 0, None on rank 1")
+        assert r["disagreement"].startswith(
+            "RanksDisagreeError: LocalSGD: the ranks' settings differ: hierarchy is {2: 1} on rank 0, None on rank 1"
+        )
         assert r["disagreement_seconds"] < STALL_GROUP_TIMEOUT, "nobody waited inside new_group"
     partner = results[2]
     assert partner["stall_error"] and "another process of the group did not take part" in partner["stall_error"]
@@ -154,10 +161,13 @@ def test_ctrl_c_during_a_quantized_all_to_all_interrupts_at_once():  # 18
     assert results[0]["interrupted"] and results[0]["seconds"] < 2.0, results[0]
 
 
-@pytest.mark.parametrize("levels, message", [
-    ({2: 1, "4": 1}, r"hierarchy group size must be an int >= 2, got '4' \(str\)"),
-    ({2.5: 1}, r"hierarchy group size must be an int >= 2, got 2.5 \(float\)"),
-])
+@pytest.mark.parametrize(
+    "levels, message",
+    [
+        ({2: 1, "4": 1}, r"hierarchy group size must be an int >= 2, got '4' \(str\)"),
+        ({2.5: 1}, r"hierarchy group size must be an int >= 2, got 2.5 \(float\)"),
+    ],
+)
 def test_hierarchy_keys_are_checked_one_by_one_before_sorting(levels, message):  # 20
     with pytest.raises(TypeError, match=message):
         Hierarchy(levels, local_sgd_steps=8)
@@ -168,17 +178,22 @@ def _freed(tensor):
     return tensor
 
 
-@pytest.mark.parametrize("op, call", [
-    ("merge_into", lambda: ops.merge_into(torch.zeros(4), torch.zeros(4), [0], 1.0, [_freed(torch.ones(4))])),
-    ("merge_into", lambda: ops.merge_into(_freed(torch.zeros(4)), torch.zeros(4), [0], 1.0, [torch.ones(4)])),
-    ("pack_into", lambda: ops.pack_into([_freed(torch.ones(4))], [0], torch.zeros(4))),
-    ("unpack_from", lambda: ops.unpack_from(torch.zeros(4), [0], 1.0, [_freed(torch.ones(4))])),
-    ("unpack_from", lambda: ops.unpack_from(_freed(torch.zeros(4)), [0], 1.0, [torch.ones(4)])),
-    ("dequantize_blocks", lambda: ops.dequantize_blocks(_freed(torch.zeros(1, 4, dtype=torch.int8)), torch.ones(1, 1), 4)),
-    ("quantize_blocks", lambda: ops.quantize_blocks(_freed(torch.zeros(4)), 4)),
-])
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("merge_into", lambda: ops.merge_into(torch.zeros(4), torch.zeros(4), [0], 1.0, [_freed(torch.ones(4))])),
+        ("merge_into", lambda: ops.merge_into(_freed(torch.zeros(4)), torch.zeros(4), [0], 1.0, [torch.ones(4)])),
+        ("pack_into", lambda: ops.pack_into([_freed(torch.ones(4))], [0], torch.zeros(4))),
+        ("unpack_from", lambda: ops.unpack_from(torch.zeros(4), [0], 1.0, [_freed(torch.ones(4))])),
+        ("unpack_from", lambda: ops.unpack_from(_freed(torch.zeros(4)), [0], 1.0, [torch.ones(4)])),
+        ("dequantize_blocks", lambda: ops.dequantize_blocks(_freed(torch.zeros(1, 4, dtype=torch.int8)), torch.ones(1, 1), 4)),
+        ("quantize_blocks", lambda: ops.quantize_blocks(_freed(torch.zeros(4)), 4)),
+    ],
+)
 def test_every_compiled_op_refuses_freed_storage_before_touching_memory(op, call):  # 3
-    with pytest.raises(ValueError, match=rf"{op}: (tensors\[0\]|buffer|codes|x) needs \d+ bytes of storage but its storage holds 0"):
+    with pytest.raises(
+        ValueError, match=rf"{op}: (tensors\[0\]|buffer|codes|x) needs \d+ bytes of storage but its storage holds 0"
+    ):
         call()
 
 
@@ -195,11 +210,14 @@ def test_dequantize_refuses_codes_and_scales_on_different_devices_also_on_meta(c
         ops.dequantize_blocks(codes, torch.ones(1, 2, device=scales_device), 4)
 
 
-@pytest.mark.parametrize("call", [
-    lambda d: ops.dequantize_blocks(torch.zeros(1, 4, dtype=torch.int8), torch.ones(1, 1), 4, d),
-    lambda d: ops.merge_into(torch.ones(4), torch.zeros(4), [0], d, [torch.full((4,), 3.0)]),
-    lambda d: ops.unpack_from(torch.ones(4), [0], d, [torch.zeros(4)]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: ops.dequantize_blocks(torch.zeros(1, 4, dtype=torch.int8), torch.ones(1, 1), 4, d),
+        lambda d: ops.merge_into(torch.ones(4), torch.zeros(4), [0], d, [torch.full((4,), 3.0)]),
+        lambda d: ops.unpack_from(torch.ones(4), [0], d, [torch.zeros(4)]),
+    ],
+)
 @pytest.mark.parametrize("divisor", [1e-300, 1e-40, 1e39])
 def test_a_divisor_float32_cannot_hold_is_refused(call, divisor):  # 11
     with pytest.raises(ValueError, match=re.escape(f"divisor must be a finite positive number, got {divisor:g}")):

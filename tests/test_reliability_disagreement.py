@@ -33,7 +33,9 @@ def test_integer_buffers_of_different_shapes_are_refused_not_mixed(rank0_bigger)
     sizes = (5, 3) if rank0_bigger else (3, 5)
     for rank, r in enumerate(results):
         assert r["error"] and "do not hold the same buffers" in r["error"], r["error"]
-        assert re.search(rf"rank 0 has module.counts \({sizes[0]},\) int64, rank 1 has module.counts \({sizes[1]},\) int64", r["error"])
+        assert re.search(
+            rf"rank 0 has module.counts \({sizes[0]},\) int64, rank 1 has module.counts \({sizes[1]},\) int64", r["error"]
+        )
         assert torch.equal(r["counts"], torch.arange(10, 10 + sizes[rank])), "buffers must stay untouched"
 
 
@@ -104,7 +106,9 @@ def test_a_local_failure_is_reported_as_local_on_its_rank_and_named_on_the_other
 
 
 def test_ctrl_c_interrupts_a_blocked_sync_promptly():
-    results = run_ranks(2, "workers_disagreement:interrupted_sync", timeout=90, may_fail=(1,), env={"LOCALSGD_TEST_GROUP_TIMEOUT": "60"})
+    results = run_ranks(
+        2, "workers_disagreement:interrupted_sync", timeout=90, may_fail=(1,), env={"LOCALSGD_TEST_GROUP_TIMEOUT": "60"}
+    )
     r = results[0]
     assert r["interrupted"], "SIGINT must raise KeyboardInterrupt inside the sync"
     assert r["seconds"] < 3, f"took {r['seconds']:.1f} s; the group timeout was 60 s"

@@ -16,27 +16,69 @@ def table(schedule, steps):
         # Accelerate's cadence.
         (dict(local_sgd_steps=4), 9, {4: (Sync((0,)),), 8: (Sync((0,)),)}),
         # Warm-up: every step syncs everything; then every K counted from the end of warm-up.
-        (dict(local_sgd_steps=4, warmup_steps=3), 12, {1: (Sync((0,)),), 2: (Sync((0,)),), 3: (Sync((0,)),), 7: (Sync((0,)),), 11: (Sync((0,)),)}),
+        (
+            dict(local_sgd_steps=4, warmup_steps=3),
+            12,
+            {1: (Sync((0,)),), 2: (Sync((0,)),), 3: (Sync((0,)),), 7: (Sync((0,)),), 11: (Sync((0,)),)},
+        ),
         # Fragments: one every K/P steps, in turn; warm-up syncs both.
-        (dict(local_sgd_steps=4, num_fragments=2, warmup_steps=1), 9,
-         {1: (Sync((0, 1)),), 3: (Sync((0,)),), 5: (Sync((1,)),), 7: (Sync((0,)),), 9: (Sync((1,)),)}),
+        (
+            dict(local_sgd_steps=4, num_fragments=2, warmup_steps=1),
+            9,
+            {1: (Sync((0, 1)),), 3: (Sync((0,)),), 5: (Sync((1,)),), 7: (Sync((0,)),), 9: (Sync((1,)),)},
+        ),
         # Delay: started at the sync step, merged sync_delay steps later; warm-up syncs wait.
-        (dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2), 11,
-         {1: (Sync((0,)),), 2: (Sync((0,)),), 6: (Sync((0,), delayed=True),), 7: (Merge(0),), 10: (Sync((0,), delayed=True),), 11: (Merge(0),)}),
-        (dict(local_sgd_steps=6, num_fragments=3, sync_delay=1), 7,
-         {2: (Sync((0,), delayed=True),), 3: (Merge(0),), 4: (Sync((1,), delayed=True),), 5: (Merge(1),), 6: (Sync((2,), delayed=True),), 7: (Merge(2),)}),
+        (
+            dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2),
+            11,
+            {
+                1: (Sync((0,)),),
+                2: (Sync((0,)),),
+                6: (Sync((0,), delayed=True),),
+                7: (Merge(0),),
+                10: (Sync((0,), delayed=True),),
+                11: (Merge(0),),
+            },
+        ),
+        (
+            dict(local_sgd_steps=6, num_fragments=3, sync_delay=1),
+            7,
+            {
+                2: (Sync((0,), delayed=True),),
+                3: (Merge(0),),
+                4: (Sync((1,), delayed=True),),
+                5: (Merge(1),),
+                6: (Sync((2,), delayed=True),),
+                7: (Merge(2),),
+            },
+        ),
         # The quantized wire's second half goes out midway: at (sync_delay + 1) // 2 steps in.
-        (dict(local_sgd_steps=8, sync_delay=3, advance_midway=True), 11,
-         {8: (Sync((0,), delayed=True),), 10: (Advance(0),), 11: (Merge(0),)}),
+        (
+            dict(local_sgd_steps=8, sync_delay=3, advance_midway=True),
+            11,
+            {8: (Sync((0,), delayed=True),), 10: (Advance(0),), 11: (Merge(0),)},
+        ),
         (dict(local_sgd_steps=8, sync_delay=1, advance_midway=True), 9, {8: (Sync((0,), delayed=True),), 9: (Merge(0),)}),
         # Levels: the largest due one; none at the world's steps; periods counted from the end of warm-up.
-        (dict(local_sgd_steps=8, levels={2: 2, 4: 4}), 9,
-         {2: (LevelAverage(2),), 4: (LevelAverage(4),), 6: (LevelAverage(2),), 8: (Sync((0,)),)}),
+        (
+            dict(local_sgd_steps=8, levels={2: 2, 4: 4}),
+            9,
+            {2: (LevelAverage(2),), 4: (LevelAverage(4),), 6: (LevelAverage(2),), 8: (Sync((0,)),)},
+        ),
         (dict(local_sgd_steps=4, warmup_steps=1, levels={2: 2}), 6, {1: (Sync((0,)),), 3: (LevelAverage(2),), 5: (Sync((0,)),)}),
         # Every axis at once: a merge and a level average at the same step, in that order.
-        (dict(local_sgd_steps=8, num_fragments=2, sync_delay=2, warmup_steps=1, levels={2: 2}), 11,
-         {1: (Sync((0, 1)),), 3: (LevelAverage(2),), 5: (Sync((0,), delayed=True),), 7: (Merge(0), LevelAverage(2)),
-          9: (Sync((1,), delayed=True),), 11: (Merge(1), LevelAverage(2))}),
+        (
+            dict(local_sgd_steps=8, num_fragments=2, sync_delay=2, warmup_steps=1, levels={2: 2}),
+            11,
+            {
+                1: (Sync((0, 1)),),
+                3: (LevelAverage(2),),
+                5: (Sync((0,), delayed=True),),
+                7: (Merge(0), LevelAverage(2)),
+                9: (Sync((1,), delayed=True),),
+                11: (Merge(1), LevelAverage(2)),
+            },
+        ),
     ],
 )
 def test_actions_per_step(kwargs, steps, expected):
@@ -61,8 +103,14 @@ def test_exit_merges_what_is_in_flight_then_syncs_everything(kwargs, step, expec
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(local_sgd_steps=6, num_fragments=4), "local_sgd_steps must be a multiple of num_fragments .* got local_sgd_steps=6, num_fragments=4"),
-        (dict(local_sgd_steps=4, sync_delay=4), "sync_delay must be below local_sgd_steps .* got sync_delay=4 with local_sgd_steps=4"),
+        (
+            dict(local_sgd_steps=6, num_fragments=4),
+            "local_sgd_steps must be a multiple of num_fragments .* got local_sgd_steps=6, num_fragments=4",
+        ),
+        (
+            dict(local_sgd_steps=4, sync_delay=4),
+            "sync_delay must be below local_sgd_steps .* got sync_delay=4 with local_sgd_steps=4",
+        ),
         (dict(local_sgd_steps=4, num_fragments=2, sync_delay=2), "sync_delay must be below local_sgd_steps / num_fragments"),
     ],
 )

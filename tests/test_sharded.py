@@ -42,8 +42,10 @@ def test_a_quantized_wire_averages_shards_across_replicas(wire):
     replica_a, replica_b = results[0], results[2]
     for step in (3, 6):
         for a_before, b_before, a_after, b_after in zip(
-            replica_a["before"][step - 1], replica_b["before"][step - 1],
-            replica_a["after"][step - 1], replica_b["after"][step - 1],
+            replica_a["before"][step - 1],
+            replica_b["before"][step - 1],
+            replica_a["after"][step - 1],
+            replica_b["after"][step - 1],
         ):
             assert torch.equal(a_after, b_after), (step, "replicas leave each sync bit-identical")
             mean = (a_before + b_before) / 2
@@ -98,7 +100,9 @@ def test_the_shards_own_group_as_replicas_is_refused_naming_the_dimension(layout
     # Reliability III, 4: it averaged different shards together.
     messages = run_ranks(4, "workers_sharded:refusal", layout, timeout=120)
     for m in messages:
-        assert m is not None and m.startswith("ValueError: process_group (ranks ") and "spans the dimension 'shard'" in m, messages
+        assert m is not None and m.startswith("ValueError: process_group (ranks ") and "spans the dimension 'shard'" in m, (
+            messages
+        )
 
 
 def test_pure_fsdp_is_refused_saying_there_are_no_replicas():
@@ -109,8 +113,7 @@ def test_pure_fsdp_is_refused_saying_there_are_no_replicas():
 def test_fsdp2_hsdp_is_refused_saying_what_to_do_instead():
     messages = run_ranks(4, "workers_sharded:refusal", "hsdp", timeout=120)
     assert all(
-        m is not None and m.startswith("NotImplementedError") and "fully_shard(model, mesh=mesh['shard'])" in m
-        for m in messages
+        m is not None and m.startswith("NotImplementedError") and "fully_shard(model, mesh=mesh['shard'])" in m for m in messages
     ), messages
 
 
@@ -132,7 +135,9 @@ def test_replica_dimensions_a_mesh_lacks_are_refused_by_name():
         "ValueError: device_mesh has no replicate dimension to average over (its dimensions are named ('pp', 'shard'), "
         "none of ('dp_replicate', 'replicate')); pass mesh_dim, the name or index of the dimension across replicas"
     )
-    assert messages["unknown name"] == "ValueError: mesh_dim must name a dimension of device_mesh, one of ('pp', 'shard'), got 'tp'"
+    assert (
+        messages["unknown name"] == "ValueError: mesh_dim must name a dimension of device_mesh, one of ('pp', 'shard'), got 'tp'"
+    )
     assert messages["index out of range"] == "ValueError: mesh_dim must be in [0, 2) for this device_mesh, got 2"
     assert messages["float"].startswith("TypeError: mesh_dim must be a dimension's name (str), its index (int) or None, got 1.0")
     assert messages["by index"] == [0]
@@ -160,15 +165,20 @@ def test_zero_copy_on_shards_trains_bit_for_bit_like_copy_mode(forward_first):
 def test_zero_copy_on_padded_shards_is_refused_on_every_rank_naming_the_parameter():
     messages = run_ranks(4, "workers_sharded:refusal", "zero_copy", timeout=120)
     assert all(
-        m is not None and m.startswith("NotImplementedError: zero_copy on FSDP2 shards needs every shard unpadded, but "
-                                       "0.weight (params[0], shape (15, 8)) has 15 rows in dimension 0 over 2 shards")
+        m is not None
+        and m.startswith(
+            "NotImplementedError: zero_copy on FSDP2 shards needs every shard unpadded, but "
+            "0.weight (params[0], shape (15, 8)) has 15 rows in dimension 0 over 2 shards"
+        )
         for m in messages
     ), messages
 
 
 def test_zero_copy_averager_on_shards_needs_the_model_that_owns_them():
     messages = run_ranks(4, "workers_sharded:refusal", "zero_copy_averager", timeout=120)
-    assert all(m is not None and m.startswith("TypeError: zero_copy with DTensor parameters needs sharded_model") for m in messages), messages
+    assert all(
+        m is not None and m.startswith("TypeError: zero_copy with DTensor parameters needs sharded_model") for m in messages
+    ), messages
 
 
 def test_hierarchy_over_replicas_averages_pairs_of_replicas_between_the_world_averages():
@@ -191,6 +201,6 @@ def test_hierarchy_over_replicas_averages_pairs_of_replicas_between_the_world_av
 
 def test_a_hierarchy_level_not_below_the_number_of_replicas_is_refused_on_every_rank():
     messages = run_ranks(4, "workers_sharded:refusal", "hierarchy", timeout=120)
-    assert messages == [
-        "ValueError: hierarchy group size 2 must divide the number of replicas and be below it, got 2 replicas"
-    ] * 4, messages
+    assert (
+        messages == ["ValueError: hierarchy group size 2 must divide the number of replicas and be below it, got 2 replicas"] * 4
+    ), messages

@@ -98,12 +98,11 @@ def outer_step_runs(anchor_device):
     return {
         "plain": _regression_run(accelerator, 40, {}),
         "sgd_lr1": _regression_run(
-            accelerator, 40,
+            accelerator,
+            40,
             {"outer_optimizer": functools.partial(torch.optim.SGD, lr=1.0), "outer_anchor_device": anchor_device},
         ),
-        "diloco": _regression_run(
-            accelerator, 40, {"outer_optimizer": "diloco", "outer_anchor_device": anchor_device}
-        ),
+        "diloco": _regression_run(accelerator, 40, {"outer_optimizer": "diloco", "outer_anchor_device": anchor_device}),
     }
 
 
@@ -136,8 +135,12 @@ def checkpointed_training(mode, directory):
                 accelerator.save_state(directory)
                 accelerator.wait_for_everyone()
                 os.kill(os.getpid(), signal.SIGKILL)
-    return {"params": snapshot(model.parameters()), "num_steps": local_sgd.num_steps, "sync_count": local_sgd.sync_count,
-            "started_at": start}
+    return {
+        "params": snapshot(model.parameters()),
+        "num_steps": local_sgd.num_steps,
+        "sync_count": local_sgd.sync_count,
+        "started_at": start,
+    }
 
 
 def comm_dtype_average(comm_dtype_name):

@@ -26,8 +26,13 @@ def hierarchical_syncs(local_sgd_steps: int, hierarchy: dict, steps: int, option
         accelerator=accelerator, model=model, local_sgd_steps=local_sgd_steps, hierarchy=levels, **options
     ) as local_sgd:
         before, after = step_with_rank_moves(model, local_sgd, steps, moves)
-    return {"before": before, "after": after, "final": snapshot(model.parameters()),
-            "sync_count": local_sgd.sync_count, "level_sync_counts": local_sgd.level_sync_counts}
+    return {
+        "before": before,
+        "after": after,
+        "final": snapshot(model.parameters()),
+        "sync_count": local_sgd.sync_count,
+        "level_sync_counts": local_sgd.level_sync_counts,
+    }
 
 
 def hierarchy_that_does_not_fit():

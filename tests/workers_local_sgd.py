@@ -76,7 +76,7 @@ def _train(accelerator, local_sgd_cls, scenario, check_ranks_agree: bool, **extr
     num_steps = []
     shared = local_sgd_cls(**kwargs) if scenario.get("reuse_object") else None
     for _ in range(scenario.get("epochs", 1)):
-        with (shared or local_sgd_cls(**kwargs)) as local_sgd:
+        with shared or local_sgd_cls(**kwargs) as local_sgd:
             for x, y in loader:
                 with accelerator.accumulate(model):
                     loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -139,8 +139,10 @@ def parameters_stay_the_same_objects(zero_copy=False):
     model = accelerator.prepare(SmallNet(bf16_head=True))
 
     def identity():
-        return [(id(p), p.device, p.dtype, p.shape) + (() if zero_copy else (p.untyped_storage().data_ptr(),))
-                for p in model.parameters()]
+        return [
+            (id(p), p.device, p.dtype, p.shape) + (() if zero_copy else (p.untyped_storage().data_ptr(),))
+            for p in model.parameters()
+        ]
 
     before = identity()
     with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=1, zero_copy=zero_copy) as local_sgd:

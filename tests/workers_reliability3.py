@@ -215,7 +215,9 @@ def local_mistakes():
     results["channels_last int8"] = _channels_last_quantized(rank)
     results["double after anchor"] = _double_after_anchor(rank)
     results["wire on one rank"] = _error(
-        lambda: LocalSGD(accelerator=accelerator, model=_model(accelerator), local_sgd_steps=2, wire="int8" if rank == 0 else None).__enter__()
+        lambda: LocalSGD(
+            accelerator=accelerator, model=_model(accelerator), local_sgd_steps=2, wire="int8" if rank == 0 else None
+        ).__enter__()
     )
     results["overflowing change"] = _overflowing_change(rank)
     results["overflowing sum"] = _overflowing_sum(rank)
@@ -238,7 +240,9 @@ def hierarchy_disagreement_then_stall():
     model = _model(accelerator)
     start = time.monotonic()
     hierarchy = {2: 1} if rank == 0 else None
-    disagreement = _error(lambda: LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, hierarchy=hierarchy).__enter__())
+    disagreement = _error(
+        lambda: LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, hierarchy=hierarchy).__enter__()
+    )
     disagreement_seconds = time.monotonic() - start
     result = {"disagreement": disagreement, "disagreement_seconds": disagreement_seconds}
     stall_error = None

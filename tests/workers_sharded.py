@@ -65,8 +65,15 @@ def hsdp_local_sgd(steps: int, source: str = "process_group", options: dict = No
         group = local_sgd._controller.averagers[0].process_group
         replica_ranks = dist.get_process_group_ranks(group)
         assert replica_ranks == dist.get_process_group_ranks(mesh.get_group(replicate_dim))
-    return {"initial": initial, "before": before, "after": after, "local_before": local_before, "local_after": local_after,
-            "replica_ranks": replica_ranks, "final": [p.full_tensor() for p in model.parameters()]}
+    return {
+        "initial": initial,
+        "before": before,
+        "after": after,
+        "local_before": local_before,
+        "local_after": local_after,
+        "replica_ranks": replica_ranks,
+        "final": [p.full_tensor() for p in model.parameters()],
+    }
 
 
 def zero_copy_like_copy_mode(steps: int, forward_first: bool):
@@ -84,7 +91,9 @@ def zero_copy_like_copy_mode(steps: int, forward_first: bool):
         if forward_first:
             model(torch.randn(2, 8, generator=data))
         after = []
-        with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, device_mesh=mesh, zero_copy=zero_copy) as local_sgd:
+        with LocalSGD(
+            accelerator=accelerator, model=model, local_sgd_steps=2, device_mesh=mesh, zero_copy=zero_copy
+        ) as local_sgd:
             for _ in range(steps):
                 model(torch.randn(6, 8, generator=data)).pow(2).mean().backward()
                 optimizer.step()
@@ -112,7 +121,8 @@ def _fsdp_gathers_local_shards(model) -> bool:
 
     records = [
         record
-        for module in model.modules() if isinstance(module, FSDPModule)
+        for module in model.modules()
+        if isinstance(module, FSDPModule)
         for group in module._get_fsdp_state()._fsdp_param_groups
         for record in group.fsdp_params
     ]
@@ -131,12 +141,18 @@ def refusal(layout: str):
     if layout == "pure":
         model, _ = _sharded_model((4,), ("shard",))
     elif layout in ("zero_copy", "hierarchy"):
-        model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard", hidden=15 if layout == "zero_copy" else 16)
-        options = {"device_mesh": mesh, "zero_copy": True} if layout == "zero_copy" else {"device_mesh": mesh, "hierarchy": {2: 1}}
+        model, mesh = _sharded_model(
+            (2, 2), ("replicate", "shard"), shard_over="shard", hidden=15 if layout == "zero_copy" else 16
+        )
+        options = (
+            {"device_mesh": mesh, "zero_copy": True} if layout == "zero_copy" else {"device_mesh": mesh, "hierarchy": {2: 1}}
+        )
     elif layout in ("shard_dim", "shard_group"):
         # The parameters' own sharding group named as if it held replicas.
         model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
-        options = {"device_mesh": mesh, "mesh_dim": "shard"} if layout == "shard_dim" else {"process_group": mesh.get_group("shard")}
+        options = (
+            {"device_mesh": mesh, "mesh_dim": "shard"} if layout == "shard_dim" else {"process_group": mesh.get_group("shard")}
+        )
     elif layout == "zero_copy_averager":
         model, mesh = _sharded_model((2, 2), ("replicate", "shard"), shard_over="shard")
         try:
@@ -185,7 +201,9 @@ def mesh_dim_refusals():
         except (TypeError, ValueError) as error:
             messages[label] = f"{type(error).__name__}: {error}"
     messages["by index"] = dist.get_process_group_ranks(
-        LocalSGD(accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=2, device_mesh=named, mesh_dim=0).process_group
+        LocalSGD(
+            accelerator=accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=2, device_mesh=named, mesh_dim=0
+        ).process_group
     )
     return messages
 
@@ -207,5 +225,9 @@ def hierarchy_over_replicas(steps: int):
             local_sgd.step()
             after.append(snapshot(p.to_local() for p in model.parameters()))
         level_ranks = dist.get_process_group_ranks(local_sgd._controller.hierarchy.groups[2])
-    return {"after": after, "level_ranks": level_ranks, "sync_count": local_sgd.sync_count,
-            "level_sync_counts": local_sgd.level_sync_counts}
+    return {
+        "after": after,
+        "level_ranks": level_ranks,
+        "sync_count": local_sgd.sync_count,
+        "level_sync_counts": local_sgd.level_sync_counts,
+    }

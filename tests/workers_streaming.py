@@ -26,8 +26,13 @@ def delayed_merge():
         t.add_(delta)
     progressed = snapshot(tensors)
     averager.finish_average()
-    return {"snapshots": snapshots, "progressed": progressed, "merged": snapshot(tensors), "pending": pending,
-            "pending_after": averager.average_pending}
+    return {
+        "snapshots": snapshots,
+        "progressed": progressed,
+        "merged": snapshot(tensors),
+        "pending": pending,
+        "pending_after": averager.average_pending,
+    }
 
 
 def delayed_merge_with_outer_step(comm_dtype_name: str):
@@ -53,8 +58,13 @@ def delayed_merge_with_outer_step(comm_dtype_name: str):
             m.mul_(0.5)
 
     averager.finish_average(outer_step=outer_step)
-    return {"snapshots": snapshots, "progressed": progressed, "means": means, "merged": snapshot(tensors),
-            "pending_after": averager.average_pending}
+    return {
+        "snapshots": snapshots,
+        "progressed": progressed,
+        "means": means,
+        "merged": snapshot(tensors),
+        "pending_after": averager.average_pending,
+    }
 
 
 def quantized_pieces_agree(wire: str, overlapped: bool):
@@ -77,7 +87,13 @@ def quantized_pieces_agree(wire: str, overlapped: bool):
                 averager.finish_average()
             else:
                 averager.average()
-        results.append({"tensors": snapshot(tensors), "pieces": len(averager._anchored.pieces), "residual": averager._anchored.residual.clone()})
+        results.append(
+            {
+                "tensors": snapshot(tensors),
+                "pieces": len(averager._anchored.pieces),
+                "residual": averager._anchored.residual.clone(),
+            }
+        )
     return results
 
 
@@ -93,9 +109,7 @@ def streaming_training(sync_delay: int, options: dict = None):
     model, optimizer = accelerator.prepare(model, optimizer)
     data = torch.Generator().manual_seed(10 + rank)
     losses = []
-    with LocalSGD(
-        accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay, **(options or {})
-    ) as local_sgd:
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay, **(options or {})) as local_sgd:
         for _ in range(60):
             x = torch.randn(16, 8, generator=data)
             loss = (model(x) - x @ true_weight).pow(2).mean()
@@ -152,6 +166,12 @@ def quantized_average(wire: str, error_feedback: bool, overlapped: bool, halve_i
         averager.average()
     anchored = averager._anchored
     residual = None if anchored is None or anchored.residual is None else anchored.residual.clone()
-    return {"anchor": anchor, "deltas": deltas, "later": later if overlapped else None, "result": snapshot(tensors),
-            "new_anchor": None if anchored is None else anchored.anchor.clone(),
-            "wire_bytes": averager.last_wire_bytes, "residual": residual}
+    return {
+        "anchor": anchor,
+        "deltas": deltas,
+        "later": later if overlapped else None,
+        "result": snapshot(tensors),
+        "new_anchor": None if anchored is None else anchored.anchor.clone(),
+        "wire_bytes": averager.last_wire_bytes,
+        "residual": residual,
+    }

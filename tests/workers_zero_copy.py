@@ -34,7 +34,8 @@ def repointed_tensors_are_flattened_again():
     model[0].weight.data = model[0].weight.data.clone() + rank
     averager.average()
     out["data_assigned"] = {
-        "got": snapshot(params), "expected": [before[0] + shift] + before[1:],
+        "got": snapshot(params),
+        "expected": [before[0] + shift] + before[1:],
         "one_storage": _one_storage(params[:2]),
     }
 
@@ -46,8 +47,10 @@ def repointed_tensors_are_flattened_again():
             p.add_(rank)
     averager.average()
     out["module_to"] = {
-        "got": snapshot(params), "expected": [b + shift for b in before],
-        "dtypes": [p.dtype for p in params], "one_storage": _one_storage(params[:2]),
+        "got": snapshot(params),
+        "expected": [b + shift for b in before],
+        "dtypes": [p.dtype for p in params],
+        "one_storage": _one_storage(params[:2]),
     }
 
     # An in-place load_state_dict writes into the flat buffer itself: nothing to re-flatten.
@@ -55,7 +58,8 @@ def repointed_tensors_are_flattened_again():
     model.load_state_dict({k: torch.full_like(v, float(rank)) for k, v in model.state_dict().items()})
     averager.average()
     out["load_state_dict"] = {
-        "got": snapshot(params), "expected": [torch.full_like(b, shift) for b in before],
+        "got": snapshot(params),
+        "expected": [torch.full_like(b, shift) for b in before],
         "storage_kept": params[0].untyped_storage().data_ptr() == storage,
     }
     dist.destroy_process_group()

@@ -35,15 +35,23 @@ __host__ __device__ inline double to_opmath(double x) { return x; }
 template <typename T>
 __host__ __device__ T from_opmath(float x);
 template <>
-__host__ __device__ inline __half from_opmath<__half>(float x) { return __float2half_rn(x); }
+__host__ __device__ inline __half from_opmath<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__host__ __device__ inline __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__host__ __device__ inline __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 template <>
-__host__ __device__ inline float from_opmath<float>(float x) { return x; }
+__host__ __device__ inline float from_opmath<float>(float x) {
+  return x;
+}
 template <typename T>
 __host__ __device__ T from_opmath(double x);
 template <>
-__host__ __device__ inline double from_opmath<double>(double x) { return x; }
+__host__ __device__ inline double from_opmath<double>(double x) {
+  return x;
+}
 
 // Unpack after a SUM all_reduce: x * (1 / divisor) computed in Opmath (float for 16-bit types). That is
 // how torch evaluates `cuda_tensor / python_number` (a reciprocal multiply), so the fused unpack matches
@@ -99,16 +107,16 @@ struct VectorOf<8> {
 // cast) when both ends are aligned to their vector, then the tail (or everything, if misaligned) one
 // element at a time; consecutive threads touch consecutive addresses either way.
 template <typename Src, typename Dst, typename Transform>
-__host__ __device__ inline void copy_run(
-    const Src* src, Dst* dst, int64_t count, int thread, int threads, const Transform& op) {
+__host__ __device__ inline void copy_run(const Src* src, Dst* dst, int64_t count, int thread, int threads,
+                                         const Transform& op) {
   constexpr int kWider = sizeof(Src) > sizeof(Dst) ? static_cast<int>(sizeof(Src)) : static_cast<int>(sizeof(Dst));
   constexpr int kPerVector = kVectorBytes / kWider;
   static_assert(kPerVector * kWider == kVectorBytes, "element size must divide 16");
-  using SrcVector = typename VectorOf<kPerVector * static_cast<int>(sizeof(Src))>::type;
-  using DstVector = typename VectorOf<kPerVector * static_cast<int>(sizeof(Dst))>::type;
+  using SrcVector = typename VectorOf<kPerVector* static_cast<int>(sizeof(Src))>::type;
+  using DstVector = typename VectorOf<kPerVector* static_cast<int>(sizeof(Dst))>::type;
   int64_t scalar_start = 0;
   const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(SrcVector) == 0 &&
-      reinterpret_cast<uintptr_t>(dst) % sizeof(DstVector) == 0;
+                       reinterpret_cast<uintptr_t>(dst) % sizeof(DstVector) == 0;
   if (aligned) {
     const int64_t vectors = count / kPerVector;
     const SrcVector* src_vectors = reinterpret_cast<const SrcVector*>(src);
@@ -149,14 +157,8 @@ __host__ __device__ inline void copy_run(
 // One chunk of a launch: finds its tensor, then copies that stretch in the launch's direction. Chunks
 // count buffer elements (the host numbers them with the buffer's element size).
 template <typename TensorElement, typename BufferElement, bool kIntoBuffer, typename Transform>
-__host__ __device__ inline void copy_chunk(
-    const TensorSlot* slots,
-    int64_t num_slots,
-    BufferElement* buffer,
-    int64_t chunk,
-    int thread,
-    int threads,
-    const Transform& op) {
+__host__ __device__ inline void copy_chunk(const TensorSlot* slots, int64_t num_slots, BufferElement* buffer,
+                                           int64_t chunk, int thread, int threads, const Transform& op) {
   const TensorSlot& slot = slots[find_slot(slots, num_slots, chunk)];
   const int64_t chunk_elems = chunk_elements(static_cast<int64_t>(sizeof(BufferElement)));
   const int64_t start = (chunk - slot.first_chunk) * chunk_elems;

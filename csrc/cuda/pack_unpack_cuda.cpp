@@ -28,16 +28,15 @@ bool is_narrow_wire(const at::Tensor& buffer) {
 // The tensors of one call, by the kernel that moves them (a bucket's tensors all land in one table:
 // the engine buckets by dtype).
 struct SortedWork {
-  std::vector<TensorSlot> bit_copies;  // the buffer's own dtype
-  std::vector<TensorSlot> casts;       // float32 tensors, float16/bfloat16 buffer
+  std::vector<TensorSlot> bit_copies; // the buffer's own dtype
+  std::vector<TensorSlot> casts;      // float32 tensors, float16/bfloat16 buffer
 };
 
 // Sorts the non-empty tensors the kernels take (their data written by the kernel when
 // `writes_tensors`) and hands each of the others to `copy_with_aten(i)`, on the same stream.
 template <typename CopyWithAten>
-SortedWork sort_work(
-    at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, bool writes_tensors,
-    const CopyWithAten& copy_with_aten) {
+SortedWork sort_work(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, bool writes_tensors,
+                     const CopyWithAten& copy_with_aten) {
   SortedWork work;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -68,7 +67,7 @@ SortedWork sort_work(
 // the caller drops it, and the caching allocator hands it out again only to work queued after the
 // launch on the same stream.
 struct DeviceWorkList {
-  at::Tensor table;  // TensorSlot[num_slots], undefined when there is nothing for the kernel
+  at::Tensor table; // TensorSlot[num_slots], undefined when there is nothing for the kernel
   int64_t num_slots = 0;
   int64_t total_chunks = 0;
 
@@ -102,9 +101,8 @@ cuda::FloatKind float_kind(const at::Tensor& buffer) {
     case at::kDouble:
       return cuda::FloatKind::kFloat64;
     default:
-      TORCH_CHECK_TYPE(
-          false, "unpack_from: buffer must be float16, bfloat16, float32 or float64 on CUDA, got ",
-          buffer.scalar_type(), ".");
+      TORCH_CHECK_TYPE(false, "unpack_from: buffer must be float16, bfloat16, float32 or float64 on CUDA, got ",
+                       buffer.scalar_type(), ".");
   }
 }
 
@@ -116,20 +114,18 @@ void pack_into_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::T
   check_pack_arguments("pack_into", tensors, offsets, buffer);
   check_scale("pack_into", tensors, buffer, scale);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
-  SortedWork work = sort_work(tensors, offsets, buffer, /*writes_tensors=*/false, [&](size_t i) {
-    pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
-  });
+  SortedWork work = sort_work(tensors, offsets, buffer, /*writes_tensors=*/false,
+                              [&](size_t i) { pack_one_with_aten(tensors[i], offsets[i], buffer, scale); });
   const DeviceWorkList copies = upload(work.bit_copies, buffer);
   if (copies.num_slots > 0) {
-    C10_CUDA_CHECK(cuda::launch_pack(
-        copies.slots(), copies.num_slots, copies.total_chunks, buffer.mutable_data_ptr(), buffer.element_size(),
-        current_stream(buffer)));
+    C10_CUDA_CHECK(cuda::launch_pack(copies.slots(), copies.num_slots, copies.total_chunks, buffer.mutable_data_ptr(),
+                                     buffer.element_size(), current_stream(buffer)));
   }
   const DeviceWorkList casts = upload(work.casts, buffer);
   if (casts.num_slots > 0) {
-    C10_CUDA_CHECK(cuda::launch_pack_narrowing(
-        casts.slots(), casts.num_slots, casts.total_chunks, buffer.mutable_data_ptr(), float_kind(buffer), scale,
-        current_stream(buffer)));
+    C10_CUDA_CHECK(cuda::launch_pack_narrowing(casts.slots(), casts.num_slots, casts.total_chunks,
+                                               buffer.mutable_data_ptr(), float_kind(buffer), scale,
+                                               current_stream(buffer)));
   }
 }
 
@@ -138,20 +134,17 @@ void unpack_from_cuda(const at::Tensor& buffer, at::IntArrayRef offsets, double 
   check_divisor("unpack_from", divisor);
   const cuda::FloatKind kind = float_kind(buffer);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
-  SortedWork work = sort_work(tensors, offsets, buffer, /*writes_tensors=*/true, [&](size_t i) {
-    unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);
-  });
+  SortedWork work = sort_work(tensors, offsets, buffer, /*writes_tensors=*/true,
+                              [&](size_t i) { unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]); });
   const DeviceWorkList copies = upload(work.bit_copies, buffer);
   if (copies.num_slots > 0) {
-    C10_CUDA_CHECK(cuda::launch_unpack(
-        copies.slots(), copies.num_slots, copies.total_chunks, buffer.const_data_ptr(), kind, divisor,
-        current_stream(buffer)));
+    C10_CUDA_CHECK(cuda::launch_unpack(copies.slots(), copies.num_slots, copies.total_chunks, buffer.const_data_ptr(),
+                                       kind, divisor, current_stream(buffer)));
   }
   const DeviceWorkList casts = upload(work.casts, buffer);
   if (casts.num_slots > 0) {
-    C10_CUDA_CHECK(cuda::launch_unpack_widening(
-        casts.slots(), casts.num_slots, casts.total_chunks, buffer.const_data_ptr(), kind, divisor,
-        current_stream(buffer)));
+    C10_CUDA_CHECK(cuda::launch_unpack_widening(casts.slots(), casts.num_slots, casts.total_chunks,
+                                                buffer.const_data_ptr(), kind, divisor, current_stream(buffer)));
   }
 }
 

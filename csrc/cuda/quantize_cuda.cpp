@@ -20,8 +20,8 @@ cuda::CodeFormat code_format(at::ScalarType codes_type) {
   return codes_type == at::kChar ? cuda::CodeFormat::kInt8 : cuda::CodeFormat::kFloat8E4M3;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(
-    const at::Tensor& x, int64_t block_size, std::optional<at::ScalarType> code_dtype) {
+std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(const at::Tensor& x, int64_t block_size,
+                                                        std::optional<at::ScalarType> code_dtype) {
   const at::ScalarType codes_type = check_quantize_arguments(x, block_size, code_dtype);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t num_blocks = x.numel() / block_size;
@@ -33,20 +33,21 @@ std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(
   return {codes, scales};
 }
 
-at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, double divisor) {
+at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                  double divisor) {
   check_dequantize_arguments(codes, scales, block_size, divisor);
   const c10::cuda::CUDAGuard device_guard(codes.device());
   at::Tensor out = at::empty({codes.size(1)}, scales.options());
-  C10_CUDA_CHECK(cuda::launch_dequantize_blocks(
-      codes.const_data_ptr(), code_format(codes.scalar_type()), scales.const_data_ptr<float>(), codes.size(0),
-      codes.size(1), block_size, static_cast<float>(divisor), out.mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_dequantize_blocks(codes.const_data_ptr(), code_format(codes.scalar_type()),
+                                                scales.const_data_ptr<float>(), codes.size(0), codes.size(1),
+                                                block_size, static_cast<float>(divisor), out.mutable_data_ptr<float>(),
+                                                c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
   return out;
 }
 
-void quantize_change_cuda(
-    const at::Tensor& snapshot, const at::Tensor& anchor, const std::optional<at::Tensor>& residual, int64_t block_size,
-    const at::Tensor& codes, const at::Tensor& scales) {
+void quantize_change_cuda(const at::Tensor& snapshot, const at::Tensor& anchor,
+                          const std::optional<at::Tensor>& residual, int64_t block_size, const at::Tensor& codes,
+                          const at::Tensor& scales) {
   check_quantize_change_arguments(snapshot, anchor, residual, block_size, codes, scales);
   const c10::cuda::CUDAGuard device_guard(snapshot.device());
   C10_CUDA_CHECK(cuda::launch_quantize_change(
@@ -57,25 +58,25 @@ void quantize_change_cuda(
       c10::cuda::getCurrentCUDAStream(snapshot.device().index()).stream()));
 }
 
-void requantize_mean_cuda(
-    const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& mean_codes,
-    const at::Tensor& mean_scales) {
+void requantize_mean_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                          const at::Tensor& mean_codes, const at::Tensor& mean_scales) {
   check_requantize_mean_arguments(codes, scales, block_size, mean_codes, mean_scales);
   const c10::cuda::CUDAGuard device_guard(codes.device());
-  C10_CUDA_CHECK(cuda::launch_requantize_mean(
-      codes.const_data_ptr(), code_format(codes.scalar_type()), scales.const_data_ptr<float>(), codes.size(0),
-      codes.size(1), block_size, const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
-      const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_requantize_mean(codes.const_data_ptr(), code_format(codes.scalar_type()),
+                                              scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
+                                              const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
+                                              const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>(),
+                                              c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
 }
 
-void apply_quantized_mean_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size, const at::Tensor& anchor) {
+void apply_quantized_mean_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                               const at::Tensor& anchor) {
   check_apply_quantized_mean_arguments(codes, scales, block_size, anchor);
   const c10::cuda::CUDAGuard device_guard(codes.device());
-  C10_CUDA_CHECK(cuda::launch_apply_quantized_mean(
-      codes.const_data_ptr(), code_format(codes.scalar_type()), scales.const_data_ptr<float>(), codes.numel(), block_size,
-      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_apply_quantized_mean(codes.const_data_ptr(), code_format(codes.scalar_type()),
+                                                   scales.const_data_ptr<float>(), codes.numel(), block_size,
+                                                   const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(),
+                                                   c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
 }
 
 } // namespace

@@ -11,9 +11,9 @@ namespace localsgd_ext::cuda {
 namespace {
 
 template <typename Codec>
-__global__ void __launch_bounds__(kQuantizeThreads) quantize_change_kernel(
-    const float* snapshot, const float* anchor, float* residual, int64_t num_blocks, int64_t block_size,
-    typename Codec::Code* codes, float* scales) {
+__global__ void __launch_bounds__(kQuantizeThreads)
+    quantize_change_kernel(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
+                           int64_t block_size, typename Codec::Code* codes, float* scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
@@ -22,8 +22,8 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_change_kernel(
     partial[thread] =
         partial_max_change(snapshot + first, anchor + first, block_residual, block_size, thread, kQuantizeThreads);
     const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
-    write_change_codes<Codec>(
-        snapshot + first, anchor + first, block_residual, codes + first, block_size, scale, thread, kQuantizeThreads);
+    write_change_codes<Codec>(snapshot + first, anchor + first, block_residual, codes + first, block_size, scale,
+                              thread, kQuantizeThreads);
     if (thread == 0) {
       scales[b] = scale;
     }
@@ -32,9 +32,9 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_change_kernel(
 }
 
 template <typename Codec>
-__global__ void __launch_bounds__(kQuantizeThreads) requantize_mean_kernel(
-    const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
-    typename Codec::Code* mean_codes, float* mean_scales) {
+__global__ void __launch_bounds__(kQuantizeThreads)
+    requantize_mean_kernel(const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length,
+                           int64_t block_size, typename Codec::Code* mean_codes, float* mean_scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
   const int64_t num_blocks = length / block_size;
@@ -50,8 +50,8 @@ __global__ void __launch_bounds__(kQuantizeThreads) requantize_mean_kernel(
 }
 
 template <typename Codec>
-__global__ void apply_quantized_mean_kernel(
-    const typename Codec::Code* codes, const float* scales, int64_t length, int64_t block_size, float* anchor) {
+__global__ void apply_quantized_mean_kernel(const typename Codec::Code* codes, const float* scales, int64_t length,
+                                            int64_t block_size, float* anchor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < length; k += stride) {
     anchor[k] = moved_anchor_at<Codec>(codes, scales, anchor, block_size, k);
@@ -59,27 +59,25 @@ __global__ void apply_quantized_mean_kernel(
 }
 
 template <typename Codec>
-void quantize_change_with(
-    const float* snapshot, const float* anchor, float* residual, int64_t num_blocks, int64_t block_size, void* codes,
-    float* scales, cudaStream_t stream) {
+void quantize_change_with(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
+                          int64_t block_size, void* codes, float* scales, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
   quantize_change_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
       snapshot, anchor, residual, num_blocks, block_size, static_cast<typename Codec::Code*>(codes), scales);
 }
 
 template <typename Codec>
-void apply_mean_with(
-    const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor, cudaStream_t stream) {
+void apply_mean_with(const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor,
+                     cudaStream_t stream) {
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
-  apply_quantized_mean_kernel<Codec><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const typename Codec::Code*>(codes), scales, length, block_size, anchor);
+  apply_quantized_mean_kernel<Codec><<<blocks, kThreads, 0, stream>>>(static_cast<const typename Codec::Code*>(codes),
+                                                                      scales, length, block_size, anchor);
 }
 
 template <typename Codec>
-void requantize_mean_with(
-    const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size, void* mean_codes,
-    float* mean_scales, cudaStream_t stream) {
+void requantize_mean_with(const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
+                          void* mean_codes, float* mean_scales, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(std::min(length / block_size, kMaxBlocks));
   requantize_mean_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
       static_cast<const typename Codec::Code*>(codes), scales, rows, length, block_size,
@@ -88,16 +86,9 @@ void requantize_mean_with(
 
 } // namespace
 
-cudaError_t launch_requantize_mean(
-    const void* codes,
-    CodeFormat format,
-    const float* scales,
-    int64_t rows,
-    int64_t length,
-    int64_t block_size,
-    void* mean_codes,
-    float* mean_scales,
-    cudaStream_t stream) {
+cudaError_t launch_requantize_mean(const void* codes, CodeFormat format, const float* scales, int64_t rows,
+                                   int64_t length, int64_t block_size, void* mean_codes, float* mean_scales,
+                                   cudaStream_t stream) {
   if (length == 0) {
     return cudaSuccess;
   }
@@ -110,16 +101,9 @@ cudaError_t launch_requantize_mean(
   });
 }
 
-cudaError_t launch_quantize_change(
-    const float* snapshot,
-    const float* anchor,
-    float* residual,
-    int64_t num_blocks,
-    int64_t block_size,
-    CodeFormat format,
-    void* codes,
-    float* scales,
-    cudaStream_t stream) {
+cudaError_t launch_quantize_change(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
+                                   int64_t block_size, CodeFormat format, void* codes, float* scales,
+                                   cudaStream_t stream) {
   if (num_blocks == 0) {
     return cudaSuccess;
   }
@@ -131,24 +115,16 @@ cudaError_t launch_quantize_change(
   });
 }
 
-cudaError_t launch_apply_quantized_mean(
-    const void* codes,
-    CodeFormat format,
-    const float* scales,
-    int64_t length,
-    int64_t block_size,
-    float* anchor,
-    cudaStream_t stream) {
+cudaError_t launch_apply_quantized_mean(const void* codes, CodeFormat format, const float* scales, int64_t length,
+                                        int64_t block_size, float* anchor, cudaStream_t stream) {
   if (length == 0) {
     return cudaSuccess;
   }
   if (codes == nullptr || scales == nullptr || anchor == nullptr || block_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  return launch_for_format(format, [&](auto codec) {
-    apply_mean_with<decltype(codec)>(codes, scales, length, block_size, anchor, stream);
-  });
+  return launch_for_format(
+      format, [&](auto codec) { apply_mean_with<decltype(codec)>(codes, scales, length, block_size, anchor, stream); });
 }
-
 
 } // namespace localsgd_ext::cuda

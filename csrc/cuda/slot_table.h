@@ -12,10 +12,10 @@ namespace localsgd_ext::cuda {
 // One contiguous tensor of a bucket. A launch cuts every tensor into chunks of `chunk_elements`;
 // one block copies one chunk at a time, so chunk c belongs to the last slot whose first_chunk <= c.
 struct TensorSlot {
-  void* data;             // the tensor's first element
-  int64_t buffer_offset;  // where it lives in the flat buffer, in elements
-  int64_t numel;          // at least 1: empty tensors are left out of the table
-  int64_t first_chunk;    // chunks owned by the slots before this one
+  void* data;            // the tensor's first element
+  int64_t buffer_offset; // where it lives in the flat buffer, in elements
+  int64_t numel;         // at least 1: empty tensors are left out of the table
+  int64_t first_chunk;   // chunks owned by the slots before this one
 };
 
 // 16 KiB of work per chunk: 256 threads moving one 16-byte vector four times. Small enough that a 4 MB
@@ -24,9 +24,7 @@ constexpr int64_t kChunkBytes = 16 * 1024;
 constexpr int kThreadsPerBlock = 256;
 
 // A multiple of every vector width (16 bytes), so each chunk of an aligned tensor starts aligned.
-LOCALSGD_HOST_DEVICE constexpr int64_t chunk_elements(int64_t element_size) {
-  return kChunkBytes / element_size;
-}
+LOCALSGD_HOST_DEVICE constexpr int64_t chunk_elements(int64_t element_size) { return kChunkBytes / element_size; }
 
 // Numbers the chunks of `slots` in order (fills first_chunk); returns how many there are in all.
 inline int64_t assign_chunks(TensorSlot* slots, int64_t num_slots, int64_t chunk_elems) {

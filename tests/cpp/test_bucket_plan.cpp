@@ -8,8 +8,8 @@
 #include "expect.h"
 
 using localsgd_ext::Bucket;
-using localsgd_ext::PlanInput;
 using localsgd_ext::plan_buckets;
+using localsgd_ext::PlanInput;
 
 namespace {
 
@@ -62,8 +62,8 @@ void test_mixed_groups_and_alignment() {
   const std::vector<PlanInput> inputs{{0, 3, 4}, {1, 3, 2}, {0, 3, 4}, {1, 1, 2}, {2, 1, 8}};
   const auto buckets = plan_buckets(inputs, kMiB, 16);
   EXPECT((indices(buckets) == std::vector<std::vector<int64_t>>{{0, 2}, {1, 3}, {4}}));
-  EXPECT((buckets[0].offsets == std::vector<int64_t>{0, 4}));  // 16 bytes = 4 fp32
-  EXPECT((buckets[1].offsets == std::vector<int64_t>{0, 8}));  // 16 bytes = 8 bf16
+  EXPECT((buckets[0].offsets == std::vector<int64_t>{0, 4})); // 16 bytes = 4 fp32
+  EXPECT((buckets[1].offsets == std::vector<int64_t>{0, 8})); // 16 bytes = 8 bf16
   EXPECT(buckets[1].numel == 9);
   expect_invariants(inputs, buckets, kMiB);
 }
@@ -88,7 +88,7 @@ void test_many_tiny() {
   buckets = plan_buckets(inputs, 64 * 1024, 16);
   EXPECT(buckets.size() > 30);
   expect_invariants(inputs, buckets, 64 * 1024);
-  EXPECT(indices(buckets) == indices(plan_buckets(inputs, 64 * 1024, 16)));  // deterministic
+  EXPECT(indices(buckets) == indices(plan_buckets(inputs, 64 * 1024, 16))); // deterministic
 }
 
 void expect_invalid(const std::vector<PlanInput>& inputs, int64_t cap, int64_t alignment, const std::string& text) {

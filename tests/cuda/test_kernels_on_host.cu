@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <limits>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -74,16 +74,15 @@ template <typename TensorElement, typename BufferElement, bool kIntoBuffer, type
 void run_launch_on_host(const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, const Transform& op) {
   for (int64_t chunk = 0; chunk < total_chunks; ++chunk) {
     for (int thread = 0; thread < kThreadsPerBlock; ++thread) {
-      copy_chunk<TensorElement, BufferElement, kIntoBuffer>(
-          slots.data(), static_cast<int64_t>(slots.size()), static_cast<BufferElement*>(buffer), chunk, thread,
-          kThreadsPerBlock, op);
+      copy_chunk<TensorElement, BufferElement, kIntoBuffer>(slots.data(), static_cast<int64_t>(slots.size()),
+                                                            static_cast<BufferElement*>(buffer), chunk, thread,
+                                                            kThreadsPerBlock, op);
     }
   }
 }
 
 template <typename Element>
-void run_copy_on_host(
-    const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, bool into_buffer) {
+void run_copy_on_host(const std::vector<TensorSlot>& slots, int64_t total_chunks, void* buffer, bool into_buffer) {
   if (into_buffer) {
     run_launch_on_host<Element, Element, true>(slots, total_chunks, buffer, CopyBits{});
   } else {
@@ -123,8 +122,9 @@ void check_pack_and_unpack(std::mt19937& rng, double divisor) {
   for (int i = 0; i < count; ++i) {
     const int64_t numel = pick_numel(rng, chunk);
     // Mostly aligned tensors and slots (the fast path), sometimes off by a few elements.
-    const int64_t misalign =
-        std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? std::uniform_int_distribution<int64_t>(1, per_vector - 1)(rng) : 0;
+    const int64_t misalign = std::uniform_int_distribution<int>(0, 3)(rng) == 0
+                                 ? std::uniform_int_distribution<int64_t>(1, per_vector - 1)(rng)
+                                 : 0;
     tensors.emplace_back(numel, misalign, sizeof(Element));
     cursor = (cursor + per_vector - 1) / per_vector * per_vector;
     if (std::uniform_int_distribution<int>(0, 3)(rng) == 0) {
@@ -213,13 +213,13 @@ uint16_t reference_narrow_bits(float value, NarrowFormat format) {
   }
   int binade = 0;
   std::frexp(magnitude, &binade);
-  int exponent = binade - 1;  // magnitude in [2^exponent, 2^(exponent + 1))
+  int exponent = binade - 1; // magnitude in [2^exponent, 2^(exponent + 1))
   const int min_exponent = 1 - format.bias;
   const int ulp_exponent = std::max(exponent, min_exponent) - format.mantissa_bits;
-  double units = std::nearbyint(std::ldexp(magnitude, -ulp_exponent));  // ties to even (default mode)
+  double units = std::nearbyint(std::ldexp(magnitude, -ulp_exponent)); // ties to even (default mode)
   const double implicit = std::ldexp(1.0, format.mantissa_bits);
   if (exponent < min_exponent) {
-    return sign | static_cast<uint16_t>(units);  // subnormal (2^m units is the smallest normal: same bits)
+    return sign | static_cast<uint16_t>(units); // subnormal (2^m units is the smallest normal: same bits)
   }
   if (units == 2 * implicit) {
     ++exponent;
@@ -228,8 +228,8 @@ uint16_t reference_narrow_bits(float value, NarrowFormat format) {
   if (exponent + format.bias >= 2 * format.bias + 1) {
     return sign | format.infinity();
   }
-  return sign | static_cast<uint16_t>(((exponent + format.bias) << format.mantissa_bits) +
-                                      static_cast<int>(units - implicit));
+  return sign |
+         static_cast<uint16_t>(((exponent + format.bias) << format.mantissa_bits) + static_cast<int>(units - implicit));
 }
 
 // The value of a non-NaN code of the format, in double (exact).
@@ -243,12 +243,11 @@ double reference_widen(uint16_t bits, NarrowFormat format) {
   if (biased == 0) {
     return sign * std::ldexp(mantissa, 1 - format.bias - format.mantissa_bits);
   }
-  return sign * std::ldexp(mantissa + std::ldexp(1.0, format.mantissa_bits), biased - format.bias - format.mantissa_bits);
+  return sign *
+         std::ldexp(mantissa + std::ldexp(1.0, format.mantissa_bits), biased - format.bias - format.mantissa_bits);
 }
 
-bool is_nan_code(uint16_t bits, NarrowFormat format) {
-  return (bits & 0x7FFF) > format.infinity();
-}
+bool is_nan_code(uint16_t bits, NarrowFormat format) { return (bits & 0x7FFF) > format.infinity(); }
 
 // float32 values that exercise the rounding: ordinary ones, random bit patterns over every exponent,
 // exact ties between neighbouring codes (which must go to the even one), the largest finite codes and
@@ -275,7 +274,7 @@ float cast_probe(std::mt19937& rng) {
       return 1.5f;
     case 4:
       return static_cast<float>(reference_widen(static_cast<uint16_t>(format.infinity() - 1), format)) *
-          (1.0f + std::uniform_real_distribution<float>(0.0f, 0.002f)(rng));
+             (1.0f + std::uniform_real_distribution<float>(0.0f, 0.002f)(rng));
     case 5:
       return std::ldexp(std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng), -format.bias - 3);
     case 6: {
@@ -295,7 +294,7 @@ float cast_probe(std::mt19937& rng) {
 template <typename Wire>
 void check_casts(std::mt19937& rng, float scale, double divisor) {
   constexpr NarrowFormat format = format_of<Wire>();
-  const int64_t chunk = chunk_elements(sizeof(Wire));  // chunks count buffer (wire) elements
+  const int64_t chunk = chunk_elements(sizeof(Wire)); // chunks count buffer (wire) elements
   const int count = std::uniform_int_distribution<int>(1, 10)(rng);
   std::vector<HostTensor> tensors;
   std::vector<int64_t> offsets;
@@ -304,7 +303,8 @@ void check_casts(std::mt19937& rng, float scale, double divisor) {
   int64_t cursor = 0;
   for (int i = 0; i < count; ++i) {
     const int64_t numel = pick_numel(rng, chunk);
-    const int64_t misalign = std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? std::uniform_int_distribution<int64_t>(1, 3)(rng) : 0;
+    const int64_t misalign =
+        std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? std::uniform_int_distribution<int64_t>(1, 3)(rng) : 0;
     tensors.emplace_back(numel, misalign, sizeof(float));
     cursor = (cursor + 7) / 8 * 8;
     if (std::uniform_int_distribution<int>(0, 3)(rng) == 0) {
@@ -365,7 +365,7 @@ void check_casts(std::mt19937& rng, float scale, double divisor) {
         all_equal &= std::isnan(got);
         continue;
       }
-      const float widened = static_cast<float>(reference_widen(code, format));  // exact in float
+      const float widened = static_cast<float>(reference_widen(code, format)); // exact in float
       const float expected = divisor == 1.0 ? widened : widened * factor;
       all_equal &= std::memcmp(&got, &expected, sizeof(float)) == 0;
     }
@@ -377,13 +377,15 @@ void check_casts(std::mt19937& rng, float scale, double divisor) {
 // The references themselves, on values whose codes are known.
 void check_cast_references() {
   EXPECT(reference_narrow_bits(1.0f, kHalfFormat) == 0x3C00 && reference_narrow_bits(-2.0f, kHalfFormat) == 0xC000);
-  EXPECT(reference_narrow_bits(65504.0f, kHalfFormat) == 0x7BFF && reference_narrow_bits(65520.0f, kHalfFormat) == 0x7C00);
+  EXPECT(reference_narrow_bits(65504.0f, kHalfFormat) == 0x7BFF &&
+         reference_narrow_bits(65520.0f, kHalfFormat) == 0x7C00);
   EXPECT(reference_narrow_bits(65519.0f, kHalfFormat) == 0x7BFF);
   EXPECT(reference_narrow_bits(std::ldexp(1.0f, -24), kHalfFormat) == 0x0001);
-  EXPECT(reference_narrow_bits(std::ldexp(1.0f, -25), kHalfFormat) == 0x0000);   // a tie: to even (zero)
-  EXPECT(reference_narrow_bits(std::ldexp(3.0f, -25), kHalfFormat) == 0x0002);   // a tie: to even (two units)
-  EXPECT(reference_narrow_bits(1.0f + std::ldexp(1.0f, -11), kHalfFormat) == 0x3C00);  // a tie: to even
-  EXPECT(reference_narrow_bits(1.0f, kBFloat16Format) == 0x3F80 && reference_narrow_bits(-0.0f, kBFloat16Format) == 0x8000);
+  EXPECT(reference_narrow_bits(std::ldexp(1.0f, -25), kHalfFormat) == 0x0000);        // a tie: to even (zero)
+  EXPECT(reference_narrow_bits(std::ldexp(3.0f, -25), kHalfFormat) == 0x0002);        // a tie: to even (two units)
+  EXPECT(reference_narrow_bits(1.0f + std::ldexp(1.0f, -11), kHalfFormat) == 0x3C00); // a tie: to even
+  EXPECT(reference_narrow_bits(1.0f, kBFloat16Format) == 0x3F80 &&
+         reference_narrow_bits(-0.0f, kBFloat16Format) == 0x8000);
   EXPECT(reference_narrow_bits(1.0f + std::ldexp(1.0f, -8), kBFloat16Format) == 0x3F80);
   EXPECT(reference_narrow_bits(1.0f + std::ldexp(3.0f, -8), kBFloat16Format) == 0x3F82);
   EXPECT(reference_widen(0x3C00, kHalfFormat) == 1.0 && reference_widen(0x0001, kHalfFormat) == std::ldexp(1.0, -24));
@@ -397,7 +399,8 @@ void check_cast_references() {
     float f;
     std::memcpy(&f, &u, 4);
     if (f == f) {
-      agree &= reference_narrow_bits(f, kBFloat16Format) == static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      agree &=
+          reference_narrow_bits(f, kBFloat16Format) == static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     }
   }
   EXPECT(agree);
@@ -407,7 +410,8 @@ void check_slot_search() {
   // Sizes 1, chunk, chunk + 1 and 5 with a chunk of 4: chunks 0 | 1 | 2 3 | 4 5.
   std::vector<TensorSlot> slots = {{nullptr, 0, 1, -1}, {nullptr, 0, 4, -1}, {nullptr, 0, 5, -1}, {nullptr, 0, 5, -1}};
   EXPECT(assign_chunks(slots.data(), 4, 4) == 6);
-  EXPECT(slots[0].first_chunk == 0 && slots[1].first_chunk == 1 && slots[2].first_chunk == 2 && slots[3].first_chunk == 4);
+  EXPECT(slots[0].first_chunk == 0 && slots[1].first_chunk == 1 && slots[2].first_chunk == 2 &&
+         slots[3].first_chunk == 4);
   const int64_t owner[] = {0, 1, 2, 2, 3, 3};
   for (int64_t c = 0; c < 6; ++c) {
     EXPECT(find_slot(slots.data(), 4, c) == owner[c]);
@@ -447,7 +451,7 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
   }
   x[0] = 0.0f;
   if (num_blocks > 1) {
-    std::fill(x.begin() + block_size, x.begin() + 2 * block_size, 0.0f);  // an all-zero block
+    std::fill(x.begin() + block_size, x.begin() + 2 * block_size, 0.0f); // an all-zero block
   }
   if (num_blocks > 2) {
     x[2 * block_size + block_size / 2] = std::numeric_limits<float>::quiet_NaN();
@@ -455,7 +459,7 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
   if (num_blocks > 3) {
     x[3 * block_size] = -std::numeric_limits<float>::infinity();
   }
-  if (num_blocks > 4 && block_size >= 4) {  // max 127, so scale 1 exactly: ties round to even
+  if (num_blocks > 4 && block_size >= 4) { // max 127, so scale 1 exactly: ties round to even
     float* b = x.data() + 4 * block_size;
     std::fill(b, b + block_size, 0.0f);
     b[0] = 127.0f, b[1] = 2.5f, b[2] = 3.5f, b[3] = -2.5f;
@@ -475,7 +479,8 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
     }
     scales[b] = localsgd_ext::quantize::block_scale<localsgd_ext::quantize::Int8Codec>(partial[0]);
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      write_codes<localsgd_ext::quantize::Int8Codec>(block, codes.data() + b * block_size, block_size, scales[b], thread, kQuantizeThreads);
+      write_codes<localsgd_ext::quantize::Int8Codec>(block, codes.data() + b * block_size, block_size, scales[b],
+                                                     thread, kQuantizeThreads);
     }
   }
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -521,7 +526,8 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
       // Each row scaled by 1/3 before the sum, so that rows of finite values cannot overflow it.
       sum = sum + static_cast<float>(all_codes[r * length + k]) * (all_scales[r * num_blocks + b] / 3.0f);
     }
-    const float got = dequantized_sum_at<localsgd_ext::quantize::Int8Codec>(all_codes.data(), all_scales.data(), rows, length, block_size, 3.0f, k);
+    const float got = dequantized_sum_at<localsgd_ext::quantize::Int8Codec>(all_codes.data(), all_scales.data(), rows,
+                                                                            length, block_size, 3.0f, k);
     EXPECT((std::isnan(sum) && std::isnan(got)) || got == sum);
   }
 }
@@ -537,8 +543,8 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
   for (int64_t k = 0; k < n; ++k) {
     snapshot[k] = normal(rng), anchor[k] = normal(rng), residual[k] = 0.01f * normal(rng);
   }
-  std::copy(anchor.begin(), anchor.begin() + block_size, snapshot.begin());  // a block that did not move...
-  std::fill(residual.begin(), residual.begin() + block_size, 0.0f);          // ...and has nothing left over
+  std::copy(anchor.begin(), anchor.begin() + block_size, snapshot.begin()); // a block that did not move...
+  std::fill(residual.begin(), residual.begin() + block_size, 0.0f);         // ...and has nothing left over
   if (num_blocks > 1) {
     snapshot[block_size + block_size / 2] = std::numeric_limits<float>::quiet_NaN();
   }
@@ -552,8 +558,8 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
     const int64_t first = b * block_size;
     float partial[kQuantizeThreads];
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      partial[thread] = partial_max_change(
-          snapshot.data() + first, anchor.data() + first, residual.data() + first, block_size, thread, kQuantizeThreads);
+      partial[thread] = partial_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first,
+                                           block_size, thread, kQuantizeThreads);
     }
     for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
       for (int thread = 0; thread < stride; ++thread) {
@@ -562,9 +568,8 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
     }
     scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(partial[0]);
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      write_change_codes<Int8Codec>(
-          snapshot.data() + first, anchor.data() + first, residual.data() + first, codes.data() + first, block_size,
-          scales[b], thread, kQuantizeThreads);
+      write_change_codes<Int8Codec>(snapshot.data() + first, anchor.data() + first, residual.data() + first,
+                                    codes.data() + first, block_size, scales[b], thread, kQuantizeThreads);
     }
   }
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -589,7 +594,7 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
       EXPECT((std::isnan(moved) && std::isnan(expected_anchor)) || moved == expected_anchor);
     }
   }
-  EXPECT(scales[0] == 0.0f);  // the block that did not move sends nothing
+  EXPECT(scales[0] == 0.0f); // the block that did not move sends nothing
 }
 
 // requantize_mean's schedule on the host: each thread's partial max of the rows' mean, the tree, each
@@ -608,14 +613,15 @@ void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_bl
     s = scale(rng);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    scales[r * num_blocks] = 0.0f;  // block 0 is all zero on every row
+    scales[r * num_blocks] = 0.0f; // block 0 is all zero on every row
   }
   std::vector<int8_t> mean_codes(length, 99);
   std::vector<float> mean_scales(num_blocks, -1.0f);
   for (int64_t b = 0; b < num_blocks; ++b) {
     float partial[kQuantizeThreads];
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      partial[thread] = partial_max_mean<Int8Codec>(codes.data(), scales.data(), rows, length, block_size, b, thread, kQuantizeThreads);
+      partial[thread] = partial_max_mean<Int8Codec>(codes.data(), scales.data(), rows, length, block_size, b, thread,
+                                                    kQuantizeThreads);
     }
     for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
       for (int thread = 0; thread < stride; ++thread) {
@@ -624,8 +630,8 @@ void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_bl
     }
     mean_scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(partial[0]);
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      write_mean_codes<Int8Codec>(
-          codes.data(), scales.data(), rows, length, block_size, b, mean_scales[b], mean_codes.data(), thread, kQuantizeThreads);
+      write_mean_codes<Int8Codec>(codes.data(), scales.data(), rows, length, block_size, b, mean_scales[b],
+                                  mean_codes.data(), thread, kQuantizeThreads);
     }
   }
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -634,7 +640,8 @@ void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_bl
     for (int64_t k = 0; k < block_size; ++k) {
       float sum = 0.0f;
       for (int64_t r = 0; r < rows; ++r) {
-        sum = sum + static_cast<float>(codes[r * length + b * block_size + k]) * (scales[r * num_blocks + b] / static_cast<float>(rows));
+        sum = sum + static_cast<float>(codes[r * length + b * block_size + k]) *
+                        (scales[r * num_blocks + b] / static_cast<float>(rows));
       }
       mean[k] = sum;
       magnitude = std::max(magnitude, std::fabs(sum));
@@ -642,9 +649,10 @@ void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_bl
     const float expected_scale = magnitude / 127.0f;
     EXPECT(mean_scales[b] == expected_scale);
     for (int64_t k = 0; k < block_size; ++k) {
-      const int8_t expected = expected_scale > 0.0f
-          ? static_cast<int8_t>(std::clamp(std::nearbyint(mean[k] / expected_scale), -127.0f, 127.0f))
-          : int8_t{0};
+      const int8_t expected =
+          expected_scale > 0.0f
+              ? static_cast<int8_t>(std::clamp(std::nearbyint(mean[k] / expected_scale), -127.0f, 127.0f))
+              : int8_t{0};
       EXPECT(mean_codes[b * block_size + k] == expected);
     }
   }
@@ -656,12 +664,8 @@ void check_requantize_mean(std::mt19937& rng, int64_t block_size, int64_t num_bl
 // halfway between neighbours, subnormals) encode to the toolkit's saturating round-to-nearest-even code.
 void check_e4m3_codec(std::mt19937& rng) {
   using localsgd_ext::quantize::E4M3Codec;
-  auto toolkit_code = [](float v) {
-    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
-  };
-  auto toolkit_value = [](uint8_t code) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
-  };
+  auto toolkit_code = [](float v) { return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3)); };
+  auto toolkit_value = [](uint8_t code) { return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3))); };
   std::vector<float> probes = {0.0f, -0.0f, 448.0f, -448.0f, 1.0f, 0.001953125f, 0.0009765625f, 0.0029296875f};
   for (int code = 0; code < 256; ++code) {
     if ((code & 0x7f) == 0x7f) {
@@ -672,7 +676,7 @@ void check_e4m3_codec(std::mt19937& rng) {
     const float value = toolkit_value(static_cast<uint8_t>(code));
     EXPECT(E4M3Codec::decode(static_cast<uint8_t>(code)) == value || (value == 0.0f && code == 0x80));
     probes.push_back(value);
-    if ((code & 0x7f) < 0x7e) {  // the tie with the next code up
+    if ((code & 0x7f) < 0x7e) { // the tie with the next code up
       const float next = toolkit_value(static_cast<uint8_t>(code + 1));
       probes.push_back(0.5f * (value + next));
     }

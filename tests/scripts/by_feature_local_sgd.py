@@ -40,8 +40,9 @@ def training_function(config, args):
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
     model = model.to(accelerator.device)
     optimizer = AdamW(params=model.parameters(), lr=lr)
-    lr_scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1,
-                                                     total_iters=len(train_dataloader) * num_epochs)
+    lr_scheduler = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=0.1, total_iters=len(train_dataloader) * num_epochs
+    )
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
