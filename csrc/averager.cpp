@@ -63,6 +63,15 @@ void BucketedAverager::build_plan() {
   ++plans_built_;
 }
 
+void BucketedAverager::keep_flat() {
+  TORCH_CHECK(zero_copy_, "keep_flat() needs an averager built with zero_copy=True.");
+  at::AutoDispatchBelowADInplaceOrView below_autograd; // re-flattening rebinds parameters
+  check_memory(tensors_, names_);
+  if (flat_.broken(plan_)) {
+    build_plan();
+  }
+}
+
 int64_t BucketedAverager::fingerprint(bool use_avg_op, int64_t extra_fingerprint) const {
   WordHash hash;
   mix_layout(hash, tensors_);

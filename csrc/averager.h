@@ -87,6 +87,9 @@ class BucketedAverager {
   // How many times the tensors were planned (zero-copy: moved into new flat buffers), the construction
   // included: a caller that keeps other references to the tensors' memory re-points them when it grows.
   int64_t plans_built() const { return plans_built_; }
+  // Zero-copy mode, locally: flattens the tensors again if one is no longer the view flatten() made of it
+  // (what a sync's preparation does first), for an engine that keeps the layout while another averages.
+  void keep_flat();
 
  private:
   // Plans anew (zero-copy: and flattens again), after refusing tensors that cannot be averaged.

@@ -136,5 +136,6 @@ PYBIND11_MODULE(_C, m) {
       .def("buckets", [](const BucketedAverager& self) { return buckets_to_list(self.buckets()); })
       .def_property_readonly("staging_bytes", &BucketedAverager::staging_bytes)
       .def_property_readonly("flat_bytes", &BucketedAverager::flat_bytes)
-      .def_property_readonly("plans_built", &BucketedAverager::plans_built);
+      .def_property_readonly("plans_built", &BucketedAverager::plans_built)
+      .def("keep_flat", &BucketedAverager::keep_flat);
 }

@@ -372,6 +372,14 @@ class ParameterAverager:
             outer_step(shaped_like_parameters(means, self.params))
             self._engine.merge_delayed_targets(means)
 
+    def keep_flat(self) -> None:
+        """Zero-copy mode, locally (no collective): flattens the tensors again if one was re-pointed since
+        (`param.data = ...`, `model.to(...)`), as a sync's preparation would. For an averager that keeps
+        the layout while syncs that stage run through another (LocalSGD's zero_copy with a narrow wire,
+        `sync_delay` or the quantized wire)."""
+        self._engine.keep_flat()
+        self._follow_moved_shards()
+
     def advance_average(self) -> None:
         """Nothing to move on: `start_average()` put every bucket's all_reduce on the wire at once. (The
         quantized wire's exchange has a second half; every averager has the same interface.)"""

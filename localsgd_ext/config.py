@@ -57,7 +57,10 @@ def _resolve_wire(wire, comm_dtype):
 class LocalSGDConfig:
     """`LocalSGD`'s keyword options (documented there), checked when built. `local_sgd_steps` is None
     only when Local SGD was disabled; then no schedule is built and the cadence options go unchecked
-    against it. Derived, read-only: `averaging`, `schedule`, `outer_optimizer_factory`, `quantized`."""
+    against it. Derived, read-only: `averaging` (what each fragment's averager is built with: zero-copy
+    only where every sync can run in place), `flat_layout` (zero_copy with syncs that stage: a layout-only
+    zero-copy engine keeps the parameters in flat buffers), `schedule`, `outer_optimizer_factory`,
+    `quantized`."""
 
     local_sgd_steps: Optional[int]
     bucket_cap_mb: float = 25
@@ -76,6 +79,7 @@ class LocalSGDConfig:
     hierarchy: Optional[Mapping[int, int]] = None
 
     averaging: AveragingOptions = dataclasses.field(init=False)
+    flat_layout: bool = dataclasses.field(init=False)
     schedule: Optional[SyncSchedule] = dataclasses.field(init=False)
     outer_optimizer_factory: Optional[Callable[[List[torch.Tensor]], torch.optim.Optimizer]] = dataclasses.field(init=False)
 
@@ -85,10 +89,19 @@ class LocalSGDConfig:
 
     def __post_init__(self):
         wire, comm_dtype = _resolve_wire(self.wire, self.comm_dtype)
+        check_bool("zero_copy", self.zero_copy)
+        sync_delay = check_int_at_least("sync_delay", self.sync_delay, 0)
+        # A sync that casts, quantizes or snapshots needs staging buffers; with zero_copy the parameters
+        # still live in flat buffers (kept by a layout-only engine) and such syncs stage from them.
+        staged = comm_dtype is not None or wire in WIRES or sync_delay > 0
         averaging = AveragingOptions(
-            bucket_cap_mb=self.bucket_cap_mb, check_finite=self.check_finite, zero_copy=self.zero_copy, comm_dtype=comm_dtype
+            bucket_cap_mb=self.bucket_cap_mb,
+            check_finite=self.check_finite,
+            zero_copy=self.zero_copy and not staged,
+            comm_dtype=comm_dtype,
         )
         self._set(
+            flat_layout=self.zero_copy and staged,
             wire=wire,
             comm_dtype=comm_dtype,
             averaging=averaging,
@@ -97,7 +110,7 @@ class LocalSGDConfig:
             outer_anchor_device=check_anchor_device(self.outer_anchor_device),
             sync_buffers=check_bool("sync_buffers", self.sync_buffers),
             warmup_steps=check_int_at_least("warmup_steps", self.warmup_steps, 0),
-            sync_delay=check_int_at_least("sync_delay", self.sync_delay, 0),
+            sync_delay=sync_delay,
             num_fragments=check_int_at_least("num_fragments", self.num_fragments, 1),
         )
         schedule = None
@@ -114,19 +127,12 @@ class LocalSGDConfig:
                 advance_midway=wire in WIRES,
             )
         self._set(schedule=schedule, hierarchy=levels)
-        if self.sync_delay > 0 and (self.zero_copy or comm_dtype == torch.float16):
+        if self.sync_delay > 0 and comm_dtype == torch.float16:
             raise ValueError(
-                f"sync_delay needs copy mode with comm_dtype None or torch.bfloat16, got zero_copy={self.zero_copy}, "
-                f"comm_dtype={comm_dtype}"
+                "sync_delay needs comm_dtype None or torch.bfloat16 (the fp16 wire's scale is agreed per sync, and an "
+                f"overlapped sync has no second agreement to use it), got comm_dtype={comm_dtype}"
             )
         self._check_quantized_wire_options()
-        if levels is not None and self.zero_copy:
-            # A real limit (docs/options.md's refusals): the level and world engines would each move the
-            # same parameters into flat buffers of their own.
-            raise NotImplementedError(
-                "hierarchy with zero_copy is not supported: each level's engine and the world's would move the same "
-                "parameters into flat buffers of their own; use copy mode (zero_copy=False) with hierarchy"
-            )
 
     def _check_quantized_wire_options(self) -> None:
         check_bool("error_feedback", self.error_feedback)
@@ -137,8 +143,6 @@ class LocalSGDConfig:
                     f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={self.error_feedback}, '
                     f"wire_block_size={self.wire_block_size} with wire={self.wire!r}"
                 )
-        elif self.zero_copy:
-            raise ValueError(f"wire={self.wire!r} needs copy mode (zero_copy=False): it quantizes a snapshot of the parameters")
 
     @property
     def wire_name(self) -> str:
@@ -169,6 +173,7 @@ class LocalSGDConfig:
         """Everything checked on enter, before any group is created."""
         return {
             **self.averaging.settings(),
+            "zero_copy": self.zero_copy,  # as asked: the averagers' own option is off where syncs stage
             **self.agreement_settings(),
             "error_feedback": self.error_feedback,
             "wire_block_size": self.wire_block_size,

@@ -54,6 +54,9 @@ class SyncController:
         self.fragment_starts: List[int] = []
         # Each level's averager over all the parameters, in its subgroup.
         self.level_averagers: Dict[int, ParameterAverager] = {}
+        # With `config.flat_layout`: per fragment, a zero-copy engine that only keeps the parameters in its
+        # flat buffers (the fragment's averager stages from them, as copy mode does).
+        self.flat_layouts: List[ParameterAverager] = []
         # Per fragment, the step at which its last waited-for sync completed (None: not since enter).
         self.synced_at_step: List[Optional[int]] = []
         # The fragment whose delayed sync is in flight, or None.
@@ -112,7 +115,19 @@ class SyncController:
         bounds = fragment_bounds([p.numel() * p.element_size() for p in params], config.num_fragments)
         settings = config.agreement_settings()
         # Dropped first: in zero-copy mode their flat buffers are freed once the new ones hold the values.
-        self.averagers = []
+        self.averagers, self.flat_layouts, self.level_averagers = [], [], {}
+        if config.flat_layout:
+            in_place = AveragingOptions(bucket_cap_mb=config.bucket_cap_mb, zero_copy=True)
+            self.flat_layouts = [
+                ParameterAverager.with_options(
+                    params[start:end],
+                    in_place,
+                    names=names[start:end],
+                    process_group=self.process_group,
+                    sharded_model=self.model,
+                )
+                for start, end in zip(bounds, bounds[1:])
+            ]
         for start, end in zip(bounds, bounds[1:]):
             averager: Averager
             if config.quantized:
@@ -139,9 +154,12 @@ class SyncController:
         self.fragment_starts = bounds[:-1]
         self.synced_at_step = [None] * len(self.averagers)
         if self.hierarchy is not None:
+            # Plain float32 averages in copy mode: a fast link needs no narrow wire, and under zero_copy they
+            # read and write the views the world's engine keeps flat.
+            plain = AveragingOptions(bucket_cap_mb=config.bucket_cap_mb, check_finite=config.check_finite)
             self.level_averagers = {
                 size: ParameterAverager.with_options(
-                    params, config.averaging, process_group=group, names=names, agreement_settings={**settings, "level": size}
+                    params, plain, process_group=group, names=names, agreement_settings={**settings, "level": size}
                 )
                 for size, group in self.hierarchy.groups.items()
             }
@@ -221,6 +239,8 @@ class SyncController:
             fragments = list(range(len(averagers)))
         for fragment in fragments:
             averager = averagers[fragment]
+            if self.flat_layouts:
+                self.flat_layouts[fragment].keep_flat()
             if delayed:
                 averager.start_average()
             else:

@@ -141,11 +141,13 @@ class LocalSGD:
             (`model.to(...)`, `param.data = ...`) or replaced (`load_state_dict(assign=True)`) is
             detected at the next sync and the parameters are flattened again before averaging. FSDP2
             shards: their local tensors move, and FSDP2's own all-gather input is pointed at them
-            (each sharded dimension must divide by the shard count; no CPU offload).
+            (each sharded dimension must divide by the shard count; no CPU offload). With a sync that
+            stages (a narrow or quantized `wire`, `sync_delay`) the parameters stay flat and that sync
+            stages from the flat buffers, as copy mode does; `hierarchy`'s levels too.
         comm_dtype (`torch.dtype`, *optional*):
             Keyword-only. `torch.bfloat16` or `torch.float16`: float32 parameters travel in that dtype
             (half the bytes), cast inside the compiled pack and unpack; the sum is widened to float32
-            and divided there. Copy mode only. See `ParameterAverager` for the error bound.
+            and divided there. See `ParameterAverager` for the error bound.
         outer_optimizer (`None`, `"diloco"` or a callable, defaults to `None`):
             Keyword-only. DiLoCo's outer step: at each sync, the difference between the anchor (the
             parameters after the previous sync) and the parameters' average is a pseudo-gradient; the
@@ -173,8 +175,8 @@ class LocalSGD:
             correction `mean(snapshot) - snapshot` to its parameters, keeping what it learned
             meanwhile. This is not the same as waiting: until the exit sync (which waits, as today) the
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
-            below `local_sgd_steps / num_fragments` (one average in flight at a time); copy mode,
-            `comm_dtype` None or bfloat16. With an `outer_optimizer` the outer step runs at the merge,
+            below `local_sgd_steps / num_fragments` (one average in flight at a time); `comm_dtype`
+            None or bfloat16. With an `outer_optimizer` the outer step runs at the merge,
             on the snapshots' mean, and each rank adds `result - snapshot` (Streaming DiLoCo). Extra
             memory: two copies of the parameters (of one fragment).
         num_fragments (`int`, defaults to 1):
@@ -191,7 +193,7 @@ class LocalSGD:
             the bytes of float32 (see `QuantizedAverager` for the reduction, which cannot overflow, and the
             error bound). `"fp8"`: the same with float8 e4m3 codes (same bytes; error relative to each
             value instead of to its block's largest). The first sync averages in float32 and sets the
-            anchor the changes are measured from. float32 parameters on one device, copy mode. None:
+            anchor the changes are measured from. float32 parameters on one device. None:
             `"fp32"`, or what `comm_dtype` says. The attribute `wire` holds the name.
         error_feedback (`bool`, defaults to `False`):
             Keyword-only, with `wire` set: each rank keeps what quantization left out of its change and
@@ -210,7 +212,7 @@ class LocalSGD:
             and its sizes divide the number of replicas. The levels average the parameters plainly, in
             float32 (a fast link needs no narrow wire); the world's sync carries the other options
             (fragments, `sync_delay`, `wire`, the outer optimizer), for which a level average is local
-            progress. Not with zero-copy (the engines would each flatten the same parameters).
+            progress. With zero-copy the levels average the flat buffers' views in copy mode.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,

@@ -205,7 +205,6 @@ LOCAL_SGD_BAD_ARGUMENTS = [
         ValueError,
         "comm_dtype must be None, torch.bfloat16 or torch.float16, got torch.int8",
     ),
-    ("comm_dtype with zero_copy", dict(comm_dtype=torch.bfloat16, zero_copy=True), ValueError, "comm_dtype needs copy mode"),
 ]
 
 

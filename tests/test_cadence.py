@@ -211,11 +211,10 @@ def test_sync_delay_drains_on_an_exception_and_refuses_state_dict_in_flight(fake
         (dict(sync_delay=2, num_fragments=2), ValueError, "sync_delay must be below local_sgd_steps / num_fragments"),
         (dict(sync_delay=-1), ValueError, "sync_delay must be an int >= 0, got -1"),
         (dict(sync_delay=1.0), TypeError, r"sync_delay must be an int >= 0, got 1.0 \(float\)"),
-        (dict(sync_delay=1, zero_copy=True), ValueError, "sync_delay needs copy mode"),
         (
             dict(sync_delay=1, comm_dtype=torch.float16),
             ValueError,
-            "sync_delay needs copy mode with comm_dtype None or torch.bfloat16",
+            r"sync_delay needs comm_dtype None or torch.bfloat16 \(the fp16 wire's scale is agreed per sync",
         ),
     ],
 )
@@ -296,8 +295,6 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
         (dict(wire="int4"), ValueError, r"wire must be None or one of \('fp32', 'bf16', 'fp16', 'int8', 'fp8'\), got 'int4'"),
         (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8" or "fp8"'),
         (dict(wire="bf16", error_feedback=True), ValueError, "with wire='bf16'"),
-        (dict(wire="int8", zero_copy=True), ValueError, r"wire='int8' needs copy mode \(zero_copy=False\)"),
-        (dict(wire="fp8", zero_copy=True), ValueError, "wire='fp8' needs copy mode"),
         (
             dict(wire="int8", comm_dtype=torch.bfloat16),
             ValueError,
@@ -344,8 +341,30 @@ def test_the_quantized_averager_refuses_tensors_it_cannot_quantize():
         QuantizedAverager([torch.zeros(3)], wire="fp4")
 
 
-def test_hierarchy_refuses_zero_copy_only(fake_averager):
-    with pytest.raises(NotImplementedError, match="hierarchy with zero_copy is not supported: each level's engine"):
-        local_sgd_over(fake_averager, local_sgd_steps=4, hierarchy={2: 2}, zero_copy=True)
-    for options in (dict(num_fragments=2), dict(sync_delay=1), dict(wire="int8"), dict(outer_optimizer="diloco")):
-        local_sgd_over(fake_averager, local_sgd_steps=4, hierarchy={2: 2}, **options)  # composes: tests/test_hierarchy.py
+def test_hierarchy_and_zero_copy_compose_with_every_option():
+    # Built only (the values are test_combinations.py's): nothing is refused.
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    for options in (
+        dict(num_fragments=2),
+        dict(sync_delay=1),
+        dict(wire="int8"),
+        dict(outer_optimizer="diloco"),
+        dict(zero_copy=True),
+    ):
+        LocalSGD(accelerator=accelerator, model=NoSyncModel(), local_sgd_steps=4, hierarchy={2: 2}, **options)
+
+
+@pytest.mark.parametrize(
+    "options, in_place, flat_layout",
+    [
+        (dict(), True, False),  # every sync in place: the fragment's own engine keeps the layout
+        (dict(wire="bf16"), False, True),  # casts: staged from the flat buffers a layout-only engine keeps
+        (dict(wire="int8"), False, True),
+        (dict(sync_delay=1), False, True),  # snapshots
+    ],
+)
+def test_zero_copy_keeps_the_parameters_flat_whatever_the_sync_stages(fake_averager, options, in_place, flat_layout):
+    local_sgd = local_sgd_over(fake_averager, local_sgd_steps=4, zero_copy=True, **options)
+    assert local_sgd.zero_copy is True and local_sgd.config.flat_layout is flat_layout
+    assert local_sgd.options.zero_copy is in_place
+    assert local_sgd.config.settings_to_agree_on()["zero_copy"] is True, "the ranks agree on what was asked"

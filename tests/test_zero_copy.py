@@ -63,3 +63,15 @@ def test_parameters_replaced_by_load_state_dict_assign_are_averaged():
         assert rank["replaced"]
         _assert_means(rank["got"], rank["expected"])
         assert rank["one_storage"]
+
+
+@pytest.mark.parametrize("options", [dict(wire="bf16"), dict(wire="int8"), dict(sync_delay=1)], ids=lambda o: str(o))
+def test_syncs_that_stage_keep_the_parameters_flat(options):
+    # The values of these combinations are test_combinations.py's; here, the layout.
+    results = run_ranks(2, "workers_zero_copy:staged_syncs_keep_the_parameters_flat", options)
+    for rank in results:
+        assert rank["flat_on_enter"] and rank["flat_after_sync"], rank
+        assert rank["off_the_buffer"] and rank["flat_again"], "a re-pointed parameter is flattened again at the next sync"
+        assert rank["sync_count"] >= 2
+        for a, b in zip(rank["final"], results[0]["final"]):
+            assert torch.equal(a, b), "ranks end identical"

@@ -84,3 +84,30 @@ def replaced_parameters_are_averaged():
         "expected": [torch.full_like(p, (world - 1) / 2) for p in snapshot(new)],
         "one_storage": _one_storage(new[:2]),
     }
+
+
+def staged_syncs_keep_the_parameters_flat(options: dict):
+    """LocalSGD(zero_copy=True) with a sync that stages (a narrow or quantized wire, sync_delay): the
+    parameters are views of one flat buffer per bucket after enter, stay so through the syncs, and a
+    parameter re-pointed between syncs is flattened again before the next one; every sync still averages."""
+    accelerator = Accelerator(cpu=True)
+    rank = dist.get_rank()
+    model = accelerator.prepare(_model())
+    params = list(model.parameters())
+    out = {}
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, zero_copy=True, **options) as local_sgd:
+        out["flat_on_enter"] = _one_storage(params[:2])
+        for _ in range(2):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(rank)
+            local_sgd.step()
+        out["flat_after_sync"] = _one_storage(params[:2])
+        model.module[0].weight.data = model.module[0].weight.data.clone()
+        out["off_the_buffer"] = not _one_storage(params[:2])
+        for _ in range(2):
+            local_sgd.step()
+        out["flat_again"] = _one_storage(params[:2])
+    out["final"] = snapshot(params)
+    out["sync_count"] = local_sgd.sync_count
+    return out
