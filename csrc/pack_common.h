@@ -10,8 +10,11 @@
 #include <ATen/ops/sub.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "storage_checks.h"
 
@@ -46,6 +49,36 @@ inline void check_pack_arguments(const char* op, at::TensorList tensors, at::Int
     TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] <= capacity - t.numel(), op, ": tensors[", i, "] with ", t.numel(),
                       " elements at offset ", offsets[i], " does not fit in a buffer of ", capacity, " elements.");
     check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
+  }
+}
+
+// pack_into writes every tensor into its slot: two slots that overlap would both end up holding whichever
+// was written last, so they are refused. The engine's offsets ascend, and are checked in one pass.
+inline void check_disjoint_slots(const char* op, at::TensorList tensors, at::IntArrayRef offsets) {
+  std::vector<std::pair<int64_t, size_t>> slots; // (offset, index) of each tensor with elements
+  slots.reserve(tensors.size());
+  bool ascending = true;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() > 0) {
+      ascending = ascending && (slots.empty() || slots.back().first <= offsets[i]);
+      slots.emplace_back(offsets[i], i);
+    }
+  }
+  if (!ascending) {
+    std::sort(slots.begin(), slots.end());
+  }
+  // The slot reaching furthest so far: one that reaches past the next slot's start overlaps it.
+  size_t furthest = 0;
+  for (size_t k = 1; k < slots.size(); ++k) {
+    const auto [start, index] = slots[k];
+    const auto [other_start, other] = slots[furthest];
+    const int64_t other_end = other_start + tensors[other].numel();
+    TORCH_CHECK_VALUE(other_end <= start, op, ": tensors[", std::min(index, other), "] and tensors[",
+                      std::max(index, other), "] overlap in the buffer (elements ", other_start, " to ", other_end,
+                      " and from ", start, "); each tensor needs a slot of its own.");
+    if (start + tensors[index].numel() > other_end) {
+      furthest = k;
+    }
   }
 }
 

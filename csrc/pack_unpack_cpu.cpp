@@ -166,6 +166,7 @@ void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divi
 
 void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
+  check_disjoint_slots("pack_into", tensors, offsets);
   check_scale("pack_into", tensors, buffer, scale);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
   for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);

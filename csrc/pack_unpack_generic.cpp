@@ -9,6 +9,7 @@ namespace localsgd_ext {
 
 void pack_into_generic(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
+  check_disjoint_slots("pack_into", tensors, offsets);
   check_scale("pack_into", tensors, buffer, scale);
   for (size_t i = 0; i < tensors.size(); ++i) {
     pack_one_with_aten(tensors[i], offsets[i], buffer, scale);

@@ -255,9 +255,28 @@ def _check_scale(tensors, buffer, scale):
             )
 
 
+def _check_disjoint_slots(op, tensors, offsets):
+    """csrc/pack_common.h's check_disjoint_slots: pack_into refuses slots that overlap."""
+    slots = sorted((offset, i) for i, (t, offset) in enumerate(zip(tensors, offsets)) if t.numel() > 0)
+    furthest = None
+    for start, index in slots:
+        if furthest is not None:
+            other_start, other = furthest
+            other_end = other_start + tensors[other].numel()
+            if other_end > start:
+                raise ValueError(
+                    f"{op}: tensors[{min(index, other)}] and tensors[{max(index, other)}] overlap in the buffer (elements "
+                    f"{other_start} to {other_end} and from {start}); each tensor needs a slot of its own."
+                )
+            if start + tensors[index].numel() <= other_end:
+                continue
+        furthest = (start, index)
+
+
 @torch.library.register_fake("localsgd_ext::pack_into")
 def _pack_into_fake(tensors, offsets, buffer, scale=1.0):
     _check_arguments("pack_into", tensors, offsets, buffer)
+    _check_disjoint_slots("pack_into", tensors, offsets)
     _check_scale(tensors, buffer, scale)
     return None
 

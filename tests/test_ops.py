@@ -130,6 +130,18 @@ BAD_CALLS = [
         r"tensors\[0\] with 3 elements at offset 2 does not fit in a buffer of 4 elements",
     ),
     (
+        "overlapping slots",  # found by test_fuzz.py: the slot written last won in both
+        lambda: ops.pack_into([torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1)], [0, 0, 0, 0], torch.zeros(4)),
+        ValueError,
+        r"tensors\[0\] and tensors\[1\] overlap in the buffer \(elements 0 to 1 and from 0\); each tensor needs a slot",
+    ),
+    (
+        "overlapping slots, out of order",
+        lambda: ops.pack_into([torch.zeros(2), torch.zeros(4), torch.zeros(1)], [5, 0, 3], torch.zeros(8)),
+        ValueError,
+        r"tensors\[1\] and tensors\[2\] overlap in the buffer \(elements 0 to 4 and from 3\)",
+    ),
+    (
         "negative offset",
         lambda: ops.unpack_from(torch.zeros(4), [-1], 1.0, [torch.zeros(1)]),
         ValueError,
@@ -191,5 +203,10 @@ def test_bad_arguments_raise_clear_errors(description, call, exception, message)
 def test_generic_kernels_check_arguments_the_same_way():
     with pytest.raises(ValueError, match="does not fit in a buffer of 4 elements"):
         _C._pack_into_generic([torch.zeros(3)], [2], torch.zeros(4))
+    with pytest.raises(ValueError, match=r"tensors\[0\] and tensors\[1\] overlap in the buffer"):
+        _C._pack_into_generic([torch.zeros(2), torch.zeros(2)], [0, 1], torch.zeros(4))
+    with pytest.raises(ValueError, match=r"tensors\[0\] and tensors\[1\] overlap in the buffer"):
+        ops._check_disjoint_slots("pack_into", [torch.zeros(2), torch.zeros(2)], [0, 1])  # the fake kernels' copy
+    ops._check_disjoint_slots("pack_into", [torch.zeros(2), torch.zeros(0), torch.zeros(2)], [2, 1, 0])  # disjoint
     with pytest.raises(ValueError, match="divisor must be a finite positive number, got -1"):
         _C._unpack_from_generic(torch.zeros(4), [0], -1.0, [torch.zeros(2)])

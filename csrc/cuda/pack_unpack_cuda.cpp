@@ -112,6 +112,7 @@ cudaStream_t current_stream(const at::Tensor& buffer) {
 
 void pack_into_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
+  check_disjoint_slots("pack_into", tensors, offsets);
   check_scale("pack_into", tensors, buffer, scale);
   const c10::cuda::CUDAGuard device_guard(buffer.device());
   SortedWork work = sort_work(tensors, offsets, buffer, /*writes_tensors=*/false,
