@@ -82,8 +82,12 @@ class SyncController:
         for averager, first in zip(averagers, self.fragment_starts):
             if self.outer is not None:
                 averager.verify_ranks_agree(equal_values=self.outer.anchor_slice(first, len(averager.params)))
-            else:
+            if self.config.quantized:
+                averager.verify_ranks_agree(equal_values=averager.params)
+            elif self.outer is None:
                 averager.verify_ranks_agree()
+            # The changes the quantized wire sends are measured from here, checked equal on every rank.
+            averager.rebase_anchor()
         for level_averager in self.level_averagers.values():
             level_averager.verify_ranks_agree()
 

@@ -192,8 +192,9 @@ class LocalSGD:
             quantized to int8 with one float32 scale per `wire_block_size` elements, about a quarter of
             the bytes of float32 (see `QuantizedAverager` for the reduction, which cannot overflow, and the
             error bound). `"fp8"`: the same with float8 e4m3 codes (same bytes; error relative to each
-            value instead of to its block's largest). The first sync averages in float32 and sets the
-            anchor the changes are measured from. float32 parameters on one device. None:
+            value instead of to its block's largest). The anchor the changes are measured from is taken
+            on enter (the parameters must then be equal on every rank, as DDP makes them: checked).
+            float32 parameters on one device. None:
             `"fp32"`, or what `comm_dtype` says. The attribute `wire` holds the name.
         error_feedback (`bool`, defaults to `False`):
             Keyword-only, with `wire` set: each rank keeps what quantization left out of its change and
@@ -404,8 +405,8 @@ class LocalSGD:
         carries on), the sync count, and the DiLoCo anchor with its outer optimizer's state. Register
         the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`.
         Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true.
-        A quantized wire's anchor and residual are not saved: after a resume its first sync averages in
-        float32 again and takes a new anchor, and error feedback starts from zero."""
+        A quantized wire's anchor and residual are not saved: after a resume the loaded parameters are
+        the anchor (taken on enter), and error feedback starts from zero."""
         if self._controller.delayed_fragment is not None:
             raise RuntimeError(
                 "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "

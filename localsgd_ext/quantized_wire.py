@@ -55,9 +55,11 @@ class QuantizedAverager:
     `error_feedback`, what each rank's quantization left out (`delta - dequantized codes`) is kept and
     added to its next delta, so no part of any update is lost for good, only delayed.
 
-    The first sync has no anchor to measure deltas from: it averages in float32 (an ordinary
-    `ParameterAverager` sync, waited for) and takes its result as the anchor. Every sync starts with
-    that averager's agreement check, which also covers `block_size` and `error_feedback`.
+    The anchor is taken by `rebase_anchor()` (LocalSGD does so on enter, once the ranks' tensors are
+    checked bit-identical). Without one (used on its own, or after a tensor changed shape) the first sync
+    averages in float32 (an ordinary `ParameterAverager` sync, waited for) and takes its result as the
+    anchor. Every sync starts with that averager's agreement check, which also covers `block_size` and
+    `error_feedback`.
 
     Args:
         params (`Iterable[torch.Tensor]`):
@@ -203,6 +205,10 @@ class QuantizedAverager:
 
     def _take_anchor_by_averaging(self) -> None:
         self._full_precision.average()
+        self._allocate_anchor()
+
+    def _allocate_anchor(self) -> None:
+        """The anchor, packed from the tensors as they are now, and the buffers every sync reuses."""
         world_size = dist.get_world_size(self._group())
         device = self._device
         length = self._padded_length(world_size)
@@ -234,9 +240,15 @@ class QuantizedAverager:
 
     @torch.no_grad()
     def rebase_anchor(self) -> None:
-        """Makes the tensors' current values the anchor (after something that changed them alike on every
-        rank, e.g. DiLoCo's outer step)."""
-        if self._anchored is not None:
+        """Makes the tensors' current values the anchor, locally: they must be the same bits on every rank.
+        On enter (LocalSGD checks that first, as DDP makes them), so that the first sync already sends
+        changes, with no float32 sync first; after something that changed them alike on every rank (e.g.
+        DiLoCo's outer step)."""
+        if self._layout() != self._planned_layout:
+            self._plan()
+        if self._anchored is None:
+            self._allocate_anchor()
+        else:
             ops.pack_into(self._tensors, self.offsets, self._anchored.anchor)
 
     def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -93,7 +93,6 @@ class Reference:
         self.warmup = options.get("warmup_steps", 0)
         self.levels: Dict[int, int] = dict(options.get("hierarchy") or {})
         self.outer = options.get("outer_optimizer") == "diloco"
-        self.quantized = options.get("wire") in ("int8", "fp8")
         self.sync_buffers = options.get("sync_buffers", False)
         self.params = [[p.clone() for p in params] for _ in range(self.world)]
         self.float_buffers = [[b.clone() for b in float_buffers] for _ in range(self.world)]
@@ -102,7 +101,6 @@ class Reference:
         self.fragment_indices = [range(cuts[f], cuts[f + 1]) for f in range(self.fragments)]
         self.anchor = [p.clone() for p in params]
         self.momentum: List[Optional[torch.Tensor]] = [None] * len(params)
-        self.anchored = [False] * self.fragments  # a quantized wire's first sync of a fragment waits, in float32
         self.in_flight: Optional[tuple] = None  # (fragment, merge step, each rank's snapshot)
         self.synced_at: List[Optional[int]] = [None] * self.fragments
         self.sync_count = 0
@@ -127,14 +125,10 @@ class Reference:
                 target = self._outer_step(i, target)
             for r in range(self.world):
                 self.params[r][i] = target.clone()
-        self.anchored[fragment] = True
         self.synced_at[fragment] = step
         self.sync_count += 1
 
     def _start(self, fragment: int, step: int) -> None:
-        if self.quantized and not self.anchored[fragment]:
-            self._waited(fragment, step)
-            return
         snapshot = {(r, i): self.params[r][i].clone() for r in range(self.world) for i in self.fragment_indices[fragment]}
         self.in_flight = (fragment, step + self.delay, snapshot)
 

@@ -184,25 +184,47 @@ def test_error_feedback_keeps_what_quantization_left_out(wire):
     assert residual.abs().max() > 0
 
 
+EVERY_4TH = list(range(4, 61, 4))
+
+
 @pytest.mark.parametrize(
-    "options",
+    "options, completed, final_count, identical",
     [
-        dict(wire="int8"),
-        dict(wire="int8", error_feedback=True, sync_delay=2),
-        dict(num_fragments=2, sync_delay=1),
-        dict(num_fragments=2, outer_optimizer="diloco"),
-        dict(wire="int8", error_feedback=True, outer_optimizer="diloco"),
-        dict(wire="int8", outer_optimizer="diloco", sync_delay=1, num_fragments=2),  # Streaming DiLoCo
-        dict(wire="fp8", error_feedback=True, sync_delay=2),
-        dict(sync_delay=2, outer_optimizer="diloco"),  # Streaming DiLoCo on the float wire
+        # Waited syncs every 4th step (the quantized wire's first in float32), then the exit's.
+        (dict(wire="int8"), EVERY_4TH, 16, "model"),
+        # Syncs start at 4, 8, ... (the anchor was taken on enter) and merge 2 steps later; the exit merges
+        # the one started at step 60, then syncs.
+        (dict(wire="int8", error_feedback=True, sync_delay=2), list(range(6, 59, 4)), 16, None),
+        # A fragment every 2 steps, each merged the step after; the exit merges step 60's and syncs both.
+        (dict(num_fragments=2, sync_delay=1), list(range(3, 60, 2)), 32, None),
+        # A fragment every 2 steps, waited; the exit skips the fragment whose outer step ran at step 60.
+        (dict(num_fragments=2, outer_optimizer="diloco"), list(range(2, 61, 2)), 31, "fragment"),
+        # Waited outer steps every 4th step; the exit has nothing left to sync.
+        (dict(wire="int8", error_feedback=True, outer_optimizer="diloco"), EVERY_4TH, 15, "model"),
+        # Streaming DiLoCo: a fragment every 2 steps, merged a step after.
+        (dict(wire="int8", outer_optimizer="diloco", sync_delay=1, num_fragments=2), list(range(3, 60, 2)), 32, None),
+        (dict(wire="fp8", error_feedback=True, sync_delay=2), list(range(6, 59, 4)), 16, None),
+        # Streaming DiLoCo on the float wire: every sync overlapped, merged 2 steps after it started.
+        (dict(sync_delay=2, outer_optimizer="diloco"), list(range(6, 59, 4)), 16, None),
     ],
-    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
+    ids=lambda value: ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )
-def test_training_converges_with_each_streaming_option(options):
+def test_training_with_each_streaming_option_syncs_when_documented_and_converges(options, completed, final_count, identical):
     options = dict(options)
     sync_delay = options.pop("sync_delay", 0)
     results = run_ranks(2, "workers_streaming:streaming_training", sync_delay, options, timeout=120)
     for r in results:
+        grew = [step for step in range(1, 61) if r["counts"][step - 1] > (r["counts"][step - 2] if step > 1 else 0)]
+        assert grew == completed, "the steps that completed a sync"
+        assert [step for step in range(1, 61) if r["synced"][step - 1]] == completed, "last_step_synced"
+        assert r["sync_count"] == final_count, "the exit's syncs counted"
         assert sum(r["losses"][-10:]) < 0.1 * sum(r["losses"][:10]), "the loss must fall by 10x"
+    for step in completed if identical else ():
+        weight, bias = zip(*(r["steps"][step - 1] for r in results))
+        if identical == "model":
+            assert torch.equal(*weight) and torch.equal(*bias), (step, "a waited sync leaves the ranks identical")
+        else:  # fragment 0 (the weight) syncs at steps 2, 6, ...; fragment 1 (the bias) at 4, 8, ...
+            synced, other = (weight, bias) if step % 4 == 2 else (bias, weight)
+            assert torch.equal(*synced) and not torch.equal(*other), (step, "only the fragment synced is identical")
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b), "the exit sync leaves every rank bit-identical"

@@ -99,7 +99,8 @@ def quantized_pieces_agree(wire: str, overlapped: bool):
 
 def streaming_training(sync_delay: int, options: dict = None):
     """A linear regression trained with LocalSGD(local_sgd_steps=4, sync_delay=..., **options): losses,
-    the syncs counted, and the parameters after the exit sync."""
+    after each step the sync count, `last_step_synced` and the parameters, and the parameters after the
+    exit sync."""
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def streaming_training(sync_delay: int, options: dict = None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer = accelerator.prepare(model, optimizer)
     data = torch.Generator().manual_seed(10 + rank)
-    losses = []
+    losses, counts, synced, params = [], [], [], []
     with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, sync_delay=sync_delay, **(options or {})) as local_sgd:
         for _ in range(60):
             x = torch.randn(16, 8, generator=data)
@@ -118,7 +119,17 @@ def streaming_training(sync_delay: int, options: dict = None):
             optimizer.zero_grad()
             local_sgd.step()
             losses.append(loss.item())
-    return {"losses": losses, "sync_count": local_sgd.sync_count, "params": snapshot(model.parameters())}
+            counts.append(local_sgd.sync_count)
+            synced.append(local_sgd.last_step_synced)
+            params.append(snapshot(model.parameters()))
+    return {
+        "losses": losses,
+        "counts": counts,
+        "synced": synced,
+        "steps": params,
+        "sync_count": local_sgd.sync_count,
+        "params": snapshot(model.parameters()),
+    }
 
 
 def fragment_syncs(local_sgd_steps: int, num_fragments: int, steps: int):
