@@ -240,3 +240,36 @@ def test_two_nodes_launched_with_torchrun_end_identical_to_one_node(tmp_path, sl
     assert hierarchical["levels"]["2"]["averages"] > 0 and "2" not in flat["levels"]
     # The same world averages cross the link either way; the rendezvous' keep-alives vary by a few KB.
     assert abs(hierarchical["link_bytes"] - flat["link_bytes"]) < 0.05 * flat["link_bytes"]
+
+
+def test_wires_public_api_bench_runs(tmp_path):
+    out = tmp_path / "wires.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "bench/wires_public_api.py",
+            "--shapes",
+            "tiny",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--configs",
+            "fp32",
+            "int8 zero-copy",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (shape,) = json.loads(out.read_text())["results"]
+    assert set(shape["methods"]) == {"fp32", "int8 zero-copy", "flat all_reduce (floor)"} and not shape["refused"]
