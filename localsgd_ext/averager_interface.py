@@ -3,11 +3,18 @@ int8/fp8), so that `SyncController` drives either without knowing which."""
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-__all__ = ["Averager"]
+__all__ = ["Averager", "OuterStepCallback"]
+
+
+class OuterStepCallback(Protocol):
+    """What `finish_average(outer_step=...)` hands the means of the snapshots to: it writes the outer step's
+    result into them. `positions`: where these tensors sit among the averager's (None: all, in order)."""
+
+    def __call__(self, means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None: ...
 
 
 class Averager(Protocol):
@@ -37,7 +44,7 @@ class Averager(Protocol):
         """Puts the next part of the started average on the wire (if it has one)."""
         ...
 
-    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+    def finish_average(self, outer_step: Optional[OuterStepCallback] = None) -> None:
         """Waits for the started average and merges it, through `outer_step` when given."""
         ...
 

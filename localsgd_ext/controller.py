@@ -22,6 +22,7 @@ from .hierarchy import Hierarchy
 from .options import AveragingOptions
 from .quantized_wire import QuantizedAverager
 from .schedule import Action, Advance, LevelAverage, Merge, Sync
+from .split_averager import SplitAverager, layout_digest, split_by_codec
 
 __all__ = ["SyncController"]
 
@@ -135,16 +136,7 @@ class SyncController:
         for start, end in zip(bounds, bounds[1:]):
             averager: Averager
             if config.quantized:
-                averager = QuantizedAverager.with_options(
-                    params[start:end],
-                    config.averaging,
-                    wire=config.wire_name,
-                    block_size=config.wire_block_size,
-                    error_feedback=config.error_feedback,
-                    names=names[start:end],
-                    agreement_settings=settings,
-                    process_group=self.process_group,
-                )
+                averager = self._quantized_averager(params[start:end], names[start:end], settings)
             else:
                 averager = ParameterAverager.with_options(
                     params[start:end],
@@ -167,6 +159,45 @@ class SyncController:
                 )
                 for size, group in self.hierarchy.groups.items()
             }
+
+    def _quantized_averager(self, params: List[torch.nn.Parameter], names: List[str], settings: dict) -> Averager:
+        """The quantized wire over a fragment: one `QuantizedAverager` when every parameter is float32 on one
+        device; else a `SplitAverager` with one per device for the float32 parameters, and the float wire
+        for the others (as the bf16 wire leaves other dtypes as they are)."""
+        config = self.config
+
+        def quantized(part_params, part_names, part_settings):
+            return QuantizedAverager.with_options(
+                part_params,
+                config.averaging,
+                wire=config.wire_name,
+                block_size=config.wire_block_size,
+                error_feedback=config.error_feedback,
+                names=part_names,
+                agreement_settings=part_settings,
+                process_group=self.process_group,
+            )
+
+        parts = split_by_codec(params)
+        if len(parts) == 1 and parts[0][0] is not None:
+            return quantized(params, names, settings)
+        split_settings = {**settings, "split": layout_digest(params, names)}
+        built: List[tuple] = []
+        for device, positions in parts:
+            part_params, part_names = [params[i] for i in positions], [names[i] for i in positions]
+            if device is None:
+                part = ParameterAverager.with_options(
+                    part_params,
+                    config.averaging,
+                    names=part_names,
+                    agreement_settings=split_settings,
+                    process_group=self.process_group,
+                    sharded_model=self.model,
+                )
+            else:
+                part = quantized(part_params, part_names, split_settings)
+            built.append((positions, part))
+        return SplitAverager(list(params), list(names), built)
 
     def _averagers_or_fail_together(self) -> List[Averager]:
         """The current averagers; if this rank cannot build them (a parameter refused), the other ranks,
@@ -306,7 +337,11 @@ class SyncController:
         if outer is not None:
             # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.
             first = self.fragment_starts[fragment]
-            averager.finish_average(outer_step=lambda means: outer.apply(means, first=first))
+
+            def outer_step(means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None:
+                outer.apply(means, first, positions)
+
+            averager.finish_average(outer_step=outer_step)
         else:
             averager.finish_average()
         self.sync_count += 1

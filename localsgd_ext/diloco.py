@@ -102,11 +102,16 @@ class OuterStep:
             )
 
     @torch.no_grad()
-    def apply(self, averaged: Sequence[torch.Tensor], first: int = 0) -> None:
+    def apply(self, averaged: Sequence[torch.Tensor], first: int = 0, positions: Optional[Sequence[int]] = None) -> None:
         """`averaged` holds the means of the parameters from index `first` on (a fragment; all of them by
-        default); afterwards it holds the outer optimizer's result, which is also their new anchor. The
-        other anchors have no gradient, so the optimizer leaves them and their state alone."""
-        anchors = self.anchor_slice(first, len(averaged))
+        default), or with `positions` of the parameters `first + positions[i]` (part of a fragment);
+        afterwards it holds the outer optimizer's result, which is also their new anchor. The other
+        anchors have no gradient, so the optimizer leaves them and their state alone."""
+        if positions is None:
+            anchors = self.anchor_slice(first, len(averaged))
+        else:
+            fragment = self.anchor_slice(first)
+            anchors = [fragment[i] for i in positions]
         self._check_matches(averaged, anchors)
         if not anchors or self.optimizer is None:
             return

@@ -194,7 +194,7 @@ class LocalSGD:
             error bound). `"fp8"`: the same with float8 e4m3 codes (same bytes; error relative to each
             value instead of to its block's largest). The anchor the changes are measured from is taken
             on enter (the parameters must then be equal on every rank, as DDP makes them: checked).
-            float32 parameters on one device. None:
+            The codec reads float32: other dtypes travel on the float wire, as they are. None:
             `"fp32"`, or what `comm_dtype` says. The attribute `wire` holds the name.
         error_feedback (`bool`, defaults to `False`):
             Keyword-only, with `wire` set: each rank keeps what quantization left out of its change and

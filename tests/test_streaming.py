@@ -228,3 +228,27 @@ def test_training_with_each_streaming_option_syncs_when_documented_and_converges
             assert torch.equal(*synced) and not torch.equal(*other), (step, "only the fragment synced is identical")
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b), "the exit sync leaves every rank bit-identical"
+
+
+@pytest.mark.parametrize("options", [{}, {"sync_delay": 1, "outer_optimizer": "diloco"}], ids=["waited", "streaming diloco"])
+def test_the_quantized_wire_takes_a_model_with_other_dtypes(options):
+    # Its codec reads float32: the float32 layer travels quantized, the bfloat16 one on the float wire.
+    results = run_ranks(2, "workers_streaming:mixed_dtypes_on_the_quantized_wire", options, timeout=120)
+    for r in results:
+        assert r["parts"] == ["QuantizedAverager", "ParameterAverager"]
+        assert r["sync_count"] == 3, "steps 2 and 4, then the exit"
+        for a, b in zip(r["final"], results[0]["final"]):
+            assert torch.equal(a, b), "the exit leaves every rank identical"
+        assert [p.dtype for p in r["final"]] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    if options:
+        return
+    for step in (2, 4):  # waited syncs: every parameter is its mean across the ranks
+        for i in range(4):
+            a, b = (r["after"][step - 1][i] for r in results)
+            assert torch.equal(a, b), (step, i)
+            mean = (results[0]["before"][step - 1][i].float() + results[1]["before"][step - 1][i].float()) / 2
+            if i < 2:  # int8: within one quantization step of the changes since the last sync
+                change = max((r["before"][step - 1][i] - r["after"][step - 1][i]).abs().max() for r in results)
+                assert (a - mean).abs().max() <= change / 64 + 1e-6, (step, i)
+            else:  # bfloat16 on the float wire: the mean, rounded to bfloat16
+                torch.testing.assert_close(a.float(), mean, rtol=2**-7, atol=1e-3)

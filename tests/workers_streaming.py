@@ -186,3 +186,25 @@ def quantized_average(wire: str, error_feedback: bool, overlapped: bool, halve_i
         "wire_bytes": averager.last_wire_bytes,
         "residual": residual,
     }
+
+
+def mixed_dtypes_on_the_quantized_wire(options: dict):
+    """LocalSGD(wire="int8") over a model with float32 and bfloat16 layers: the float32 parameters travel
+    quantized, the bfloat16 ones on the float wire. Each step's parameters before and after step(), the
+    final ones, and the counts."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2).to(torch.bfloat16))
+    model = accelerator.prepare(module)
+    moves = torch.Generator().manual_seed(300 + rank)
+    with LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, wire="int8", **options) as local_sgd:
+        before, after = step_with_rank_moves(model, local_sgd, 4, moves)
+        parts = [type(part).__name__ for _, part in local_sgd._controller.averagers[0].parts]
+    return {
+        "before": before,
+        "after": after,
+        "final": snapshot(model.parameters()),
+        "parts": parts,
+        "sync_count": local_sgd.sync_count,
+    }
