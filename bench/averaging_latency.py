@@ -62,6 +62,7 @@ def parse_args():
     parser.add_argument("--out", default="bench/out", help="folder for the JSON and PNG outputs")
     parser.add_argument("--smoke", action="store_true", help="miniature shapes, for the smoke test")
     parser.add_argument("--no-sweep", action="store_true", help="skip the bucket_cap_mb sweep")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the PNG (next to it) from a combined JSON written earlier")
     return parser.parse_args()
 
 
@@ -296,27 +297,53 @@ def print_table(report):
         )
 
 
+# What each method on the figure is, in the words a reader needs (the legend names alone do not say).
+METHOD_NOTES = {
+    OURS: "engine: ParameterAverager.average() alone",
+    f"{OURS} LocalSGD": "LocalSGD sync: the engine plus LocalSGD's own per-sync work",
+    f"{OURS} zero-copy": "engine, zero-copy (parameters live in the flat buffers)",
+    f"{OURS} LocalSGD zero-copy": "LocalSGD sync, zero-copy",
+    f"{OURS} int8 wire": "engine, int8 wire (changes since the anchor, 1 byte each)",
+    "accelerate LocalSGD": "Accelerate's LocalSGD sync (clone + all_reduce + divide per tensor)",
+    "torch average_parameters": "torch.distributed model_averaging's average_parameters",
+    "python cat buckets": "25 MiB buckets in Python: torch.cat, all_reduce, copy back",
+    FLOOR: "floor: one all_reduce of an already-flat buffer of the same bytes",
+}
+
+
 def plot(reports, path):
+    """Per world size, two panels: each method's median time as a multiple of the floor, and in
+    milliseconds (both log scales), per model shape, labelled with its tensor count and size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in reports[0]["results"][0]["methods"] if " cap=" not in m]
-    fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 4.8), squeeze=False)
-    for ax, report in zip(axes[0], reports):
-        shapes = [r["shape"] for r in report["results"]]
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, len(reports), figsize=(7 * len(reports), 8.4), squeeze=False)
+    for column, report in enumerate(reports):
+        results = report["results"]
+        labels = [f"{r['shape']}\n{r['tensors']} tensors\n{r['bytes'] / 2**20:.1f} MiB" for r in results]
         width = 0.8 / len(methods)
-        for i, method in enumerate(methods):
-            values = [r["methods"][method]["x_floor"] if method in r["methods"] else float("nan") for r in report["results"]]
-            ax.bar([s + i * width for s in range(len(shapes))], values, width, label=method)
-        ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("time / one flat all_reduce (log)")
-        ax.set_title(f"{report['world_size']} ranks, {report['backend']}")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        for row, (key, scale, ylabel) in enumerate(
+            [("x_floor", 1.0, "time / one flat all_reduce (log)"), ("median_ms", 1.0, "median ms per sync (log)")]
+        ):
+            ax = axes[row][column]
+            for i, method in enumerate(methods):
+                values = [r["methods"][method][key] * scale if method in r["methods"] else float("nan") for r in results]
+                ax.bar([s + i * width for s in range(len(results))], values, width, color=colours[method], label=method)
+            ax.set_xticks([s + 0.4 - width / 2 for s in range(len(results))], labels, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            if key == "x_floor":
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                ax.set_title(
+                    f"{report['world_size']} ranks, {report['backend']}, {report.get('threads_per_rank', 1)} thread/rank"
+                )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in methods]
+    fig.legend(handles, [f"{m}: {METHOD_NOTES.get(m, m)}" for m in methods], loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 + 0.022 * ((len(methods) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -373,6 +400,10 @@ def launch(args):
 
 def main():
     args = parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["reports"], os.path.splitext(args.replot)[0] + ".png")
+        return
     if "LOCAL_RANK" in os.environ:
         run_rank(args)
     else:

@@ -50,6 +50,7 @@ def parse_args():
     parser.add_argument("--max-steps", type=int, default=4000)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the PNG (next to it) from a JSON written earlier")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -322,29 +323,94 @@ def run_mode(args, mode, port):
     return result
 
 
-def plot(results, path, args):
+# One colour per mode, the same in every figure (modes not listed take the next free colours).
+MODE_ORDER = (
+    "none",
+    "ddp",
+    "4",
+    "8",
+    "16",
+    "8d1",
+    "8d2",
+    "8d4",
+    "8f2",
+    "8d1f2",
+    "8q",
+    "8qe",
+    "8fp8",
+    "8d4q",
+    "8d4qe",
+    "8d4fp8",
+    "8d1f2q",
+    "8d1f2qe",
+)
+REFERENCE_MODES = ("none", "ddp")  # drawn in every panel, for scale
+CURVES_PER_PANEL = 6
+
+
+def mode_colour(mode: str):
+    import matplotlib.pyplot as plt
+
+    # Two qualitative palettes, gray left out (DDP's): 17 colours that stay apart.
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
+    if mode in ("none", "ddp"):
+        return {"none": "black", "ddp": "tab:gray"}[mode]
+    index = MODE_ORDER.index(mode) - 2 if mode in MODE_ORDER else len(MODE_ORDER) + sum(map(ord, mode))
+    return palette[index % len(palette)]
+
+
+def parameter_count(hidden: int) -> int:
+    return (64 * hidden + hidden) + (hidden * hidden + hidden) + (hidden * 10 + 10)
+
+
+def plot(results, path, rate: str, target_loss: float, hidden: int):
+    """Loss against wall-clock time, at most CURVES_PER_PANEL curves a panel (the references in each),
+    one colour per mode, the legend beside the curves, the target loss and the model size stated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        steps, seconds, losses = zip(*r["trace"])
-        label = describe_mode(r["mode"])
-        ax.plot(seconds, losses, marker=".", label=label)
-    ax.axhline(args.target_loss, color="black", linewidth=0.8, linestyle="--", label="target")
-    ax.set_yscale("log")
-    ax.set_xlabel("training wall-clock time (s)")
-    ax.set_ylabel("cross-entropy on the training set")
-    ax.set_title(f"2 ranks over a {args.rate}/s link (veth + tc tbf), gloo")
-    ax.legend()
+    references = [r for r in results if r["mode"] in REFERENCE_MODES]
+    others = [r for r in results if r["mode"] not in REFERENCE_MODES]
+    per_panel = max(1, CURVES_PER_PANEL - len(references))
+    panels = [others[i : i + per_panel] for i in range(0, len(others), per_panel)] or [[]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 3.6 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        for r in references + panel:
+            steps, seconds, losses = zip(*r["trace"])
+            reference = r["mode"] in REFERENCE_MODES
+            ax.plot(
+                seconds,
+                losses,
+                marker="" if reference else ".",
+                linewidth=1.0 if reference else 1.6,
+                linestyle=":" if reference else "-",
+                color=mode_colour(r["mode"]),
+                label=describe_mode(r["mode"]),
+            )
+        ax.axhline(target_loss, color="black", linewidth=0.8, linestyle="--", label=f"target loss {target_loss}")
+        ax.set_yscale("log")
+        ax.set_ylabel("cross-entropy, training set")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1, 0].set_xlabel("training wall-clock time (s)")
+    axes[0, 0].set_title(
+        f"2 ranks over a {rate}/s link (veth + tc tbf), gloo\nMLP 64-{hidden}-{hidden}-10 "
+        f"({parameter_count(hidden) / 1e6:.1f}M fp32 parameters), target loss {target_loss}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main():
     args = parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            recorded = json.load(f)
+        hidden = recorded.get("hidden", args.hidden)
+        plot(recorded["results"], os.path.splitext(args.replot)[0] + ".png", recorded["rate"], recorded["target_loss"], hidden)
+        return
     if args.worker:
         train(args)
         return
@@ -381,9 +447,10 @@ def main():
         )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "slow_link.json"), "w") as f:
-        json.dump({"rate": args.rate, "target_loss": args.target_loss, "results": results}, f, indent=1)
+        recorded = {"rate": args.rate, "target_loss": args.target_loss, "hidden": args.hidden, "results": results}
+        json.dump(recorded, f, indent=1)
     png = os.path.join(args.out, "slow_link.png")
-    plot(results, png, args)
+    plot(results, png, args.rate, args.target_loss, args.hidden)
     print(f"wrote {os.path.join(args.out, 'slow_link.json')} and {png}")
 
 

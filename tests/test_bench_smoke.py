@@ -2,11 +2,14 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 from multiprocess import REPO_ROOT
+
+REPO_ROOT_PATH = pathlib.Path(REPO_ROOT)
 
 
 def test_cuda_pack_unpack_bench_runs_in_cpu_mode(tmp_path):
@@ -273,3 +276,18 @@ def test_wires_public_api_bench_runs(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (shape,) = json.loads(out.read_text())["results"]
     assert set(shape["methods"]) == {"fp32", "int8 zero-copy", "flat all_reduce (floor)"} and not shape["refused"]
+
+
+@pytest.mark.parametrize(
+    "script, recorded",
+    [("bench/averaging_latency.py", "averaging_latency.json"), ("bench/slow_link.py", "fragments_int8_slow_link.json")],
+)
+def test_the_recorded_results_replot(tmp_path, script, recorded):
+    # The figures in bench/results are drawn from the JSON beside them, with no rerun.
+    copy = tmp_path / recorded
+    copy.write_text((REPO_ROOT_PATH / "bench" / "results" / recorded).read_text())
+    result = subprocess.run(
+        [sys.executable, script, "--replot", str(copy)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert copy.with_suffix(".png").stat().st_size > 10_000
