@@ -85,8 +85,15 @@ def fragment_cuts(sizes: Sequence[int], parts: int) -> List[int]:
 class Reference:
     """Every rank's parameters and buffers through `steps` steps and the exit, as documented."""
 
-    def __init__(self, options: dict, params: List[torch.Tensor], float_buffers: List[torch.Tensor], int_buffers: int):
-        self.world = WORLD_SIZE
+    def __init__(
+        self,
+        options: dict,
+        params: List[torch.Tensor],
+        float_buffers: List[torch.Tensor],
+        int_buffers: int,
+        world: int = WORLD_SIZE,
+    ):
+        self.world = world
         self.k = LOCAL_SGD_STEPS
         self.fragments = options.get("num_fragments", 1)
         self.delay = options.get("sync_delay", 0)

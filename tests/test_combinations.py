@@ -2,8 +2,9 @@
 with the pure-Python reference of the documented semantics (combination_reference.py): each rank's
 parameters and buffers after every step() and after the exit, sync_count and level_sync_counts, ranks
 bit-identical after the exit. The pairs that are refused must be refused with the reason docs/options.md's
-refusal table gives. (Sharded replicas compose with these options in test_sharded.py; they need FSDP2's
-own 2-D mesh, not this launch.)"""
+refusal table gives. Sharded replicas, the twelfth option, in a launch of their own: 2 replicas of a model
+sharded over 2 ranks each (FSDP2 on a (replicate, shard) mesh), with every other option but hierarchy
+(whose groups need more than 2 replicas), compared on the full tensors with the reference at 2 "ranks"."""
 
 import os
 
@@ -13,6 +14,8 @@ from combination_reference import AXES, REFUSED, STEPS, WORLD_SIZE, Reference, i
 from multiprocess import REPO_ROOT, run_ranks
 
 CASES = [(axis,) for axis in AXES] + pairs()
+SHARDED_CASES = [("sharded",)] + [("sharded", axis) for axis in AXES if axis != "hierarchy"]
+REPLICAS = 2
 
 # Largest distance from the exact mean allowed per tensor element, per wire, over the whole run: each
 # sync errs by at most half a quantization step of the sender's and of the mean's block (int8: step =
@@ -27,6 +30,11 @@ def results():
     return run_ranks(WORLD_SIZE, "workers_combinations:every_case", [list(case) for case in CASES], timeout=600)
 
 
+@pytest.fixture(scope="module")
+def sharded_results():
+    return run_ranks(WORLD_SIZE, "workers_combinations:every_sharded_case", [list(c) for c in SHARDED_CASES], timeout=600)
+
+
 def _assert_close(got, expected, tolerance, where):
     for i, (a, b) in enumerate(zip(got, expected)):
         if tolerance == 0:
@@ -37,8 +45,24 @@ def _assert_close(got, expected, tolerance, where):
 
 @pytest.mark.parametrize("case", CASES, ids="+".join)
 def test_each_option_and_each_pair_does_what_the_reference_says(results, case):
-    name = "+".join(case)
-    got = [results[rank][name] for rank in range(WORLD_SIZE)]
+    _check_against_the_reference(case, [results[rank]["+".join(case)] for rank in range(WORLD_SIZE)], WORLD_SIZE)
+
+
+@pytest.mark.parametrize("case", SHARDED_CASES, ids="+".join)
+def test_sharded_replicas_with_each_option_do_what_the_reference_says(sharded_results, case):
+    # Ranks 0-1 are replica 0's two shards, ranks 2-3 replica 1's: each shard pair records its replica's
+    # full tensors, which must be the same on both.
+    got = [sharded_results[rank]["+".join(case)] for rank in range(WORLD_SIZE)]
+    for shard_pair in ((0, 1), (2, 3)):
+        a, b = (got[rank] for rank in shard_pair)
+        if "refused" not in a:
+            _assert_close(a["final"]["params"], b["final"]["params"], 0, (case, "a replica's shards agree"))
+    _check_against_the_reference(tuple(axis for axis in case if axis != "sharded"), [got[0], got[2]], REPLICAS)
+
+
+def _check_against_the_reference(case, got, world):
+    """`got`: each (simulated) rank's recorded run of `case`, compared with the reference's."""
+    name = "+".join(case) or "sharded"
     options = options_of(case)
     refusal = REFUSED.get(frozenset(case))
     if refusal is not None:
@@ -52,20 +76,20 @@ def test_each_option_and_each_pair_does_what_the_reference_says(results, case):
     first = got[0]["steps"][0]
     params = [initial(i, p.shape) for i, p in enumerate(first["params"])]
     float_buffers = [initial(1000 + j, b.shape) for j, b in enumerate(first["float_buffers"])]
-    reference = Reference(options, params, float_buffers, len(first["int_buffers"]))
+    reference = Reference(options, params, float_buffers, len(first["int_buffers"]), world=world)
     tolerance = WIRE_TOLERANCE.get(options.get("wire"), 0.0)
     if options.get("outer_optimizer"):
         tolerance = max(tolerance, OUTER_TOLERANCE)
 
     for step in range(1, STEPS + 1):
         reference.step(step)
-        for rank in range(WORLD_SIZE):
+        for rank in range(world):
             state = got[rank]["steps"][step - 1]
             _assert_close(state["params"], reference.params[rank], tolerance, (name, "step", step, "rank", rank))
             _assert_close(state["float_buffers"], reference.float_buffers[rank], 0, (name, "buffers", step, rank))
             assert state["int_buffers"] == reference.int_buffers[rank], (name, step, rank)
     reference.exit(STEPS)
-    for rank in range(WORLD_SIZE):
+    for rank in range(world):
         final = got[rank]["final"]
         _assert_close(final["params"], reference.params[rank], tolerance, (name, "exit", "rank", rank))
         _assert_close(final["float_buffers"], reference.float_buffers[rank], 0, (name, "exit buffers", rank))
