@@ -77,6 +77,9 @@ class LocalSGDConfig:
     error_feedback: bool = False
     wire_block_size: int = DEFAULT_BLOCK_SIZE
     hierarchy: Optional[Mapping[int, int]] = None
+    # Not an option: whether warm-up averages the parameters every step because nothing (no DDP) syncs
+    # the gradients across the replicas; LocalSGD sets it from the model.
+    warmup_by_averaging: bool = False
 
     averaging: AveragingOptions = dataclasses.field(init=False)
     flat_layout: bool = dataclasses.field(init=False)
@@ -125,6 +128,7 @@ class LocalSGDConfig:
                 sync_delay=self.sync_delay,
                 levels=levels or {},
                 advance_midway=wire in WIRES,
+                warmup_by_averaging=self.warmup_by_averaging,
             )
         self._set(schedule=schedule, hierarchy=levels)
         if self.sync_delay > 0 and comm_dtype == torch.float16:
@@ -178,4 +182,5 @@ class LocalSGDConfig:
             "error_feedback": self.error_feedback,
             "wire_block_size": self.wire_block_size,
             "outer_anchor_device": self.outer_anchor_device,
+            "warmup_by_averaging": self.warmup_by_averaging,
         }

@@ -21,7 +21,7 @@ from .fragments import fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions
 from .quantized_wire import QuantizedAverager
-from .schedule import Action, Advance, LevelAverage, Merge, Sync
+from .schedule import Action, Advance, EndWarmUp, LevelAverage, Merge, Sync
 from .split_averager import SplitAverager, layout_digest, split_by_codec
 
 __all__ = ["SyncController"]
@@ -223,7 +223,9 @@ class SyncController:
 
     def run_step(self, actions: Sequence[Action], step: int, whole_average: Callable[[], None]) -> None:
         """The actions due after the `step`-th `step()`, in order."""
-        self.last_step_synced = False
+        schedule = self.config.schedule
+        # Under DDP's gradient all-reduce (warm-up) every step leaves the ranks identical.
+        self.last_step_synced = schedule is not None and step <= schedule.warmup_steps and not schedule.warmup_by_averaging
         for action in actions:
             if isinstance(action, Sync):
                 self._run_sync(action, step, whole_average)
@@ -258,6 +260,18 @@ class SyncController:
                 self.averagers[self.delayed_fragment].advance_average()
         elif isinstance(action, LevelAverage):
             self._average_level(action.group_size)
+        elif isinstance(action, EndWarmUp):
+            self._rebase_anchors()
+
+    def _rebase_anchors(self) -> None:
+        """The anchors (the outer step's, the quantized wire's) from the parameters as they are, which DDP
+        kept identical on every rank through warm-up: the first outer step and the first quantized change
+        then measure local progress only."""
+        averagers = self._averagers_or_fail_together()
+        if self.outer is not None:
+            self.outer.rebase([p for averager in averagers for p in averager.params])
+        for averager in averagers:
+            averager.rebase_anchor()
 
     def abort(self) -> None:
         """After an exception in the loop: a delayed sync was started on every rank, so it completes; wait

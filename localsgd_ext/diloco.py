@@ -77,6 +77,15 @@ class OuterStep:
         else:
             self._check_matches(params)
 
+    @torch.no_grad()
+    def rebase(self, params: Sequence[torch.Tensor]) -> None:
+        """Moves the anchor to the parameters' current values (the same on every rank, e.g. after a warm-up
+        that DDP kept in step), keeping the outer optimizer's state."""
+        anchors = self.anchor_slice()
+        self._check_matches(params, anchors)
+        for anchor, param in zip(anchors, params):
+            anchor.copy_(param.detach())
+
     def anchor_slice(self, first: int = 0, count: Optional[int] = None) -> List[torch.Tensor]:
         """The anchors of parameters `first` to `first + count` (a fragment; all of them by default)."""
         if self.anchors is None:

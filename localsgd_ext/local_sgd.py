@@ -16,6 +16,7 @@ from .consistency import confirm_across_world, confirm_settings_agree
 from .controller import SyncController
 from .options import check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE
+from .schedule import EndWarmUp
 from .sharded import REPLICATE_DIM_NAMES, is_sharded, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
@@ -166,8 +167,13 @@ class LocalSGD:
             and bool buffers (`num_batches_tracked`). The buffers' names, shapes and dtypes join the
             ranks' agreement check.
         warmup_steps (`int`, defaults to 0):
-            Keyword-only. Sync after every step for the first `warmup_steps` steps, then every
-            `local_sgd_steps` steps counted from there (post-local SGD).
+            Keyword-only. Post-local SGD (torch's `PostLocalSGDOptimizer`, Lin et al.): for the first
+            `warmup_steps` steps gradient sync stays on (DDP all-reduces the gradients, so every rank's
+            parameters and optimizer state stay identical) and nothing is averaged; then `no_sync()` is
+            entered and the parameters are averaged every `local_sgd_steps` steps counted from there.
+            The anchors (outer step, quantized wire) are taken at the end of warm-up. A model with no
+            `no_sync()` (FSDP2 sharded within each replica: nothing syncs its gradients across
+            replicas) warms up by averaging the parameters after every step instead.
         sync_delay (`int`, defaults to 0):
             Keyword-only. Overlap each sync with the next `sync_delay` local steps (0: wait, as
             Accelerate does). At a sync step the parameters are snapshotted and their average started,
@@ -290,10 +296,14 @@ class LocalSGD:
             error_feedback=error_feedback,
             wire_block_size=wire_block_size,
             hierarchy=hierarchy,
+            # Warm-up is DDP's gradient all-reduce (post-local SGD) where DDP is; an FSDP2 model sharded
+            # within each replica syncs no gradient across replicas, so it warms up by averaging.
+            warmup_by_averaging=not hasattr(model, "no_sync"),
         )
         self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
         self._controller = SyncController(model, self.config, self.process_group)
         self._entered = False
+        self._gradient_sync_is_off = False
 
     # The options, as attributes of their own (read-only); `config` holds them all.
     options = property(lambda self: self.config.averaging)
@@ -358,9 +368,15 @@ class LocalSGD:
             elif outcome is not None:
                 raise outcome
             self.model_sync_obj = _gradient_sync_off(self.model)
-            self.model_sync_obj.__enter__()
+            self._gradient_sync_is_off = False
+            if self.num_steps >= self.warmup_steps or self.config.warmup_by_averaging:
+                self._switch_gradient_sync_off()
         self._entered = True
         return self
+
+    def _switch_gradient_sync_off(self) -> None:
+        self.model_sync_obj.__enter__()
+        self._gradient_sync_is_off = True
 
     def __exit__(self, type, value, tb):
         self._entered = False
@@ -373,7 +389,8 @@ class LocalSGD:
             finally:
                 if type is not None:
                     self._controller.abort()
-                self.model_sync_obj.__exit__(type, value, tb)
+                if self._gradient_sync_is_off:
+                    self.model_sync_obj.__exit__(type, value, tb)
 
     def step(self):
         """
@@ -383,6 +400,8 @@ class LocalSGD:
         if not self.enabled:
             return
         actions = self.config.schedule.actions(self.num_steps)
+        if EndWarmUp() in actions:
+            self._switch_gradient_sync_off()
         self._controller.run_step(actions, self.num_steps, self._sync_and_avg_model_params)
 
     def _sync_and_avg_model_params(self):

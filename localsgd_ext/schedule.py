@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Mapping, Optional, Tuple, Union
 
-__all__ = ["Merge", "Advance", "Sync", "LevelAverage", "Action", "SyncSchedule"]
+__all__ = ["Merge", "Advance", "Sync", "LevelAverage", "EndWarmUp", "Action", "SyncSchedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,13 @@ class LevelAverage:
     group_size: int
 
 
-Action = Union[Merge, Advance, Sync, LevelAverage]
+@dataclasses.dataclass(frozen=True)
+class EndWarmUp:
+    """Warm-up by gradient all-reduce is over: switch gradient sync off (`no_sync`) and take the anchors
+    from the parameters, which DDP kept identical on every rank."""
+
+
+Action = Union[Merge, Advance, Sync, LevelAverage, EndWarmUp]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +63,9 @@ class SyncSchedule:
 
     Args:
         local_sgd_steps (`int`): each fragment's period after warm-up, in steps.
-        warmup_steps (`int`, defaults to 0): steps that each sync every fragment, waited for.
+        warmup_steps (`int`, defaults to 0): steps before Local SGD starts. With `warmup_by_averaging`
+            each of them syncs every fragment, waited for; otherwise DDP's gradient all-reduce keeps the
+            ranks together meanwhile (post-local SGD) and the last of them ends warm-up (`EndWarmUp`).
         num_fragments (`int`, defaults to 1): fragments syncing in turn; must divide `local_sgd_steps`.
         sync_delay (`int`, defaults to 0): steps between a sync's start and its merge; below
             `local_sgd_steps / num_fragments`, so that one sync at most is in flight.
@@ -66,6 +74,9 @@ class SyncSchedule:
             and at the world's steps only the world.
         advance_midway (`bool`, defaults to `False`): a delayed sync in two halves (the quantized wire's
             all_to_all, then its all_gather), the second started midway through the delay.
+        warmup_by_averaging (`bool`, defaults to `False`): warm up by averaging the parameters after
+            every step, for models whose gradients nothing syncs across the replicas (FSDP2 within each
+            replica).
     """
 
     local_sgd_steps: int
@@ -74,6 +85,7 @@ class SyncSchedule:
     sync_delay: int = 0
     levels: Mapping[int, int] = dataclasses.field(default_factory=dict)
     advance_midway: bool = False
+    warmup_by_averaging: bool = False
 
     def __post_init__(self):
         if self.local_sgd_steps % self.num_fragments != 0:
@@ -110,7 +122,9 @@ class SyncSchedule:
     def actions(self, step: int) -> Tuple[Action, ...]:
         """What runs after the `step`-th call of `step()` (counted from 1), in order."""
         if step <= self.warmup_steps:
-            return (Sync(tuple(range(self.num_fragments))),)
+            if self.warmup_by_averaging:
+                return (Sync(tuple(range(self.num_fragments))),)
+            return (EndWarmUp(),) if step == self.warmup_steps else ()
         actions: Tuple[Action, ...] = ()
         if self.sync_delay > 0:
             merging = self._started_delayed(step - self.sync_delay)

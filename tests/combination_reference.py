@@ -64,6 +64,11 @@ def move(rank: int, step: int, index: int, shape) -> torch.Tensor:
     return torch.randint(-2, 3, tuple(shape), generator=generator).float() / 8
 
 
+def mover_of(rank: int, step: int, in_step: bool) -> int:
+    """Whose moves rank `rank` makes at `step`: its own, or rank 0's while DDP keeps the ranks in step."""
+    return 0 if in_step else rank
+
+
 def initial(index: int, shape) -> torch.Tensor:
     """Every rank's starting value of tensor `index`: multiples of 1/8 in [-1, 1]."""
     generator = torch.Generator().manual_seed(7 + index)
@@ -92,8 +97,12 @@ class Reference:
         float_buffers: List[torch.Tensor],
         int_buffers: int,
         world: int = WORLD_SIZE,
+        warmup_by_averaging: bool = False,
     ):
         self.world = world
+        # Warm-up: DDP's gradient all-reduce keeps the ranks identical (the workers then move every rank
+        # alike, as rank 0) and nothing is averaged; without DDP (FSDP2 replicas) every step averages.
+        self.warmup_by_averaging = warmup_by_averaging
         self.k = LOCAL_SGD_STEPS
         self.fragments = options.get("num_fragments", 1)
         self.delay = options.get("sync_delay", 0)
@@ -172,14 +181,19 @@ class Reference:
         self.level_sync_counts[size] += 1
 
     def step(self, step: int) -> None:
+        in_step = step <= self.warmup and not self.warmup_by_averaging
         for r in range(self.world):
+            mover = mover_of(r, step, in_step)
             for i, p in enumerate(self.params[r]):
-                self.params[r][i] = p + move(r, step, i, p.shape)
+                self.params[r][i] = p + move(mover, step, i, p.shape)
             for j, b in enumerate(self.float_buffers[r]):
-                self.float_buffers[r][j] = b + move(r, step, 1000 + j, b.shape)
-            self.int_buffers[r] = [step * (r + 1) + j for j in range(len(self.int_buffers[r]))]
+                self.float_buffers[r][j] = b + move(mover, step, 1000 + j, b.shape)
+            self.int_buffers[r] = [step * (mover + 1) + j for j in range(len(self.int_buffers[r]))]
         if step <= self.warmup:
-            self._sync(list(range(self.fragments)), step, delayed=False)
+            if self.warmup_by_averaging:
+                self._sync(list(range(self.fragments)), step, delayed=False)
+            elif step == self.warmup:
+                self.anchor = [p.clone() for p in self.params[0]]  # the anchors start from here
             return
         if self.in_flight is not None and self.in_flight[1] == step:
             self._merge()

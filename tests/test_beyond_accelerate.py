@@ -60,3 +60,23 @@ def test_save_kill_resume_matches_an_uninterrupted_run(tmp_path):
         assert b["sync_count"] == a["sync_count"]
         for x, y in zip(a["params"], b["params"]):
             assert torch.equal(x, y), f"max diff {(x - y).abs().max()}"
+
+
+def test_warmup_is_ddps_own_training_and_keeps_the_optimizer_states_equal():
+    # Post-local SGD (torch's PostLocalSGDOptimizer + post_localSGD_hook, Lin et al.): during warm-up the
+    # gradients are all-reduced, so with momentum every rank's parameters and optimizer state stay equal,
+    # bit for bit DDP's own training; Local SGD starts after it (no parameter average before step 5 + 4).
+    warmup, steps = 5, 9
+    results = run_ranks(2, "workers_beyond:warmup_is_ddp_training", warmup, steps)
+    for r in results:
+        ours, ddp = r["local_sgd"], r["ddp"]
+        for step in range(warmup):
+            for a, b in zip(ours["params"][step] + ours["momenta"][step], ddp["params"][step] + ddp["momenta"][step]):
+                assert torch.equal(a, b), (step, "warm-up is DDP's training, bit for bit")
+        assert ours["synced"] == [True] * warmup + [False] * 3 + [True], "identical ranks at each warm-up step"
+        assert ours["sync_count"] == 2, "step 9, then the exit"
+    a, b = (r["local_sgd"] for r in results)
+    for step in range(warmup):
+        for x, y in zip(a["momenta"][step], b["momenta"][step]):
+            assert torch.equal(x, y), (step, "the ranks' optimizer states stay equal through warm-up")
+    assert not all(torch.equal(x, y) for x, y in zip(a["momenta"][warmup + 1], b["momenta"][warmup + 1])), "local after"

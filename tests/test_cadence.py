@@ -85,22 +85,48 @@ def local_sgd_over(record, model=None, **kwargs):
     "local_sgd_steps, warmup_steps, steps, expected",
     [
         (4, 0, 10, [4, 8]),  # Accelerate's cadence
-        (4, 3, 12, [1, 2, 3, 7, 11]),  # every step for 3, then every 4 from there
-        (2, 5, 6, [1, 2, 3, 4, 5]),
+        (4, 3, 12, [7, 11]),  # DDP's gradient all-reduce for 3 steps, then every 4 from there
+        (2, 5, 6, []),
     ],
 )
-def test_warmup_syncs_every_step_then_every_k(fake_averager, local_sgd_steps, warmup_steps, steps, expected):
+def test_warmup_is_ddps_gradient_sync_then_every_k(fake_averager, local_sgd_steps, warmup_steps, steps, expected):
+    # Post-local SGD (torch's PostLocalSGDOptimizer): during warm-up the gradients are all-reduced and
+    # nothing is averaged; gradient sync goes off at the end of warm-up.
     local_sgd = local_sgd_over(fake_averager, local_sgd_steps=local_sgd_steps, warmup_steps=warmup_steps)
-    last_step_synced = []
+    last_step_synced, gradient_sync = [], []
     with local_sgd:
         for _ in range(steps):
+            gradient_sync.append(local_sgd.model.require_backward_grad_sync)  # what this step's backward does
             local_sgd.step()
             last_step_synced.append(local_sgd.last_step_synced)
     assert fake_averager.synced == expected + [steps]  # and once on exit
     assert local_sgd.sync_count == len(expected) + 1
+    assert gradient_sync == [True] * min(warmup_steps, steps) + [False] * max(0, steps - warmup_steps)
+    assert local_sgd.model.require_backward_grad_sync is True, "restored on exit"
     (agreed,) = fake_averager.agreed_settings  # once, on enter, with the cadence in it
     assert agreed["local_sgd_steps"] == local_sgd_steps and agreed["warmup_steps"] == warmup_steps
-    assert [step for step, synced in enumerate(last_step_synced, start=1) if synced] == expected
+    # Under DDP's gradient sync every warm-up step leaves the ranks identical: a moment to checkpoint.
+    warm = list(range(1, min(warmup_steps, steps) + 1))
+    assert [step for step, synced in enumerate(last_step_synced, start=1) if synced] == warm + expected
+
+
+class ShardedWithinReplicaModel(torch.nn.Module):
+    """What LocalSGD sees of an FSDP2 root module: no no_sync(), so nothing syncs gradients across replicas."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+    def set_requires_all_reduce(self, requires_all_reduce: bool) -> None:
+        pass
+
+
+def test_without_ddp_warmup_averages_every_step_then_every_k(fake_averager):
+    local_sgd = local_sgd_over(fake_averager, ShardedWithinReplicaModel(), local_sgd_steps=4, warmup_steps=3)
+    with local_sgd:
+        for _ in range(12):
+            local_sgd.step()
+    assert fake_averager.synced == [1, 2, 3, 7, 11, 12]
 
 
 def test_an_exception_in_the_block_skips_the_exit_sync_and_restores_grad_sync(fake_averager):
@@ -174,7 +200,7 @@ def test_a_resumed_run_keeps_the_cadence(fake_averager):
     [
         (4, 2, 0, 10, [4, 8], [6, 10], [10], [6, 10]),  # nothing in flight at the end: only the exit sync waits
         (4, 3, 0, 9, [4, 8], [7, 9], [9], [7]),  # the exit merges the average in flight, then syncs
-        (4, 1, 2, 8, [6], [7], [1, 2, 8], [1, 2, 7]),  # warm-up syncs wait
+        (4, 1, 2, 8, [6], [7], [8], [1, 2, 7]),  # warm-up: DDP's gradient sync, every step identical
     ],
 )
 def test_sync_delay_starts_at_each_sync_and_merges_sync_delay_steps_later(
@@ -238,9 +264,9 @@ def test_fragments_split_the_parameters_in_order_and_sync_in_turn(fake_averager)
     assert [p for fragment in fragments for p in fragment] == list(local_sgd.model.parameters())
     assert [len(fragment) for fragment in fragments] == [4, 4]  # 2x2+2+8x8+8 | 64+8+16+2 elements
     assert [kwargs["names"][0] for _, kwargs, _ in fake_averager.built] == ["linear.weight", "layers.1.weight"]
-    # Warm-up (step 1) and the exit (step 9) sync both; between them one fragment every 2 steps, in turn.
-    assert fake_averager.fragments_synced == [(1, 0), (1, 1), (3, 0), (5, 1), (7, 0), (9, 1), (9, 0), (9, 1)]
-    assert local_sgd.sync_count == 8
+    # After warm-up (step 1, DDP's), one fragment every 2 steps, in turn; the exit syncs both.
+    assert fake_averager.fragments_synced == [(3, 0), (5, 1), (7, 0), (9, 1), (9, 0), (9, 1)]
+    assert local_sgd.sync_count == 6
 
 
 def test_fragments_with_sync_delay_keep_one_fragment_in_flight(fake_averager):

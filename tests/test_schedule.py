@@ -3,7 +3,7 @@ written out by hand from the documented cadence (docs/options.md), not computed 
 
 import pytest
 
-from localsgd_ext.schedule import Advance, LevelAverage, Merge, Sync, SyncSchedule
+from localsgd_ext.schedule import Advance, EndWarmUp, LevelAverage, Merge, Sync, SyncSchedule
 
 
 def table(schedule, steps):
@@ -15,21 +15,35 @@ def table(schedule, steps):
     [
         # Accelerate's cadence.
         (dict(local_sgd_steps=4), 9, {4: (Sync((0,)),), 8: (Sync((0,)),)}),
-        # Warm-up: every step syncs everything; then every K counted from the end of warm-up.
+        # Warm-up under DDP (post-local SGD): nothing but its end, then every K counted from there.
+        (dict(local_sgd_steps=4, warmup_steps=3), 12, {3: (EndWarmUp(),), 7: (Sync((0,)),), 11: (Sync((0,)),)}),
         (
-            dict(local_sgd_steps=4, warmup_steps=3),
+            dict(local_sgd_steps=8, num_fragments=2, sync_delay=2, warmup_steps=1, levels={2: 2}),
+            9,
+            {
+                1: (EndWarmUp(),),
+                3: (LevelAverage(2),),
+                5: (Sync((0,), delayed=True),),
+                7: (Merge(0), LevelAverage(2)),
+                9: (Sync((1,), delayed=True),),
+            },
+        ),
+        # Warm-up by averaging (no DDP to sync gradients): every step syncs everything; then every K
+        # counted from the end of warm-up.
+        (
+            dict(local_sgd_steps=4, warmup_steps=3, warmup_by_averaging=True),
             12,
             {1: (Sync((0,)),), 2: (Sync((0,)),), 3: (Sync((0,)),), 7: (Sync((0,)),), 11: (Sync((0,)),)},
         ),
         # Fragments: one every K/P steps, in turn; warm-up syncs both.
         (
-            dict(local_sgd_steps=4, num_fragments=2, warmup_steps=1),
+            dict(local_sgd_steps=4, num_fragments=2, warmup_steps=1, warmup_by_averaging=True),
             9,
             {1: (Sync((0, 1)),), 3: (Sync((0,)),), 5: (Sync((1,)),), 7: (Sync((0,)),), 9: (Sync((1,)),)},
         ),
         # Delay: started at the sync step, merged sync_delay steps later; warm-up syncs wait.
         (
-            dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2),
+            dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2, warmup_by_averaging=True),
             11,
             {
                 1: (Sync((0,)),),
@@ -65,10 +79,14 @@ def table(schedule, steps):
             9,
             {2: (LevelAverage(2),), 4: (LevelAverage(4),), 6: (LevelAverage(2),), 8: (Sync((0,)),)},
         ),
-        (dict(local_sgd_steps=4, warmup_steps=1, levels={2: 2}), 6, {1: (Sync((0,)),), 3: (LevelAverage(2),), 5: (Sync((0,)),)}),
+        (
+            dict(local_sgd_steps=4, warmup_steps=1, levels={2: 2}, warmup_by_averaging=True),
+            6,
+            {1: (Sync((0,)),), 3: (LevelAverage(2),), 5: (Sync((0,)),)},
+        ),
         # Every axis at once: a merge and a level average at the same step, in that order.
         (
-            dict(local_sgd_steps=8, num_fragments=2, sync_delay=2, warmup_steps=1, levels={2: 2}),
+            dict(local_sgd_steps=8, num_fragments=2, sync_delay=2, warmup_steps=1, levels={2: 2}, warmup_by_averaging=True),
             11,
             {
                 1: (Sync((0, 1)),),

@@ -1,6 +1,7 @@
 """Rank-side bodies of the tests of LocalSGD's options beyond Accelerate (warmup_steps, sync_buffers,
 outer_optimizer, state_dict/load_state_dict), on real gloo ranks through multiprocess.run_ranks."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -178,3 +179,32 @@ def comm_dtype_training():
         "fp32": _regression_run(accelerator, 40, {}),
         "bf16": _regression_run(accelerator, 40, {"comm_dtype": torch.bfloat16}),
     }
+
+
+def warmup_is_ddp_training(warmup_steps: int, steps: int):
+    """The same seeded training with SGD + momentum on this rank's data, twice: under LocalSGD(warmup_steps)
+    and under plain DDP (no LocalSGD). Each run's parameters and momentum buffers after every step."""
+    accelerator = _accelerator()
+    runs = {}
+    for name in ("local_sgd", "ddp"):
+        set_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+        model, optimizer = accelerator.prepare(module, optimizer)
+        x, y = _regression_data(dist.get_rank())
+        local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, warmup_steps=warmup_steps)
+        context = local_sgd if name == "local_sgd" else contextlib.nullcontext()
+        params, momenta, synced = [], [], []
+        with context:
+            for step in range(steps):
+                batch = slice((step * 8) % 64, (step * 8) % 64 + 8)
+                accelerator.backward(torch.nn.functional.mse_loss(model(x[batch]), y[batch]))
+                optimizer.step()
+                optimizer.zero_grad()
+                if name == "local_sgd":
+                    local_sgd.step()
+                    synced.append(local_sgd.last_step_synced)
+                params.append(snapshot(model.parameters()))
+                momenta.append(snapshot(optimizer.state[p]["momentum_buffer"] for p in model.parameters()))
+        runs[name] = {"params": params, "momenta": momenta, "synced": synced, "sync_count": local_sgd.sync_count}
+    return runs

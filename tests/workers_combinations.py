@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from combination_reference import LOCAL_SGD_STEPS, STEPS, initial, move, options_of
+from combination_reference import LOCAL_SGD_STEPS, STEPS, initial, move, mover_of, options_of
 from rank_setup import group_timeout, snapshot
 
 from localsgd_ext import LocalSGD
@@ -49,13 +49,15 @@ def _run(accelerator, rank: int, case):
     steps = []
     with local_sgd:
         for step in range(1, STEPS + 1):
+            # During warm-up DDP's gradient all-reduce keeps the ranks in step: every rank moves as rank 0.
+            mover = mover_of(rank, step, step <= options.get("warmup_steps", 0))
             with torch.no_grad():
                 for i, p in enumerate(model.parameters()):
-                    p.add_(move(rank, step, i, p.shape))
+                    p.add_(move(mover, step, i, p.shape))
                 for j, b in enumerate(_float_buffers(model)):
-                    b.add_(move(rank, step, 1000 + j, b.shape))
+                    b.add_(move(mover, step, 1000 + j, b.shape))
                 for j, b in enumerate(_int_buffers(model)):
-                    b.fill_(step * (rank + 1) + j)
+                    b.fill_(step * (mover + 1) + j)
             local_sgd.step()
             steps.append(_state(model))
     return {
