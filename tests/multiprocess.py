@@ -31,6 +31,60 @@ class RanksFailed(AssertionError):
     pass
 
 
+class ForkedRank:
+    """A rank forked by the zygote (tests/rank_zygote.py), with the part of Popen's interface run_ranks
+    uses. It is the zygote's child, not ours: its end is read from the status file the zygote writes."""
+
+    def __init__(self, pid: int, status_path: str):
+        self.pid = pid
+        self.status_path = status_path
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and os.path.exists(self.status_path):
+            kind, number = open(self.status_path).read().split()
+            self.returncode = -int(number) if kind == "signal" else int(number)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"rank {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+
+_zygote = None
+
+
+def _fork_rank(argv, env, log_path, status_path):
+    """A rank forked from the zygote, which has imported torch, Accelerate and localsgd_ext once for the
+    whole session (each launch would pay 1.5-2 s of imports per rank); None where the zygote is not
+    running (LOCALSGD_TEST_NO_ZYGOTE=1, or it could not start), and the caller starts a process itself."""
+    global _zygote
+    if os.environ.get("LOCALSGD_TEST_NO_ZYGOTE") == "1":
+        return None
+    if _zygote is None or _zygote.poll() is not None:
+        zygote_env = dict(env)
+        _zygote = subprocess.Popen(
+            [sys.executable, "-m", "rank_zygote"],
+            env=zygote_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=TESTS_DIR,
+        )
+    try:
+        _zygote.stdin.write(json.dumps({"argv": argv, "env": env, "log": log_path, "status": status_path}) + "\n")
+        _zygote.stdin.flush()
+        reply = _zygote.stdout.readline()
+        return ForkedRank(json.loads(reply)["pid"], status_path)
+    except (OSError, ValueError):
+        _zygote = None
+        return None
+
+
 def run_ranks(
     world_size: int,
     target: str,
@@ -65,8 +119,12 @@ def run_ranks(
             log = open(os.path.join(out_dir, f"rank{rank}.log"), "w+")
             logs.append(log)
             rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            command = [sys.executable, "-m", "rank_main", target, json.dumps(args), out_dir]
-            procs.append(subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            argv = [target, json.dumps(args), out_dir]
+            forked = _fork_rank(argv, rank_env, log.name, os.path.join(out_dir, f"rank{rank}.status"))
+            if forked is None:
+                command = [sys.executable, "-m", "rank_main", *argv]
+                forked = subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(forked)
         deadline = time.monotonic() + timeout
         timed_out = False
         for rank, proc in enumerate(procs):
