@@ -121,9 +121,6 @@ LOCALSGD_HOST_DEVICE inline float add_dequantized(float running, float value, fl
 #endif
 }
 
-// A row's scale for a mean over `divisor` rows: each row is divided before the rows are summed, so that
-// the sum of rows whose own values are finite stays finite (2e38 + 2.5e38 would overflow, their mean
-// does not).
 // What a rank's quantized wire sends for element k: its change since the anchor, plus (error feedback)
 // what earlier quantization left out. `residual` may be null.
 LOCALSGD_HOST_DEVICE inline float change_at(const float* snapshot, const float* anchor, const float* residual,
@@ -142,6 +139,9 @@ LOCALSGD_HOST_DEVICE inline float left_out(float change, float value, float scal
 #endif
 }
 
+// A row's scale for a mean over `divisor` rows: each row is divided before the rows are summed, so that
+// the sum of rows whose own values are finite stays finite (2e38 + 2.5e38 would overflow, their mean
+// does not).
 LOCALSGD_HOST_DEVICE inline float scale_for_mean(float scale, float divisor) {
   return divisor == 1.0f ? scale : scale / divisor;
 }
