@@ -42,7 +42,8 @@ class ForkedRank:
 
     def poll(self):
         if self.returncode is None and os.path.exists(self.status_path):
-            kind, number = open(self.status_path).read().split()
+            with open(self.status_path) as f:
+                kind, number = f.read().split()
             self.returncode = -int(number) if kind == "signal" else int(number)
         return self.returncode
 
@@ -66,10 +67,9 @@ def _fork_rank(argv, env, log_path, status_path):
     if os.environ.get("LOCALSGD_TEST_NO_ZYGOTE") == "1":
         return None
     if _zygote is None or _zygote.poll() is not None:
-        zygote_env = dict(env)
         _zygote = subprocess.Popen(
             [sys.executable, "-m", "rank_zygote"],
-            env=zygote_env,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

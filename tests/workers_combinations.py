@@ -11,14 +11,15 @@ from rank_setup import group_timeout, snapshot
 from localsgd_ext import LocalSGD
 
 
-def _model(accelerator):
+def _module():
+    """The combination model, at the reference's initial values (the same on every rank)."""
     module = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
     with torch.no_grad():
         for i, p in enumerate(module.parameters()):
             p.copy_(initial(i, p.shape))
         for j, b in enumerate(_float_buffers(module)):
             b.copy_(initial(1000 + j, b.shape))
-    return accelerator.prepare(module)
+    return module
 
 
 def _float_buffers(model):
@@ -29,104 +30,91 @@ def _int_buffers(model):
     return [b for b in model.buffers() if not b.is_floating_point()]
 
 
-def _state(model):
+def _state(model, full_tensor):
     return {
-        "params": snapshot(model.parameters()),
+        "params": snapshot(full_tensor(p) for p in model.parameters()),
         "float_buffers": snapshot(_float_buffers(model)),
         "int_buffers": [int(b) for b in _int_buffers(model)],
     }
 
 
-def _run(accelerator, rank: int, case):
-    options = options_of(case)
-    if "hierarchy" in options:
-        options["hierarchy"] = {int(size): period for size, period in options["hierarchy"].items()}
-    model = _model(accelerator)
+def _run(model, build, move_parameters, mover_at, full_tensor):
+    """One case: the LocalSGD `build()` makes (or its refusal), then STEPS steps, each moving the parameters
+    (`move_parameters(mover, step)`) and the buffers by the reference's moves of rank `mover_at(step)` and
+    recording the state (`full_tensor(p)`: a parameter's whole value)."""
     try:
-        local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=LOCAL_SGD_STEPS, **options)
+        local_sgd = build()
     except Exception as error:  # noqa: BLE001 - a refusal is what some pairs must get
         return {"refused": (type(error).__name__, str(error))}
     steps = []
     with local_sgd:
         for step in range(1, STEPS + 1):
-            # During warm-up DDP's gradient all-reduce keeps the ranks in step: every rank moves as rank 0.
-            mover = mover_of(rank, step, step <= options.get("warmup_steps", 0))
+            mover = mover_at(step)
             with torch.no_grad():
-                for i, p in enumerate(model.parameters()):
-                    p.add_(move(mover, step, i, p.shape))
+                move_parameters(mover, step)
                 for j, b in enumerate(_float_buffers(model)):
                     b.add_(move(mover, step, 1000 + j, b.shape))
                 for j, b in enumerate(_int_buffers(model)):
                     b.fill_(step * (mover + 1) + j)
             local_sgd.step()
-            steps.append(_state(model))
+            steps.append(_state(model, full_tensor))
     return {
         "steps": steps,
-        "final": _state(model),
+        "final": _state(model, full_tensor),
         "sync_count": local_sgd.sync_count,
         "level_sync_counts": dict(local_sgd.level_sync_counts),
     }
+
+
+def _run_on_ddp(accelerator, rank: int, case):
+    options = options_of(case)
+    model = accelerator.prepare(_module())
+
+    def move_parameters(mover, step):
+        for i, p in enumerate(model.parameters()):
+            p.add_(move(mover, step, i, p.shape))
+
+    # During warm-up DDP's gradient all-reduce keeps the ranks in step: every rank moves as rank 0.
+    warmup = options.get("warmup_steps", 0)
+    return _run(
+        model,
+        lambda: LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=LOCAL_SGD_STEPS, **options),
+        move_parameters,
+        lambda step: mover_of(rank, step, step <= warmup),
+        lambda p: p,
+    )
 
 
 def every_case(cases):
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=group_timeout())])
     rank = dist.get_rank()
-    return {"+".join(case): _run(accelerator, rank, case) for case in cases}
-
-
-def _sharded_model(mesh):
-    """The combination model, every parameter sharded over `mesh["shard"]` (2 shards, dimension 0)."""
-    from torch.distributed.fsdp import fully_shard
-
-    module = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
-    with torch.no_grad():
-        for i, p in enumerate(module.parameters()):
-            p.copy_(initial(i, p.shape))
-        for j, b in enumerate(_float_buffers(module)):
-            b.copy_(initial(1000 + j, b.shape))
-    for layer in module:
-        fully_shard(layer, mesh=mesh["shard"])
-    fully_shard(module, mesh=mesh["shard"])
-    return module
-
-
-def _full_state(model):
-    return {
-        "params": snapshot(p.full_tensor() for p in model.parameters()),
-        "float_buffers": snapshot(_float_buffers(model)),
-        "int_buffers": [int(b) for b in _int_buffers(model)],
-    }
+    return {"+".join(case): _run_on_ddp(accelerator, rank, case) for case in cases}
 
 
 def _run_sharded(accelerator, mesh, case):
-    """As _run, on 2 replicas of a model sharded over 2 ranks each: the replica moves its full tensors by the
-    reference's moves for replica `replica` (each shard adds its rows), and records the full tensors."""
+    """As _run_on_ddp, on 2 replicas of the model sharded over 2 ranks each (FSDP2, dimension 0): each
+    replica moves its full tensors by the reference's moves for replica `replica` (each shard adds its
+    rows), and records the full tensors."""
+    from torch.distributed.fsdp import fully_shard
+
     replica, shard = mesh["replicate"].get_local_rank(), mesh["shard"].get_local_rank()
     options = options_of([axis for axis in case if axis != "sharded"])
-    model = _sharded_model(mesh)
-    try:
-        local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=LOCAL_SGD_STEPS, device_mesh=mesh, **options)
-    except Exception as error:  # noqa: BLE001 - a refusal is what some pairs must get
-        return {"refused": (type(error).__name__, str(error))}
-    steps = []
-    with local_sgd:
-        for step in range(1, STEPS + 1):
-            with torch.no_grad():
-                for i, p in enumerate(model.parameters()):
-                    full_move = move(replica, step, i, p.shape)
-                    p.to_local().add_(full_move.chunk(2, dim=0)[shard])
-                for j, b in enumerate(_float_buffers(model)):
-                    b.add_(move(replica, step, 1000 + j, b.shape))
-                for j, b in enumerate(_int_buffers(model)):
-                    b.fill_(step * (replica + 1) + j)
-            local_sgd.step()
-            steps.append(_full_state(model))
-    return {
-        "steps": steps,
-        "final": _full_state(model),
-        "sync_count": local_sgd.sync_count,
-        "level_sync_counts": dict(local_sgd.level_sync_counts),
-    }
+    model = _module()
+    for layer in model:
+        fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+
+    def move_parameters(mover, step):
+        for i, p in enumerate(model.parameters()):
+            p.to_local().add_(move(mover, step, i, p.shape).chunk(2, dim=0)[shard])
+
+    return _run(
+        model,
+        lambda: LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=LOCAL_SGD_STEPS, device_mesh=mesh, **options),
+        move_parameters,
+        lambda step: replica,
+        lambda p: p.full_tensor(),
+    )
 
 
 def every_sharded_case(cases):
