@@ -10,6 +10,7 @@
 
 #include "quantize_checks.h"
 #include "quantize_cpu_blocks.h"
+#include "vector_clones.h"
 
 namespace localsgd_ext {
 namespace {
@@ -17,14 +18,29 @@ namespace {
 using namespace cpu;
 
 template <typename Codec>
+LOCALSGD_VECTOR_CLONES void quantize_blocks_of(const float* in, int64_t first, int64_t last, int64_t block_size,
+                                               typename Codec::Code* out, float* scale_out) {
+  for (int64_t b = first; b < last; ++b) {
+    const float* block = in + b * block_size;
+    scale_out[b] = quantize_block<Codec>([block](int64_t k) { return block[k]; }, block_size, out + b * block_size);
+  }
+}
+
+template <typename Codec>
 void quantize_all(const float* in, int64_t num_blocks, int64_t block_size, void* codes, float* scale_out) {
   auto* out = static_cast<typename Codec::Code*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const float* block = in + b * block_size;
-      scale_out[b] = quantize_block<Codec>([block](int64_t k) { return block[k]; }, block_size, out + b * block_size);
-    }
+    quantize_blocks_of<Codec>(in, first, last, block_size, out, scale_out);
   });
+}
+
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES void dequantize_blocks_of(const typename Codec::Code* in, const float* scale_in, int64_t rows,
+                                                 int64_t length, int64_t block_size, float divisor, int64_t first,
+                                                 int64_t last, float* sum_out) {
+  for (int64_t b = first; b < last; ++b) {
+    sum_rows_of_block<Codec>(in, scale_in, rows, length, block_size, divisor, b, sum_out + b * block_size);
+  }
 }
 
 template <typename Codec>
@@ -32,9 +48,7 @@ void dequantize_all(const void* codes, const float* scale_in, int64_t rows, int6
                     float divisor, float* sum_out) {
   const auto* in = static_cast<const typename Codec::Code*>(codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      sum_rows_of_block<Codec>(in, scale_in, rows, length, block_size, divisor, b, sum_out + b * block_size);
-    }
+    dequantize_blocks_of<Codec>(in, scale_in, rows, length, block_size, divisor, first, last, sum_out);
   });
 }
 

@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -39,39 +38,23 @@ struct DecodedCodes {
 };
 
 // One block's scale and codes, from `value(k)` for k < block_size (read twice: once for the scale, once
-// for the codes). Both loops are branch-free so that the compiler vectorizes them. The max ignores NaN
-// and a flag carries it instead: the same scale as quantize::max_magnitude's, which the CUDA kernels use.
+// for the codes). The max runs over the magnitudes' bit patterns as integers: for non-negative floats the
+// integer order is the float order, and every NaN's pattern lies above infinity's, so NaN wins as in
+// quantize::max_magnitude (the CUDA kernels' step). An integer max is associative, so the compiler
+// vectorizes the loop without -ffast-math, and the result is the same in any order.
 template <typename Codec, typename Value>
 inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Code* codes) {
-  // Eight running maxima, so that the compiler keeps them in one vector register (a single running max
-  // is a dependency chain it will not vectorize without -ffast-math); the max is exact in any order.
-  constexpr int64_t kLanes = 8;
-  float lanes[kLanes] = {};
-  int nan_lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= block_size; k += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float v = value(k + j);
-      const float m = std::fabs(v);
-      lanes[j] = m > lanes[j] ? m : lanes[j];
-      nan_lanes[j] |= v != v;
-    }
+  // Signed: the sign bit is cleared, and SSE2 compares only signed integers.
+  int32_t largest_bits = 0;
+  for (int64_t k = 0; k < block_size; ++k) {
+    const auto bits = static_cast<int32_t>(quantize::float_bits(value(k)) & 0x7fffffffu);
+    largest_bits = bits > largest_bits ? bits : largest_bits;
   }
-  float magnitude = 0.0f;
-  int has_nan = 0;
-  for (; k < block_size; ++k) {
-    const float v = value(k);
-    const float m = std::fabs(v);
-    magnitude = m > magnitude ? m : magnitude;
-    has_nan |= v != v;
-  }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    magnitude = lanes[j] > magnitude ? lanes[j] : magnitude;
-    has_nan |= nan_lanes[j];
-  }
+  const bool has_nan = largest_bits > 0x7f800000;
+  const float magnitude = quantize::bits_float(static_cast<uint32_t>(largest_bits));
   const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
   if (!quantize::scale_gives_codes(scale)) {
-    std::memset(codes, 0, block_size * sizeof(typename Codec::Code));
+    std::fill(codes, codes + block_size, typename Codec::Code{0});
   } else {
     for (int64_t k = 0; k < block_size; ++k) {
       codes[k] = Codec::encode(value(k), scale);

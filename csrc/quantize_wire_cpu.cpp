@@ -11,6 +11,7 @@
 
 #include "quantize_checks.h"
 #include "quantize_cpu_blocks.h"
+#include "vector_clones.h"
 
 namespace localsgd_ext {
 namespace {
@@ -20,31 +21,48 @@ using namespace cpu;
 // quantize_change: the change (snapshot - anchor + residual) is recomputed from inputs that a block keeps
 // in cache, rather than stored: for the scale, for the codes, and for the residual.
 template <typename Codec, bool kWithResidual>
+LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const float* anchor, float* residual,
+                                                   int64_t first, int64_t last, int64_t block_size,
+                                                   typename Codec::Code* out, float* scale_out) {
+  static const DecodedCodes<Codec> decoded;
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t offset = b * block_size;
+    const float* s = snapshot + offset;
+    const float* a = anchor + offset;
+    // A compile-time null without error feedback, so that the inner loops have no branch on it.
+    float* r = kWithResidual ? residual + offset : nullptr;
+    const auto change = [s, a, r](int64_t k) { return quantize::change_at(s, a, r, k); };
+    const float scale = quantize_block<Codec>(change, block_size, out + offset);
+    scale_out[b] = scale;
+    if constexpr (kWithResidual) {
+      const typename Codec::Code* block_codes = out + offset;
+      for (int64_t k = 0; k < block_size; ++k) {
+        r[k] = quantize::left_out(change(k), decoded(block_codes[k]), scale); // reads r[k] before writing it
+      }
+    }
+  }
+}
+
+template <typename Codec, bool kWithResidual>
 void quantize_change_all(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
                          int64_t block_size, void* codes, float* scale_out) {
   auto* out = static_cast<typename Codec::Code*>(codes);
-  static const DecodedCodes<Codec> decoded;
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t offset = b * block_size;
-      const float* s = snapshot + offset;
-      const float* a = anchor + offset;
-      // A compile-time null without error feedback, so that the inner loops have no branch on it.
-      float* r = kWithResidual ? residual + offset : nullptr;
-      const auto change = [s, a, r](int64_t k) { return quantize::change_at(s, a, r, k); };
-      const float scale = quantize_block<Codec>(change, block_size, out + offset);
-      scale_out[b] = scale;
-      if constexpr (kWithResidual) {
-        const typename Codec::Code* block_codes = out + offset;
-        for (int64_t k = 0; k < block_size; ++k) {
-          r[k] = quantize::left_out(change(k), decoded(block_codes[k]), scale); // reads r[k] before writing it
-        }
-      }
-    }
+    quantize_change_blocks<Codec, kWithResidual>(snapshot, anchor, residual, first, last, block_size, out, scale_out);
   });
 }
 
 // requantize_mean: each block's mean over the rows into a buffer of the task's own, then its codes.
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES void requantize_mean_blocks(const typename Codec::Code* in, const float* scales, int64_t rows,
+                                                   int64_t length, int64_t block_size, int64_t first, int64_t last,
+                                                   float* mean, typename Codec::Code* out, float* mean_scales) {
+  for (int64_t b = first; b < last; ++b) {
+    sum_rows_of_block<Codec>(in, scales, rows, length, block_size, static_cast<float>(rows), b, mean);
+    mean_scales[b] = quantize_block<Codec>([mean](int64_t k) { return mean[k]; }, block_size, out + b * block_size);
+  }
+}
+
 template <typename Codec>
 void requantize_mean_all(const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
                          void* mean_codes, float* mean_scales) {
@@ -52,27 +70,29 @@ void requantize_mean_all(const void* codes, const float* scales, int64_t rows, i
   auto* out = static_cast<typename Codec::Code*>(mean_codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     std::vector<float> mean(block_size);
-    for (int64_t b = first; b < last; ++b) {
-      sum_rows_of_block<Codec>(in, scales, rows, length, block_size, static_cast<float>(rows), b, mean.data());
-      const float* m = mean.data();
-      mean_scales[b] = quantize_block<Codec>([m](int64_t k) { return m[k]; }, block_size, out + b * block_size);
-    }
+    requantize_mean_blocks<Codec>(in, scales, rows, length, block_size, first, last, mean.data(), out, mean_scales);
   });
+}
+
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Code* in, const float* scales, int64_t first,
+                                              int64_t last, int64_t block_size, float* anchor) {
+  static const DecodedCodes<Codec> decoded;
+  for (int64_t b = first; b < last; ++b) {
+    const float scale = scales[b];
+    float* a = anchor + b * block_size;
+    const typename Codec::Code* c = in + b * block_size;
+    for (int64_t k = 0; k < block_size; ++k) {
+      a[k] = quantize::add_dequantized(a[k], decoded(c[k]), scale);
+    }
+  }
 }
 
 template <typename Codec>
 void apply_mean_all(const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor) {
   const auto* in = static_cast<const typename Codec::Code*>(codes);
-  static const DecodedCodes<Codec> decoded;
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const float scale = scales[b];
-      float* a = anchor + b * block_size;
-      const typename Codec::Code* c = in + b * block_size;
-      for (int64_t k = 0; k < block_size; ++k) {
-        a[k] = quantize::add_dequantized(a[k], decoded(c[k]), scale);
-      }
-    }
+    apply_mean_blocks<Codec>(in, scales, first, last, block_size, anchor);
   });
 }
 
