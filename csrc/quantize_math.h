@@ -80,13 +80,16 @@ struct E4M3Codec {
     const uint32_t sign = (u >> 24) & 0x80u;
     const uint32_t magnitude = u & 0x7fffffffu;
     // Below 2^-6, e4m3's subnormals: steps of 2^-9. A result of 8 steps is 2^-6, whose code is 8 too.
-    const auto subnormal = static_cast<uint32_t>(round_half_even(bits_float(magnitude) * 512.0f));
+    // Through int32, which (unlike uint32) x86's vector conversions have: the value is 0..8.
+    const auto subnormal = static_cast<uint32_t>(static_cast<int32_t>(round_half_even(bits_float(magnitude) * 512.0f)));
     // Above: 23 mantissa bits rounded to 3, ties to even; a carry moves into the exponent, as it should.
     // The float exponent (bias 127) becomes e4m3's (bias 7). Both are computed and one is selected, so
     // that the CPU loop has no branch to keep it from vectorizing.
     const uint32_t rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);
     const uint32_t normal = (rounded >> 20) - (120u << 3);
-    return static_cast<Code>(sign | ((magnitude < 0x3c800000u ? subnormal : normal) & 0x7fu));
+    // Compared as int32 (the sign is cleared), for the same reason.
+    const bool is_subnormal = static_cast<int32_t>(magnitude) < 0x3c800000;
+    return static_cast<Code>(sign | ((is_subnormal ? subnormal : normal) & 0x7fu));
   }
 
   LOCALSGD_HOST_DEVICE static float decode(Code code) {

@@ -24,7 +24,6 @@ template <typename Codec, bool kWithResidual>
 LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const float* anchor, float* residual,
                                                    int64_t first, int64_t last, int64_t block_size,
                                                    typename Codec::Code* out, float* scale_out) {
-  static const DecodedCodes<Codec> decoded;
   for (int64_t b = first; b < last; ++b) {
     const int64_t offset = b * block_size;
     const float* s = snapshot + offset;
@@ -37,7 +36,7 @@ LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const 
     if constexpr (kWithResidual) {
       const typename Codec::Code* block_codes = out + offset;
       for (int64_t k = 0; k < block_size; ++k) {
-        r[k] = quantize::left_out(change(k), decoded(block_codes[k]), scale); // reads r[k] before writing it
+        r[k] = quantize::left_out(change(k), Codec::decode(block_codes[k]), scale); // reads r[k] before writing it
       }
     }
   }
@@ -77,13 +76,12 @@ void requantize_mean_all(const void* codes, const float* scales, int64_t rows, i
 template <typename Codec>
 LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Code* in, const float* scales, int64_t first,
                                               int64_t last, int64_t block_size, float* anchor) {
-  static const DecodedCodes<Codec> decoded;
   for (int64_t b = first; b < last; ++b) {
     const float scale = scales[b];
     float* a = anchor + b * block_size;
     const typename Codec::Code* c = in + b * block_size;
     for (int64_t k = 0; k < block_size; ++k) {
-      a[k] = quantize::add_dequantized(a[k], decoded(c[k]), scale);
+      a[k] = quantize::add_dequantized(a[k], Codec::decode(c[k]), scale);
     }
   }
 }
