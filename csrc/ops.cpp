@@ -39,4 +39,16 @@ TORCH_LIBRARY(localsgd_ext, m) {
   // The receive side in one pass: `anchor` moved by the dequantized codes (the mean change),
   // anchor[k] += code[k] * scales[k / block_size].
   m.def("apply_quantized_mean(Tensor codes, Tensor scales, int block_size, Tensor(a!) anchor) -> ()");
+  // The same send and receive read and write the tensors themselves, with no flat copy of them: `anchor`
+  // (and codes, scales, residual, snapshot) cover the elements `start .. start + anchor.numel()` of the flat
+  // layout in which tensor i sits at offsets[i] (a window: a piece of the layout, or all of it).
+  // quantize_tensors_change is quantize_change of the window's elements (zero where no tensor lies), which
+  // it also writes into `snapshot` when given; apply_quantized_mean_to is apply_quantized_mean followed
+  // by every tensor element in the window set to the moved anchor's.
+  m.def(
+      "quantize_tensors_change(Tensor[] tensors, int[] offsets, int start, Tensor anchor, Tensor(a!)? residual, "
+      "int block_size, Tensor(b!) codes, Tensor(c!) scales, Tensor(d!)? snapshot) -> ()");
+  m.def(
+      "apply_quantized_mean_to(Tensor codes, Tensor scales, int block_size, Tensor(a!) anchor, int[] offsets, "
+      "int start, Tensor(b!)[] tensors) -> ()");
 }

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "pack_common.h"
 #include "storage_checks.h"
@@ -137,6 +138,53 @@ inline void check_apply_quantized_mean_arguments(const at::Tensor& codes, const 
                     " and anchor on ", anchor.device(), "; they must share a device.");
   check_storage_holds(codes, "apply_quantized_mean: codes");
   check_storage_holds(scales, "apply_quantized_mean: scales");
+}
+
+// The tensors a window op reads or writes: float32, on the anchor's device, in slots of their own; any of
+// them may lie outside the window (that one is not touched).
+inline void check_window_tensors(const char* op, at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
+                                 const at::Tensor& anchor) {
+  TORCH_CHECK_VALUE(tensors.size() == offsets.size(), op, ": tensors and offsets must have the same length, got ",
+                    tensors.size(), " tensors and ", offsets.size(), " offsets.");
+  TORCH_CHECK_VALUE(start >= 0, op, ": start must be at least 0, got ", start, ".");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined() && t.layout() == at::kStrided, op, ": tensors[", i, "] must be a strided tensor.");
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": tensors[", i, "] must be float32, got ", t.scalar_type(),
+                     ".");
+    TORCH_CHECK_VALUE(t.device() == anchor.device(), op, ": tensors[", i, "] is on ", t.device(), " but anchor is on ",
+                      anchor.device(), ".");
+    TORCH_CHECK_VALUE(offsets[i] >= 0, op, ": offsets[", i, "] must be at least 0, got ", offsets[i], ".");
+    check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
+  }
+  check_disjoint_slots(op, tensors, offsets);
+}
+
+inline void check_quantize_tensors_change_arguments(at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
+                                                    const at::Tensor& anchor, const std::optional<at::Tensor>& residual,
+                                                    int64_t block_size, const at::Tensor& codes,
+                                                    const at::Tensor& scales,
+                                                    const std::optional<at::Tensor>& snapshot) {
+  constexpr const char* op = "quantize_tensors_change";
+  check_block_size(op, block_size);
+  check_flat_float32(op, "anchor", anchor, anchor);
+  TORCH_CHECK_VALUE(anchor.numel() % block_size == 0, op,
+                    ": the window's length must be a multiple of block_size (pad it), got ", anchor.numel(),
+                    " elements and block_size ", block_size, ".");
+  for (const auto& [name, buffer] : {std::pair{"residual", &residual}, std::pair{"snapshot", &snapshot}}) {
+    if (*buffer) {
+      check_flat_float32(op, name, **buffer, anchor);
+    }
+  }
+  check_codes_out(op, codes, scales, anchor.numel(), block_size, anchor.device(), "codes", "scales");
+  check_window_tensors(op, tensors, offsets, start, anchor);
+}
+
+inline void check_apply_quantized_mean_to_arguments(const at::Tensor& codes, const at::Tensor& scales,
+                                                    int64_t block_size, const at::Tensor& anchor,
+                                                    at::IntArrayRef offsets, int64_t start, at::TensorList tensors) {
+  check_apply_quantized_mean_arguments(codes, scales, block_size, anchor);
+  check_window_tensors("apply_quantized_mean_to", tensors, offsets, start, anchor);
 }
 
 } // namespace localsgd_ext

@@ -1,6 +1,8 @@
 // CPU kernels of the quantized wire's fused steps, one pass each: quantize_change (the change since the
 // anchor, its codes and the residual it leaves), requantize_mean (the rows' mean quantized again) and
-// apply_quantized_mean (the anchor moved by the mean codes), with the loops of quantize_cpu_blocks.h.
+// apply_quantized_mean (the anchor moved by the mean codes), with the loops of quantize_cpu_blocks.h; and
+// their window forms, quantize_tensors_change and apply_quantized_mean_to, which read and write the
+// parameters themselves a task's blocks at a time (flat_window.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -9,8 +11,10 @@
 #include <tuple>
 #include <vector>
 
+#include "flat_window.h"
 #include "quantize_checks.h"
 #include "quantize_cpu_blocks.h"
+#include "quantize_wire_generic.h"
 #include "vector_clones.h"
 
 namespace localsgd_ext {
@@ -19,12 +23,13 @@ namespace {
 using namespace cpu;
 
 // quantize_change: the change (snapshot - anchor + residual) is recomputed from inputs that a block keeps
-// in cache, rather than stored: for the scale, for the codes, and for the residual.
+// in cache, rather than stored: for the scale, for the codes, and for the residual. The pointers are at
+// the first of `num_blocks` blocks.
 template <typename Codec, bool kWithResidual>
 LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const float* anchor, float* residual,
-                                                   int64_t first, int64_t last, int64_t block_size,
-                                                   typename Codec::Code* out, float* scale_out) {
-  for (int64_t b = first; b < last; ++b) {
+                                                   int64_t num_blocks, int64_t block_size, typename Codec::Code* out,
+                                                   float* scale_out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t offset = b * block_size;
     const float* s = snapshot + offset;
     const float* a = anchor + offset;
@@ -47,7 +52,31 @@ void quantize_change_all(const float* snapshot, const float* anchor, float* resi
                          int64_t block_size, void* codes, float* scale_out) {
   auto* out = static_cast<typename Codec::Code*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    quantize_change_blocks<Codec, kWithResidual>(snapshot, anchor, residual, first, last, block_size, out, scale_out);
+    const int64_t offset = first * block_size;
+    quantize_change_blocks<Codec, kWithResidual>(snapshot + offset, anchor + offset,
+                                                 kWithResidual ? residual + offset : nullptr, last - first, block_size,
+                                                 out + offset, scale_out + first);
+  });
+}
+
+// quantize_tensors_change: block by block, gathered from the tensors into the snapshot when one is asked
+// for, else into one block's buffer that stays in L1 (a task-sized one would cost a page fault per task),
+// then quantized as quantize_change.
+template <typename Codec, bool kWithResidual>
+void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, const float* anchor, float* residual,
+                                 int64_t num_blocks, int64_t block_size, void* codes, float* scale_out,
+                                 float* snapshot) {
+  auto* out = static_cast<typename Codec::Code*>(codes);
+  at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
+    std::vector<float> block(snapshot == nullptr ? block_size : 0);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t offset = b * block_size;
+      float* gathered = snapshot == nullptr ? block.data() : snapshot + offset;
+      gather_window(segments, offset, offset + block_size, gathered);
+      quantize_change_blocks<Codec, kWithResidual>(gathered, anchor + offset,
+                                                   kWithResidual ? residual + offset : nullptr, 1, block_size,
+                                                   out + offset, scale_out + b);
+    }
   });
 }
 
@@ -86,12 +115,40 @@ LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Code* in, co
   }
 }
 
+// With `segments`, each block of the moved anchor is also written into the tensors while it is in L1.
 template <typename Codec>
-void apply_mean_all(const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor) {
+void apply_mean_all(const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor,
+                    const std::vector<WindowSegment>* segments) {
   const auto* in = static_cast<const typename Codec::Code*>(codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    apply_mean_blocks<Codec>(in, scales, first, last, block_size, anchor);
+    if (segments == nullptr) {
+      apply_mean_blocks<Codec>(in, scales, first, last, block_size, anchor);
+      return;
+    }
+    for (int64_t b = first; b < last; ++b) {
+      apply_mean_blocks<Codec>(in, scales, b, b + 1, block_size, anchor);
+      scatter_window(*segments, b * block_size, (b + 1) * block_size, anchor + b * block_size);
+    }
   });
+}
+
+// The window's segments, or nothing if a tensor is not contiguous: those calls take the generic path.
+std::optional<std::vector<WindowSegment>> contiguous_window(at::TensorList tensors, at::IntArrayRef offsets,
+                                                            int64_t start, int64_t length) {
+  std::vector<TensorSlot> slots;
+  slots.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) {
+      continue;
+    }
+    if (!tensors[i].is_contiguous()) {
+      return std::nullopt;
+    }
+    // const_cast: apply_quantized_mean_to's schema declares the tensors mutable (Tensor(b!)[]); the send
+    // side only reads them.
+    slots.push_back({offsets[i], tensors[i].numel(), const_cast<float*>(tensors[i].const_data_ptr<float>())});
+  }
+  return window_segments(std::move(slots), start, length);
 }
 
 void quantize_change_cpu(const at::Tensor& snapshot, const at::Tensor& anchor,
@@ -108,6 +165,29 @@ void quantize_change_cpu(const at::Tensor& snapshot, const at::Tensor& anchor,
   run(snapshot.const_data_ptr<float>(), anchor.const_data_ptr<float>(),
       residual ? residual->mutable_data_ptr<float>() : nullptr, snapshot.numel() / block_size, block_size,
       const_cast<at::Tensor&>(codes).mutable_data_ptr(), const_cast<at::Tensor&>(scales).mutable_data_ptr<float>());
+}
+
+void quantize_tensors_change_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
+                                 const at::Tensor& anchor, const std::optional<at::Tensor>& residual,
+                                 int64_t block_size, const at::Tensor& codes, const at::Tensor& scales,
+                                 const std::optional<at::Tensor>& snapshot) {
+  check_quantize_tensors_change_arguments(tensors, offsets, start, anchor, residual, block_size, codes, scales,
+                                          snapshot);
+  const auto segments = contiguous_window(tensors, offsets, start, anchor.numel());
+  if (!segments) {
+    quantize_tensors_change_generic(tensors, offsets, start, anchor, residual, block_size, codes, scales, snapshot);
+    return;
+  }
+  const bool int8 = codes.scalar_type() == at::kChar;
+  const auto run = residual ? (int8 ? &quantize_tensors_change_all<quantize::Int8Codec, true>
+                                    : &quantize_tensors_change_all<quantize::E4M3Codec, true>)
+                            : (int8 ? &quantize_tensors_change_all<quantize::Int8Codec, false>
+                                    : &quantize_tensors_change_all<quantize::E4M3Codec, false>);
+  // const_cast: the schema declares the outputs mutable.
+  run(*segments, anchor.const_data_ptr<float>(), residual ? residual->mutable_data_ptr<float>() : nullptr,
+      anchor.numel() / block_size, block_size, const_cast<at::Tensor&>(codes).mutable_data_ptr(),
+      const_cast<at::Tensor&>(scales).mutable_data_ptr<float>(),
+      snapshot ? const_cast<at::Tensor&>(*snapshot).mutable_data_ptr<float>() : nullptr);
 }
 
 void requantize_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
@@ -127,7 +207,23 @@ void apply_quantized_mean_cpu(const at::Tensor& codes, const at::Tensor& scales,
       codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec> : &apply_mean_all<quantize::E4M3Codec>;
   // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
   run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.numel(), block_size,
-      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>());
+      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), nullptr);
+}
+
+void apply_quantized_mean_to_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
+                                 const at::Tensor& anchor, at::IntArrayRef offsets, int64_t start,
+                                 at::TensorList tensors) {
+  check_apply_quantized_mean_to_arguments(codes, scales, block_size, anchor, offsets, start, tensors);
+  const auto segments = contiguous_window(tensors, offsets, start, anchor.numel());
+  if (!segments) {
+    apply_quantized_mean_to_generic(codes, scales, block_size, anchor, offsets, start, tensors);
+    return;
+  }
+  const auto run =
+      codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec> : &apply_mean_all<quantize::E4M3Codec>;
+  // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
+  run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.numel(), block_size,
+      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), &*segments);
 }
 
 } // namespace
@@ -136,6 +232,8 @@ TORCH_LIBRARY_IMPL(localsgd_ext, CPU, m) {
   m.impl("quantize_change", &quantize_change_cpu);
   m.impl("requantize_mean", &requantize_mean_cpu);
   m.impl("apply_quantized_mean", &apply_quantized_mean_cpu);
+  m.impl("quantize_tensors_change", &quantize_tensors_change_cpu);
+  m.impl("apply_quantized_mean_to", &apply_quantized_mean_to_cpu);
 }
 
 } // namespace localsgd_ext

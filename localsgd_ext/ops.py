@@ -9,11 +9,13 @@ from . import _C  # noqa: F401
 
 __all__ = [
     "apply_quantized_mean",
+    "apply_quantized_mean_to",
     "dequantize_blocks",
     "merge_into",
     "pack_into",
     "quantize_blocks",
     "quantize_change",
+    "quantize_tensors_change",
     "requantize_mean",
     "unpack_from",
 ]
@@ -198,6 +200,68 @@ def apply_quantized_mean(codes: torch.Tensor, scales: torch.Tensor, block_size: 
             1-D contiguous float32 of the codes' length, on their device; updated in place.
     """
     torch.ops.localsgd_ext.apply_quantized_mean.default(codes, scales, int(block_size), anchor)
+
+
+def quantize_tensors_change(
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    start: int,
+    anchor: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    block_size: int,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    snapshot: Optional[torch.Tensor] = None,
+) -> None:
+    """`quantize_change` reading the tensors themselves, with no packed copy of them: `anchor` (and `codes`,
+    `scales`, `residual`, `snapshot`) cover the elements `start .. start + anchor.numel()` of the flat layout in
+    which `tensors[i]` sits at `offsets[i]` (a window: a piece of the layout, or all of it). The same bits as
+    `pack_into` of those elements (zero where no tensor lies) followed by `quantize_change`; on CPU each
+    task gathers its blocks in cache, elsewhere the window is gathered first.
+
+    Args:
+        tensors (`Sequence[torch.Tensor]`):
+            float32 tensors on the anchor's device, in slots that do not overlap; those outside the window are
+            not read.
+        offsets (`Sequence[int]`):
+            Each tensor's first element in the flat layout.
+        start (`int`):
+            The flat layout's element at `anchor[0]`.
+        anchor, residual, block_size, codes, scales:
+            As for `quantize_change`, over the window.
+        snapshot (`torch.Tensor`, *optional*):
+            Like `anchor`: receives the window's elements (what an overlapped sync merges against).
+    """
+    torch.ops.localsgd_ext.quantize_tensors_change.default(
+        tensors, offsets, int(start), anchor, residual, int(block_size), codes, scales, snapshot
+    )
+
+
+def apply_quantized_mean_to(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int,
+    anchor: torch.Tensor,
+    offsets: Sequence[int],
+    start: int,
+    tensors: Sequence[torch.Tensor],
+) -> None:
+    """`apply_quantized_mean` writing through to the tensors: the window's anchor (the flat layout's elements
+    `start .. start + anchor.numel()`, see `quantize_tensors_change`) moves by the codes, and every tensor
+    element in the window becomes the moved anchor's, the same bits as `apply_quantized_mean` then
+    `unpack_from`.
+
+    Args:
+        codes, scales, block_size, anchor:
+            As for `apply_quantized_mean`, over the window.
+        offsets (`Sequence[int]`):
+            Each tensor's first element in the flat layout.
+        start (`int`):
+            The flat layout's element at `anchor[0]`.
+        tensors (`Sequence[torch.Tensor]`):
+            float32 tensors on the anchor's device, written where they lie in the window.
+    """
+    torch.ops.localsgd_ext.apply_quantized_mean_to.default(codes, scales, int(block_size), anchor, offsets, int(start), tensors)
 
 
 def _check_arguments(op, tensors, offsets, buffer):
@@ -414,4 +478,47 @@ def _apply_quantized_mean_fake(codes, scales, block_size, anchor):
             f"apply_quantized_mean: codes are on {codes.device}, scales on {scales.device} and anchor on "
             f"{anchor.device}; they must share a device."
         )
+    return None
+
+
+def _check_window_tensors(op, tensors, offsets, start, anchor):
+    """check_window_tensors of csrc/quantize_checks.h."""
+    if len(tensors) != len(offsets):
+        raise ValueError(
+            f"{op}: tensors and offsets must have the same length, got {len(tensors)} tensors and {len(offsets)} offsets."
+        )
+    if start < 0:
+        raise ValueError(f"{op}: start must be at least 0, got {start}.")
+    for i, (t, offset) in enumerate(zip(tensors, offsets)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: tensors[{i}] must be float32, got {t.dtype}.")
+        if t.device != anchor.device:
+            raise ValueError(f"{op}: tensors[{i}] is on {t.device} but anchor is on {anchor.device}.")
+        if offset < 0:
+            raise ValueError(f"{op}: offsets[{i}] must be at least 0, got {offset}.")
+    _check_disjoint_slots(op, tensors, offsets)
+
+
+@torch.library.register_fake("localsgd_ext::quantize_tensors_change")
+def _quantize_tensors_change_fake(tensors, offsets, start, anchor, residual, block_size, codes, scales, snapshot):
+    op = "quantize_tensors_change"
+    _check_block_size(op, block_size)
+    _check_flat_float32(op, "anchor", anchor, anchor)
+    if anchor.numel() % block_size:
+        raise ValueError(
+            f"{op}: the window's length must be a multiple of block_size (pad it), got {anchor.numel()} elements and "
+            f"block_size {block_size}."
+        )
+    for name, buffer in (("residual", residual), ("snapshot", snapshot)):
+        if buffer is not None:
+            _check_flat_float32(op, name, buffer, anchor)
+    _check_codes_out(op, codes, scales, anchor.numel(), block_size, anchor.device)
+    _check_window_tensors(op, tensors, offsets, start, anchor)
+    return None
+
+
+@torch.library.register_fake("localsgd_ext::apply_quantized_mean_to")
+def _apply_quantized_mean_to_fake(codes, scales, block_size, anchor, offsets, start, tensors):
+    _apply_quantized_mean_fake(codes, scales, block_size, anchor)
+    _check_window_tensors("apply_quantized_mean_to", tensors, offsets, start, anchor)
     return None

@@ -216,12 +216,19 @@ class QuantizedAverager:
         ops.pack_into(self._tensors, self.offsets, anchor)
         self._anchored = _Anchored(
             anchor=anchor,
-            # Reused at every sync; its padding stays zero (pack writes the tensors' elements only).
-            snapshot=torch.zeros_like(anchor),
+            snapshot=None,
             residual=torch.zeros_like(anchor) if self.error_feedback else None,
             wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device),
             pieces=self._wire_pieces(world_size, length),
         )
+
+    def _snapshot(self) -> torch.Tensor:
+        """The tensors' values at the start of an overlapped sync, which its merge needs (a waited sync reads
+        and writes the tensors themselves and has none): allocated at the first, then reused."""
+        state = self._state()
+        if state.snapshot is None:
+            state.snapshot = torch.empty_like(state.anchor)
+        return state.snapshot
 
     def _state(self) -> "_Anchored":
         if self._anchored is None:
@@ -251,14 +258,17 @@ class QuantizedAverager:
         else:
             ops.pack_into(self._tensors, self.offsets, self._anchored.anchor)
 
-    def _quantized_delta(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Packs the tensors into the snapshot and quantizes their change since the anchor (plus the
-        residual, with error feedback). Refuses a change that float32 cannot hold, before anything is sent."""
+    def _quantized_delta(self, keep_snapshot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Quantizes the tensors' change since the anchor (plus the residual, with error feedback), reading
+        the tensors themselves; with `keep_snapshot` (an overlapped sync) their values are also kept in the
+        snapshot, in the same pass. Refuses a change that float32 cannot hold, before anything is sent."""
         state = self._state()
-        ops.pack_into(self._tensors, self.offsets, state.snapshot)
         # One pass: the change since the anchor (plus the residual), its codes, and the residual it leaves.
         codes, scales = state.wire.codes, state.wire.scales
-        ops.quantize_change(state.snapshot, state.anchor, state.residual, self.block_size, codes, scales)
+        snapshot = self._snapshot() if keep_snapshot else None
+        ops.quantize_tensors_change(
+            self._tensors, self.offsets, 0, state.anchor, state.residual, self.block_size, codes, scales, snapshot
+        )
         self._refuse_overflowed_change(scales)
         return codes, scales
 
@@ -272,7 +282,9 @@ class QuantizedAverager:
         state = self._state()
         block = int((~torch.isfinite(scales)).nonzero()[0])
         begin, end = block * self.block_size, min((block + 1) * self.block_size, self.numel)
-        if not bool(torch.isfinite(state.snapshot[begin:end]).all()) or not bool(torch.isfinite(state.anchor[begin:end]).all()):
+        values = self._snapshot()
+        ops.pack_into(self._tensors, self.offsets, values)
+        if not bool(torch.isfinite(values[begin:end]).all()) or not bool(torch.isfinite(state.anchor[begin:end]).all()):
             return
         index = bisect.bisect_right(self.offsets, begin) - 1
         while self._tensors[index].numel() == 0 or self.offsets[index] + self._tensors[index].numel() <= begin:
@@ -341,23 +353,24 @@ class QuantizedAverager:
         mean_bytes = wire.mean_codes.numel() + 4 * wire.mean_scales.numel()
         self.last_wire_bytes = 2 * (world_size - 1) * mean_bytes
 
-    def _finish_exchange(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
+    def _finish_exchange(self, group: dist.ProcessGroup, exchange: "_Exchange", write_tensors: bool) -> None:
         """Both phases completed, piece by piece: the anchor moves by the mean delta, the same bits on every
-        rank."""
+        rank; with `write_tensors` (a waited sync), the tensors take its values in the same pass."""
         if exchange.phase == 1:
             self._start_gather(group, exchange)
         state = self._state()
         for (start, end), arriving in zip(state.pieces, exchange.works):
             exchange.wait_for(arriving)
-            ops.apply_quantized_mean(
-                state.wire.gathered_codes[start:end],
-                state.wire.gathered_scales[self._scales_of(start, end)],
-                self.block_size,
-                state.anchor[start:end],
-            )
+            codes, scales = state.wire.gathered_codes[start:end], state.wire.gathered_scales[self._scales_of(start, end)]
+            if write_tensors:
+                ops.apply_quantized_mean_to(
+                    codes, scales, self.block_size, state.anchor[start:end], self.offsets, start, self._tensors
+                )
+            else:
+                ops.apply_quantized_mean(codes, scales, self.block_size, state.anchor[start:end])
         exchange.works = []
 
-    def _begin_sync(self, call: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def _begin_sync(self, call: str, keep_snapshot: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """What every sync starts with. Refuses one while another is in flight. Without an anchor (the first
         sync, or the first after a tensor changed shape), averages in float32 and takes the result as the
         anchor: None, nothing more to do. Else this rank's quantized change, then the check: a rank that
@@ -368,7 +381,7 @@ class QuantizedAverager:
         try:
             if self._layout() != self._planned_layout:
                 self._plan()
-            quantized = None if self._anchored is None else self._quantized_delta()
+            quantized = None if self._anchored is None else self._quantized_delta(keep_snapshot)
         except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
             fail_together(self._group(), error)
             raise  # unreachable: fail_together raises
@@ -381,13 +394,12 @@ class QuantizedAverager:
     @torch.no_grad()
     def average(self) -> None:
         """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
-        quantized = self._begin_sync("average")
+        quantized = self._begin_sync("average", keep_snapshot=False)
         if quantized is None:
             return
         group = self._group()
         with _lost_rank_errors(group):
-            self._finish_exchange(group, self._start_exchange(group, *quantized))
-        ops.unpack_from(self._state().anchor, self.offsets, 1.0, self._tensors)
+            self._finish_exchange(group, self._start_exchange(group, *quantized), write_tensors=True)
 
     @torch.no_grad()
     def start_average(self) -> None:
@@ -396,7 +408,7 @@ class QuantizedAverager:
         the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
         tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
         float32 instead."""
-        quantized = self._begin_sync("start_average")
+        quantized = self._begin_sync("start_average", keep_snapshot=True)
         if quantized is None:
             return
         group = self._group()
@@ -426,11 +438,11 @@ class QuantizedAverager:
         self._pending = None
         group = self._group()
         with _lost_rank_errors(group):
-            self._finish_exchange(group, exchange)
+            self._finish_exchange(group, exchange, write_tensors=False)
         if outer_step is not None:
             outer_step(self._anchor_views())
         state = self._state()
-        ops.merge_into(state.anchor, state.snapshot, self.offsets, 1.0, self._tensors)
+        ops.merge_into(state.anchor, self._snapshot(), self.offsets, 1.0, self._tensors)
 
     def _anchor_views(self) -> List[torch.Tensor]:
         anchor = self._state().anchor
@@ -481,11 +493,11 @@ class _WireBuffers:
 @dataclasses.dataclass
 class _Anchored:
     """The anchor (the tensors' values after the last sync, flat, padded to whole blocks of every rank) and
-    what each sync reuses around it: the snapshot it packs, the residual (error feedback), the wire's
-    buffers and the pieces the exchange travels in."""
+    what each sync reuses around it: the snapshot of an overlapped sync (allocated at the first), the
+    residual (error feedback), the wire's buffers and the pieces the exchange travels in."""
 
     anchor: torch.Tensor
-    snapshot: torch.Tensor
+    snapshot: Optional[torch.Tensor]
     residual: Optional[torch.Tensor]
     wire: _WireBuffers
     pieces: List[Tuple[int, int]]

@@ -331,3 +331,124 @@ def test_cuda_and_cpu_fused_wire_ops_give_the_same_bits(code_dtype):
     ops.apply_quantized_mean(cpu_codes, cpu_scales, 1024, anchor)
     ops.apply_quantized_mean(cpu_codes.cuda(), cpu_scales.cuda(), 1024, gpu_anchor)
     assert torch.equal(anchor.nan_to_num(-1.0), gpu_anchor.cpu().nan_to_num(-1.0))
+
+
+def _window_layout(device):
+    """Tensors of odd sizes, one empty and one non-contiguous (a transposed view), with a gap: elements
+    300..310 belong to no tensor. Windows then straddle tensors, the gap and the padding."""
+    generator = torch.Generator().manual_seed(11)
+    tensors = [torch.randn(n, generator=generator).to(device) for n in [37, 200, 0, 63, 150, 1]]
+    tensors.append(torch.randn(9, 7, generator=generator).to(device).t())  # 63 elements, not contiguous
+    offsets = [0, 37, 237, 237, 310, 460, 461]
+    return tensors, offsets, 524
+
+
+def _packed(tensors, offsets, length, device):
+    flat = torch.zeros(length, device=device)
+    ops.pack_into([t.contiguous() for t in tensors], offsets, flat)
+    return flat
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("contiguous_only", [True, False])
+def test_the_window_ops_give_the_bits_of_pack_quantize_apply_unpack(device, code_dtype, contiguous_only):
+    block_size = 16
+    tensors, offsets, used = _window_layout(device)
+    if contiguous_only:
+        tensors[-1] = tensors[-1].contiguous()
+    length = -(-used // (4 * block_size)) * 4 * block_size  # padded to whole blocks of 4 "ranks"
+    anchor = _packed(tensors, offsets, length, device) + 0.5
+    generator = torch.Generator().manual_seed(3)
+    for t in tensors:
+        t.add_(torch.randn(t.shape, generator=generator).to(device))
+    packed = _packed(tensors, offsets, length, device)
+    residual = torch.randn(length, generator=generator).to(device) * 1e-3
+    for start, end in [(0, length), (0, 4 * block_size), (4 * block_size, length), (2 * block_size, 17 * block_size)]:
+        window = slice(start, end)
+        expected_residual = residual[window].clone()
+        expected = _quantize_change(packed[window], anchor[window], expected_residual, block_size, code_dtype)
+        got_residual, snapshot = residual[window].clone(), torch.full((end - start,), float("nan"), device=device)
+        codes, scales = _codes_out(end - start, block_size, code_dtype, device)
+        ops.quantize_tensors_change(tensors, offsets, start, anchor[window], got_residual, block_size, codes, scales, snapshot)
+        assert torch.equal(codes.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scales, expected[1])
+        assert torch.equal(got_residual, expected_residual)
+        assert torch.equal(snapshot, packed[window]), "the snapshot holds the window's elements, zero in gaps"
+        plain = _codes_out(end - start, block_size, code_dtype, device)
+        ops.quantize_tensors_change(tensors, offsets, start, anchor[window], None, block_size, *plain)
+        expected_plain = _quantize_change(packed[window], anchor[window], None, block_size, code_dtype)
+        assert torch.equal(plain[0].view(torch.uint8), expected_plain[0].view(torch.uint8))
+
+        # The receive side: the window's anchor moves, the tensors' elements in the window take its values, the
+        # rest of every tensor is untouched.
+        expected_anchor = anchor[window].clone()
+        ops.apply_quantized_mean(codes, scales, block_size, expected_anchor)
+        expected_tensors = [t.clone() for t in tensors]
+        full = _packed(tensors, offsets, length, device)
+        full[window] = expected_anchor
+        ops.unpack_from(full, offsets, 1.0, expected_tensors)
+        got_anchor, got_tensors = anchor[window].clone(), [t.clone() for t in tensors]
+        if not contiguous_only:
+            got_tensors[-1] = got_tensors[-1].t().contiguous().t()  # keeps the strides of a transposed view
+        ops.apply_quantized_mean_to(codes, scales, block_size, got_anchor, offsets, start, got_tensors)
+        assert torch.equal(got_anchor, expected_anchor)
+        for got, want in zip(got_tensors, expected_tensors):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_window_ops_pass_opcheck(device):
+    tensors, offsets, used = _window_layout(device)
+    tensors[-1] = tensors[-1].contiguous()
+    length = -(-used // 32) * 32
+    anchor, residual = torch.zeros(length, device=device), torch.zeros(length, device=device)
+    codes, scales = _codes_out(length, 32, torch.int8, device)
+    op = torch.ops.localsgd_ext
+    torch.library.opcheck(
+        op.quantize_tensors_change.default, (tensors, offsets, 0, anchor, residual, 32, codes, scales, anchor.clone())
+    )
+    torch.library.opcheck(
+        op.quantize_tensors_change.default, (tensors, offsets, 64, anchor[64:], None, 32, codes[64:], scales[2:], None)
+    )
+    torch.library.opcheck(op.apply_quantized_mean_to.default, (codes, scales, 32, anchor, offsets, 0, tensors))
+
+
+@pytest.mark.parametrize(
+    "call, exception, message",
+    [
+        (
+            lambda: ops.quantize_tensors_change([torch.zeros(3)], [0], -1, torch.zeros(8), None, 4, _int8(8), torch.zeros(2)),
+            ValueError,
+            "quantize_tensors_change: start must be at least 0, got -1",
+        ),
+        (
+            lambda: ops.quantize_tensors_change(
+                [torch.zeros(3).double()], [0], 0, torch.zeros(8), None, 4, _int8(8), torch.zeros(2)
+            ),
+            TypeError,
+            r"quantize_tensors_change: tensors\[0\] must be float32, got Double",
+        ),
+        (
+            lambda: ops.quantize_tensors_change(
+                [torch.zeros(3), torch.zeros(3)], [0, 2], 0, torch.zeros(8), None, 4, _int8(8), torch.zeros(2)
+            ),
+            ValueError,
+            r"tensors\[0\] and tensors\[1\] overlap",
+        ),
+        (
+            lambda: ops.quantize_tensors_change(
+                [torch.zeros(3)], [0], 0, torch.zeros(8), None, 4, _int8(8), torch.zeros(2), torch.zeros(4)
+            ),
+            ValueError,
+            r"snapshot must have the length of the others \(8\), got 4",
+        ),
+        (
+            lambda: ops.apply_quantized_mean_to(_int8(8), torch.ones(2), 4, torch.zeros(8), [0, 1], 0, [torch.zeros(1)]),
+            ValueError,
+            "apply_quantized_mean_to: tensors and offsets must have the same length, got 1 tensors and 2 offsets",
+        ),
+    ],
+)
+def test_the_window_ops_refuse_bad_arguments(call, exception, message):
+    with pytest.raises(exception, match=message):
+        call()

@@ -1,0 +1,73 @@
+// A window of a flat layout (tensor i's elements at offsets[i] onward) seen through the tensors
+// themselves: which stretches of which tensors lie in it, and copies between those stretches and a
+// window-sized stretch of memory. The quantized wire's CPU kernels gather a task's blocks from the
+// parameters and scatter them back this way, instead of packing the model into a flat copy first.
+// Plain C++ over contiguous float32 memory.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace localsgd_ext::cpu {
+
+// One tensor's elements within the window: window positions begin..end, starting at `data`.
+struct WindowSegment {
+  int64_t begin;
+  int64_t end;
+  float* data;
+};
+
+// A tensor's place in the flat layout, and its elements.
+struct TensorSlot {
+  int64_t offset;
+  int64_t numel;
+  float* data;
+};
+
+// The segments of the window start..start + length, in order. Slots must not overlap (the ops check that
+// first).
+inline std::vector<WindowSegment> window_segments(std::vector<TensorSlot> slots, int64_t start, int64_t length) {
+  std::sort(slots.begin(), slots.end(), [](const TensorSlot& a, const TensorSlot& b) { return a.offset < b.offset; });
+  std::vector<WindowSegment> segments;
+  for (const TensorSlot& slot : slots) {
+    const int64_t begin = std::max(slot.offset, start);
+    const int64_t end = std::min(slot.offset + slot.numel, start + length);
+    if (begin < end) {
+      segments.push_back({begin - start, end - start, slot.data + (begin - slot.offset)});
+    }
+  }
+  return segments;
+}
+
+// The first segment that ends after window position `position`.
+inline size_t first_segment_after(const std::vector<WindowSegment>& segments, int64_t position) {
+  return std::upper_bound(segments.begin(), segments.end(), position,
+                          [](int64_t p, const WindowSegment& s) { return p < s.end; }) -
+         segments.begin();
+}
+
+// out[0 .. hi - lo) = the window's elements lo..hi, zero where no tensor lies.
+inline void gather_window(const std::vector<WindowSegment>& segments, int64_t lo, int64_t hi, float* out) {
+  int64_t filled = lo;
+  for (size_t s = first_segment_after(segments, lo); s < segments.size() && segments[s].begin < hi; ++s) {
+    const int64_t from = std::max(segments[s].begin, lo);
+    const int64_t to = std::min(segments[s].end, hi);
+    std::fill(out + (filled - lo), out + (from - lo), 0.0f);
+    std::memcpy(out + (from - lo), segments[s].data + (from - segments[s].begin), (to - from) * sizeof(float));
+    filled = to;
+  }
+  std::fill(out + (filled - lo), out + (hi - lo), 0.0f);
+}
+
+// The window's elements lo..hi that lie in a tensor = in[0 .. hi - lo) (the rest of `in` is not written anywhere).
+inline void scatter_window(const std::vector<WindowSegment>& segments, int64_t lo, int64_t hi, const float* in) {
+  for (size_t s = first_segment_after(segments, lo); s < segments.size() && segments[s].begin < hi; ++s) {
+    const int64_t from = std::max(segments[s].begin, lo);
+    const int64_t to = std::min(segments[s].end, hi);
+    std::memcpy(segments[s].data + (from - segments[s].begin), in + (from - lo), (to - from) * sizeof(float));
+  }
+}
+
+} // namespace localsgd_ext::cpu
