@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
+from .averager_interface import streaming_merge
 from .consistency import (
     RanksDisagreeError,
     describe,
@@ -348,9 +349,11 @@ class ParameterAverager:
         refuse_overlapped_misuse(self.average_pending, "start_average")
         self._run_engine_checked(self._engine.start_delayed)
 
-    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+    def finish_average(
+        self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None, fragment_update_alpha: Optional[float] = None
+    ) -> None:
         """Waits for the average `start_average()` started and merges it: each tensor `t` becomes
-        `t + (mean(snapshot) - snapshot)`, in one compiled pass.
+        `t + (mean(snapshot) - snapshot)`, in one compiled pass (the eager merge).
 
         Args:
             outer_step (`Callable`, *optional*):
@@ -359,9 +362,12 @@ class ParameterAverager:
                 writes there (the outer optimizer's result) is what is merged, `t + (result - snapshot)`.
                 With a bfloat16 wire the result is rounded to bfloat16 on its way into the merge, as the
                 snapshot was.
+            fragment_update_alpha (`float`, *optional*):
+                The streaming merge instead (Streaming DiLoCo, torchft): `t = lerp(result, t, alpha)`
+                (`streaming_merge`), where `result` is the mean of the snapshots, or what `outer_step` wrote.
         """
         refuse_overlapped_misuse(self.average_pending, "finish_average")
-        if outer_step is None:
+        if outer_step is None and fragment_update_alpha is None:
             with _lost_rank_errors(self._group()):
                 self._engine.finish_delayed()
             return
@@ -369,8 +375,14 @@ class ParameterAverager:
             means = [torch.empty_like(t) for t in self._tensors]
             with _lost_rank_errors(self._group()):
                 self._engine.finish_delayed_into_mean(means)
-            outer_step(shaped_like_parameters(means, self.params))
-            self._engine.merge_delayed_targets(means)
+            if outer_step is not None:
+                outer_step(shaped_like_parameters(means, self.params))
+            if fragment_update_alpha is None:
+                self._engine.merge_delayed_targets(means)
+                return
+            # The engine's snapshot is not needed: the sync ends here.
+            self._engine.drain_delayed()
+            streaming_merge(self._tensors, means, fragment_update_alpha)
 
     def keep_flat(self) -> None:
         """Zero-copy mode, locally (no collective): flattens the tensors again if one was re-pointed since

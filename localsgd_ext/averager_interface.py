@@ -7,7 +7,17 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-__all__ = ["Averager", "OuterStepCallback"]
+__all__ = ["Averager", "OuterStepCallback", "streaming_merge"]
+
+
+def streaming_merge(tensors: Sequence[torch.Tensor], results: Sequence[torch.Tensor], alpha: float) -> None:
+    """Streaming DiLoCo's merge (torchft's `fragment_update_alpha`): each tensor becomes
+    `lerp(result, tensor, alpha)`, i.e. `result + alpha * (tensor - result)`: the averaged (outer-stepped)
+    result, with a share `alpha` of what this rank learned since the sync started kept. The same torch
+    kernel as torchft's `p.lerp_(local, alpha)`, so the same bits."""
+    with torch.no_grad():
+        for tensor, result in zip(tensors, results):
+            tensor.copy_(torch.lerp(result, tensor, alpha))
 
 
 class OuterStepCallback(Protocol):
@@ -44,8 +54,12 @@ class Averager(Protocol):
         """Puts the next part of the started average on the wire (if it has one)."""
         ...
 
-    def finish_average(self, outer_step: Optional[OuterStepCallback] = None) -> None:
-        """Waits for the started average and merges it, through `outer_step` when given."""
+    def finish_average(
+        self, outer_step: Optional[OuterStepCallback] = None, fragment_update_alpha: Optional[float] = None
+    ) -> None:
+        """Waits for the started average and merges it, through `outer_step` when given: with
+        `fragment_update_alpha` None the eager merge `t + (result - snapshot)`, else the streaming one,
+        `t = lerp(result, t, fragment_update_alpha)` (`streaming_merge`)."""
         ...
 
     @property

@@ -15,7 +15,10 @@ from .options import AveragingOptions, check_bool, check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE, WIRES
 from .schedule import SyncSchedule
 
-__all__ = ["LocalSGDConfig", "FLOAT_WIRES", "WIRE_NAMES"]
+__all__ = ["LocalSGDConfig", "FLOAT_WIRES", "WIRE_NAMES", "MERGES"]
+
+# How a sync's result meets what each rank learned while it was on the wire (docs/options.md, merge).
+MERGES = ("eager", "streaming")
 
 # The float wires: what the parameters travel as (cast inside the compiled pack); comm_dtype is their alias.
 FLOAT_WIRES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,6 +80,8 @@ class LocalSGDConfig:
     error_feedback: bool = False
     wire_block_size: int = DEFAULT_BLOCK_SIZE
     hierarchy: Optional[Mapping[int, int]] = None
+    merge: str = "eager"
+    fragment_update_alpha: float = 0.0
     # Not an option: whether warm-up averages the parameters every step because nothing (no DDP) syncs
     # the gradients across the replicas; LocalSGD sets it from the model.
     warmup_by_averaging: bool = False
@@ -91,6 +96,7 @@ class LocalSGDConfig:
             object.__setattr__(self, name, value)
 
     def __post_init__(self):
+        self._check_merge_options()
         wire, comm_dtype = _resolve_wire(self.wire, self.comm_dtype)
         check_bool("zero_copy", self.zero_copy)
         sync_delay = check_int_at_least("sync_delay", self.sync_delay, 0)
@@ -129,6 +135,7 @@ class LocalSGDConfig:
                 levels=levels or {},
                 advance_midway=wire in WIRES,
                 warmup_by_averaging=self.warmup_by_averaging,
+                streaming=self.merge == "streaming",
             )
         self._set(schedule=schedule, hierarchy=levels)
         if self.sync_delay > 0 and comm_dtype == torch.float16:
@@ -137,6 +144,24 @@ class LocalSGDConfig:
                 f"overlapped sync has no second agreement to use it), got comm_dtype={comm_dtype}"
             )
         self._check_quantized_wire_options()
+
+    def _check_merge_options(self) -> None:
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        alpha = self.fragment_update_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"fragment_update_alpha must be a number between 0 and 1, got {alpha!r}")
+        if alpha != 0 and self.merge != "streaming":
+            raise ValueError(
+                "fragment_update_alpha is the streaming merge's share of local progress kept: it needs "
+                f'merge="streaming", got fragment_update_alpha={alpha!r} with merge={self.merge!r}'
+            )
+        self._set(fragment_update_alpha=float(alpha))
+
+    @property
+    def streaming_alpha(self) -> Optional[float]:
+        """`fragment_update_alpha` with the streaming merge; None with the eager one."""
+        return self.fragment_update_alpha if self.merge == "streaming" else None
 
     def _check_quantized_wire_options(self) -> None:
         check_bool("error_feedback", self.error_feedback)
@@ -171,6 +196,8 @@ class LocalSGDConfig:
             "num_fragments": self.num_fragments,
             "wire": self.wire,
             "hierarchy": self.hierarchy,
+            "merge": self.merge,
+            "fragment_update_alpha": self.fragment_update_alpha,
         }
 
     def settings_to_agree_on(self) -> Dict[str, object]:

@@ -210,16 +210,25 @@ class SyncController:
 
     # --- Running the schedule ----------------------------------------------------------------------------
 
-    def is_whole_average(self, action: Action) -> bool:
+    def is_whole_average(self, action: Action, step: int) -> bool:
         """A waited sync of every fragment: what Accelerate's `_sync_and_avg_model_params` does, so the
         adapter runs it through that method (subclasses wrap it). Not the exit sync with an outer
-        optimizer, which skips a fragment whose outer step just ran."""
+        optimizer, which skips a fragment whose outer step just ran, nor a sync that merges by lerp."""
         return (
             isinstance(action, Sync)
             and not action.delayed
             and len(action.fragments) == self.config.num_fragments
             and not (action.final and self.outer is not None)
+            and not self._merges_by_lerp(action, step)
         )
+
+    def _merges_by_lerp(self, action: Sync, step: int) -> bool:
+        """A waited sync that keeps a share of local progress: the streaming merge with
+        fragment_update_alpha > 0, at a step of the schedule (not warm-up's averages, not the exit, which
+        leave every rank the same values as Accelerate's)."""
+        alpha = self.config.streaming_alpha
+        schedule = self.config.schedule
+        return bool(alpha) and not action.delayed and not action.final and schedule is not None and step > schedule.warmup_steps
 
     def run_step(self, actions: Sequence[Action], step: int, whole_average: Callable[[], None]) -> None:
         """The actions due after the `step`-th `step()`, in order."""
@@ -231,28 +240,32 @@ class SyncController:
                 self._run_sync(action, step, whole_average)
                 self.last_step_synced = self.delayed_fragment is None
             else:
-                self._run(action)
+                self._run(action, step)
 
     def finish(self, actions: Sequence[Action], step: int, whole_average: Callable[[], None]) -> None:
         """The exit's actions: merge what is in flight, then the final sync."""
         for action in actions:
             if isinstance(action, Merge):
-                self._finish_delayed_sync()
+                self._finish_delayed_sync(step)
             elif isinstance(action, Sync):
                 self._run_sync(action, step, whole_average)
 
     def _run_sync(self, action: Sync, step: int, whole_average: Callable[[], None]) -> None:
-        if self.is_whole_average(action):
+        if self.is_whole_average(action, step):
             whole_average()
         elif action.final:
             self.sync(step, fragments=self._fragments_changed_since_sync(step))
+        elif self._merges_by_lerp(action, step):
+            # Streaming with no delay: started and merged at once, so that the merge keeps its share of the
+            # values the sync started from.
+            self.sync(step, fragments=list(action.fragments), delayed=True, merge_now=True)
         else:
             self.sync(step, fragments=list(action.fragments), delayed=action.delayed)
 
-    def _run(self, action: Action) -> None:
+    def _run(self, action: Action, step: int) -> None:
         if isinstance(action, Merge):
             if self.delayed_fragment is not None:
-                self._finish_delayed_sync()
+                self._finish_delayed_sync(step)
                 self.last_step_synced = True
         elif isinstance(action, Advance):
             # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
@@ -280,8 +293,9 @@ class SyncController:
             self.averagers[self.delayed_fragment].drain_pending_average()
             self.delayed_fragment = None
 
-    def sync(self, step: int, fragments: Optional[List[int]] = None, delayed: bool = False) -> None:
-        """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started."""
+    def sync(self, step: int, fragments: Optional[List[int]] = None, delayed: bool = False, merge_now: bool = False) -> None:
+        """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started (and
+        with `merge_now` merged at once, by the configured merge)."""
         start = time.perf_counter()
         averagers = self._averagers_or_fail_together()
         if fragments is None:
@@ -297,6 +311,8 @@ class SyncController:
             if averager.average_pending:
                 # Counted in sync_count when it is merged (_finish_delayed_sync).
                 self.delayed_fragment = fragment
+                if merge_now:
+                    self._finish_delayed_sync(step)
                 continue
             # Waited for: a plain sync, or a quantized wire's first (it has no anchor to send changes from yet).
             if self.outer is not None:
@@ -341,7 +357,7 @@ class SyncController:
                 "at a step where last_step_synced is True, or load without assign=True (which copies into them)."
             )
 
-    def _finish_delayed_sync(self) -> None:
+    def _finish_delayed_sync(self, step: int) -> None:
         fragment, self.delayed_fragment = self.delayed_fragment, None
         if fragment is None:
             return
@@ -355,7 +371,10 @@ class SyncController:
             def outer_step(means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None:
                 outer.apply(means, first, positions)
 
-            averager.finish_average(outer_step=outer_step)
+            averager.finish_average(outer_step=outer_step, fragment_update_alpha=self.config.streaming_alpha)
         else:
-            averager.finish_average()
+            averager.finish_average(fragment_update_alpha=self.config.streaming_alpha)
+        if self.config.streaming_alpha == 0.0:
+            # The streaming merge with alpha 0 leaves every rank the sync's result: nothing changed since.
+            self.synced_at_step[fragment] = step
         self.sync_count += 1

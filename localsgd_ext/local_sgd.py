@@ -183,8 +183,22 @@ class LocalSGD:
             ranks differ by their last `sync_delay` steps of local progress. Warm-up syncs wait. Must be
             below `local_sgd_steps / num_fragments` (one average in flight at a time); `comm_dtype`
             None or bfloat16. With an `outer_optimizer` the outer step runs at the merge,
-            on the snapshots' mean, and each rank adds `result - snapshot` (Streaming DiLoCo). Extra
+            on the snapshots' mean, and each rank adds `result - snapshot`. This timing and rule are
+            `merge="eager"`; `merge="streaming"` times and merges as Streaming DiLoCo does. Extra
             memory: two copies of the parameters (of one fragment).
+        merge (`str`, defaults to `"eager"`):
+            Keyword-only. How a sync's result meets what each rank learned while it travelled.
+            `"eager"`: as `sync_delay` describes (started at the fragment's boundary, merged
+            `sync_delay` steps later as `t + (result - snapshot)`: no local step is lost). `"streaming"`:
+            Streaming DiLoCo as torchft 0.2.0 and the paper do it: the sync starts `sync_delay` steps
+            before the fragment's boundary and is merged at it as `t = lerp(result, t,
+            fragment_update_alpha)`, where `result` is the snapshots' mean (after the outer step, if any);
+            the anchor becomes `result`. With alpha 0 (torchft's default) the local steps taken while the
+            sync travelled are dropped, and every rank leaves the merge with the same values.
+        fragment_update_alpha (`float`, defaults to 0.0):
+            Keyword-only, with `merge="streaming"`: the share of each rank's own values kept at a merge,
+            0 to 1 (torchft's `fragment_update_alpha`). Warm-up's averages and the exit sync average
+            plainly, as Accelerate does.
         num_fragments (`int`, defaults to 1):
             Keyword-only. Streaming DiLoCo's fragments: the parameters are split, in the model's order,
             into `num_fragments` contiguous groups of about equal bytes; each group syncs every
@@ -256,6 +270,8 @@ class LocalSGD:
         error_feedback: bool = False,
         wire_block_size: int = DEFAULT_BLOCK_SIZE,
         hierarchy: Optional[Mapping[int, int]] = None,
+        merge: str = "eager",
+        fragment_update_alpha: float = 0.0,
         process_group: Optional[dist.ProcessGroup] = None,
         device_mesh=None,
         mesh_dim: Optional[Union[str, int]] = None,
@@ -296,6 +312,8 @@ class LocalSGD:
             error_feedback=error_feedback,
             wire_block_size=wire_block_size,
             hierarchy=hierarchy,
+            merge=merge,
+            fragment_update_alpha=fragment_update_alpha,
             # Warm-up is DDP's gradient all-reduce (post-local SGD) where DDP is; an FSDP2 model sharded
             # within each replica syncs no gradient across replicas, so it warms up by averaging.
             warmup_by_averaging=not hasattr(model, "no_sync"),

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from . import _C, ops
 from .averager import ParameterAverager, _lost_rank_errors, refuse_overlapped_misuse
+from .averager_interface import streaming_merge
 from .consistency import fail_together
 from .options import AveragingOptions, check_bool, check_int_at_least
 from .sharded import shaped_like_parameters
@@ -258,40 +259,54 @@ class QuantizedAverager:
         else:
             ops.pack_into(self._tensors, self.offsets, self._anchored.anchor)
 
-    def _quantized_delta(self, keep_snapshot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Quantizes the tensors' change since the anchor (plus the residual, with error feedback), reading
-        the tensors themselves; with `keep_snapshot` (an overlapped sync) their values are also kept in the
-        snapshot, in the same pass. Refuses a change that float32 cannot hold, before anything is sent."""
+    def _quantize_window(self, start: int, end: int, keep_snapshot: bool) -> None:
+        """Quantizes the change since the anchor (plus the residual, with error feedback) of the flat layout's
+        elements start..end into the wire's codes and scales, reading the tensors themselves, in one pass;
+        with `keep_snapshot` (an overlapped sync) their values are also kept in the snapshot."""
         state = self._state()
-        # One pass: the change since the anchor (plus the residual), its codes, and the residual it leaves.
-        codes, scales = state.wire.codes, state.wire.scales
-        snapshot = self._snapshot() if keep_snapshot else None
+        window = slice(start, end)
         ops.quantize_tensors_change(
-            self._tensors, self.offsets, 0, state.anchor, state.residual, self.block_size, codes, scales, snapshot
+            self._tensors,
+            self.offsets,
+            start,
+            state.anchor[window],
+            None if state.residual is None else state.residual[window],
+            self.block_size,
+            state.wire.codes[window],
+            state.wire.scales[self._scales_of(start, end)],
+            self._snapshot()[window] if keep_snapshot else None,
         )
-        self._refuse_overflowed_change(scales)
-        return codes, scales
 
-    def _refuse_overflowed_change(self, scales: torch.Tensor) -> None:
+    def _quantized_delta(self, keep_snapshot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The whole change quantized (see `_quantize_window`); refuses one that float32 cannot hold."""
+        state = self._state()
+        self._quantize_window(0, state.anchor.numel(), keep_snapshot)
+        error = self._overflowed_change(state.wire.scales)
+        if error is not None:
+            raise error
+        return state.wire.codes, state.wire.scales
+
+    def _overflowed_change(self, scales: torch.Tensor) -> Optional[ValueError]:
         """A block holding NaN or Inf has a non-finite scale (one pass over the scales, not the model). If the
         tensors there are finite, their change since the anchor overflowed float32 (e.g. -1.6e38 to 1.9e38)
-        and would arrive as NaN on every rank: refused. Non-finite values of the tensors themselves travel as
-        they are (and check_finite refuses them in the check that follows)."""
+        and would arrive as NaN on every rank: the error to refuse it with (error feedback starts again from
+        zero). Non-finite values of the tensors themselves travel as they are (check_finite refuses them in
+        the agreement check)."""
         if self.numel == 0 or bool(torch.isfinite(scales).all()):
-            return
+            return None
         state = self._state()
         block = int((~torch.isfinite(scales)).nonzero()[0])
         begin, end = block * self.block_size, min((block + 1) * self.block_size, self.numel)
         values = self._snapshot()
         ops.pack_into(self._tensors, self.offsets, values)
         if not bool(torch.isfinite(values[begin:end]).all()) or not bool(torch.isfinite(state.anchor[begin:end]).all()):
-            return
+            return None
         index = bisect.bisect_right(self.offsets, begin) - 1
         while self._tensors[index].numel() == 0 or self.offsets[index] + self._tensors[index].numel() <= begin:
             index += 1
         if state.residual is not None:
             state.residual.zero_()  # its overflowing block holds NaN now
-        raise ValueError(
+        return ValueError(
             f"the {self.wire} wire cannot send the change of {self.names[index]} since the last sync: it overflows "
             "float32 (a value moved by more than 3.4e38), so it would arrive as NaN on every rank. Nothing was "
             "averaged"
@@ -303,13 +318,19 @@ class QuantizedAverager:
         """The scales of the elements start..end (whole blocks)."""
         return slice(start // self.block_size, end // self.block_size)
 
-    def _start_exchange(self, group: dist.ProcessGroup, codes: torch.Tensor, scales: torch.Tensor) -> "_Exchange":
+    def _start_exchange(self, group: dist.ProcessGroup, quantize_pieces: bool) -> "_Exchange":
         """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
-        and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8)."""
+        and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8). With
+        `quantize_pieces` (a waited sync), each piece is quantized just before its all_to_all starts, so the
+        next is quantized while it travels; whether a rank's change overflowed float32 then travels last, in
+        a one-number all_reduce that `_check_overflow` reads before anything is applied."""
         state = self._state()
         wire = state.wire
+        codes, scales = wire.codes, wire.scales
         works = []
         for start, end in state.pieces:
+            if quantize_pieces:
+                self._quantize_window(start, end, keep_snapshot=False)
             its_scales = self._scales_of(start, end)
             works.append(
                 [
@@ -319,7 +340,29 @@ class QuantizedAverager:
                     dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
                 ]
             )
-        return _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
+        exchange = _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
+        if quantize_pieces:
+            exchange.overflow = self._overflowed_change(scales)
+            flag = torch.tensor([0.0 if exchange.overflow is None else 1.0], device=codes.device)
+            exchange.overflow_flag = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True))
+        return exchange
+
+    def _check_overflow(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
+        """Before the first piece is applied: if any rank's change overflowed float32, the exchange is
+        drained and every rank raises, nothing applied: that rank its own error, the others the agreement
+        check's naming it (as when a rank fails before sending)."""
+        if exchange.overflow_flag is None:
+            return
+        flag, work = exchange.overflow_flag
+        exchange.overflow_flag = None
+        exchange.wait_for([work])
+        if float(flag) == 0.0:
+            return
+        exchange.wait()
+        if exchange.overflow is not None:
+            fail_together(group, exchange.overflow)
+        self._full_precision.verify_ranks_agree()
+        raise RuntimeError("a rank's change overflowed float32, but the agreement check passed")  # not reached
 
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
         """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
@@ -358,6 +401,7 @@ class QuantizedAverager:
         rank; with `write_tensors` (a waited sync), the tensors take its values in the same pass."""
         if exchange.phase == 1:
             self._start_gather(group, exchange)
+        self._check_overflow(group, exchange)
         state = self._state()
         for (start, end), arriving in zip(state.pieces, exchange.works):
             exchange.wait_for(arriving)
@@ -370,36 +414,37 @@ class QuantizedAverager:
                 ops.apply_quantized_mean(codes, scales, self.block_size, state.anchor[start:end])
         exchange.works = []
 
-    def _begin_sync(self, call: str, keep_snapshot: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """What every sync starts with. Refuses one while another is in flight. Without an anchor (the first
-        sync, or the first after a tensor changed shape), averages in float32 and takes the result as the
-        anchor: None, nothing more to do. Else this rank's quantized change, then the check: a rank that
-        could not compute its change (a tensor no longer float32, an overflow) joins the check as failed,
-        so every rank stops before anything is sent."""
+    def _begin_sync(self, call: str, quantize_now: bool) -> bool:
+        """What every sync starts with; False when it is already done. Refuses one while another is in flight.
+        Without an anchor (the first sync, or the first after a tensor changed shape), averages in float32 and
+        takes the result as the anchor: done. Else (with `quantize_now`, an overlapped sync) this rank's
+        quantized change and its snapshot, then the agreement check: a rank that could not plan or compute
+        its change (a tensor no longer float32, an overflow) joins the check as failed, so every rank stops
+        before anything is sent. A waited sync quantizes piece by piece after the check instead."""
         if self._pending is not None:
             raise RuntimeError(f"{call}() while an overlapped average is in flight: call finish_average() first")
         try:
             if self._layout() != self._planned_layout:
                 self._plan()
-            quantized = None if self._anchored is None else self._quantized_delta(keep_snapshot)
+            if self._anchored is not None and quantize_now:
+                self._quantized_delta(keep_snapshot=True)
         except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
             fail_together(self._group(), error)
             raise  # unreachable: fail_together raises
-        if quantized is None:
+        if self._anchored is None:
             self._take_anchor_by_averaging()
-            return None
+            return False
         self._full_precision.verify_ranks_agree()
-        return quantized
+        return True
 
     @torch.no_grad()
     def average(self) -> None:
         """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
-        quantized = self._begin_sync("average", keep_snapshot=False)
-        if quantized is None:
+        if not self._begin_sync("average", quantize_now=False):
             return
         group = self._group()
         with _lost_rank_errors(group):
-            self._finish_exchange(group, self._start_exchange(group, *quantized), write_tensors=True)
+            self._finish_exchange(group, self._start_exchange(group, quantize_pieces=True), write_tensors=True)
 
     @torch.no_grad()
     def start_average(self) -> None:
@@ -408,12 +453,11 @@ class QuantizedAverager:
         the all_gather; `finish_average()` completes both and adds `new anchor - snapshot` to every
         tensor, keeping what it learned meanwhile. The first sync (no anchor yet) waits and averages in
         float32 instead."""
-        quantized = self._begin_sync("start_average", keep_snapshot=True)
-        if quantized is None:
+        if not self._begin_sync("start_average", quantize_now=True):
             return
         group = self._group()
         with _lost_rank_errors(group):
-            self._pending = self._start_exchange(group, *quantized)
+            self._pending = self._start_exchange(group, quantize_pieces=False)
 
     @torch.no_grad()
     def advance_average(self) -> None:
@@ -425,7 +469,9 @@ class QuantizedAverager:
                 self._start_gather(group, self._pending)
 
     @torch.no_grad()
-    def finish_average(self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+    def finish_average(
+        self, outer_step: Optional[Callable[[List[torch.Tensor]], None]] = None, fragment_update_alpha: Optional[float] = None
+    ) -> None:
         """Completes the overlapped average and merges it: each tensor `t` becomes
         `t + (new anchor - snapshot)`. With `outer_step` (Streaming DiLoCo), the new anchor is first
         handed to it as views shaped like the tensors, holding the mean of the snapshots; whatever it
@@ -442,7 +488,12 @@ class QuantizedAverager:
         if outer_step is not None:
             outer_step(self._anchor_views())
         state = self._state()
-        ops.merge_into(state.anchor, self._snapshot(), self.offsets, 1.0, self._tensors)
+        if fragment_update_alpha is None:
+            ops.merge_into(state.anchor, self._snapshot(), self.offsets, 1.0, self._tensors)
+        else:
+            anchor = state.anchor
+            views = [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
+            streaming_merge(self._tensors, views, fragment_update_alpha)
 
     def _anchor_views(self) -> List[torch.Tensor]:
         anchor = self._state().anchor
@@ -516,6 +567,9 @@ class _Exchange:
     works: List[list]
     # gloo on CPU: the wait blocks this thread, so it waits in slices that let Ctrl-C through.
     host_blocking: bool
+    # A waited sync's: this rank's overflow error, if any, and the all_reduce telling whether any rank had one.
+    overflow: Optional[ValueError] = None
+    overflow_flag: Optional[Tuple[torch.Tensor, Any]] = None
 
     def wait_for(self, works: list) -> None:
         for work in works:

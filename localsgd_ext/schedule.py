@@ -2,7 +2,9 @@
 
 The axes are warm-up (every step syncs every fragment), fragments (after warm-up one fragment every
 `local_sgd_steps / num_fragments` steps, in turn; Streaming DiLoCo), delay (a sync started at one step is
-merged `sync_delay` steps later) and the levels below the world (`hierarchy`: groups of consecutive ranks
+merged `sync_delay` steps later: started at the fragment's boundary with the eager merge, or `sync_delay`
+steps before it and merged at it with the streaming merge, as torchft and the Streaming DiLoCo paper
+time it) and the levels below the world (`hierarchy`: groups of consecutive ranks
 averaging between the world's syncs; the world is the last level, as in torch's
 `HierarchicalModelAverager`). Nothing here touches a tensor or a process group: `SyncController` carries
 the actions out, and tests/test_schedule.py checks them as a table.
@@ -77,6 +79,9 @@ class SyncSchedule:
         warmup_by_averaging (`bool`, defaults to `False`): warm up by averaging the parameters after
             every step, for models whose gradients nothing syncs across the replicas (FSDP2 within each
             replica).
+        streaming (`bool`, defaults to `False`): a delayed sync starts `sync_delay` steps before its
+            fragment's boundary and is merged at it (`merge="streaming"`), instead of starting at the
+            boundary and merging `sync_delay` steps after it (`merge="eager"`).
     """
 
     local_sgd_steps: int
@@ -86,6 +91,7 @@ class SyncSchedule:
     levels: Mapping[int, int] = dataclasses.field(default_factory=dict)
     advance_midway: bool = False
     warmup_by_averaging: bool = False
+    streaming: bool = False
 
     def __post_init__(self):
         if self.local_sgd_steps % self.num_fragments != 0:
@@ -117,7 +123,9 @@ class SyncSchedule:
 
     def _started_delayed(self, step: int) -> Optional[int]:
         """The fragment whose delayed sync starts at `step`, or None."""
-        return self._world_fragment_after_warmup(step) if self.sync_delay > 0 else None
+        if self.sync_delay == 0:
+            return None
+        return self._world_fragment_after_warmup(step + self.sync_delay if self.streaming else step)
 
     def actions(self, step: int) -> Tuple[Action, ...]:
         """What runs after the `step`-th call of `step()` (counted from 1), in order."""
@@ -135,11 +143,13 @@ class SyncSchedule:
                 advancing = self._started_delayed(step - midway)
                 if advancing is not None:
                     actions += (Advance(advancing),)
-        fragment = self._world_fragment_after_warmup(step)
+        fragment = self._started_delayed(step) if self.sync_delay > 0 else self._world_fragment_after_warmup(step)
         if fragment is not None:
             return actions + (Sync((fragment,), delayed=self.sync_delay > 0),)
+        # A streaming merge is at the fragment's boundary, which belongs to the world as a sync step does.
+        world_boundary = self.streaming and any(isinstance(action, Merge) for action in actions)
         due = [size for size, period in self.levels.items() if (step - self.warmup_steps) % period == 0]
-        if due:
+        if due and not world_boundary:
             actions += (LevelAverage(max(due)),)
         return actions
 

@@ -80,9 +80,14 @@ class SplitAverager:
             if part.average_pending:
                 part.advance_average()
 
-    def finish_average(self, outer_step: Optional[OuterStepCallback] = None) -> None:
+    def finish_average(
+        self, outer_step: Optional[OuterStepCallback] = None, fragment_update_alpha: Optional[float] = None
+    ) -> None:
         for positions, part in self.parts:
-            part.finish_average(outer_step=None if outer_step is None else _OnPositions(outer_step, positions))
+            part.finish_average(
+                outer_step=None if outer_step is None else _OnPositions(outer_step, positions),
+                fragment_update_alpha=fragment_update_alpha,
+            )
 
     @property
     def average_pending(self) -> bool:

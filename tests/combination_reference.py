@@ -29,6 +29,9 @@ AXES: Dict[str, dict] = {
     "error_feedback": {"error_feedback": True},  # on the int8 wire, unless the pair names fp8
 }
 WIRES = ("int8", "fp8", "bf16")
+# Beyond the pairs: Streaming DiLoCo's merge (docs/options.md, merge), as tokens a case may also name:
+# "streaming" (merge="streaming"), "alpha=<a>" (fragment_update_alpha=a).
+STREAMING_TOKENS: Dict[str, dict] = {"streaming": {"merge": "streaming"}}
 LOCAL_SGD_STEPS = 4
 STEPS = 10
 WORLD_SIZE = 4
@@ -52,7 +55,10 @@ def pairs() -> List[tuple]:
 def options_of(case: Sequence[str]) -> dict:
     options: dict = {}
     for axis in case:
-        options.update(AXES[axis])
+        if axis.startswith("alpha="):
+            options["fragment_update_alpha"] = float(axis.split("=", 1)[1])
+        else:
+            options.update(AXES.get(axis) or STREAMING_TOKENS[axis])
     if options.get("error_feedback") and "wire" not in options:
         options["wire"] = "int8"
     return options
@@ -109,6 +115,10 @@ class Reference:
         self.warmup = options.get("warmup_steps", 0)
         self.levels: Dict[int, int] = dict(options.get("hierarchy") or {})
         self.outer = options.get("outer_optimizer") == "diloco"
+        # The streaming merge: started `delay` steps before the boundary, merged at it as
+        # lerp(result, own values, alpha); with no delay, at the boundary the same way.
+        self.streaming = options.get("merge") == "streaming"
+        self.alpha = options.get("fragment_update_alpha", 0.0)
         self.sync_buffers = options.get("sync_buffers", False)
         self.params = [[p.clone() for p in params] for _ in range(self.world)]
         self.float_buffers = [[b.clone() for b in float_buffers] for _ in range(self.world)]
@@ -134,21 +144,23 @@ class Reference:
         self.anchor[i] = self.anchor[i] - 0.7 * (gradient + 0.9 * buffer)
         return self.anchor[i].clone()
 
-    def _waited(self, fragment: int, step: int) -> None:
+    def _waited(self, fragment: int, step: int, lerp: bool = False) -> None:
+        """With `lerp` (the streaming merge at a scheduled step), each rank keeps `alpha` of its own values."""
         for i in self.fragment_indices[fragment]:
             target = self._mean([self.params[r][i] for r in range(self.world)])
             if self.outer:
                 target = self._outer_step(i, target)
             for r in range(self.world):
-                self.params[r][i] = target.clone()
-        self.synced_at[fragment] = step
+                self.params[r][i] = torch.lerp(target, self.params[r][i], self.alpha) if lerp else target.clone()
+        if not lerp or self.alpha == 0:
+            self.synced_at[fragment] = step
         self.sync_count += 1
 
     def _start(self, fragment: int, step: int) -> None:
         snapshot = {(r, i): self.params[r][i].clone() for r in range(self.world) for i in self.fragment_indices[fragment]}
         self.in_flight = (fragment, step + self.delay, snapshot)
 
-    def _merge(self) -> None:
+    def _merge(self, step: int) -> None:
         assert self.in_flight is not None
         fragment, _, snapshot = self.in_flight
         self.in_flight = None
@@ -157,12 +169,20 @@ class Reference:
             if self.outer:
                 target = self._outer_step(i, target)
             for r in range(self.world):
-                self.params[r][i] = self.params[r][i] + (target - snapshot[(r, i)])
+                if self.streaming:
+                    self.params[r][i] = torch.lerp(target, self.params[r][i], self.alpha)
+                else:
+                    self.params[r][i] = self.params[r][i] + (target - snapshot[(r, i)])
+        if self.streaming and self.alpha == 0:
+            self.synced_at[fragment] = step  # every rank holds the result: nothing changed since
         self.sync_count += 1
 
-    def _sync(self, fragments: List[int], step: int, delayed: bool) -> None:
+    def _sync(self, fragments: List[int], step: int, delayed: bool, lerp: bool = False) -> None:
         for fragment in fragments:
-            (self._start if delayed else self._waited)(fragment, step)
+            if delayed:
+                self._start(fragment, step)
+            else:
+                self._waited(fragment, step, lerp)
         if self.sync_buffers and fragments and fragments[-1] == self.fragments - 1:
             for j in range(len(self.float_buffers[0])):
                 mean = self._mean([self.float_buffers[r][j] for r in range(self.world)])
@@ -195,12 +215,21 @@ class Reference:
             elif step == self.warmup:
                 self.anchor = [p.clone() for p in self.params[0]]  # the anchors start from here
             return
-        if self.in_flight is not None and self.in_flight[1] == step:
-            self._merge()
+        merged = self.in_flight is not None and self.in_flight[1] == step
+        if merged:
+            self._merge(step)
         since = step - self.warmup
         stride = self.k // self.fragments
-        if since % stride == 0:
-            self._sync([(since // stride - 1) % self.fragments], step, delayed=self.delay > 0)
+        if self.streaming and self.delay > 0:
+            boundary = since + self.delay
+            if boundary % stride == 0:
+                self._sync([(boundary // stride - 1) % self.fragments], step, delayed=True)
+                return
+            if merged:
+                return  # the boundary is the world's step: no level average
+        elif since % stride == 0:
+            lerp = self.streaming and self.alpha > 0
+            self._sync([(since // stride - 1) % self.fragments], step, delayed=self.delay > 0, lerp=lerp)
             return
         due = [size for size, period in self.levels.items() if since % period == 0]
         if due:
@@ -208,7 +237,7 @@ class Reference:
 
     def exit(self, step: int) -> None:
         if self.in_flight is not None:
-            self._merge()
+            self._merge(step)
         fragments = list(range(self.fragments))
         if self.outer:
             fragments = [f for f in fragments if self.synced_at[f] != step]

@@ -73,6 +73,43 @@ def table(schedule, steps):
             {8: (Sync((0,), delayed=True),), 10: (Advance(0),), 11: (Merge(0),)},
         ),
         (dict(local_sgd_steps=8, sync_delay=1, advance_midway=True), 9, {8: (Sync((0,), delayed=True),), 9: (Merge(0),)}),
+        # The streaming merge (torchft, the Streaming DiLoCo paper): started sync_delay steps before the
+        # fragment's boundary, merged at it.
+        (
+            dict(local_sgd_steps=6, num_fragments=3, sync_delay=1, streaming=True),
+            7,
+            {
+                1: (Sync((0,), delayed=True),),
+                2: (Merge(0),),
+                3: (Sync((1,), delayed=True),),
+                4: (Merge(1),),
+                5: (Sync((2,), delayed=True),),
+                6: (Merge(2),),
+                7: (Sync((0,), delayed=True),),
+            },
+        ),
+        (
+            dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2, streaming=True),
+            11,
+            {2: (EndWarmUp(),), 5: (Sync((0,), delayed=True),), 6: (Merge(0),), 9: (Sync((0,), delayed=True),), 10: (Merge(0),)},
+        ),
+        (
+            dict(local_sgd_steps=8, sync_delay=3, advance_midway=True, streaming=True),
+            11,
+            {5: (Sync((0,), delayed=True),), 7: (Advance(0),), 8: (Merge(0),)},
+        ),
+        # Its boundary is the world's step: no level average there.
+        (
+            dict(local_sgd_steps=8, sync_delay=2, levels={2: 2}, streaming=True),
+            10,
+            {
+                2: (LevelAverage(2),),
+                4: (LevelAverage(2),),
+                6: (Sync((0,), delayed=True),),
+                8: (Merge(0),),
+                10: (LevelAverage(2),),
+            },
+        ),
         # Levels: the largest due one; none at the world's steps; periods counted from the end of warm-up.
         (
             dict(local_sgd_steps=8, levels={2: 2, 4: 4}),
@@ -112,6 +149,8 @@ def test_actions_per_step(kwargs, steps, expected):
         (dict(local_sgd_steps=4, sync_delay=3), 8, (Merge(0), Sync((0,), final=True))),  # started at this very step
         (dict(local_sgd_steps=4, sync_delay=2), 10, (Sync((0,), final=True),)),  # merged at 10: nothing in flight
         (dict(local_sgd_steps=4, sync_delay=1, warmup_steps=2), 2, (Sync((0,), final=True),)),  # warm-up waited
+        (dict(local_sgd_steps=4, sync_delay=1, streaming=True), 3, (Merge(0), Sync((0,), final=True))),  # due at 4
+        (dict(local_sgd_steps=4, sync_delay=1, streaming=True), 4, (Sync((0,), final=True),)),  # merged at 4
     ],
 )
 def test_exit_merges_what_is_in_flight_then_syncs_everything(kwargs, step, expected):
@@ -137,8 +176,11 @@ def test_a_cadence_that_cannot_be_kept_is_refused(kwargs, message):
         SyncSchedule(**kwargs)
 
 
-def test_at_most_one_sync_is_in_flight_and_each_merges_once():
-    schedule = SyncSchedule(local_sgd_steps=12, num_fragments=3, sync_delay=3, warmup_steps=2, levels={2: 2}, advance_midway=True)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_at_most_one_sync_is_in_flight_and_each_merges_once(streaming):
+    schedule = SyncSchedule(
+        local_sgd_steps=12, num_fragments=3, sync_delay=3, warmup_steps=2, levels={2: 2}, advance_midway=True, streaming=streaming
+    )
     in_flight = None
     for step in range(1, 200):
         for action in schedule.actions(step):
