@@ -517,7 +517,9 @@ class QuantizedAverager:
 class _WireBuffers:
     """What a sync sends and receives, allocated with the anchor and reused (a fresh 100 MB tensor per sync
     costs more in page faults than the pass that fills it): this rank's codes and scales, the chunks the
-    all_to_all brings, this rank's chunk of the mean, and every chunk's mean after the all_gather."""
+    all_to_all brings, this rank's chunk of the mean, and every chunk's mean after the all_gather. The last
+    share the memory of the received chunks: a piece's all_gather starts only once its received chunks
+    were averaged into this rank's chunk of the mean, and writes nothing else."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -533,12 +535,8 @@ class _WireBuffers:
         def codes_and_scales(n: int):
             return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
 
-        return cls(
-            *codes_and_scales(length),
-            *codes_and_scales(length),
-            *codes_and_scales(length // world_size),
-            *codes_and_scales(length),
-        )
+        received = codes_and_scales(length)
+        return cls(*codes_and_scales(length), *received, *codes_and_scales(length // world_size), *received)
 
 
 @dataclasses.dataclass
