@@ -8,8 +8,10 @@
 Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `none` (no
 communication at all: each rank trains alone; the compute-only floor). A LocalSGD mode `K` may carry,
 in this order: `dT` (sync_delay=T: each sync overlapped with the next T steps), `fP`
-(num_fragments=P), `q` (wire="int8") or `fp8` (wire="fp8"), then `e` (error_feedback). With sync_delay or
-fragments the loss is measured on rank 0's parameters, which then include some local steps of its own.
+(num_fragments=P), `q` (wire="int8") or `fp8` (wire="fp8"), then `e` (error_feedback), `o`
+(outer_optimizer="diloco"), `s` (merge="streaming": Streaming DiLoCo's timing and merge, alpha 0). With
+sync_delay or fragments the loss is measured on rank 0's parameters, which then include some local steps of
+its own.
 
 Two ranks, each in its own network namespace, joined by a veth pair throttled with `tc tbf` on both ends
 (`netem` does not work on every kernel; `tbf` does). gloo is bound to the veth (GLOO_SOCKET_IFNAME), so
@@ -107,6 +109,8 @@ def train(args):
         num_fragments=mode["fragments"],
         wire=mode["wire"],
         error_feedback=mode["error_feedback"],
+        outer_optimizer="diloco" if mode["outer"] else None,
+        merge="streaming" if mode["streaming"] else "eager",
     )
     with no_communication, local_sgd:
         while not reached and step < args.max_steps and clock < args.max_seconds:
@@ -145,17 +149,19 @@ def train(args):
     accelerator.end_training()
 
 
-MODE_PATTERN = re.compile(r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8)(?P<ef>e)?)?$")
+MODE_PATTERN = re.compile(
+    r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8)(?P<ef>e)?)?(?P<outer>o)?(?P<streaming>s)?$"
+)
 
 
 def parse_mode(mode: str) -> dict:
-    """'ddp', 'none', or 'K[dT][fP][q|fp8][e]' (see the module docstring)."""
-    plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False}
+    """'ddp', 'none', or 'K[dT][fP][q|fp8][e][o][s]' (see the module docstring)."""
+    plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False, "outer": False, "streaming": False}
     if mode in ("ddp", "none"):
         return {"kind": mode, "steps": 1, **plain}
     match = MODE_PATTERN.match(mode)
     if match is None:
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8][e]' (e.g. 8d2f2qe), got {mode!r}")
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
     return {
         "kind": "local_sgd",
         "steps": int(match["steps"]),
@@ -163,6 +169,8 @@ def parse_mode(mode: str) -> dict:
         "fragments": int(match["fragments"] or 1),
         "wire": {"q": "int8", "fp8": "fp8", None: None}[match["wire"]],
         "error_feedback": match["ef"] is not None,
+        "outer": match["outer"] is not None,
+        "streaming": match["streaming"] is not None,
     }
 
 
@@ -179,6 +187,10 @@ def describe_mode(mode: str) -> str:
         parts.append(f"{parsed['fragments']} fragments")
     if parsed["wire"]:
         parts.append(parsed["wire"] + (" + EF" if parsed["error_feedback"] else ""))
+    if parsed["outer"]:
+        parts.append("DiLoCo outer step")
+    if parsed["streaming"]:
+        parts.append("streaming merge")
     return "LocalSGD " + ", ".join(parts)
 
 

@@ -13,6 +13,17 @@
 
 namespace localsgd_ext {
 
+// The codes' dtypes: int8, float8_e4m3fn, and uint8 for int4 codes two per byte.
+inline bool is_codes_dtype(at::ScalarType t) { return t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kByte; }
+
+inline int64_t codes_per_storage(at::ScalarType t) { return t == at::kByte ? 2 : 1; }
+
+// int4 codes pair up within a block, so its blocks have an even number of elements.
+inline void check_block_fits_codes(const char* op, int64_t block_size, at::ScalarType codes_dtype) {
+  TORCH_CHECK_VALUE(block_size % codes_per_storage(codes_dtype) == 0, op,
+                    ": int4 codes (uint8, two per byte) need an even block_size, got ", block_size, ".");
+}
+
 inline void check_block_size(const char* op, int64_t block_size) {
   TORCH_CHECK_VALUE(block_size >= 1 && block_size <= (1 << 20), op, ": block_size must be between 1 and 1048576, got ",
                     block_size, ".");
@@ -22,9 +33,12 @@ inline void check_block_size(const char* op, int64_t block_size) {
 inline at::ScalarType check_quantize_arguments(const at::Tensor& x, int64_t block_size,
                                                std::optional<at::ScalarType> code_dtype) {
   const at::ScalarType codes_type = code_dtype.value_or(at::kChar);
-  TORCH_CHECK_TYPE(codes_type == at::kChar || codes_type == at::kFloat8_e4m3fn,
-                   "quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got ", codes_type, ".");
+  TORCH_CHECK_TYPE(is_codes_dtype(codes_type),
+                   "quantize_blocks: code_dtype must be torch.int8, torch.float8_e4m3fn or torch.uint8 (int4, two per "
+                   "byte), got ",
+                   codes_type, ".");
   check_block_size("quantize_blocks", block_size);
+  check_block_fits_codes("quantize_blocks", block_size, codes_type);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "quantize_blocks: x must be float32, got ", x.scalar_type(), ".");
   TORCH_CHECK_VALUE(x.layout() == at::kStrided && x.dim() == 1 && x.is_contiguous(),
                     "quantize_blocks: x must be a 1-D contiguous tensor, got sizes ", x.sizes(), " and strides ",
@@ -39,20 +53,23 @@ inline at::ScalarType check_quantize_arguments(const at::Tensor& x, int64_t bloc
 inline void check_dequantize_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
                                        double divisor) {
   check_block_size("dequantize_blocks", block_size);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
-                   "dequantize_blocks: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(is_codes_dtype(codes.scalar_type()),
+                   "dequantize_blocks: codes must be int8, float8_e4m3fn or uint8 (int4), got ", codes.scalar_type(),
+                   ".");
+  check_block_fits_codes("dequantize_blocks", block_size, codes.scalar_type());
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "dequantize_blocks: scales must be float32, got ",
                    scales.scalar_type(), ".");
   TORCH_CHECK_VALUE(codes.layout() == at::kStrided && codes.dim() == 2 && codes.is_contiguous(),
                     "dequantize_blocks: codes must be 2-D (rows to sum, elements) and contiguous, got sizes ",
                     codes.sizes(), " and strides ", codes.strides(), ".");
-  TORCH_CHECK_VALUE(codes.size(1) % block_size == 0,
-                    "dequantize_blocks: codes' row length must be a multiple of block_size, got ", codes.size(1),
+  const int64_t row_length = codes.size(1) * codes_per_storage(codes.scalar_type());
+  TORCH_CHECK_VALUE(row_length % block_size == 0,
+                    "dequantize_blocks: codes' row length must be a multiple of block_size, got ", row_length,
                     " and block_size ", block_size, ".");
   TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 2 && scales.is_contiguous() &&
-                        scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) / block_size,
+                        scales.size(0) == codes.size(0) && scales.size(1) == row_length / block_size,
                     "dequantize_blocks: scales must be contiguous with sizes [", codes.size(0), ", ",
-                    codes.size(1) / block_size, "] (one per block of each row), got sizes ", scales.sizes(), ".");
+                    row_length / block_size, "] (one per block of each row), got sizes ", scales.sizes(), ".");
   TORCH_CHECK_VALUE(codes.device() == scales.device(), "dequantize_blocks: codes are on ", codes.device(),
                     " but scales on ", scales.device(), ".");
   check_divisor("dequantize_blocks", divisor);
@@ -71,15 +88,18 @@ inline void check_flat_float32(const char* op, const char* name, const at::Tenso
   check_storage_holds(t, std::string(op) + ": " + name);
 }
 
-// Codes (int8 or float8_e4m3fn) and scales (float32, one per block) an op writes: 1-D, contiguous,
-// `length` and `length / block_size` long, on `device`.
+// Codes (int8, float8_e4m3fn, or uint8 holding int4 two per byte) and scales (float32, one per block) an op
+// writes: 1-D, contiguous, for `length` elements (`length` codes, `length / 2` bytes of int4) and
+// `length / block_size` scales, on `device`.
 inline void check_codes_out(const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t length,
                             int64_t block_size, c10::Device device, const char* codes_name, const char* scales_name) {
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn, op, ": ", codes_name,
-                   " must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(is_codes_dtype(codes.scalar_type()), op, ": ", codes_name,
+                   " must be int8, float8_e4m3fn or uint8 (int4), got ", codes.scalar_type(), ".");
+  check_block_fits_codes(op, block_size, codes.scalar_type());
+  const int64_t storage = length / codes_per_storage(codes.scalar_type());
   TORCH_CHECK_VALUE(
-      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() == length, op, ": ",
-      codes_name, " must be 1-D and contiguous with ", length, " elements, got sizes ", codes.sizes(), ".");
+      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() == storage, op, ": ",
+      codes_name, " must be 1-D and contiguous with ", storage, " elements, got sizes ", codes.sizes(), ".");
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, op, ": ", scales_name, " must be float32, got ",
                    scales.scalar_type(), ".");
   TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
@@ -110,8 +130,8 @@ inline void check_quantize_change_arguments(const at::Tensor& snapshot, const at
 inline void check_requantize_mean_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
                                             const at::Tensor& mean_codes, const at::Tensor& mean_scales) {
   check_dequantize_arguments(codes, scales, block_size, 1.0);
-  check_codes_out("requantize_mean", mean_codes, mean_scales, codes.size(1), block_size, codes.device(), "mean_codes",
-                  "mean_scales");
+  check_codes_out("requantize_mean", mean_codes, mean_scales, codes.size(1) * codes_per_storage(codes.scalar_type()),
+                  block_size, codes.device(), "mean_codes", "mean_scales");
   TORCH_CHECK_TYPE(mean_codes.scalar_type() == codes.scalar_type(),
                    "requantize_mean: mean_codes must have the codes' dtype (", codes.scalar_type(), "), got ",
                    mean_codes.scalar_type(), ".");
@@ -120,18 +140,27 @@ inline void check_requantize_mean_arguments(const at::Tensor& codes, const at::T
 inline void check_apply_quantized_mean_arguments(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
                                                  const at::Tensor& anchor) {
   check_block_size("apply_quantized_mean", block_size);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kFloat8_e4m3fn,
-                   "apply_quantized_mean: codes must be int8 or float8_e4m3fn, got ", codes.scalar_type(), ".");
+  TORCH_CHECK_TYPE(is_codes_dtype(codes.scalar_type()),
+                   "apply_quantized_mean: codes must be int8, float8_e4m3fn or uint8 (int4), got ", codes.scalar_type(),
+                   ".");
+  check_block_fits_codes("apply_quantized_mean", block_size, codes.scalar_type());
+  const int64_t length = codes.numel() * codes_per_storage(codes.scalar_type());
   TORCH_CHECK_VALUE(
-      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && codes.numel() % block_size == 0,
-      "apply_quantized_mean: codes must be 1-D, contiguous, a multiple of block_size long, got sizes ", codes.sizes(),
-      " and block_size ", block_size, ".");
-  check_flat_float32("apply_quantized_mean", "anchor", anchor, codes);
+      codes.layout() == at::kStrided && codes.dim() == 1 && codes.is_contiguous() && length % block_size == 0,
+      "apply_quantized_mean: codes must be 1-D, contiguous, for a multiple of block_size elements, got sizes ",
+      codes.sizes(), " and block_size ", block_size, ".");
+  TORCH_CHECK_TYPE(anchor.scalar_type() == at::kFloat, "apply_quantized_mean: anchor must be float32, got ",
+                   anchor.scalar_type(), ".");
+  TORCH_CHECK_VALUE(
+      anchor.layout() == at::kStrided && anchor.dim() == 1 && anchor.is_contiguous() && anchor.numel() == length,
+      "apply_quantized_mean: anchor must be 1-D and contiguous with the codes' ", length, " elements, got sizes ",
+      anchor.sizes(), ".");
+  check_storage_holds(anchor, "apply_quantized_mean: anchor");
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "apply_quantized_mean: scales must be float32, got ",
                    scales.scalar_type(), ".");
   TORCH_CHECK_VALUE(scales.layout() == at::kStrided && scales.dim() == 1 && scales.is_contiguous() &&
-                        scales.numel() == codes.numel() / block_size,
-                    "apply_quantized_mean: scales must be 1-D and contiguous with ", codes.numel() / block_size,
+                        scales.numel() == length / block_size,
+                    "apply_quantized_mean: scales must be 1-D and contiguous with ", length / block_size,
                     " entries (one per block), got sizes ", scales.sizes(), ".");
   TORCH_CHECK_VALUE(codes.device() == scales.device() && codes.device() == anchor.device(),
                     "apply_quantized_mean: codes are on ", codes.device(), ", scales on ", scales.device(),

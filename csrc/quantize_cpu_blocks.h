@@ -14,6 +14,19 @@
 
 namespace localsgd_ext::cpu {
 
+// `body(codec)` with the codec whose codes a tensor of `codes_dtype` holds (int8, float8_e4m3fn, or uint8:
+// int4 two per byte); the dtype was checked before.
+template <typename Body>
+void with_codec(c10::ScalarType codes_dtype, const Body& body) {
+  if (codes_dtype == c10::ScalarType::Char) {
+    body(quantize::Int8Codec{});
+  } else if (codes_dtype == c10::ScalarType::Byte) {
+    body(quantize::Int4Codec{});
+  } else {
+    body(quantize::E4M3Codec{});
+  }
+}
+
 // Blocks per parallel task: enough elements that a task outweighs its scheduling.
 inline int64_t blocks_per_task(int64_t block_size) { return std::max<int64_t>(1, (64 * 1024) / block_size); }
 
@@ -23,7 +36,7 @@ inline int64_t blocks_per_task(int64_t block_size) { return std::max<int64_t>(1,
 // quantize::max_magnitude (the CUDA kernels' step). An integer max is associative, so the compiler
 // vectorizes the loop without -ffast-math, and the result is the same in any order.
 template <typename Codec, typename Value>
-inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Code* codes) {
+inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Storage* codes) {
   // Signed: the sign bit is cleared, and SSE2 compares only signed integers.
   int32_t largest_bits = 0;
   for (int64_t k = 0; k < block_size; ++k) {
@@ -34,7 +47,11 @@ inline float quantize_block(const Value& value, int64_t block_size, typename Cod
   const float magnitude = quantize::bits_float(static_cast<uint32_t>(largest_bits));
   const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
   if (!quantize::scale_gives_codes(scale)) {
-    std::fill(codes, codes + block_size, typename Codec::Code{0});
+    std::fill(codes, codes + block_size / Codec::kPerStorage, typename Codec::Storage{0});
+  } else if constexpr (Codec::kPerStorage == 2) {
+    for (int64_t k = 0; k < block_size; k += 2) {
+      codes[k / 2] = Codec::pack(Codec::encode(value(k), scale), Codec::encode(value(k + 1), scale));
+    }
   } else {
     for (int64_t k = 0; k < block_size; ++k) {
       codes[k] = Codec::encode(value(k), scale);
@@ -47,15 +64,15 @@ inline float quantize_block(const Value& value, int64_t block_size, typename Cod
 // loops vectorize; each element still adds its rows in order, from 0.0f, exactly as the CUDA kernel does
 // element by element.
 template <typename Codec>
-inline void sum_rows_of_block(const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length,
+inline void sum_rows_of_block(const typename Codec::Storage* codes, const float* scales, int64_t rows, int64_t length,
                               int64_t block_size, float divisor, int64_t b, float* sums) {
   const int64_t num_blocks = length / block_size;
   std::fill(sums, sums + block_size, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    const typename Codec::Code* row = codes + r * length + b * block_size;
+    const typename Codec::Storage* row = quantize::storage_at<Codec>(codes, r * length + b * block_size);
     const float scale = quantize::scale_for_mean(scales[r * num_blocks + b], divisor);
     for (int64_t k = 0; k < block_size; ++k) {
-      sums[k] = quantize::add_dequantized(sums[k], Codec::decode(row[k]), scale);
+      sums[k] = quantize::add_dequantized(sums[k], Codec::decode(Codec::load(row, k)), scale);
     }
   }
 }

@@ -1,8 +1,11 @@
 // The arithmetic of the quantized wires (per-block scales), written once for the CPU kernel and the CUDA
 // kernels (host/device functions), so that both devices quantize and dequantize to the same bits.
-// Plain C++: no torch, no CUDA header. Two code formats, one byte each:
-//   Int8Codec: symmetric int8, -127..127 (no -128, so negating a block negates its codes);
-//   E4M3Codec: float8 e4m3fn (4 exponent bits, 3 mantissa bits, largest 448, no infinities), as bits.
+// Plain C++: no torch, no CUDA header. Three code formats:
+//   Int8Codec: symmetric int8, -127..127 (no -128, so negating a block negates its codes), one byte each;
+//   E4M3Codec: float8 e4m3fn (4 exponent bits, 3 mantissa bits, largest 448, no infinities), as bits;
+//   Int4Codec: symmetric int4, -7..7, two codes per byte (element 2i in the low nibble, 2i + 1 in the high).
+// Each says how its codes are stored: `Storage` holds `kPerStorage` codes, `load(storage, k)` reads code k
+// (k counted in elements), `pack` makes one Storage of kPerStorage codes.
 #pragma once
 
 #include <cmath>
@@ -57,21 +60,47 @@ LOCALSGD_HOST_DEVICE inline float clamp_magnitude(float v, float largest) {
   return v > largest ? largest : v;
 }
 
+// round-half-even(x / scale), within +-largest, for a scale that gives codes.
+LOCALSGD_HOST_DEVICE inline int8_t symmetric_code(float x, float scale, float largest) {
+  return static_cast<int8_t>(static_cast<int>(clamp_magnitude(round_half_even(x / scale), largest)));
+}
+
 struct Int8Codec {
   using Code = int8_t;
+  using Storage = int8_t;
+  static constexpr int kPerStorage = 1;
   static constexpr float kLargest = 127.0f;
 
-  // round-half-even(x / scale), within +-127, for a scale that gives codes.
-  LOCALSGD_HOST_DEVICE static Code encode(float x, float scale) {
-    return static_cast<Code>(static_cast<int>(clamp_magnitude(round_half_even(x / scale), kLargest)));
-  }
-
+  LOCALSGD_HOST_DEVICE static Code encode(float x, float scale) { return symmetric_code(x, scale, kLargest); }
   LOCALSGD_HOST_DEVICE static float decode(Code code) { return static_cast<float>(code); }
+  LOCALSGD_HOST_DEVICE static Code load(const Storage* storage, int64_t k) { return storage[k]; }
+};
+
+struct Int4Codec {
+  using Code = int8_t; // one code, -7..7, while it is computed with
+  using Storage = uint8_t;
+  static constexpr int kPerStorage = 2;
+  static constexpr float kLargest = 7.0f;
+
+  LOCALSGD_HOST_DEVICE static Code encode(float x, float scale) { return symmetric_code(x, scale, kLargest); }
+  LOCALSGD_HOST_DEVICE static float decode(Code code) { return static_cast<float>(code); }
+  // The nibble, sign-extended by an arithmetic shift of the byte that holds it in its top bits.
+  LOCALSGD_HOST_DEVICE static Code load(const Storage* storage, int64_t k) {
+    const uint8_t byte = storage[k >> 1];
+    return static_cast<Code>(static_cast<int8_t>((k & 1) ? byte : static_cast<uint8_t>(byte << 4)) >> 4);
+  }
+  LOCALSGD_HOST_DEVICE static Storage pack(Code low, Code high) {
+    return static_cast<Storage>((static_cast<uint8_t>(low) & 0x0fu) | (static_cast<uint8_t>(high) << 4));
+  }
 };
 
 struct E4M3Codec {
   using Code = uint8_t;
+  using Storage = uint8_t;
+  static constexpr int kPerStorage = 1;
   static constexpr float kLargest = 448.0f;
+
+  LOCALSGD_HOST_DEVICE static Code load(const Storage* storage, int64_t k) { return storage[k]; }
 
   // v, finite with |v| <= 448, rounded to the nearest e4m3fn value (ties to even), as bits: the same
   // rounding as torch's `.to(torch.float8_e4m3fn)` and CUDA's __nv_cvt_float_to_fp8 in that range.
@@ -107,6 +136,12 @@ struct E4M3Codec {
     return from_float(clamp_magnitude(x / scale, kLargest));
   }
 };
+
+// Where element `element`'s code is stored (element a multiple of Codec::kPerStorage).
+template <typename Codec, typename Storage>
+LOCALSGD_HOST_DEVICE inline Storage* storage_at(Storage* base, int64_t element) {
+  return base + element / Codec::kPerStorage;
+}
 
 template <typename Codec>
 LOCALSGD_HOST_DEVICE inline float block_scale(float max_magnitude_of_block) {

@@ -27,7 +27,7 @@ using namespace cpu;
 // the first of `num_blocks` blocks.
 template <typename Codec, bool kWithResidual>
 LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const float* anchor, float* residual,
-                                                   int64_t num_blocks, int64_t block_size, typename Codec::Code* out,
+                                                   int64_t num_blocks, int64_t block_size, typename Codec::Storage* out,
                                                    float* scale_out) {
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t offset = b * block_size;
@@ -36,12 +36,13 @@ LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const 
     // A compile-time null without error feedback, so that the inner loops have no branch on it.
     float* r = kWithResidual ? residual + offset : nullptr;
     const auto change = [s, a, r](int64_t k) { return quantize::change_at(s, a, r, k); };
-    const float scale = quantize_block<Codec>(change, block_size, out + offset);
+    typename Codec::Storage* block_codes = quantize::storage_at<Codec>(out, offset);
+    const float scale = quantize_block<Codec>(change, block_size, block_codes);
     scale_out[b] = scale;
     if constexpr (kWithResidual) {
-      const typename Codec::Code* block_codes = out + offset;
       for (int64_t k = 0; k < block_size; ++k) {
-        r[k] = quantize::left_out(change(k), Codec::decode(block_codes[k]), scale); // reads r[k] before writing it
+        // Reads r[k] before writing it.
+        r[k] = quantize::left_out(change(k), Codec::decode(Codec::load(block_codes, k)), scale);
       }
     }
   }
@@ -50,12 +51,12 @@ LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const 
 template <typename Codec, bool kWithResidual>
 void quantize_change_all(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
                          int64_t block_size, void* codes, float* scale_out) {
-  auto* out = static_cast<typename Codec::Code*>(codes);
+  auto* out = static_cast<typename Codec::Storage*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     const int64_t offset = first * block_size;
     quantize_change_blocks<Codec, kWithResidual>(snapshot + offset, anchor + offset,
                                                  kWithResidual ? residual + offset : nullptr, last - first, block_size,
-                                                 out + offset, scale_out + first);
+                                                 quantize::storage_at<Codec>(out, offset), scale_out + first);
   });
 }
 
@@ -66,7 +67,7 @@ template <typename Codec, bool kWithResidual>
 void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, const float* anchor, float* residual,
                                  int64_t num_blocks, int64_t block_size, void* codes, float* scale_out,
                                  float* snapshot) {
-  auto* out = static_cast<typename Codec::Code*>(codes);
+  auto* out = static_cast<typename Codec::Storage*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     std::vector<float> block(snapshot == nullptr ? block_size : 0);
     for (int64_t b = first; b < last; ++b) {
@@ -75,27 +76,28 @@ void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, con
       gather_window(segments, offset, offset + block_size, gathered);
       quantize_change_blocks<Codec, kWithResidual>(gathered, anchor + offset,
                                                    kWithResidual ? residual + offset : nullptr, 1, block_size,
-                                                   out + offset, scale_out + b);
+                                                   quantize::storage_at<Codec>(out, offset), scale_out + b);
     }
   });
 }
 
 // requantize_mean: each block's mean over the rows into a buffer of the task's own, then its codes.
 template <typename Codec>
-LOCALSGD_VECTOR_CLONES void requantize_mean_blocks(const typename Codec::Code* in, const float* scales, int64_t rows,
+LOCALSGD_VECTOR_CLONES void requantize_mean_blocks(const typename Codec::Storage* in, const float* scales, int64_t rows,
                                                    int64_t length, int64_t block_size, int64_t first, int64_t last,
-                                                   float* mean, typename Codec::Code* out, float* mean_scales) {
+                                                   float* mean, typename Codec::Storage* out, float* mean_scales) {
   for (int64_t b = first; b < last; ++b) {
     sum_rows_of_block<Codec>(in, scales, rows, length, block_size, static_cast<float>(rows), b, mean);
-    mean_scales[b] = quantize_block<Codec>([mean](int64_t k) { return mean[k]; }, block_size, out + b * block_size);
+    mean_scales[b] = quantize_block<Codec>([mean](int64_t k) { return mean[k]; }, block_size,
+                                           quantize::storage_at<Codec>(out, b * block_size));
   }
 }
 
 template <typename Codec>
 void requantize_mean_all(const void* codes, const float* scales, int64_t rows, int64_t length, int64_t block_size,
                          void* mean_codes, float* mean_scales) {
-  const auto* in = static_cast<const typename Codec::Code*>(codes);
-  auto* out = static_cast<typename Codec::Code*>(mean_codes);
+  const auto* in = static_cast<const typename Codec::Storage*>(codes);
+  auto* out = static_cast<typename Codec::Storage*>(mean_codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     std::vector<float> mean(block_size);
     requantize_mean_blocks<Codec>(in, scales, rows, length, block_size, first, last, mean.data(), out, mean_scales);
@@ -103,14 +105,14 @@ void requantize_mean_all(const void* codes, const float* scales, int64_t rows, i
 }
 
 template <typename Codec>
-LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Code* in, const float* scales, int64_t first,
+LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Storage* in, const float* scales, int64_t first,
                                               int64_t last, int64_t block_size, float* anchor) {
   for (int64_t b = first; b < last; ++b) {
     const float scale = scales[b];
     float* a = anchor + b * block_size;
-    const typename Codec::Code* c = in + b * block_size;
+    const typename Codec::Storage* c = quantize::storage_at<Codec>(in, b * block_size);
     for (int64_t k = 0; k < block_size; ++k) {
-      a[k] = quantize::add_dequantized(a[k], Codec::decode(c[k]), scale);
+      a[k] = quantize::add_dequantized(a[k], Codec::decode(Codec::load(c, k)), scale);
     }
   }
 }
@@ -119,7 +121,7 @@ LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Code* in, co
 template <typename Codec>
 void apply_mean_all(const void* codes, const float* scales, int64_t length, int64_t block_size, float* anchor,
                     const std::vector<WindowSegment>* segments) {
-  const auto* in = static_cast<const typename Codec::Code*>(codes);
+  const auto* in = static_cast<const typename Codec::Storage*>(codes);
   at::parallel_for(0, length / block_size, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
     if (segments == nullptr) {
       apply_mean_blocks<Codec>(in, scales, first, last, block_size, anchor);
@@ -155,16 +157,14 @@ void quantize_change_cpu(const at::Tensor& snapshot, const at::Tensor& anchor,
                          const std::optional<at::Tensor>& residual, int64_t block_size, const at::Tensor& codes,
                          const at::Tensor& scales) {
   check_quantize_change_arguments(snapshot, anchor, residual, block_size, codes, scales);
-  const bool int8 = codes.scalar_type() == at::kChar;
-  const auto run =
-      residual
-          ? (int8 ? &quantize_change_all<quantize::Int8Codec, true> : &quantize_change_all<quantize::E4M3Codec, true>)
-          : (int8 ? &quantize_change_all<quantize::Int8Codec, false>
-                  : &quantize_change_all<quantize::E4M3Codec, false>);
-  // const_cast: the schema declares the outputs mutable (Tensor(a!)).
-  run(snapshot.const_data_ptr<float>(), anchor.const_data_ptr<float>(),
-      residual ? residual->mutable_data_ptr<float>() : nullptr, snapshot.numel() / block_size, block_size,
-      const_cast<at::Tensor&>(codes).mutable_data_ptr(), const_cast<at::Tensor&>(scales).mutable_data_ptr<float>());
+  with_codec(codes.scalar_type(), [&](auto codec) {
+    using Codec = decltype(codec);
+    const auto run = residual ? &quantize_change_all<Codec, true> : &quantize_change_all<Codec, false>;
+    // const_cast: the schema declares the outputs mutable (Tensor(a!)).
+    run(snapshot.const_data_ptr<float>(), anchor.const_data_ptr<float>(),
+        residual ? residual->mutable_data_ptr<float>() : nullptr, snapshot.numel() / block_size, block_size,
+        const_cast<at::Tensor&>(codes).mutable_data_ptr(), const_cast<at::Tensor&>(scales).mutable_data_ptr<float>());
+  });
 }
 
 void quantize_tensors_change_cpu(at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
@@ -178,36 +178,36 @@ void quantize_tensors_change_cpu(at::TensorList tensors, at::IntArrayRef offsets
     quantize_tensors_change_generic(tensors, offsets, start, anchor, residual, block_size, codes, scales, snapshot);
     return;
   }
-  const bool int8 = codes.scalar_type() == at::kChar;
-  const auto run = residual ? (int8 ? &quantize_tensors_change_all<quantize::Int8Codec, true>
-                                    : &quantize_tensors_change_all<quantize::E4M3Codec, true>)
-                            : (int8 ? &quantize_tensors_change_all<quantize::Int8Codec, false>
-                                    : &quantize_tensors_change_all<quantize::E4M3Codec, false>);
-  // const_cast: the schema declares the outputs mutable.
-  run(*segments, anchor.const_data_ptr<float>(), residual ? residual->mutable_data_ptr<float>() : nullptr,
-      anchor.numel() / block_size, block_size, const_cast<at::Tensor&>(codes).mutable_data_ptr(),
-      const_cast<at::Tensor&>(scales).mutable_data_ptr<float>(),
-      snapshot ? const_cast<at::Tensor&>(*snapshot).mutable_data_ptr<float>() : nullptr);
+  with_codec(codes.scalar_type(), [&](auto codec) {
+    using Codec = decltype(codec);
+    const auto run = residual ? &quantize_tensors_change_all<Codec, true> : &quantize_tensors_change_all<Codec, false>;
+    // const_cast: the schema declares the outputs mutable.
+    run(*segments, anchor.const_data_ptr<float>(), residual ? residual->mutable_data_ptr<float>() : nullptr,
+        anchor.numel() / block_size, block_size, const_cast<at::Tensor&>(codes).mutable_data_ptr(),
+        const_cast<at::Tensor&>(scales).mutable_data_ptr<float>(),
+        snapshot ? const_cast<at::Tensor&>(*snapshot).mutable_data_ptr<float>() : nullptr);
+  });
 }
 
 void requantize_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
                          const at::Tensor& mean_codes, const at::Tensor& mean_scales) {
   check_requantize_mean_arguments(codes, scales, block_size, mean_codes, mean_scales);
-  const auto run = codes.scalar_type() == at::kChar ? &requantize_mean_all<quantize::Int8Codec>
-                                                    : &requantize_mean_all<quantize::E4M3Codec>;
-  run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
-      const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
-      const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>());
+  with_codec(codes.scalar_type(), [&](auto codec) {
+    requantize_mean_all<decltype(codec)>(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.size(0),
+                                         codes.size(1) * codes_per_storage(codes.scalar_type()), block_size,
+                                         const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
+                                         const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>());
+  });
 }
 
 void apply_quantized_mean_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
                               const at::Tensor& anchor) {
   check_apply_quantized_mean_arguments(codes, scales, block_size, anchor);
-  const auto run =
-      codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec> : &apply_mean_all<quantize::E4M3Codec>;
-  // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
-  run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.numel(), block_size,
-      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), nullptr);
+  with_codec(codes.scalar_type(), [&](auto codec) {
+    // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
+    apply_mean_all<decltype(codec)>(codes.const_data_ptr(), scales.const_data_ptr<float>(), anchor.numel(), block_size,
+                                    const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), nullptr);
+  });
 }
 
 void apply_quantized_mean_to_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t block_size,
@@ -219,11 +219,11 @@ void apply_quantized_mean_to_cpu(const at::Tensor& codes, const at::Tensor& scal
     apply_quantized_mean_to_generic(codes, scales, block_size, anchor, offsets, start, tensors);
     return;
   }
-  const auto run =
-      codes.scalar_type() == at::kChar ? &apply_mean_all<quantize::Int8Codec> : &apply_mean_all<quantize::E4M3Codec>;
-  // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
-  run(codes.const_data_ptr(), scales.const_data_ptr<float>(), codes.numel(), block_size,
-      const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), &*segments);
+  with_codec(codes.scalar_type(), [&](auto codec) {
+    // const_cast: the schema declares `anchor` mutable (Tensor(a!)).
+    apply_mean_all<decltype(codec)>(codes.const_data_ptr(), scales.const_data_ptr<float>(), anchor.numel(), block_size,
+                                    const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(), &*segments);
+  });
 }
 
 } // namespace

@@ -166,11 +166,15 @@ class LocalSGDConfig:
     def _check_quantized_wire_options(self) -> None:
         check_bool("error_feedback", self.error_feedback)
         self._set(wire_block_size=check_int_at_least("wire_block_size", self.wire_block_size, 1))
+        if self.wire == "int4" and self.wire_block_size % 2:
+            raise ValueError(
+                f'wire="int4" packs two codes per byte within a block: wire_block_size must be even, got {self.wire_block_size}'
+            )
         if not self.quantized:
             if self.error_feedback or self.wire_block_size != DEFAULT_BLOCK_SIZE:
                 raise ValueError(
-                    f'error_feedback and wire_block_size need wire="int8" or "fp8", got error_feedback={self.error_feedback}, '
-                    f"wire_block_size={self.wire_block_size} with wire={self.wire!r}"
+                    'error_feedback and wire_block_size need wire="int8", "fp8" or "int4", got '
+                    f"error_feedback={self.error_feedback}, wire_block_size={self.wire_block_size} with wire={self.wire!r}"
                 )
 
     @property

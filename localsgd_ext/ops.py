@@ -367,15 +367,30 @@ def _check_block_size(op, block_size):
         raise ValueError(f"{op}: block_size must be between 1 and 1048576, got {block_size}.")
 
 
-CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+# int8 codes, float8 e4m3 codes, and uint8 bytes holding two int4 codes each.
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.uint8)
+
+
+def codes_per_storage(code_dtype: torch.dtype) -> int:
+    """Codes per element of a codes tensor: 2 for int4 (uint8), else 1."""
+    return 2 if code_dtype == torch.uint8 else 1
+
+
+def _check_block_fits_codes(op, block_size, code_dtype):
+    if block_size % codes_per_storage(code_dtype):
+        raise ValueError(f"{op}: int4 codes (uint8, two per byte) need an even block_size, got {block_size}.")
 
 
 @torch.library.register_fake("localsgd_ext::quantize_blocks")
 def _quantize_blocks_fake(x, block_size, code_dtype=None):
     code_dtype = torch.int8 if code_dtype is None else code_dtype
     if code_dtype not in CODE_DTYPES:
-        raise TypeError(f"quantize_blocks: code_dtype must be torch.int8 or torch.float8_e4m3fn, got {code_dtype}.")
+        raise TypeError(
+            "quantize_blocks: code_dtype must be torch.int8, torch.float8_e4m3fn or torch.uint8 (int4, two per byte), "
+            f"got {code_dtype}."
+        )
     _check_block_size("quantize_blocks", block_size)
+    _check_block_fits_codes("quantize_blocks", block_size, code_dtype)
     if x.dtype != torch.float32:
         raise TypeError(f"quantize_blocks: x must be float32, got {x.dtype}.")
     if x.dim() != 1 or not x.is_contiguous():
@@ -385,7 +400,7 @@ def _quantize_blocks_fake(x, block_size, code_dtype=None):
             f"quantize_blocks: x's length must be a multiple of block_size (pad it), got {x.numel()} elements and "
             f"block_size {block_size}."
         )
-    return x.new_empty(x.shape, dtype=code_dtype), x.new_empty(x.numel() // block_size)
+    return x.new_empty(x.numel() // codes_per_storage(code_dtype), dtype=code_dtype), x.new_empty(x.numel() // block_size)
 
 
 @torch.library.register_fake("localsgd_ext::dequantize_blocks")
@@ -393,9 +408,12 @@ def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
     _check_block_size("dequantize_blocks", block_size)
     if codes.dtype not in CODE_DTYPES or scales.dtype != torch.float32:
         raise TypeError(
-            f"dequantize_blocks: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and {scales.dtype}."
+            "dequantize_blocks: codes must be int8, float8_e4m3fn or uint8 (int4) and scales float32, got "
+            f"{codes.dtype} and {scales.dtype}."
         )
-    if codes.dim() != 2 or codes.shape[1] % block_size or tuple(scales.shape) != (codes.shape[0], codes.shape[1] // block_size):
+    _check_block_fits_codes("dequantize_blocks", block_size, codes.dtype)
+    length = codes.shape[1] * codes_per_storage(codes.dtype) if codes.dim() == 2 else 0
+    if codes.dim() != 2 or length % block_size or tuple(scales.shape) != (codes.shape[0], length // block_size):
         raise ValueError(
             f"dequantize_blocks: codes must be (rows, a multiple of block_size) and scales (rows, length / block_size), "
             f"got {list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
@@ -403,7 +421,7 @@ def _dequantize_blocks_fake(codes, scales, block_size, divisor=1.0):
     if codes.device != scales.device:
         raise ValueError(f"dequantize_blocks: codes are on {codes.device} but scales on {scales.device}.")
     _check_float32_factor("dequantize_blocks", "divisor", divisor)
-    return scales.new_empty(codes.shape[1])
+    return scales.new_empty(length)
 
 
 def _check_flat_float32(op, name, t, like):
@@ -419,9 +437,11 @@ def _check_flat_float32(op, name, t, like):
 
 def _check_codes_out(op, codes, scales, length, block_size, device, codes_name="codes", scales_name="scales"):
     if codes.dtype not in CODE_DTYPES:
-        raise TypeError(f"{op}: {codes_name} must be int8 or float8_e4m3fn, got {codes.dtype}.")
-    if codes.dim() != 1 or not codes.is_contiguous() or codes.numel() != length:
-        raise ValueError(f"{op}: {codes_name} must be 1-D and contiguous with {length} elements, got sizes {list(codes.shape)}.")
+        raise TypeError(f"{op}: {codes_name} must be int8, float8_e4m3fn or uint8 (int4), got {codes.dtype}.")
+    _check_block_fits_codes(op, block_size, codes.dtype)
+    storage = length // codes_per_storage(codes.dtype)
+    if codes.dim() != 1 or not codes.is_contiguous() or codes.numel() != storage:
+        raise ValueError(f"{op}: {codes_name} must be 1-D and contiguous with {storage} elements, got sizes {list(codes.shape)}.")
     if scales.dtype != torch.float32:
         raise TypeError(f"{op}: {scales_name} must be float32, got {scales.dtype}.")
     if scales.dim() != 1 or not scales.is_contiguous() or scales.numel() != length // block_size:
@@ -453,7 +473,14 @@ def _quantize_change_fake(snapshot, anchor, residual, block_size, codes, scales)
 def _requantize_mean_fake(codes, scales, block_size, mean_codes, mean_scales):
     _dequantize_blocks_fake(codes, scales, block_size, 1.0)
     _check_codes_out(
-        "requantize_mean", mean_codes, mean_scales, codes.shape[1], block_size, codes.device, "mean_codes", "mean_scales"
+        "requantize_mean",
+        mean_codes,
+        mean_scales,
+        codes.shape[1] * codes_per_storage(codes.dtype),
+        block_size,
+        codes.device,
+        "mean_codes",
+        "mean_scales",
     )
     if mean_codes.dtype != codes.dtype:
         raise TypeError(f"requantize_mean: mean_codes must have the codes' dtype ({codes.dtype}), got {mean_codes.dtype}.")
@@ -465,14 +492,23 @@ def _apply_quantized_mean_fake(codes, scales, block_size, anchor):
     _check_block_size("apply_quantized_mean", block_size)
     if codes.dtype not in CODE_DTYPES or scales.dtype != torch.float32:
         raise TypeError(
-            f"apply_quantized_mean: codes must be int8 or float8_e4m3fn and scales float32, got {codes.dtype} and {scales.dtype}."
+            "apply_quantized_mean: codes must be int8, float8_e4m3fn or uint8 (int4) and scales float32, got "
+            f"{codes.dtype} and {scales.dtype}."
         )
-    if codes.dim() != 1 or codes.numel() % block_size or tuple(scales.shape) != (codes.numel() // block_size,):
+    _check_block_fits_codes("apply_quantized_mean", block_size, codes.dtype)
+    length = codes.numel() * codes_per_storage(codes.dtype)
+    if codes.dim() != 1 or length % block_size or tuple(scales.shape) != (length // block_size,):
         raise ValueError(
-            f"apply_quantized_mean: codes must be 1-D, a multiple of block_size long, and scales one per block, got "
-            f"{list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
+            f"apply_quantized_mean: codes must be 1-D, for a multiple of block_size elements, and scales one per "
+            f"block, got {list(codes.shape)}, {list(scales.shape)} and block_size {block_size}."
         )
-    _check_flat_float32("apply_quantized_mean", "anchor", anchor, codes)
+    if anchor.dtype != torch.float32:
+        raise TypeError(f"apply_quantized_mean: anchor must be float32, got {anchor.dtype}.")
+    if anchor.dim() != 1 or not anchor.is_contiguous() or anchor.numel() != length:
+        raise ValueError(
+            f"apply_quantized_mean: anchor must be 1-D and contiguous with the codes' {length} elements, got sizes "
+            f"{list(anchor.shape)}."
+        )
     if codes.device != scales.device:
         raise ValueError(
             f"apply_quantized_mean: codes are on {codes.device}, scales on {scales.device} and anchor on "

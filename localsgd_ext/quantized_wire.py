@@ -22,8 +22,9 @@ from .sharded import shaped_like_parameters
 
 __all__ = ["QuantizedAverager", "DEFAULT_BLOCK_SIZE", "WIRES"]
 
-# The codes' dtype of each wire; both are one byte, so both move the same bytes.
-WIRES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# The codes' dtype of each wire: int8 and fp8 take a byte per element; int4 packs two per byte (uint8),
+# half the bytes (Streaming DiLoCo's 4-bit outer gradients).
+WIRES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
 
 # torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases may lack the new name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -35,7 +36,7 @@ DEFAULT_BLOCK_SIZE = 1024
 
 class QuantizedAverager:
     """
-    Averages a fixed list of float32 tensors across a group with an int8 or float8 wire, in place.
+    Averages a fixed list of float32 tensors across a group with an int8, float8 or int4 wire, in place.
 
     Every rank keeps an anchor: the tensors' values after the last sync, the same bits on every rank.
     A sync sends each rank's delta `tensor - anchor` (plus, with error feedback, what earlier
@@ -66,7 +67,8 @@ class QuantizedAverager:
         params (`Iterable[torch.Tensor]`):
             float32 tensors on one device.
         wire (`str`, defaults to `"int8"`):
-            `"int8"` or `"fp8"` (float8 e4m3fn codes, made by our CPU and CUDA kernels: no fp8 hardware needed).
+            `"int8"`, `"fp8"` (float8 e4m3fn codes, made by our CPU and CUDA kernels: no fp8 hardware needed)
+            or `"int4"` (-7..7, two codes per byte: half the bytes; scale `max|delta| / 7`; even block_size).
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             The group to average over; the default group when None.
         block_size (`int`, defaults to 1024):
@@ -131,6 +133,10 @@ class QuantizedAverager:
         self.block_size = check_int_at_least("block_size", block_size, 1)
         if self.block_size > 1 << 20:
             raise ValueError(f"block_size must be at most 1048576, got {self.block_size}")
+        # Elements per byte of codes: int4's pair up within a block.
+        self._per_storage = ops.codes_per_storage(self._code_dtype)
+        if self.block_size % self._per_storage:
+            raise ValueError(f"the {wire} wire packs two codes per byte: block_size must be even, got {self.block_size}")
         self.error_feedback = check_bool("error_feedback", error_feedback)
         wire_settings = {"wire": wire, "wire_block_size": self.block_size, "error_feedback": self.error_feedback}
         # The checks and the first (float32) sync.
@@ -219,7 +225,7 @@ class QuantizedAverager:
             anchor=anchor,
             snapshot=None,
             residual=torch.zeros_like(anchor) if self.error_feedback else None,
-            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device),
+            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device, self._per_storage),
             pieces=self._wire_pieces(world_size, length),
         )
 
@@ -272,7 +278,7 @@ class QuantizedAverager:
             state.anchor[window],
             None if state.residual is None else state.residual[window],
             self.block_size,
-            state.wire.codes[window],
+            state.wire.codes[self._codes_of(start, end)],
             state.wire.scales[self._scales_of(start, end)],
             self._snapshot()[window] if keep_snapshot else None,
         )
@@ -318,6 +324,10 @@ class QuantizedAverager:
         """The scales of the elements start..end (whole blocks)."""
         return slice(start // self.block_size, end // self.block_size)
 
+    def _codes_of(self, start: int, end: int) -> slice:
+        """The codes of the elements start..end (whole blocks), in the codes buffers' units."""
+        return slice(start // self._per_storage, end // self._per_storage)
+
     def _start_exchange(self, group: dist.ProcessGroup, quantize_pieces: bool) -> "_Exchange":
         """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
         and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8). With
@@ -331,11 +341,11 @@ class QuantizedAverager:
         for start, end in state.pieces:
             if quantize_pieces:
                 self._quantize_window(start, end, keep_snapshot=False)
-            its_scales = self._scales_of(start, end)
+            its_scales, its_codes = self._scales_of(start, end), self._codes_of(start, end)
             works.append(
                 [
                     dist.all_to_all_single(
-                        _as_bytes(wire.received_codes[start:end]), _as_bytes(codes[start:end]), group=group, async_op=True
+                        _as_bytes(wire.received_codes[its_codes]), _as_bytes(codes[its_codes]), group=group, async_op=True
                     ),
                     dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
                 ]
@@ -372,20 +382,26 @@ class QuantizedAverager:
         gathers = []
         for (start, end), arriving in zip(self._state().pieces, exchange.works):
             exchange.wait_for(arriving)
-            its_scales = self._scales_of(start, end)
-            mine = slice(start // world_size, end // world_size)  # this rank's chunk of the piece's mean
-            mine_scales = self._scales_of(mine.start, mine.stop)
+            its_scales, its_codes = self._scales_of(start, end), self._codes_of(start, end)
+            # This rank's chunk of the piece's mean: elements start / W .. end / W of the mean buffers.
+            mine_scales, mine_codes = (
+                self._scales_of(start // world_size, end // world_size),
+                self._codes_of(start // world_size, end // world_size),
+            )
             ops.requantize_mean(
-                wire.received_codes[start:end].view(world_size, -1),
+                wire.received_codes[its_codes].view(world_size, -1),
                 wire.received_scales[its_scales].view(world_size, -1),
                 self.block_size,
-                wire.mean_codes[mine],
+                wire.mean_codes[mine_codes],
                 wire.mean_scales[mine_scales],
             )
             gathers.append(
                 [
                     _all_gather_single(
-                        _as_bytes(wire.gathered_codes[start:end]), _as_bytes(wire.mean_codes[mine]), group=group, async_op=True
+                        _as_bytes(wire.gathered_codes[its_codes]),
+                        _as_bytes(wire.mean_codes[mine_codes]),
+                        group=group,
+                        async_op=True,
                     ),
                     _all_gather_single(
                         wire.gathered_scales[its_scales], wire.mean_scales[mine_scales], group=group, async_op=True
@@ -405,7 +421,8 @@ class QuantizedAverager:
         state = self._state()
         for (start, end), arriving in zip(state.pieces, exchange.works):
             exchange.wait_for(arriving)
-            codes, scales = state.wire.gathered_codes[start:end], state.wire.gathered_scales[self._scales_of(start, end)]
+            codes = state.wire.gathered_codes[self._codes_of(start, end)]
+            scales = state.wire.gathered_scales[self._scales_of(start, end)]
             if write_tensors:
                 ops.apply_quantized_mean_to(
                     codes, scales, self.block_size, state.anchor[start:end], self.offsets, start, self._tensors
@@ -531,9 +548,12 @@ class _WireBuffers:
     gathered_scales: torch.Tensor
 
     @classmethod
-    def for_length(cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device) -> "_WireBuffers":
+    def for_length(
+        cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device, per_storage: int = 1
+    ) -> "_WireBuffers":
         def codes_and_scales(n: int):
-            return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
+            codes = torch.empty(n // per_storage, dtype=code_dtype, device=device)
+            return codes, torch.empty(n // block_size, device=device)
 
         received = codes_and_scales(length)
         return cls(*codes_and_scales(length), *received, *codes_and_scales(length // world_size), *received)

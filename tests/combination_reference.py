@@ -20,6 +20,7 @@ AXES: Dict[str, dict] = {
     "num_fragments": {"num_fragments": 2},
     "int8": {"wire": "int8"},
     "fp8": {"wire": "fp8"},
+    "int4": {"wire": "int4"},
     "bf16": {"wire": "bf16"},
     "hierarchy": {"hierarchy": {2: 1}},
     "outer_optimizer": {"outer_optimizer": "diloco"},
@@ -28,7 +29,7 @@ AXES: Dict[str, dict] = {
     "warmup_steps": {"warmup_steps": 2},
     "error_feedback": {"error_feedback": True},  # on the int8 wire, unless the pair names fp8
 }
-WIRES = ("int8", "fp8", "bf16")
+WIRES = ("int8", "fp8", "int4", "bf16")
 # Beyond the pairs: Streaming DiLoCo's merge (docs/options.md, merge), as tokens a case may also name:
 # "streaming" (merge="streaming"), "alpha=<a>" (fragment_update_alpha=a).
 STREAMING_TOKENS: Dict[str, dict] = {"streaming": {"merge": "streaming"}}

@@ -166,6 +166,8 @@ def test_the_averager_gets_the_options_the_names_and_the_cadence_to_agree_on(fak
         "num_fragments": 1,
         "wire": "fp32",
         "hierarchy": None,
+        "merge": "eager",
+        "fragment_update_alpha": 0.0,
     }
     averager.verify_ranks_agree.assert_called_once_with()
 
@@ -318,8 +320,13 @@ def test_fragment_bounds_refuse_more_fragments_than_parameters():
 @pytest.mark.parametrize(
     "kwargs, exception, message",
     [
-        (dict(wire="int4"), ValueError, r"wire must be None or one of \('fp32', 'bf16', 'fp16', 'int8', 'fp8'\), got 'int4'"),
-        (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8" or "fp8"'),
+        (
+            dict(wire="int2"),
+            ValueError,
+            r"wire must be None or one of \('fp32', 'bf16', 'fp16', 'int8', 'fp8', 'int4'\), got 'int2'",
+        ),
+        (dict(error_feedback=True), ValueError, 'error_feedback and wire_block_size need wire="int8", "fp8" or "int4"'),
+        (dict(wire="int4", wire_block_size=7), ValueError, 'wire="int4" packs two codes .* must be even, got 7'),
         (dict(wire="bf16", error_feedback=True), ValueError, "with wire='bf16'"),
         (
             dict(wire="int8", comm_dtype=torch.bfloat16),
@@ -363,8 +370,10 @@ def test_the_quantized_averager_refuses_tensors_it_cannot_quantize():
         QuantizedAverager([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="block_size must be at most 1048576, got 2097152"):
         QuantizedAverager([torch.zeros(3)], block_size=1 << 21)
-    with pytest.raises(ValueError, match="wire must be one of \\('int8', 'fp8'\\), got 'fp4'"):
+    with pytest.raises(ValueError, match="wire must be one of \\('int8', 'fp8', 'int4'\\), got 'fp4'"):
         QuantizedAverager([torch.zeros(3)], wire="fp4")
+    with pytest.raises(ValueError, match="the int4 wire packs two codes per byte: block_size must be even, got 5"):
+        QuantizedAverager([torch.zeros(3)], wire="int4", block_size=5)
 
 
 def test_hierarchy_and_zero_copy_compose_with_every_option():

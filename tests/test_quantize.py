@@ -8,6 +8,8 @@ import torch
 from localsgd_ext import ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# int8, float8 e4m3, and int4 two per byte (uint8).
+CODE_DTYPES = [torch.int8, torch.float8_e4m3fn, torch.uint8]
 
 
 def reference_quantize(x, block_size):
@@ -66,6 +68,32 @@ def test_fp8_codes_match_torch_and_stay_within_their_bound(device, block_size):
     assert torch.all((values - x).abs() <= bound * (1 + 1e-6))
 
 
+def unpack_int4(codes):
+    """The int4 codes two per byte, element 2i in the low nibble, as int8 in -8..7."""
+    low = ((codes & 0x0F).to(torch.int16) ^ 8) - 8
+    high = ((codes >> 4).to(torch.int16) ^ 8) - 8
+    return torch.stack([low, high], 1).reshape(-1).to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [2, 64, 1024])
+def test_int4_codes_match_the_reference_and_stay_within_half_a_step(device, block_size):
+    generator = torch.Generator().manual_seed(block_size)
+    x = torch.randn(block_size * 9, generator=generator) * torch.logspace(-6, 3, 9).repeat_interleave(block_size)
+    x[:block_size] = 0
+    x = x.to(device)
+    codes, scales = ops.quantize_blocks(x, block_size, torch.uint8)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel() // 2, "two codes per byte"
+    blocks = x.view(-1, block_size)
+    expected_scales = blocks.abs().amax(1) / 7
+    safe = torch.where(expected_scales > 0, expected_scales, torch.ones_like(expected_scales))[:, None]
+    expected = torch.where(expected_scales[:, None] > 0, torch.round(blocks / safe), torch.zeros_like(blocks))
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(unpack_int4(codes.cpu()), expected.clamp(-7, 7).to(torch.int8).view(-1).cpu())
+    values = ops.dequantize_blocks(codes[None], scales[None], block_size)
+    assert torch.all((values - x).abs() <= scales.repeat_interleave(block_size) / 2 * (1 + 1e-6))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ties_round_to_even_and_non_finite_blocks_dequantize_to_nan(device):
     x = torch.tensor([127.0, 2.5, 3.5, -2.5, 1.0, float("nan"), 0.0, 1.0, float("inf"), 1.0, 2.0, 3.0], device=device)
@@ -116,7 +144,7 @@ def test_opcheck(device):
         (
             lambda: ops.quantize_blocks(torch.randn(8), 4, torch.float16),
             TypeError,
-            "code_dtype must be torch.int8 or torch.float8_e4m3fn, got Half",
+            r"code_dtype must be torch.int8, torch.float8_e4m3fn or torch.uint8 \(int4, two per byte\), got Half",
         ),
         (
             lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 3), 4),
@@ -126,7 +154,7 @@ def test_opcheck(device):
         (
             lambda: ops.dequantize_blocks(torch.zeros(1, 8), torch.ones(1, 2), 4),
             TypeError,
-            "codes must be int8 or float8_e4m3fn, got Float",
+            "codes must be int8, float8_e4m3fn or uint8 \\(int4\\), got Float",
         ),
         (
             lambda: ops.dequantize_blocks(torch.zeros(1, 8, dtype=torch.int8), torch.ones(1, 2), 4, 0.0),
@@ -141,7 +169,7 @@ def test_bad_arguments_raise_clear_errors(call, exception, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("code_dtype", CODE_DTYPES)
 def test_cuda_and_cpu_kernels_give_the_same_bits(code_dtype):
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(1024 * 33, generator=generator) * torch.logspace(-4, 2, 1024 * 33)
@@ -172,7 +200,8 @@ def _change_inputs(block_size, blocks, device, seed):
 
 
 def _codes_out(n, block_size, code_dtype, device):
-    return torch.empty(n, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
+    per_storage = ops.codes_per_storage(code_dtype)
+    return torch.empty(n // per_storage, dtype=code_dtype, device=device), torch.empty(n // block_size, device=device)
 
 
 def _quantize_change(snapshot, anchor, residual, block_size, code_dtype):
@@ -182,8 +211,10 @@ def _quantize_change(snapshot, anchor, residual, block_size, code_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("block_size", [1, 7, 256, 1024])
+@pytest.mark.parametrize(
+    "code_dtype, block_size",
+    [(d, b) for d in CODE_DTYPES for b in (1, 7, 256, 1024) if b % ops.codes_per_storage(d) == 0],
+)
 def test_quantize_change_is_quantize_blocks_of_the_change_and_leaves_its_residual(device, code_dtype, block_size):
     snapshot, anchor, residual = _change_inputs(block_size, 5, device, block_size)
     change = snapshot - anchor + residual
@@ -198,7 +229,7 @@ def test_quantize_change_is_quantize_blocks_of_the_change_and_leaves_its_residua
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("code_dtype", CODE_DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3])
 def test_requantize_mean_is_quantize_blocks_of_the_dequantized_mean(device, code_dtype, rows):
     generator = torch.Generator().manual_seed(rows)
@@ -214,7 +245,7 @@ def test_requantize_mean_is_quantize_blocks_of_the_dequantized_mean(device, code
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("code_dtype", CODE_DTYPES)
 def test_apply_quantized_mean_moves_the_anchor_by_the_dequantized_codes(device, code_dtype):
     snapshot, anchor, _ = _change_inputs(64, 4, device, 3)
     codes, scales = ops.quantize_blocks(snapshot, 64, code_dtype)
@@ -268,7 +299,7 @@ def _int8(n):
                 torch.zeros(8), torch.zeros(8), None, 4, torch.zeros(8, dtype=torch.float16), torch.zeros(2)
             ),
             TypeError,
-            "codes must be int8 or float8_e4m3fn",
+            "codes must be int8, float8_e4m3fn or uint8",
         ),
         (
             lambda: ops.quantize_change(torch.zeros(8), torch.zeros(8), None, 4, _int8(8), torch.zeros(3)),
@@ -295,12 +326,12 @@ def _int8(n):
         (
             lambda: ops.apply_quantized_mean(torch.zeros(8), torch.ones(2), 4, torch.zeros(8)),
             TypeError,
-            "codes must be int8 or float8_e4m3fn",
+            "codes must be int8, float8_e4m3fn or uint8",
         ),
         (
             lambda: ops.apply_quantized_mean(_int8(8), torch.ones(2), 4, torch.zeros(4)),
             ValueError,
-            r"anchor must have the length of the others \(8\), got 4",
+            r"anchor must be 1-D and contiguous with the codes' 8 elements, got sizes \[4\]",
         ),
     ],
 )
@@ -310,7 +341,7 @@ def test_the_fused_wire_ops_refuse_bad_arguments(call, exception, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("code_dtype", CODE_DTYPES)
 def test_cuda_and_cpu_fused_wire_ops_give_the_same_bits(code_dtype):
     snapshot, anchor, residual = _change_inputs(1024, 34, "cpu", 9)
     snapshot[5000] = float("nan")
@@ -350,7 +381,7 @@ def _packed(tensors, offsets, length, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("code_dtype", CODE_DTYPES)
 @pytest.mark.parametrize("contiguous_only", [True, False])
 def test_the_window_ops_give_the_bits_of_pack_quantize_apply_unpack(device, code_dtype, contiguous_only):
     block_size = 16

@@ -17,6 +17,9 @@ namespace localsgd_ext {
 namespace {
 
 cuda::CodeFormat code_format(at::ScalarType codes_type) {
+  if (codes_type == at::kByte) {
+    return cuda::CodeFormat::kInt4;
+  }
   return codes_type == at::kChar ? cuda::CodeFormat::kInt8 : cuda::CodeFormat::kFloat8E4M3;
 }
 
@@ -25,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blocks_cuda(const at::Tensor& x, int
   const at::ScalarType codes_type = check_quantize_arguments(x, block_size, code_dtype);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t num_blocks = x.numel() / block_size;
-  at::Tensor codes = at::empty({x.numel()}, x.options().dtype(codes_type));
+  at::Tensor codes = at::empty({x.numel() / codes_per_storage(codes_type)}, x.options().dtype(codes_type));
   at::Tensor scales = at::empty({num_blocks}, x.options());
   C10_CUDA_CHECK(cuda::launch_quantize_blocks(
       x.const_data_ptr<float>(), num_blocks, block_size, code_format(codes_type), codes.mutable_data_ptr(),
@@ -37,10 +40,11 @@ at::Tensor dequantize_blocks_cuda(const at::Tensor& codes, const at::Tensor& sca
                                   double divisor) {
   check_dequantize_arguments(codes, scales, block_size, divisor);
   const c10::cuda::CUDAGuard device_guard(codes.device());
-  at::Tensor out = at::empty({codes.size(1)}, scales.options());
+  const int64_t length = codes.size(1) * codes_per_storage(codes.scalar_type());
+  at::Tensor out = at::empty({length}, scales.options());
   C10_CUDA_CHECK(cuda::launch_dequantize_blocks(codes.const_data_ptr(), code_format(codes.scalar_type()),
-                                                scales.const_data_ptr<float>(), codes.size(0), codes.size(1),
-                                                block_size, static_cast<float>(divisor), out.mutable_data_ptr<float>(),
+                                                scales.const_data_ptr<float>(), codes.size(0), length, block_size,
+                                                static_cast<float>(divisor), out.mutable_data_ptr<float>(),
                                                 c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
   return out;
 }
@@ -63,7 +67,8 @@ void requantize_mean_cuda(const at::Tensor& codes, const at::Tensor& scales, int
   check_requantize_mean_arguments(codes, scales, block_size, mean_codes, mean_scales);
   const c10::cuda::CUDAGuard device_guard(codes.device());
   C10_CUDA_CHECK(cuda::launch_requantize_mean(codes.const_data_ptr(), code_format(codes.scalar_type()),
-                                              scales.const_data_ptr<float>(), codes.size(0), codes.size(1), block_size,
+                                              scales.const_data_ptr<float>(), codes.size(0),
+                                              codes.size(1) * codes_per_storage(codes.scalar_type()), block_size,
                                               const_cast<at::Tensor&>(mean_codes).mutable_data_ptr(),
                                               const_cast<at::Tensor&>(mean_scales).mutable_data_ptr<float>(),
                                               c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
@@ -74,7 +79,7 @@ void apply_quantized_mean_cuda(const at::Tensor& codes, const at::Tensor& scales
   check_apply_quantized_mean_arguments(codes, scales, block_size, anchor);
   const c10::cuda::CUDAGuard device_guard(codes.device());
   C10_CUDA_CHECK(cuda::launch_apply_quantized_mean(codes.const_data_ptr(), code_format(codes.scalar_type()),
-                                                   scales.const_data_ptr<float>(), codes.numel(), block_size,
+                                                   scales.const_data_ptr<float>(), anchor.numel(), block_size,
                                                    const_cast<at::Tensor&>(anchor).mutable_data_ptr<float>(),
                                                    c10::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
 }

@@ -10,7 +10,7 @@ namespace {
 
 template <typename Codec>
 __global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_blocks_kernel(const float* x, int64_t num_blocks, int64_t block_size, typename Codec::Code* codes,
+    quantize_blocks_kernel(const float* x, int64_t num_blocks, int64_t block_size, typename Codec::Storage* codes,
                            float* scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
@@ -18,7 +18,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
     const float* block = x + b * block_size;
     partial[thread] = partial_max_magnitude(block, block_size, thread, kQuantizeThreads);
     const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
-    write_codes<Codec>(block, codes + b * block_size, block_size, scale, thread, kQuantizeThreads);
+    write_codes<Codec>(block, quantize::storage_at<Codec>(codes, b * block_size), block_size, scale, thread,
+                       kQuantizeThreads);
     if (thread == 0) {
       scales[b] = scale;
     }
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 }
 
 template <typename Codec>
-__global__ void dequantize_blocks_kernel(const typename Codec::Code* codes, const float* scales, int64_t rows,
+__global__ void dequantize_blocks_kernel(const typename Codec::Storage* codes, const float* scales, int64_t rows,
                                          int64_t length, int64_t block_size, float divisor, float* out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < length; k += stride) {
@@ -40,7 +41,7 @@ void quantize_with(const float* x, int64_t num_blocks, int64_t block_size, void*
                    cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
   quantize_blocks_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
-      x, num_blocks, block_size, static_cast<typename Codec::Code*>(codes), scales);
+      x, num_blocks, block_size, static_cast<typename Codec::Storage*>(codes), scales);
 }
 
 template <typename Codec>
@@ -48,7 +49,7 @@ void dequantize_with(const void* codes, const float* scales, int64_t rows, int64
                      float divisor, float* out, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
-  dequantize_blocks_kernel<Codec><<<blocks, kThreads, 0, stream>>>(static_cast<const typename Codec::Code*>(codes),
+  dequantize_blocks_kernel<Codec><<<blocks, kThreads, 0, stream>>>(static_cast<const typename Codec::Storage*>(codes),
                                                                    scales, rows, length, block_size, divisor, out);
 }
 

@@ -1,5 +1,6 @@
 // Launchers of the quantized-wire kernels. Plain C++ with CUDA runtime types only (see
-// pack_unpack_kernels.h). Codes are one byte each, int8 or float8 e4m3fn bits (`CodeFormat`).
+// pack_unpack_kernels.h). Codes are int8, float8 e4m3fn bits, or int4 two per byte (`CodeFormat`); lengths
+// count elements, not bytes.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,7 +9,7 @@
 
 namespace localsgd_ext::cuda {
 
-enum class CodeFormat { kInt8, kFloat8E4M3 };
+enum class CodeFormat { kInt8, kFloat8E4M3, kInt4 };
 
 // x: num_blocks * block_size floats; writes as many int8 codes and num_blocks scales, on `stream`.
 cudaError_t launch_quantize_blocks(const float* x, int64_t num_blocks, int64_t block_size, CodeFormat format,

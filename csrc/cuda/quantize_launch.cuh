@@ -30,6 +30,8 @@ template <typename Launch>
 inline cudaError_t launch_for_format(CodeFormat format, const Launch& launch) {
   if (format == CodeFormat::kInt8) {
     launch(quantize::Int8Codec{});
+  } else if (format == CodeFormat::kInt4) {
+    launch(quantize::Int4Codec{});
   } else {
     launch(quantize::E4M3Codec{});
   }

@@ -13,7 +13,7 @@ namespace {
 template <typename Codec>
 __global__ void __launch_bounds__(kQuantizeThreads)
     quantize_change_kernel(const float* snapshot, const float* anchor, float* residual, int64_t num_blocks,
-                           int64_t block_size, typename Codec::Code* codes, float* scales) {
+                           int64_t block_size, typename Codec::Storage* codes, float* scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
@@ -22,8 +22,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
     partial[thread] =
         partial_max_change(snapshot + first, anchor + first, block_residual, block_size, thread, kQuantizeThreads);
     const float scale = quantize::block_scale<Codec>(block_max(partial, thread));
-    write_change_codes<Codec>(snapshot + first, anchor + first, block_residual, codes + first, block_size, scale,
-                              thread, kQuantizeThreads);
+    write_change_codes<Codec>(snapshot + first, anchor + first, block_residual,
+                              quantize::storage_at<Codec>(codes, first), block_size, scale, thread, kQuantizeThreads);
     if (thread == 0) {
       scales[b] = scale;
     }
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 
 template <typename Codec>
 __global__ void __launch_bounds__(kQuantizeThreads)
-    requantize_mean_kernel(const typename Codec::Code* codes, const float* scales, int64_t rows, int64_t length,
-                           int64_t block_size, typename Codec::Code* mean_codes, float* mean_scales) {
+    requantize_mean_kernel(const typename Codec::Storage* codes, const float* scales, int64_t rows, int64_t length,
+                           int64_t block_size, typename Codec::Storage* mean_codes, float* mean_scales) {
   __shared__ float partial[kQuantizeThreads];
   const int thread = static_cast<int>(threadIdx.x);
   const int64_t num_blocks = length / block_size;
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 }
 
 template <typename Codec>
-__global__ void apply_quantized_mean_kernel(const typename Codec::Code* codes, const float* scales, int64_t length,
+__global__ void apply_quantized_mean_kernel(const typename Codec::Storage* codes, const float* scales, int64_t length,
                                             int64_t block_size, float* anchor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < length; k += stride) {
@@ -63,7 +63,7 @@ void quantize_change_with(const float* snapshot, const float* anchor, float* res
                           int64_t block_size, void* codes, float* scales, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(std::min(num_blocks, kMaxBlocks));
   quantize_change_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
-      snapshot, anchor, residual, num_blocks, block_size, static_cast<typename Codec::Code*>(codes), scales);
+      snapshot, anchor, residual, num_blocks, block_size, static_cast<typename Codec::Storage*>(codes), scales);
 }
 
 template <typename Codec>
@@ -71,8 +71,8 @@ void apply_mean_with(const void* codes, const float* scales, int64_t length, int
                      cudaStream_t stream) {
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned int>(std::min((length + kThreads - 1) / kThreads, kMaxBlocks));
-  apply_quantized_mean_kernel<Codec><<<blocks, kThreads, 0, stream>>>(static_cast<const typename Codec::Code*>(codes),
-                                                                      scales, length, block_size, anchor);
+  apply_quantized_mean_kernel<Codec><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const typename Codec::Storage*>(codes), scales, length, block_size, anchor);
 }
 
 template <typename Codec>
@@ -80,8 +80,8 @@ void requantize_mean_with(const void* codes, const float* scales, int64_t rows, 
                           void* mean_codes, float* mean_scales, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(std::min(length / block_size, kMaxBlocks));
   requantize_mean_kernel<Codec><<<blocks, kQuantizeThreads, 0, stream>>>(
-      static_cast<const typename Codec::Code*>(codes), scales, rows, length, block_size,
-      static_cast<typename Codec::Code*>(mean_codes), mean_scales);
+      static_cast<const typename Codec::Storage*>(codes), scales, rows, length, block_size,
+      static_cast<typename Codec::Storage*>(mean_codes), mean_scales);
 }
 
 } // namespace

@@ -693,6 +693,53 @@ void check_e4m3_codec(std::mt19937& rng) {
 
 } // namespace
 
+// int4: the kernels' schedule with each thread writing whole bytes (two codes), against codes computed one
+// by one with the int8 rounding clamped to +-7; the residual with it; and the packed codes read back.
+void check_int4_schedule(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
+  using localsgd_ext::quantize::Int4Codec;
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const int64_t n = block_size * num_blocks;
+  std::vector<float> snapshot(n), anchor(n), residual(n);
+  for (int64_t k = 0; k < n; ++k) {
+    snapshot[k] = normal(rng), anchor[k] = normal(rng), residual[k] = normal(rng) * 0.01f;
+  }
+  std::fill(snapshot.begin(), snapshot.begin() + block_size, 0.0f);
+  std::fill(anchor.begin(), anchor.begin() + block_size, 0.0f);
+  std::fill(residual.begin(), residual.begin() + block_size, 0.0f); // an all-zero change
+  const std::vector<float> residual_before = residual;
+  std::vector<uint8_t> codes(n / 2, 0xAA);
+  std::vector<float> scales(num_blocks);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t first = b * block_size;
+    float partial[kQuantizeThreads];
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      partial[thread] = partial_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first,
+                                           block_size, thread, kQuantizeThreads);
+    }
+    float magnitude = 0.0f;
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      magnitude = localsgd_ext::quantize::max_magnitude(magnitude, partial[thread]);
+    }
+    scales[b] = localsgd_ext::quantize::block_scale<Int4Codec>(magnitude);
+    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+      write_change_codes<Int4Codec>(snapshot.data() + first, anchor.data() + first, residual.data() + first,
+                                    localsgd_ext::quantize::storage_at<Int4Codec>(codes.data(), first), block_size,
+                                    scales[b], thread, kQuantizeThreads);
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const float scale = scales[k / block_size];
+    const float change = snapshot[k] - anchor[k] + residual_before[k];
+    int8_t expected = 0;
+    if (scale > 0.0f) {
+      expected = static_cast<int8_t>(std::clamp(std::nearbyint(change / scale), -7.0f, 7.0f));
+    }
+    EXPECT(Int4Codec::load(codes.data(), k) == expected);
+    EXPECT(residual[k] == change - static_cast<float>(expected) * scale);
+  }
+  EXPECT(scales[0] == 0.0f);
+}
+
 int main() {
   std::mt19937 rng(1234);
   check_slot_search();
@@ -722,5 +769,8 @@ int main() {
       check_requantize_mean(rng, block_size, 3, rows);
     }
   }
-  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8/e4m3 quantization on the host");
+  for (int64_t block_size : {2, 256, 300, 1024}) {
+    check_int4_schedule(rng, block_size, 5);
+  }
+  return localsgd_ext::testing::finish_tests("multi-tensor pack/unpack and int8/e4m3/int4 quantization on the host");
 }
