@@ -8,7 +8,7 @@
 Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `none` (no
 communication at all: each rank trains alone; the compute-only floor). A LocalSGD mode `K` may carry,
 in this order: `dT` (sync_delay=T: each sync overlapped with the next T steps), `fP`
-(num_fragments=P), `q` (wire="int8") or `fp8` (wire="fp8"), then `e` (error_feedback), `o`
+(num_fragments=P), `q` (wire="int8"), `fp8` (wire="fp8") or `i4` (wire="int4"), then `e` (error_feedback), `o`
 (outer_optimizer="diloco"), `s` (merge="streaming": Streaming DiLoCo's timing and merge, alpha 0). With
 sync_delay or fragments the loss is measured on rank 0's parameters, which then include some local steps of
 its own.
@@ -150,24 +150,24 @@ def train(args):
 
 
 MODE_PATTERN = re.compile(
-    r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8)(?P<ef>e)?)?(?P<outer>o)?(?P<streaming>s)?$"
+    r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8|i4)(?P<ef>e)?)?(?P<outer>o)?(?P<streaming>s)?$"
 )
 
 
 def parse_mode(mode: str) -> dict:
-    """'ddp', 'none', or 'K[dT][fP][q|fp8][e][o][s]' (see the module docstring)."""
+    """'ddp', 'none', or 'K[dT][fP][q|fp8|i4][e][o][s]' (see the module docstring)."""
     plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False, "outer": False, "streaming": False}
     if mode in ("ddp", "none"):
         return {"kind": mode, "steps": 1, **plain}
     match = MODE_PATTERN.match(mode)
     if match is None:
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8|i4][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
     return {
         "kind": "local_sgd",
         "steps": int(match["steps"]),
         "delay": int(match["delay"] or 0),
         "fragments": int(match["fragments"] or 1),
-        "wire": {"q": "int8", "fp8": "fp8", None: None}[match["wire"]],
+        "wire": {"q": "int8", "fp8": "fp8", "i4": "int4", None: None}[match["wire"]],
         "error_feedback": match["ef"] is not None,
         "outer": match["outer"] is not None,
         "streaming": match["streaming"] is not None,
@@ -360,15 +360,22 @@ REFERENCE_MODES = ("none", "ddp")  # drawn in every panel, for scale
 CURVES_PER_PANEL = 6
 
 
-def mode_colour(mode: str):
+def mode_colours(modes) -> dict:
+    """One colour per mode: the listed modes (MODE_ORDER) always the same, the others the palette's next
+    colours that no mode of this figure holds."""
     import matplotlib.pyplot as plt
 
     # Two qualitative palettes, gray left out (DDP's): 17 colours that stay apart.
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
-    if mode in ("none", "ddp"):
-        return {"none": "black", "ddp": "tab:gray"}[mode]
-    index = MODE_ORDER.index(mode) - 2 if mode in MODE_ORDER else len(MODE_ORDER) + sum(map(ord, mode))
-    return palette[index % len(palette)]
+    colours = {"none": "black", "ddp": "tab:gray"}
+    listed = [m for m in modes if m in MODE_ORDER and m not in colours]
+    for mode in listed:
+        colours[mode] = palette[(MODE_ORDER.index(mode) - 2) % len(palette)]
+    free = [c for c in palette if c not in colours.values()]
+    for mode in modes:
+        if mode not in colours:
+            colours[mode] = free.pop(0) if free else palette[len(colours) % len(palette)]
+    return colours
 
 
 def parameter_count(hidden: int) -> int:
@@ -383,6 +390,7 @@ def plot(results, path, rate: str, target_loss: float, hidden: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = mode_colours([r["mode"] for r in results])
     references = [r for r in results if r["mode"] in REFERENCE_MODES]
     others = [r for r in results if r["mode"] not in REFERENCE_MODES]
     per_panel = max(1, CURVES_PER_PANEL - len(references))
@@ -398,7 +406,7 @@ def plot(results, path, rate: str, target_loss: float, hidden: int):
                 marker="" if reference else ".",
                 linewidth=1.0 if reference else 1.6,
                 linestyle=":" if reference else "-",
-                color=mode_colour(r["mode"]),
+                color=colours[r["mode"]],
                 label=describe_mode(r["mode"]),
             )
         ax.axhline(target_loss, color="black", linewidth=0.8, linestyle="--", label=f"target loss {target_loss}")
