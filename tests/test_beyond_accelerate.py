@@ -69,10 +69,13 @@ def test_warmup_is_ddps_own_training_and_keeps_the_optimizer_states_equal():
     warmup, steps = 5, 9
     results = run_ranks(2, "workers_beyond:warmup_is_ddp_training", warmup, steps)
     for r in results:
-        ours, ddp = r["local_sgd"], r["ddp"]
+        ours, ddp, torch_own = r["local_sgd"], r["ddp"], r["torch_post_local_sgd"]
         for step in range(warmup):
             for a, b in zip(ours["params"][step] + ours["momenta"][step], ddp["params"][step] + ddp["momenta"][step]):
                 assert torch.equal(a, b), (step, "warm-up is DDP's training, bit for bit")
+            # torch's PostLocalSGDOptimizer + post_localSGD_hook: the same warm-up, bit for bit.
+            for a, b in zip(ours["params"][step] + ours["momenta"][step], torch_own["params"][step] + torch_own["momenta"][step]):
+                assert torch.equal(a, b), (step, "warm-up is torch's post-local SGD, bit for bit")
         assert ours["synced"] == [True] * warmup + [False] * 3 + [True], "identical ranks at each warm-up step"
         assert ours["sync_count"] == 2, "step 9, then the exit"
     a, b = (r["local_sgd"] for r in results)
@@ -80,3 +83,9 @@ def test_warmup_is_ddps_own_training_and_keeps_the_optimizer_states_equal():
         for x, y in zip(a["momenta"][step], b["momenta"][step]):
             assert torch.equal(x, y), (step, "the ranks' optimizer states stay equal through warm-up")
     assert not all(torch.equal(x, y) for x, y in zip(a["momenta"][warmup + 1], b["momenta"][warmup + 1])), "local after"
+    # How the periods count (docs/options.md, warmup_steps): torch's PeriodicModelAverager averages at the first
+    # step after warm-up and every 4 from there; ours first averages 4 steps after warm-up (the 9th step).
+    t0, t1 = (r["torch_post_local_sgd"] for r in results)
+    assert all(torch.equal(x, y) for x, y in zip(t0["params"][warmup], t1["params"][warmup])), "torch: step 6"
+    assert not all(torch.equal(x, y) for x, y in zip(a["params"][warmup], b["params"][warmup])), "ours: local at 6"
+    assert all(torch.equal(x, y) for x, y in zip(a["params"][steps - 1], b["params"][steps - 1])), "ours: step 9"

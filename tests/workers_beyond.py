@@ -181,16 +181,35 @@ def comm_dtype_training():
     }
 
 
+def _torch_post_local_sgd(model, warmup_steps: int):
+    """torch's own post-local SGD on a DDP model: `post_localSGD_hook` all-reduces the gradients until
+    `start_localSGD_iter`, then leaves them local (subgroups of one rank), and `PostLocalSGDOptimizer`
+    averages the parameters with a `PeriodicModelAverager` (period 4, the same warm-up)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    subgroup, _ = dist.new_subgroups(group_size=1)
+    state = PostLocalSGDState(process_group=None, subgroup=subgroup, start_localSGD_iter=warmup_steps)
+    model.register_comm_hook(state, post_localSGD_hook)
+    averager = PeriodicModelAverager(period=4, warmup_steps=warmup_steps)
+    return PostLocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), averager)
+
+
 def warmup_is_ddp_training(warmup_steps: int, steps: int):
-    """The same seeded training with SGD + momentum on this rank's data, twice: under LocalSGD(warmup_steps)
-    and under plain DDP (no LocalSGD). Each run's parameters and momentum buffers after every step."""
+    """The same seeded training with SGD + momentum on this rank's data, three times: under
+    LocalSGD(warmup_steps), under plain DDP (no LocalSGD), and under torch's PostLocalSGDOptimizer with
+    post_localSGD_hook. Each run's parameters and momentum buffers after every step."""
     accelerator = _accelerator()
     runs = {}
-    for name in ("local_sgd", "ddp"):
+    for name in ("local_sgd", "ddp", "torch_post_local_sgd"):
         set_seed(0)
         module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
-        model, optimizer = accelerator.prepare(module, optimizer)
+        if name == "torch_post_local_sgd":
+            model = accelerator.prepare(module)
+            optimizer = _torch_post_local_sgd(model, warmup_steps)
+        else:
+            model, optimizer = accelerator.prepare(module, torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9))
         x, y = _regression_data(dist.get_rank())
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, warmup_steps=warmup_steps)
         context = local_sgd if name == "local_sgd" else contextlib.nullcontext()
