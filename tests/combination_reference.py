@@ -31,7 +31,8 @@ AXES: Dict[str, dict] = {
 }
 WIRES = ("int8", "fp8", "int4", "bf16")
 # Beyond the pairs: Streaming DiLoCo's merge (docs/options.md, merge), as tokens a case may also name:
-# "streaming" (merge="streaming"), "alpha=<a>" (fragment_update_alpha=a).
+# "streaming" (merge="streaming"), "alpha=<a>" (fragment_update_alpha=a); and "steps=<n>", a run of n steps
+# instead of STEPS.
 STREAMING_TOKENS: Dict[str, dict] = {"streaming": {"merge": "streaming"}}
 LOCAL_SGD_STEPS = 4
 STEPS = 10
@@ -56,6 +57,8 @@ def pairs() -> List[tuple]:
 def options_of(case: Sequence[str]) -> dict:
     options: dict = {}
     for axis in case:
+        if axis.startswith("steps="):
+            continue
         if axis.startswith("alpha="):
             options["fragment_update_alpha"] = float(axis.split("=", 1)[1])
         else:
@@ -63,6 +66,12 @@ def options_of(case: Sequence[str]) -> dict:
     if options.get("error_feedback") and "wire" not in options:
         options["wire"] = "int8"
     return options
+
+
+def steps_of(case: Sequence[str]) -> int:
+    """The steps a case runs before its exit."""
+    named = [int(axis.split("=", 1)[1]) for axis in case if axis.startswith("steps=")]
+    return named[0] if named else STEPS
 
 
 def move(rank: int, step: int, index: int, shape) -> torch.Tensor:

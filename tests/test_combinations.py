@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from combination_reference import AXES, REFUSED, STEPS, WORLD_SIZE, Reference, initial, options_of, pairs
+from combination_reference import AXES, REFUSED, WORLD_SIZE, Reference, initial, options_of, pairs, steps_of
 from multiprocess import REPO_ROOT, run_ranks
 
 CASES = [(axis,) for axis in AXES] + pairs()
@@ -86,14 +86,15 @@ def _check_against_the_reference(case, got, world, warmup_by_averaging=False, fl
     if options.get("outer_optimizer"):
         tolerance = max(tolerance, OUTER_TOLERANCE)
 
-    for step in range(1, STEPS + 1):
+    steps = steps_of(case)
+    for step in range(1, steps + 1):
         reference.step(step)
         for rank in range(world):
             state = got[rank]["steps"][step - 1]
             _assert_close(state["params"], reference.params[rank], tolerance, (name, "step", step, "rank", rank))
             _assert_close(state["float_buffers"], reference.float_buffers[rank], 0, (name, "buffers", step, rank))
             assert state["int_buffers"] == reference.int_buffers[rank], (name, step, rank)
-    reference.exit(STEPS)
+    reference.exit(steps)
     for rank in range(world):
         final = got[rank]["final"]
         _assert_close(final["params"], reference.params[rank], tolerance, (name, "exit", "rank", rank))

@@ -8,6 +8,7 @@ parameters after every step() and after the exit, and sync_count, must be the re
 import itertools
 
 import pytest
+import torch
 from combination_reference import WORLD_SIZE
 from multiprocess import run_ranks
 from test_combinations import _check_against_the_reference
@@ -25,8 +26,11 @@ def _cases(wires):
     return cases + [("streaming", "alpha=0.5", "sync_delay", "warmup_steps")]
 
 
+# The exit right at a streaming merge with alpha 0 and the outer optimizer (start at 7, merge at 8): nothing
+# changed since, so the exit sync is a no-op (no outer step, no count).
+EXIT_AT_A_MERGE = ("streaming", "alpha=0", "sync_delay", "outer_optimizer", "steps=8")
 CASES_3 = _cases((None, "int8"))
-CASES_2 = _cases((None,))
+CASES_2 = _cases((None,)) + [EXIT_AT_A_MERGE]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,14 @@ def test_the_streaming_merge_does_what_the_paper_says_at_3_ranks(results_3, case
 @pytest.mark.parametrize("case", CASES_2, ids="+".join)
 def test_the_streaming_merge_does_what_the_paper_says_at_2_ranks(results_2, case):
     _check_against_the_reference(case, [results_2[rank]["+".join(case)] for rank in range(2)], 2)
+
+
+def test_the_exit_right_after_a_streaming_merge_is_a_no_op(results_2):
+    for rank in range(2):
+        run = results_2[rank]["+".join(EXIT_AT_A_MERGE)]
+        assert run["sync_count"] == 2, "the merges at steps 4 and 8; no exit sync"
+        for final, after_step_8 in zip(run["final"]["params"], run["steps"][-1]["params"]):
+            assert torch.equal(final, after_step_8)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from combination_reference import LOCAL_SGD_STEPS, STEPS, initial, move, mover_of, options_of
+from combination_reference import LOCAL_SGD_STEPS, STEPS, initial, move, mover_of, options_of, steps_of
 from rank_setup import group_timeout, snapshot
 
 from localsgd_ext import LocalSGD
@@ -38,8 +38,8 @@ def _state(model, full_tensor):
     }
 
 
-def _run(model, build, move_parameters, mover_at, full_tensor):
-    """One case: the LocalSGD `build()` makes (or its refusal), then STEPS steps, each moving the parameters
+def _run(model, build, move_parameters, mover_at, full_tensor, step_count=STEPS):
+    """One case: the LocalSGD `build()` makes (or its refusal), then `step_count` steps, each moving the parameters
     (`move_parameters(mover, step)`) and the buffers by the reference's moves of rank `mover_at(step)` and
     recording the state (`full_tensor(p)`: a parameter's whole value)."""
     try:
@@ -48,7 +48,7 @@ def _run(model, build, move_parameters, mover_at, full_tensor):
         return {"refused": (type(error).__name__, str(error))}
     steps = []
     with local_sgd:
-        for step in range(1, STEPS + 1):
+        for step in range(1, step_count + 1):
             mover = mover_at(step)
             with torch.no_grad():
                 move_parameters(mover, step)
@@ -82,6 +82,7 @@ def _run_on_ddp(accelerator, rank: int, case):
         move_parameters,
         lambda step: mover_of(rank, step, step <= warmup),
         lambda p: p,
+        steps_of(case),
     )
 
 
