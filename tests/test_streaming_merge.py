@@ -2,14 +2,14 @@
 step with the pure-Python reference of the paper's update (combination_reference.py): fragments P in {1, 2},
 delay tau in {0, 1}, alpha in {0, 0.5, 1}, with and without the outer optimizer, on the float wire (bit for
 bit at 2 ranks, within float32 rounding at 3) and the int8 wire (within its bound), at 3 ranks; the float
-wire again at 2 ranks. Each rank's
+wire again at 2 ranks; and with every other option of the combination test at 4 ranks. Each rank's
 parameters after every step() and after the exit, and sync_count, must be the reference's."""
 
 import itertools
 
 import pytest
 import torch
-from combination_reference import WORLD_SIZE
+from combination_reference import AXES, WORLD_SIZE
 from multiprocess import run_ranks
 from test_combinations import _check_against_the_reference
 
@@ -29,6 +29,10 @@ def _cases(wires):
 # The exit right at a streaming merge with alpha 0 and the outer optimizer (start at 7, merge at 8): nothing
 # changed since, so the exit sync is a no-op (no outer step, no count).
 EXIT_AT_A_MERGE = ("streaming", "alpha=0", "sync_delay", "outer_optimizer", "steps=8")
+# The streaming merge (alpha 0.5, delay 1) with each other axis of the combination test, at its 4 ranks.
+CASES_4 = [("streaming", "alpha=0.5", "sync_delay", axis) for axis in AXES if axis not in ("sync_delay", "error_feedback")] + [
+    ("streaming", "alpha=0.5", "sync_delay", "int4", "error_feedback")
+]
 CASES_3 = _cases((None, "int8"))
 CASES_2 = _cases((None,)) + [EXIT_AT_A_MERGE]
 
@@ -41,6 +45,16 @@ def results_3():
 @pytest.fixture(scope="module")
 def results_2():
     return run_ranks(2, "workers_combinations:every_case", [list(case) for case in CASES_2], timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results_4():
+    return run_ranks(WORLD_SIZE, "workers_combinations:every_case", [list(case) for case in CASES_4], timeout=600)
+
+
+@pytest.mark.parametrize("case", CASES_4, ids="+".join)
+def test_the_streaming_merge_composes_with_every_other_option(results_4, case):
+    _check_against_the_reference(case, [results_4[rank]["+".join(case)] for rank in range(WORLD_SIZE)], WORLD_SIZE)
 
 
 @pytest.mark.parametrize("case", CASES_3, ids="+".join)
@@ -88,4 +102,3 @@ def test_the_merge_options_are_keywords_of_local_sgd():
     parameters = inspect.signature(LocalSGD.__init__).parameters
     assert parameters["merge"].kind is inspect.Parameter.KEYWORD_ONLY and parameters["merge"].default == "eager"
     assert parameters["fragment_update_alpha"].default == 0.0
-    assert WORLD_SIZE == 4  # the pairs' launch size, which these cases do not use
