@@ -535,14 +535,24 @@ void check_quantize_blocks(std::mt19937& rng, int64_t block_size, int64_t num_bl
 // quantize_change's schedule on the host (each thread's partial max of the change, the tree, each thread's
 // codes and residual), against the references of check_quantize_blocks applied to the change computed
 // apart; then apply_quantized_mean's element function against anchor + code * scale.
+// A snapshot, an anchor and a small residual of n random elements each.
+struct ChangeInputs {
+  std::vector<float> snapshot, anchor, residual;
+};
+
+ChangeInputs change_inputs(std::mt19937& rng, int64_t n) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  ChangeInputs inputs{std::vector<float>(n), std::vector<float>(n), std::vector<float>(n)};
+  for (int64_t k = 0; k < n; ++k) {
+    inputs.snapshot[k] = normal(rng), inputs.anchor[k] = normal(rng), inputs.residual[k] = 0.01f * normal(rng);
+  }
+  return inputs;
+}
+
 void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
   using localsgd_ext::quantize::Int8Codec;
-  std::normal_distribution<float> normal(0.0f, 3.0f);
   const int64_t n = block_size * num_blocks;
-  std::vector<float> snapshot(n), anchor(n), residual(n);
-  for (int64_t k = 0; k < n; ++k) {
-    snapshot[k] = normal(rng), anchor[k] = normal(rng), residual[k] = 0.01f * normal(rng);
-  }
+  auto [snapshot, anchor, residual] = change_inputs(rng, n);
   std::copy(anchor.begin(), anchor.begin() + block_size, snapshot.begin()); // a block that did not move...
   std::fill(residual.begin(), residual.begin() + block_size, 0.0f);         // ...and has nothing left over
   if (num_blocks > 1) {
@@ -691,18 +701,12 @@ void check_e4m3_codec(std::mt19937& rng) {
   }
 }
 
-} // namespace
-
 // int4: the kernels' schedule with each thread writing whole bytes (two codes), against codes computed one
 // by one with the int8 rounding clamped to +-7; the residual with it; and the packed codes read back.
 void check_int4_schedule(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
   using localsgd_ext::quantize::Int4Codec;
-  std::normal_distribution<float> normal(0.0f, 3.0f);
   const int64_t n = block_size * num_blocks;
-  std::vector<float> snapshot(n), anchor(n), residual(n);
-  for (int64_t k = 0; k < n; ++k) {
-    snapshot[k] = normal(rng), anchor[k] = normal(rng), residual[k] = normal(rng) * 0.01f;
-  }
+  auto [snapshot, anchor, residual] = change_inputs(rng, n);
   std::fill(snapshot.begin(), snapshot.begin() + block_size, 0.0f);
   std::fill(anchor.begin(), anchor.begin() + block_size, 0.0f);
   std::fill(residual.begin(), residual.begin() + block_size, 0.0f); // an all-zero change
@@ -739,6 +743,8 @@ void check_int4_schedule(std::mt19937& rng, int64_t block_size, int64_t num_bloc
   }
   EXPECT(scales[0] == 0.0f);
 }
+
+} // namespace
 
 int main() {
   std::mt19937 rng(1234);
