@@ -41,16 +41,19 @@ class QuantizedAverager:
     Every rank keeps an anchor: the tensors' values after the last sync, the same bits on every rank.
     A sync sends each rank's delta `tensor - anchor` (plus, with error feedback, what earlier
     quantization left out), quantized to int8 in blocks of `block_size` elements with a scale
-    `max|delta| / 127` each (the compiled `quantize_change`, one pass that never stores the delta; with
-    `wire="fp8"`, e4m3 codes of `delta / scale` with scale `max|delta| / 448`). The reduction cannot overflow: an
-    all_to_all hands each rank one chunk of everyone's codes, which it dequantizes and averages in
-    float32 (`dequantize_blocks`), quantizes again, and an all_gather gives every rank every averaged
-    chunk. Every rank then adds the same dequantized mean delta to the same anchor, so the tensors
-    leave the sync bit-identical on every rank. Bytes sent per rank and sync: `2 (W-1)/W` times the
-    padded element count times `1 + 4 / block_size`, a quarter of a float32 ring all_reduce.
+    `max|delta| / 127` each (the compiled `quantize_tensors_change`, one pass over the tensors themselves
+    that never stores the delta; with `wire="fp8"`, e4m3 codes of `delta / scale` with scale
+    `max|delta| / 448`; with `wire="int4"`, codes -7..7 two per byte, scale `max|delta| / 7`). The
+    reduction cannot overflow: an all_to_all hands each rank one chunk of everyone's codes, which it
+    dequantizes and averages in float32 (`requantize_mean`), quantizes again, and an all_gather gives
+    every rank every averaged chunk. Every rank then adds the same dequantized mean delta to the same
+    anchor (`apply_quantized_mean_to`, which writes the tensors in the same pass), so the tensors leave
+    the sync bit-identical on every rank. Bytes sent per rank and sync: `2 (W-1)/W` times the padded
+    element count times `1 + 4 / block_size` (int4: `1/2 + 4 / block_size`), a quarter (an eighth) of a
+    float32 ring all_reduce.
 
     Error, int8: per element, at most half a step of the sender's block, averaged over the ranks, plus
-    half a step of the averaged block (`step = max|block| / 127`):
+    half a step of the averaged block (`step = max|block| / 127`; int4 the same with `/ 7`):
     `|result - exact mean| <= mean_r(step_r) / 2 + step_mean / 2` (plus float32 rounding). fp8: each
     quantization errs by at most `max(|value| / 16, scale / 1024)` (3 mantissa bits; subnormals below
     `2**-6 * scale`), so relative to each value rather than to its block's largest. With
