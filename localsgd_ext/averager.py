@@ -16,6 +16,8 @@ from .consistency import (
     digest,
     explain,
     gather,
+    group_backend,
+    process_rank,
     settings_fingerprint,
     status_device,
     world_group,
@@ -277,7 +279,7 @@ class ParameterAverager:
         if self.reduce_op != "auto":
             return self.reduce_op == "avg"
         # A group may name one backend per device type, e.g. "cpu:gloo,cuda:nccl".
-        backends = [entry.split(":")[-1] for entry in str(dist.get_backend(group)).split(",")]
+        backends = [entry.split(":")[-1] for entry in group_backend(group).split(",")]
         usable = _BACKENDS_WITH_AVG if self.zero_copy else _BACKENDS_WITH_FREE_AVG
         return all(backend in usable for backend in backends)
 
@@ -290,7 +292,7 @@ class ParameterAverager:
         """A collective, after a check failed on every rank: the error every rank raises."""
         local_error = self._engine.local_error()
         mine = {
-            "rank": dist.get_rank(),
+            "rank": process_rank(group),
             "error": local_error,
             "settings": self.settings,
             "layout": describe(self._tensors, self.names),
@@ -457,7 +459,7 @@ def _lost_rank_errors(group: dist.ProcessGroup):
 
 def _lost_rank_message(group: dist.ProcessGroup, error: Exception) -> str:
     return (
-        f"parameter averaging failed on rank {dist.get_rank(group)} of {dist.get_world_size(group)}: another "
+        f"parameter averaging failed on rank {group.rank()} of {group.size()}: another "
         "process of the group did not take part (it died, is stuck, or left the training loop early), so the "
         "collective gave up when its connection dropped or the group's timeout ran out. The parameters on this "
         f"rank may be partly averaged; restart from a checkpoint. Cause: {error}"

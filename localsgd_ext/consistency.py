@@ -30,9 +30,25 @@ class RanksDisagreeError(RuntimeError):
     of the group (the failing rank raises its own error), with the same message."""
 
 
+def group_backend(group: dist.ProcessGroup) -> str:
+    """The group's backend, e.g. "gloo", "nccl" or "cpu:gloo,cuda:nccl". A group that torch.distributed did
+    not create (torchft's reconfigurable groups, or one built from a store by hand) is not in its group map,
+    where `dist.get_backend` looks: such a group names its backend itself."""
+    try:
+        return str(dist.get_backend(group))
+    except ValueError:
+        return group.name()
+
+
+def process_rank(group: dist.ProcessGroup) -> int:
+    """This process's rank as error messages name it: the global rank where there is a default group (also
+    within a subgroup), else the rank within `group`."""
+    return dist.get_rank() if dist.is_initialized() else group.rank()
+
+
 def status_device(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> torch.device:
     """Where the agreement check's small tensor must live for the group's backend."""
-    backend = str(dist.get_backend(group))
+    backend = group_backend(group)
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     if "gloo" in backend or backend == "mpi":
@@ -116,7 +132,7 @@ def confirm_settings_agree(group: dist.ProcessGroup, settings: Mapping[str, Any]
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     if int(extremes[0]) == -int(extremes[1]):
         return
-    reason = _first_setting_difference(gather(group, {"rank": dist.get_rank(), "settings": dict(settings)}))
+    reason = _first_setting_difference(gather(group, {"rank": process_rank(group), "settings": dict(settings)}))
     raise RanksDisagreeError(
         f"LocalSGD: {reason}. Every rank must be configured alike, or they would send different messages. Nothing was {what}."
     )
@@ -129,7 +145,7 @@ def world_group() -> dist.ProcessGroup:
 
 
 def gather(group: dist.ProcessGroup, mine: Dict[str, Any]) -> List[dict]:
-    everyone: List[Any] = [None] * dist.get_world_size(group)
+    everyone: List[Any] = [None] * group.size()
     dist.all_gather_object(everyone, mine, group=group)
     return everyone
 
@@ -216,7 +232,7 @@ def fail_together(group: dist.ProcessGroup, error: BaseException) -> None:
     and its error, instead of waiting out the group's timeout; then raises `error` here."""
     try:
         _C.join_agreement_check_as_failed(group, status_device(group, []))
-        gather(group, {"rank": dist.get_rank(), "error": f"{type(error).__name__}: {error}"})
+        gather(group, {"rank": process_rank(group), "error": f"{type(error).__name__}: {error}"})
     except RuntimeError:
         pass  # the others are gone too; this rank's own error is the one to report
     raise error

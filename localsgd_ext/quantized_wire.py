@@ -219,7 +219,7 @@ class QuantizedAverager:
 
     def _allocate_anchor(self) -> None:
         """The anchor, packed from the tensors as they are now, and the buffers every sync reuses."""
-        world_size = dist.get_world_size(self._group())
+        world_size = self._group().size()
         device = self._device
         length = self._padded_length(world_size)
         anchor = torch.zeros(length, dtype=torch.float32, device=device)
@@ -380,7 +380,7 @@ class QuantizedAverager:
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
         """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
         and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive)."""
-        world_size = dist.get_world_size(group)
+        world_size = group.size()
         wire = self._state().wire
         gathers = []
         for (start, end), arriving in zip(self._state().pieces, exchange.works):

@@ -92,3 +92,18 @@ def test_repointing_to_integer_data_is_refused_by_name():
         assert rank["error"] is not None, "averaging integer data must be refused"
         assert "tensors[1] must have a floating-point dtype to be averaged, got Long" in rank["error"]
         assert torch.equal(rank["untouched"][0], torch.full((4,), 0.5))
+
+
+def test_a_group_torch_distributed_did_not_create_is_averaged_over():
+    # torchft's reconfigurable groups are built from a store, outside torch.distributed's group map, and a
+    # replica may have no default group at all: the engine, both wires and the agreement check's report
+    # must work from the group object alone.
+    results = run_ranks(2, "workers_averager:average_over_a_group_torch_did_not_create")
+    for r in results:
+        assert not r["default_group"]
+        assert torch.equal(r["floats"][0], torch.full((300,), 0.5)) and torch.equal(r["floats"][1], torch.ones(7))
+        exact = torch.linspace(-1, 1, 5000) + 0.015
+        # Within the int8 wire's bound: half a step of each sender's block and of the mean's (changes <= 0.02).
+        assert torch.all((r["quantized"][0] - exact).abs() <= 0.02 / 127 + 1e-6)
+        assert r["mismatch"].startswith("RanksDisagreeError") and "rank 1" in r["mismatch"], r["mismatch"]
+    assert torch.equal(results[0]["quantized"][0], results[1]["quantized"][0]), "bit-identical on both ranks"

@@ -1,10 +1,12 @@
 """Rank-side bodies of the ParameterAverager tests (run through multiprocess.run_ranks)."""
 
+import os
+
 import torch
 import torch.distributed as dist
-from rank_setup import init_group, snapshot
+from rank_setup import group_timeout, init_group, snapshot
 
-from localsgd_ext import ParameterAverager
+from localsgd_ext import ParameterAverager, QuantizedAverager
 
 
 def _mixed_tensors(seed: int, device: str = "cpu"):
@@ -142,3 +144,39 @@ def comm_dtype_sync_launches():
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name]
     return {"kernels": kernels, "before": before, "after": snapshot(tensors)}
+
+
+def _group_torch_did_not_create():
+    """A gloo group built from a store by hand, as torchft builds its reconfigurable groups: no default
+    group exists, and torch.distributed's group map does not know it."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, rank == 0, timeout=group_timeout())
+    group = dist.ProcessGroup(store, rank, size)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    backend = dist.ProcessGroupGloo(store, rank, size, group_timeout())
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    return group
+
+
+def average_over_a_group_torch_did_not_create():
+    """The float and int8 wires and a disagreement's report over such a group."""
+    group = _group_torch_did_not_create()
+    rank = group.rank()
+    floats = [torch.full((300,), float(rank)), torch.full((7,), 2.0 * rank)]
+    ParameterAverager(floats, process_group=group).average()
+    quantized = [torch.linspace(-1, 1, 5000)]  # the same on every rank: the anchor
+    averager = QuantizedAverager(quantized, process_group=group, wire="int8")
+    averager.rebase_anchor()
+    quantized[0].add_(0.01 * (rank + 1))
+    averager.average()
+    try:
+        ParameterAverager([torch.zeros(3 + rank)], process_group=group).average()
+        mismatch = None
+    except Exception as error:  # noqa: BLE001 - what every rank raises is the result
+        mismatch = f"{type(error).__name__}: {error}"
+    return {
+        "floats": snapshot(floats),
+        "quantized": snapshot(quantized),
+        "mismatch": mismatch,
+        "default_group": dist.is_initialized(),
+    }
