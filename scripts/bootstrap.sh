@@ -13,6 +13,16 @@ repo=$(pwd)
 export PIP_ROOT_USER_ACTION=ignore
 pip_quiet=(--quiet --disable-pip-version-check)
 
+# torchft, for the fault-tolerance tests (localsgd_ext works without it, and those tests skip without it):
+# installed into the project's own .venv when the package index has it.
+install_fault_tolerance_extra() {
+  if ! .venv/bin/python -c "import torchft" 2>/dev/null; then
+    .venv/bin/python -m pip install "${pip_quiet[@]}" torchft==0.2.0 opentelemetry-api opentelemetry-sdk \
+      opentelemetry-exporter-otlp-proto-http \
+      || echo "bootstrap: torchft could not be installed here; the fault-tolerance tests will skip"
+  fi
+}
+
 active_env="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
 if [ -n "$active_env" ] && [ "$(readlink -f "$active_env")" != "$repo/.venv" ] && "$active_env/bin/python" -c "import torch" 2>/dev/null; then
   # The user's environment: use it as it is.
@@ -39,6 +49,7 @@ EOF
   fi
 elif [ -x .venv/bin/python ] && [ ! -L .venv ]; then
   .venv/bin/python -m pip install "${pip_quiet[@]}" -r requirements.txt
+  install_fault_tolerance_extra
 else
   rm -rf .venv
   python=$(command -v python3 || command -v python || true)
@@ -52,6 +63,7 @@ else
   fi
   echo "bootstrap: created .venv from $python; installing requirements.txt"
   .venv/bin/python -m pip install "${pip_quiet[@]}" -r requirements.txt
+  install_fault_tolerance_extra
 fi
 
 module=$(ls localsgd_ext/_C*.so 2>/dev/null | head -n 1 || true)

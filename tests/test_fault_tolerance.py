@@ -1,0 +1,72 @@
+"""Fault-tolerant averaging on torchft's Manager (localsgd_ext.fault_tolerance): real replica processes in a
+quorum formed by a real lighthouse on loopback. Skipped where torchft is not installed (the `ft` extra)."""
+
+import pytest
+import torch
+from multiprocess import run_ranks
+
+torchft = pytest.importorskip("torchft", reason="torchft (pip install 'localsgd_ext[ft]') is not installed")
+
+
+@pytest.fixture
+def lighthouse():
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="[::]:0", min_replicas=2)
+    yield server.address()
+    server.shutdown()
+
+
+def test_a_failed_commit_rolls_back_and_the_replica_heals_at_the_next_sync(lighthouse):
+    # 3 syncs of 2 replicas; at the second, replica 1 fails after the collective.
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:replica_syncs", lighthouse, 3, 1, 1, timeout=180)
+    # Sync 0: both commit the exact mean (the moves are multiples of 1/8).
+    for r in (r0, r1):
+        assert r[0]["committed"] and r[0]["step"] == 1
+        for got, a, b in zip(r[0]["after"], r0[0]["before"], r1[0]["before"]):
+            assert torch.equal(got, (a + b) / 2)
+    # Sync 1: replica 0 commits the mean; replica 1 reported its failure, so it keeps its own values.
+    assert r0[1]["committed"] and r0[1]["step"] == 2
+    for got, a, b in zip(r0[1]["after"], r0[1]["before"], r1[1]["before"]):
+        assert torch.equal(got, (a + b) / 2)
+    assert not r1[1]["committed"] and r1[1]["step"] == 1
+    for got, own in zip(r1[1]["after"], r1[1]["before"]):
+        assert torch.equal(got, own), "rolled back to its values before the sync"
+    # Sync 2: replica 1 is behind, so the quorum heals it from replica 0; both commit and end identical.
+    for r in (r0, r1):
+        assert r[2]["committed"] and r[2]["step"] == 3
+    for a, b, source in zip(r0[2]["after"], r1[2]["after"], r0[2]["before"]):
+        assert torch.equal(a, b)
+        assert torch.equal(a, source), "the healed replica held replica 0's values, so the mean is them"
+
+
+def test_a_manager_with_an_async_quorum_is_refused():
+    from localsgd_ext.fault_tolerance import ManagedAverager
+
+    class AsyncManager:
+        _use_async_quorum = True
+
+    with pytest.raises(ValueError, match="use_async_quorum=False"):
+        ManagedAverager([torch.zeros(2)], AsyncManager())
+
+
+def test_a_crashed_replica_restarts_heals_and_ends_identical_while_the_others_kept_training():
+    from torchft._torchft import LighthouseServer
+
+    # A replica that stops heartbeating leaves the quorum within half a second; one that heartbeats is waited
+    # for up to 2 s, so that every live replica is in every quorum (else the quorums take whichever two
+    # replicas ask first, and the three drift apart).
+    server = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50, heartbeat_timeout_ms=500)
+    try:
+        # Down for 1 s while the others need about 4 s (13 syncs, 0.3 s apart) to reach step 16.
+        results = run_ranks(3, "workers_fault_tolerance:replica_until_step", server.address(), 16, 2, 3, 1.0, timeout=240)
+    finally:
+        server.shutdown()
+    crashed = results[2]
+    assert crashed["left_at"] == 3
+    assert crashed["healed_to"] > crashed["left_at"] + 1, "the two others committed syncs while it was down"
+    for r in results:
+        assert r["step"] >= 16
+    for r in results[1:]:
+        for a, b in zip(results[0]["final"], r["final"]):
+            assert torch.equal(a, b), "every replica ends with the same values"

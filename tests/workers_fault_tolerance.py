@@ -1,0 +1,122 @@
+"""Rank-side bodies of the fault-tolerance tests: each rank is one replica group (one process) of a torchft
+quorum formed by a real lighthouse the test runs; no torch.distributed default group."""
+
+import os
+from datetime import timedelta
+
+import torch
+from combination_reference import move
+from rank_setup import snapshot
+
+from localsgd_ext import ParameterAverager
+from localsgd_ext.fault_tolerance import ManagedAverager
+
+SHAPES = [(40,), (3, 5)]
+
+
+def _manager(lighthouse: str, replica: int, params):
+    import torch.distributed as dist
+    from torchft.manager import Manager
+    from torchft.process_group import ProcessGroupGloo
+
+    def state_dict():
+        return {"params": [p.clone() for p in params]}
+
+    def load_state_dict(state):
+        for p, value in zip(params, state["params"]):
+            p.copy_(value)
+
+    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
+    return Manager(
+        pg=ProcessGroupGloo(timeout=timedelta(seconds=20)),
+        min_replica_size=2,
+        load_state_dict=load_state_dict,
+        state_dict=state_dict,
+        replica_id=f"replica_{replica}",
+        store_addr="localhost",
+        store_port=store.port,
+        rank=0,
+        world_size=1,
+        lighthouse_addr=lighthouse,
+        port=0,
+        timeout=timedelta(seconds=20),
+        use_async_quorum=False,
+        init_sync=False,
+    ), store
+
+
+def _average_then_fail(self):
+    """ParameterAverager.average that completes its collective, then fails on this rank."""
+    _real_average(self)
+    raise RuntimeError("injected: this rank failed after the collective")
+
+
+_real_average = ParameterAverager.average
+
+
+def replica_syncs(lighthouse: str, syncs: int, fail_at_sync: int, failing_replica: int):
+    """`syncs` syncs through a ManagedAverager; before each, every tensor moves by this replica's own
+    amounts. At sync `fail_at_sync` replica `failing_replica` fails right after the collective. Each sync's
+    values before it, whether it committed, the values after it and the Manager's step."""
+    replica = int(os.environ["RANK"])
+    params = [torch.zeros(shape) for shape in SHAPES]
+    manager, store = _manager(lighthouse, replica, params)
+    averager = ManagedAverager(params, manager)
+    records = []
+    try:
+        for sync in range(syncs):
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p.add_(move(replica, sync, i, p.shape))
+            before = snapshot(params)
+            failing = sync == fail_at_sync and replica == failing_replica
+            ParameterAverager.average = _average_then_fail if failing else _real_average
+            try:
+                committed = averager.average()
+            finally:
+                ParameterAverager.average = _real_average
+            records.append({"before": before, "committed": committed, "after": snapshot(params), "step": manager.current_step()})
+    finally:
+        manager.shutdown(wait=False)
+    del store
+    return records
+
+
+def replica_until_step(lighthouse: str, target_step: int, crashing_replica: int, crash_at_step: int, down_seconds: float):
+    """Syncs until the Manager's step reaches `target_step`, moving by this replica's own amounts before
+    each sync (a pause after each, so that quorums keep forming while a replica is down). Replica
+    `crashing_replica` crashes once its step reaches `crash_at_step`: its Manager stops, its tensors and
+    step are lost; `down_seconds` later it starts again from zeros with a new Manager under the same
+    replica id, and must be healed. The final values, and for the crashed replica the step it left at and
+    the step it was healed to."""
+    import time
+
+    replica = int(os.environ["RANK"])
+    params = [torch.zeros(shape) for shape in SHAPES]
+    manager, store = _manager(lighthouse, replica, params)
+    averager = ManagedAverager(params, manager)
+    record = {"replica": replica}
+    sync = 0
+    while manager.current_step() < target_step:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.add_(move(replica, sync, i, p.shape))
+        averager.average()
+        sync += 1
+        if replica == crashing_replica and "left_at" not in record and manager.current_step() >= crash_at_step:
+            record["left_at"] = manager.current_step()
+            manager.shutdown(wait=False)
+            del store
+            time.sleep(down_seconds)
+            with torch.no_grad():
+                for p in params:
+                    p.zero_()
+            manager, store = _manager(lighthouse, replica, params)
+            averager = ManagedAverager(params, manager)
+            averager.average()  # the first quorum heals it, then it takes part
+            record["healed_to"] = manager.current_step()
+        time.sleep(0.3)
+    record["final"] = snapshot(params)
+    record["step"] = manager.current_step()
+    manager.shutdown(wait=False)
+    return record
