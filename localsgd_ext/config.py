@@ -85,6 +85,8 @@ class LocalSGDConfig:
     # Not an option: whether warm-up averages the parameters every step because nothing (no DDP) syncs
     # the gradients across the replicas; LocalSGD sets it from the model.
     warmup_by_averaging: bool = False
+    # Not an option: whether the syncs run in a torchft Manager's quorum (LocalSGD's `manager`).
+    fault_tolerant: bool = False
 
     averaging: AveragingOptions = dataclasses.field(init=False)
     flat_layout: bool = dataclasses.field(init=False)
@@ -144,6 +146,7 @@ class LocalSGDConfig:
                 f"overlapped sync has no second agreement to use it), got comm_dtype={comm_dtype}"
             )
         self._check_quantized_wire_options()
+        self._check_fault_tolerant_options()
 
     def _check_merge_options(self) -> None:
         if self.merge not in MERGES:
@@ -157,6 +160,26 @@ class LocalSGDConfig:
                 f'merge="streaming", got fragment_update_alpha={alpha!r} with merge={self.merge!r}'
             )
         self._set(fragment_update_alpha=float(alpha))
+
+    def _check_fault_tolerant_options(self) -> None:
+        if not self.fault_tolerant:
+            return
+        # What a quorum's sync does not do yet: each needs state that must survive a heal or a failed commit
+        # (an average in flight, the quantized anchor and residual, the levels' groups, the flat buffers).
+        unsupported = {
+            "sync_delay": self.sync_delay != 0,
+            "wire": self.quantized,
+            "hierarchy": self.hierarchy is not None,
+            "zero_copy": self.zero_copy,
+            "sync_buffers": self.sync_buffers,
+        }
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise NotImplementedError(
+                f"LocalSGD with manager= (torchft) does not support {', '.join(named)} yet, got "
+                + ", ".join(f"{name}={getattr(self, name)!r}" for name in named)
+                + ": use them without a manager, or the float wires and waited syncs with one"
+            )
 
     @property
     def streaming_alpha(self) -> Optional[float]:

@@ -17,11 +17,13 @@ from .buffers import BufferSync
 from .config import LocalSGDConfig
 from .consistency import fail_together, world_group
 from .diloco import OuterStep
+from .fault_tolerance import Quorum
 from .fragments import fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions
 from .quantized_wire import QuantizedAverager
 from .schedule import Action, Advance, EndWarmUp, LevelAverage, Merge, Sync
+from .sharded import local_tensors
 from .split_averager import SplitAverager, layout_digest, split_by_codec
 
 __all__ = ["SyncController"]
@@ -35,12 +37,21 @@ class SyncController:
             re-read whenever the module tree changes.
         config (`LocalSGDConfig`): the options, already checked.
         process_group (`ProcessGroup`, *optional*): the replicas to average over (default: the world).
+        quorum (`Quorum`, *optional*): a torchft Manager's quorum (fault_tolerance.py): every world sync then
+            runs in a quorum of the replicas alive, over its process group, and commits or rolls back.
     """
 
-    def __init__(self, model: torch.nn.Module, config: LocalSGDConfig, process_group: Optional[dist.ProcessGroup]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LocalSGDConfig,
+        process_group: Optional[dist.ProcessGroup],
+        quorum: Optional[Quorum] = None,
+    ):
         self.model = model
         self.config = config
         self.process_group = process_group
+        self.quorum = quorum
         factory = config.outer_optimizer_factory
         self.outer = None if factory is None else OuterStep(factory, config.outer_anchor_device)
         self.hierarchy = None
@@ -73,7 +84,13 @@ class SyncController:
 
     def prepare(self) -> None:
         """On enter, on every rank: the levels' subgroups (a collective), the averagers, and the checks
-        that refuse bad parameters and ranks whose models differ before any training."""
+        that refuse bad parameters and ranks whose models differ before any training. Under a quorum there
+        is no group yet: the averagers are built, and checked, at each quorum; the outer step's anchor is
+        taken here, from the parameters as they are (torchft's init_sync makes them every replica's)."""
+        if self.quorum is not None:
+            if self.outer is not None:
+                self.outer.take_anchor(list(self.model.parameters()))
+            return
         if self.hierarchy is not None:
             self.hierarchy.build_groups(self.process_group)
         averagers = self._averagers_or_fail_together()
@@ -216,6 +233,7 @@ class SyncController:
         optimizer, which skips a fragment whose outer step just ran, nor a sync that merges by lerp."""
         return (
             isinstance(action, Sync)
+            and self.quorum is None
             and not action.delayed
             and len(action.fragments) == self.config.num_fragments
             and not (action.final and self.outer is not None)
@@ -254,7 +272,8 @@ class SyncController:
         if self.is_whole_average(action, step):
             whole_average()
         elif action.final:
-            self.sync(step, fragments=self._fragments_changed_since_sync(step))
+            # With the outer step, only what changed since its last sync; plain averaging averages all.
+            self.sync(step, fragments=self._fragments_changed_since_sync(step) if self.outer is not None else None)
         elif self._merges_by_lerp(action, step):
             # Streaming with no delay: started and merged at once, so that the merge keeps its share of the
             # values the sync started from.
@@ -296,6 +315,9 @@ class SyncController:
     def sync(self, step: int, fragments: Optional[List[int]] = None, delayed: bool = False, merge_now: bool = False) -> None:
         """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started (and
         with `merge_now` merged at once, by the configured merge)."""
+        if self.quorum is not None:
+            self._sync_in_quorum(step, fragments)
+            return
         start = time.perf_counter()
         averagers = self._averagers_or_fail_together()
         if fragments is None:
@@ -322,6 +344,31 @@ class SyncController:
             self.sync_count += 1
         if self._buffer_sync is not None and fragments and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _sync_in_quorum(self, step: int, fragments: Optional[List[int]]) -> None:
+        """A waited sync in a torchft quorum: the averagers are rebuilt when the quorum's group changed, the
+        fragments are averaged and committed together (or this rank rolls back to its values before the
+        sync), and only a committed sync takes the outer step and counts."""
+        assert self.quorum is not None
+        start = time.perf_counter()
+        if self.quorum.start():
+            self.process_group = self.quorum.group
+            self.averagers = []  # rebuilt over the quorum's group
+        averagers = self._averagers_or_fail_together()
+        chosen = list(range(len(averagers))) if fragments is None else fragments
+        tensors = [t for f in chosen for t in local_tensors(averagers[f].params)]
+
+        def average() -> None:
+            for fragment in chosen:
+                averagers[fragment].average()
+
+        if self.quorum.run(tensors, average):
+            for fragment in chosen:
+                if self.outer is not None:
+                    self.outer.apply(averagers[fragment].params, first=self.fragment_starts[fragment])
+                self.synced_at_step[fragment] = step
+                self.sync_count += 1
         self.last_sync_seconds = time.perf_counter() - start
 
     def _average_level(self, group_size: int) -> None:

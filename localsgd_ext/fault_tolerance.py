@@ -5,7 +5,7 @@ dependency (`pip install localsgd_ext[ft]`); nothing here imports it."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,71 +13,89 @@ import torch.distributed as dist
 from .averager import ParameterAverager
 from .sharded import local_tensors
 
-__all__ = ["ManagedAverager"]
+__all__ = ["ManagedAverager", "Quorum"]
 
 
-class ManagedAverager:
-    """
-    Averages a fixed list of tensors across the replicas of a torchft `Manager`'s quorum, in place.
-
-    Each `average()`: `manager.start_quorum()` (the lighthouse forms the quorum of the replicas alive now;
-    a replica that is behind, e.g. restarted after a crash, is healed there from a healthy one through the
-    state the Manager was given, as torchft does), then the average over the quorum's process group with
-    the compiled engine (its buckets and checks; rebuilt when the quorum changed), then
-    `manager.should_commit()`. If any replica group reports a failure (a peer lost during the collective,
-    an error on this rank), the commit fails and this rank's tensors go back to their values before the
-    sync: the local progress is kept and the next sync tries again, as torchft's own `LocalSGD` does. A
-    replica healed in a quorum takes part in that quorum's average with the state it received.
+class Quorum:
+    """A torchft Manager around one sync: `start()` forms the quorum of the replicas alive now (a replica
+    that is behind, e.g. restarted after a crash, is healed there from a healthy one through the state the
+    Manager was given, as torchft does) and returns its process group; `run()` averages and commits, or
+    rolls back.
 
     Args:
-        params (`Iterable[torch.Tensor]`):
-            The tensors to average (a replica group of one process: its whole model).
         manager (`torchft.Manager`):
-            Created with `use_async_quorum=False` (the quorum must be ready before the average), and with
-            the model's state registered (`load_state_dict`/`state_dict`) so that a rejoining replica heals.
-        **averager_options:
-            Passed to `ParameterAverager` (e.g. `bucket_cap_mb`, `check_finite`).
+            Created with `use_async_quorum=False` (the quorum must be ready before the average).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], manager: Any, **averager_options: Any):
-        self.params: List[torch.Tensor] = list(params)
+    def __init__(self, manager: Any):
         if getattr(manager, "_use_async_quorum", False):
             raise ValueError(
                 "manager must be created with use_async_quorum=False: the average needs the quorum's process "
                 "group ready when it starts, got a Manager with use_async_quorum=True"
             )
         self.manager = manager
-        self.averager_options = averager_options
-        self._group: Optional[dist.ProcessGroup] = None
-        self._averager: Optional[ParameterAverager] = None
-        self.last_committed: Optional[bool] = None
+        self.group: Optional[dist.ProcessGroup] = None
 
-    def _quorum_group(self) -> dist.ProcessGroup:
-        """The quorum's c10d group. torchft rebuilds it at each reconfiguration behind its own wrapper, whose
-        collectives run in Python; the engine takes the real group under it."""
-        return self.manager._pg.parent
-
-    @torch.no_grad()
-    def average(self) -> bool:
-        """One fault-tolerant sync (see the class docstring); whether it was committed."""
+    def start(self) -> bool:
+        """Forms the quorum; whether its process group is a new one (the averagers must be rebuilt over it).
+        torchft rebuilds the group at each reconfiguration behind its own wrapper, whose collectives run in
+        Python; the engine takes the real c10d group under it."""
         self.manager.start_quorum()
-        group = self._quorum_group()
-        if group is not self._group or self._averager is None:
-            self._averager = ParameterAverager(self.params, process_group=group, **self.averager_options)
-            self._group = group
-        tensors = local_tensors(self.params)
+        group = self.manager._pg.parent
+        changed = group is not self.group
+        self.group = group
+        return changed
+
+    def run(self, tensors: List[torch.Tensor], average: Callable[[], None]) -> bool:
+        """`average()` (in place, over `tensors`), then the commit: every replica group must report success.
+        Committed: the tensors hold the average. Not (a peer lost during the collective, an error on this
+        rank): they go back to their values before the sync, so the local progress is kept and the next sync
+        tries again, as torchft's own `LocalSGD` does. The Manager may load a healthy replica's state into
+        them while it commits: the average is kept aside and written back."""
         before = [t.detach().clone() for t in tensors]
         try:
-            self._averager.average()
-            # The Manager may load a healthy replica's state into the tensors while it commits (a replica
-            # healed at this step): the average is kept aside and written back once committed.
-            result = [t.detach().clone() for t in tensors]
+            average()
+            result: Optional[List[torch.Tensor]] = [t.detach().clone() for t in tensors]
         except Exception as error:  # noqa: BLE001 - a failed average is reported, and the commit fails
             self.manager.report_error(error)
             result = None
         committed = bool(self.manager.should_commit()) and result is not None
         kept = result if committed and result is not None else before
-        for tensor, values in zip(tensors, kept):
-            tensor.copy_(values)
-        self.last_committed = committed
+        with torch.no_grad():
+            for tensor, values in zip(tensors, kept):
+                tensor.copy_(values)
         return committed
+
+
+class ManagedAverager:
+    """
+    Averages a fixed list of tensors across the replicas of a torchft `Manager`'s quorum, in place: each
+    `average()` forms the quorum, averages over its process group with the compiled engine (its buckets and
+    checks; rebuilt when the quorum changed) and commits, or rolls this rank back (see `Quorum`). A replica
+    healed in a quorum takes part in that quorum's average with the state it received.
+
+    Args:
+        params (`Iterable[torch.Tensor]`):
+            The tensors to average (a replica group of one process: its whole model).
+        manager (`torchft.Manager`):
+            Created with `use_async_quorum=False`, and with the model's state registered
+            (`load_state_dict`/`state_dict`) so that a rejoining replica heals.
+        **averager_options:
+            Passed to `ParameterAverager` (e.g. `bucket_cap_mb`, `check_finite`).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], manager: Any, **averager_options: Any):
+        self.params: List[torch.Tensor] = list(params)
+        self.quorum = Quorum(manager)
+        self.manager = manager
+        self.averager_options = averager_options
+        self._averager: Optional[ParameterAverager] = None
+        self.last_committed: Optional[bool] = None
+
+    def average(self) -> bool:
+        """One fault-tolerant sync; whether it was committed."""
+        if self.quorum.start() or self._averager is None:
+            self._averager = ParameterAverager(self.params, process_group=self.quorum.group, **self.averager_options)
+        averager = self._averager
+        self.last_committed = self.quorum.run(local_tensors(self.params), averager.average)
+        return self.last_committed

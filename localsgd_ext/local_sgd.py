@@ -14,6 +14,7 @@ from .averager import _lost_rank_errors
 from .config import LocalSGDConfig, check_local_sgd_steps
 from .consistency import confirm_across_world, confirm_settings_agree
 from .controller import SyncController
+from .fault_tolerance import Quorum
 from .options import check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE
 from .schedule import EndWarmUp
@@ -235,6 +236,18 @@ class LocalSGD:
             float32 (a fast link needs no narrow wire); the world's sync carries the other options
             (fragments, `sync_delay`, `wire`, the outer optimizer), for which a level average is local
             progress. With zero-copy the levels average the flat buffers' views in copy mode.
+        manager (`torchft.Manager`, *optional*):
+            Keyword-only. Fault tolerance on torchft (PyTorch's fault-tolerance library; `pip install
+            localsgd_ext[ft]`): each process (a replica group of one) is one torchft replica; every sync
+            runs in a quorum of the replicas alive now (`start_quorum`), averages over the quorum's process
+            group with the compiled engine, and commits (`should_commit`), or this rank goes back to its
+            values before the sync and the next sync tries again. A replica that restarts is healed in its
+            first quorum from a healthy one: its model and optimizer through the state the Manager was
+            given, and this object's step count, sync count and outer step (registered with the Manager on
+            enter). Created with `use_async_quorum=False`. Works with plain averaging, fragments and the
+            outer optimizer on the float wires; not yet with `sync_delay`, the quantized wires, `hierarchy`,
+            `zero_copy` or `sync_buffers` (refused). Accelerate's `DistributedType.NO` (one process) does
+            not disable it.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
@@ -273,6 +286,7 @@ class LocalSGD:
         hierarchy: Optional[Mapping[int, int]] = None,
         merge: str = "eager",
         fragment_update_alpha: float = 0.0,
+        manager=None,
         process_group: Optional[dist.ProcessGroup] = None,
         device_mesh=None,
         mesh_dim: Optional[Union[str, int]] = None,
@@ -290,7 +304,8 @@ class LocalSGD:
         enabled = _check_enabled(enabled)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.enabled = enabled and accelerator.distributed_type != DistributedType.NO
+        # A torchft replica group of one process runs without a torch.distributed group: Accelerate's NO.
+        self.enabled = enabled and (manager is not None or accelerator.distributed_type != DistributedType.NO)
         if enabled and not self.enabled:
             _say_once_why_disabled(accelerator)
         self.num_steps = 0
@@ -315,12 +330,25 @@ class LocalSGD:
             hierarchy=hierarchy,
             merge=merge,
             fragment_update_alpha=fragment_update_alpha,
+            fault_tolerant=manager is not None,
             # Warm-up is DDP's gradient all-reduce (post-local SGD) where DDP is; an FSDP2 model sharded
             # within each replica syncs no gradient across replicas, so it warms up by averaging.
             warmup_by_averaging=not hasattr(model, "no_sync"),
         )
-        self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
-        self._controller = SyncController(model, self.config, self.process_group)
+        self.manager = manager
+        quorum = None
+        if manager is not None:
+            if process_group is not None or device_mesh is not None:
+                raise ValueError(
+                    "manager= averages over its quorum's process group: pass no process_group or device_mesh, got "
+                    f"process_group={process_group!r}, device_mesh={device_mesh!r}"
+                )
+            quorum = Quorum(manager)
+            self.process_group = None
+        else:
+            self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
+        self._controller = SyncController(model, self.config, self.process_group, quorum)
+        self._state_registered = False
         self._entered = False
         self._gradient_sync_is_off = False
 
@@ -370,7 +398,20 @@ class LocalSGD:
                 "this LocalSGD is already inside its `with` block: nesting it would sync twice and switch "
                 "gradient sync back on at the inner exit. Enter each LocalSGD object once at a time."
             )
-        if self.enabled:
+        if self.enabled and self.manager is not None:
+            # No group before the first quorum: each sync's averagers check the settings over it.
+            self._controller.prepare()
+            if not self._state_registered:
+                # A replica that rejoins is healed with the step count, the sync count and the outer step.
+                self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
+                self._state_registered = True
+            # A replica group of one process has no DDP wrapper, so no gradient sync to switch off.
+            has_sync = hasattr(self.model, "no_sync")
+            self.model_sync_obj = _gradient_sync_off(self.model) if has_sync else contextlib.nullcontext()
+            self._gradient_sync_is_off = False
+            if self.num_steps >= self.warmup_steps or self.config.warmup_by_averaging:
+                self._switch_gradient_sync_off()
+        elif self.enabled:
             # Before any other collective: a rank configured differently (e.g. hierarchy on one rank only)
             # would otherwise wait alone inside new_group, or send mismatched messages.
             group = self._controller.group
@@ -460,6 +501,16 @@ class LocalSGD:
                 "LocalSGD.load_state_dict() inside its `with` block would change the step count and the anchor under "
                 "a running sync cadence (and lose an average in flight); call it before entering the block"
             )
+        self._load_state(state_dict)
+
+    def load_state_dict_while_healing(self, state_dict: dict) -> None:
+        """What the torchft Manager calls in a quorum that heals this replica (it is behind, e.g. restarted):
+        the healthy replica's step count, sync count and outer step, so that the cadence and the outer
+        optimizer carry on as theirs. Inside the `with` block, at a sync (no average is ever in flight with
+        a manager)."""
+        self._load_state(state_dict)
+
+    def _load_state(self, state_dict: dict) -> None:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from LocalSGD.state_dict(), got {type(state_dict).__name__}")
         missing = {"num_steps", "sync_count", "outer"} - set(state_dict)

@@ -70,3 +70,32 @@ def test_a_crashed_replica_restarts_heals_and_ends_identical_while_the_others_ke
     for r in results[1:]:
         for a, b in zip(results[0]["final"], r["final"]):
             assert torch.equal(a, b), "every replica ends with the same values"
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["plain", "diloco"])
+def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, outer):
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 6, outer, -1, 0.0, timeout=180)
+    assert r0["enabled"] and r1["enabled"], "a replica group of one process (Accelerate's NO) is not disabled"
+    for a, b in zip(r0["records"], r1["records"]):
+        assert a["synced"] == b["synced"] == (a["step"] % 2 == 0)
+        if a["synced"] and not outer:
+            for got0, got1, x, y in zip(a["after"], b["after"], a["before"], b["before"]):
+                assert torch.equal(got0, (x + y) / 2) and torch.equal(got1, got0)
+        if a["synced"] and outer:
+            for got0, got1 in zip(a["after"], b["after"]):
+                assert torch.equal(got0, got1)
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    assert r0["sync_count"] == r1["sync_count"] == (3 if outer else 4), "3 syncs, and plain averaging's exit sync"
+
+
+def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse):
+    # Replica 1 crashes after step 4 and restarts from scratch: its first quorum heals it with replica 0's
+    # model (the Manager's own state) and LocalSGD's step and sync counts, then they sync together.
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 10, True, 4, 1.0, timeout=180)
+    assert r1["num_steps"] == r0["num_steps"] == 10 and r1["sync_count"] == r0["sync_count"]
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    restarted = [r["step"] for r in r1["records"]]
+    assert restarted[:4] == [1, 2, 3, 4] and restarted[4] == 1, "it started again from step 1"
+    assert 6 in restarted, "and was healed to replica 0's step count at its first sync"

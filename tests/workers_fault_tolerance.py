@@ -23,8 +23,9 @@ def _manager(lighthouse: str, replica: int, params):
         return {"params": [p.clone() for p in params]}
 
     def load_state_dict(state):
-        for p, value in zip(params, state["params"]):
-            p.copy_(value)
+        with torch.no_grad():
+            for p, value in zip(params, state["params"]):
+                p.copy_(value)
 
     store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
     return Manager(
@@ -120,3 +121,76 @@ def replica_until_step(lighthouse: str, target_step: int, crashing_replica: int,
     record["step"] = manager.current_step()
     manager.shutdown(wait=False)
     return record
+
+
+def local_sgd_replica(lighthouse: str, steps: int, outer: bool, crash_at_step: int, down_seconds: float):
+    """LocalSGD(manager=...) on a replica group of one process (no torch.distributed group: Accelerate's
+    NO), plain SGD on this replica's own data, K = 2. With `crash_at_step` >= 0, replica 1 crashes after
+    that step: its Manager stops and its model, optimizer and LocalSGD are lost; `down_seconds` later it
+    starts again from a fresh model under the same replica id and goes on until it reaches `steps`.
+    Each step's parameters before and after `step()`, whether it synced, and the final counts."""
+    replica = int(os.environ["RANK"])
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    # Each replica group is its own one-process job (the harness gets its variables back for the result).
+    saved = {name: os.environ.pop(name) for name in launch if name in os.environ}
+    try:
+        return _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_seconds)
+    finally:
+        os.environ.update(saved)
+
+
+def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_seconds):
+    import time
+
+    from accelerate import Accelerator
+
+    from localsgd_ext import LocalSGD
+
+    accelerator = Accelerator(cpu=True)
+
+    def fresh():
+        torch.manual_seed(0)  # every replica starts from the same model
+        model = torch.nn.Linear(6, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        manager, store = _manager(lighthouse, replica, list(model.parameters()))
+        local_sgd = LocalSGD(
+            accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager, outer_optimizer="diloco" if outer else None
+        )
+        return model, optimizer, manager, store, local_sgd
+
+    model, optimizer, manager, store, local_sgd = fresh()
+    generator = torch.Generator().manual_seed(replica)
+    records, crashed = [], False
+    local_sgd.__enter__()
+    while local_sgd.num_steps < steps:
+        x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = snapshot(model.parameters())
+        local_sgd.step()
+        records.append(
+            {
+                "step": local_sgd.num_steps,
+                "before": before,
+                "after": snapshot(model.parameters()),
+                "synced": local_sgd.last_step_synced,
+            }
+        )
+        if replica == 1 and not crashed and local_sgd.num_steps == crash_at_step:
+            crashed = True
+            manager.shutdown(wait=False)
+            del store
+            time.sleep(down_seconds)
+            model, optimizer, manager, store, local_sgd = fresh()
+            local_sgd.__enter__()
+    local_sgd.__exit__(None, None, None)
+    result = {
+        "records": records,
+        "final": snapshot(model.parameters()),
+        "num_steps": local_sgd.num_steps,
+        "sync_count": local_sgd.sync_count,
+        "enabled": local_sgd.enabled,
+    }
+    manager.shutdown(wait=False)
+    return result
