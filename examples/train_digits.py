@@ -39,9 +39,9 @@ def parse_args():
     )
     parser.add_argument(
         "--wire",
-        choices=["fp32", "bf16", "fp16", "int8", "fp8"],
+        choices=["fp32", "bf16", "fp16", "int8", "fp8", "int4"],
         default="fp32",
-        help="what travels: the parameters (fp32, or cast to bf16/fp16), or each rank's change quantized (int8, fp8)",
+        help="what travels: the parameters (fp32, or cast to bf16/fp16), or each rank's change quantized (int8, fp8, int4)",
     )
     parser.add_argument("--sync-delay", type=int, default=0, help="overlap each sync with this many local steps")
     parser.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's fragments, synced in turn")
