@@ -112,10 +112,14 @@ def main():
         name = "killed + restarted" if r["kill"] else "uninterrupted"
         line = f"{name:>20}: {r['seconds']:.1f} s, loss/accuracy per replica {finals}"
         if r["kill"]:
+            healed = (
+                f"healed to step {r['healed_to_step']} {r['seconds_to_heal']:.2f} s after its restart"
+                if r["seconds_to_heal"] is not None
+                else "not healed before the others finished (run longer, or restart sooner)"
+            )
             line += (
                 f"; killed at step {r['killed_at_step']} ({r['steps_lost']} local steps lost), others committed "
-                f"{r['syncs_committed_by_others_while_down']} syncs while it was down, healed to step {r['healed_to_step']} "
-                f"{r['seconds_to_heal']:.2f} s after its restart"
+                f"{r['syncs_committed_by_others_while_down']} syncs while it was down, {healed}"
             )
         print(line, flush=True)
     if args.out:

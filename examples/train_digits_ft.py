@@ -14,14 +14,13 @@ extra (pip install 'localsgd_ext[ft]').
 
 import argparse
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from train_digits import digits_data, make_model
 
 from localsgd_ext import LocalSGD
+from localsgd_ext.fault_tolerance import single_process_replica_manager
 
 
 def parse_args():
@@ -42,9 +41,6 @@ def parse_args():
 
 def main():
     args = parse_args()
-    from torchft.manager import Manager
-    from torchft.process_group import ProcessGroupGloo
-
     torch.manual_seed(0)  # the same initial model on every replica
     train, test = digits_data(0)
     x, y = train.tensors
@@ -61,21 +57,8 @@ def main():
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
-    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
-    manager = Manager(
-        pg=ProcessGroupGloo(timeout=timedelta(seconds=30)),
-        min_replica_size=args.min_replicas,
-        load_state_dict=load_state_dict,
-        state_dict=state_dict,
-        replica_id=f"digits_{args.replica_id}",
-        store_addr="localhost",
-        store_port=store.port,
-        rank=0,
-        world_size=1,
-        lighthouse_addr=args.lighthouse,
-        port=0,
-        timeout=timedelta(seconds=60),
-        use_async_quorum=False,
+    manager = single_process_replica_manager(
+        f"digits_{args.replica_id}", args.lighthouse, load_state_dict, state_dict, min_replicas=args.min_replicas
     )
     outer = None if args.outer_optimizer == "none" else args.outer_optimizer
     generator = torch.Generator().manual_seed(args.replica_id)

@@ -5,6 +5,7 @@ dependency (`pip install localsgd_ext[ft]`); nothing here imports it."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from .averager import ParameterAverager
 from .sharded import local_tensors
 
-__all__ = ["ManagedAverager", "Quorum"]
+__all__ = ["ManagedAverager", "Quorum", "single_process_replica_manager"]
 
 
 class Quorum:
@@ -99,3 +100,52 @@ class ManagedAverager:
         averager = self._averager
         self.last_committed = self.quorum.run(local_tensors(self.params), averager.average)
         return self.last_committed
+
+
+def single_process_replica_manager(
+    replica_id: str,
+    lighthouse: str,
+    load_state_dict: Callable[[Any], None],
+    state_dict: Callable[[], Any],
+    min_replicas: int = 2,
+    timeout: timedelta = timedelta(seconds=60),
+    init_sync: bool = False,
+) -> Any:
+    """A torchft `Manager` for a replica group of one process (what `LocalSGD(manager=...)` takes today):
+    its own store on this host (kept alive with the Manager), a gloo process group for the quorum, the
+    quorum ready before each sync (`use_async_quorum=False`).
+
+    Args:
+        replica_id (`str`): this replica's name, the same after a restart (so that it is healed, not new).
+        lighthouse (`str`): the lighthouse's address, e.g. `"http://host:29510"`.
+        load_state_dict, state_dict (`Callable`): the model's and optimizer's state, sent to and loaded by a
+            replica that heals.
+        min_replicas (`int`, defaults to 2): the fewest replicas a sync may commit with.
+        timeout (`timedelta`, defaults to 60 s): for the quorum, the commit and the collectives.
+        init_sync (`bool`, defaults to `False`): torchft's option to copy one replica's state to the others in
+            the first quorum. Off: the first quorum is LocalSGD's first sync, after `local_sgd_steps` local
+            steps, and copying would throw the other replicas' steps away. Start every replica from the
+            same model instead (the same seed), as DDP does.
+    """
+    from torchft.manager import Manager
+    from torchft.process_group import ProcessGroupGloo
+
+    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
+    manager = Manager(
+        pg=ProcessGroupGloo(timeout=timeout),
+        min_replica_size=min_replicas,
+        load_state_dict=load_state_dict,
+        state_dict=state_dict,
+        replica_id=replica_id,
+        store_addr="localhost",
+        store_port=store.port,
+        rank=0,
+        world_size=1,
+        lighthouse_addr=lighthouse,
+        port=0,
+        timeout=timeout,
+        use_async_quorum=False,
+        init_sync=init_sync,
+    )
+    manager.localsgd_store = store  # the Manager connects to it for as long as it lives
+    return manager

@@ -12,28 +12,12 @@ from datetime import timedelta
 
 def replica(index: int, lighthouse: str, results) -> None:
     import torch
-    import torch.distributed as dist
-    from torchft.manager import Manager
-    from torchft.process_group import ProcessGroupGloo
 
     from localsgd_ext import ParameterAverager, QuantizedAverager
+    from localsgd_ext.fault_tolerance import single_process_replica_manager
 
-    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
-    manager = Manager(
-        pg=ProcessGroupGloo(),
-        min_replica_size=2,
-        load_state_dict=lambda state: None,
-        state_dict=lambda: {},
-        replica_id=str(index),
-        store_addr="localhost",
-        store_port=store.port,
-        rank=0,
-        world_size=1,
-        lighthouse_addr=lighthouse,
-        port=0,
-        timeout=timedelta(seconds=10),
-        use_async_quorum=False,
-        init_sync=False,
+    manager = single_process_replica_manager(
+        str(index), lighthouse, lambda state: None, lambda: {}, timeout=timedelta(seconds=10)
     )
     try:
         manager.start_quorum()

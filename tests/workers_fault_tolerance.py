@@ -9,16 +9,12 @@ from combination_reference import move
 from rank_setup import snapshot
 
 from localsgd_ext import ParameterAverager
-from localsgd_ext.fault_tolerance import ManagedAverager
+from localsgd_ext.fault_tolerance import ManagedAverager, single_process_replica_manager
 
 SHAPES = [(40,), (3, 5)]
 
 
 def _manager(lighthouse: str, replica: int, params):
-    import torch.distributed as dist
-    from torchft.manager import Manager
-    from torchft.process_group import ProcessGroupGloo
-
     def state_dict():
         return {"params": [p.clone() for p in params]}
 
@@ -27,23 +23,9 @@ def _manager(lighthouse: str, replica: int, params):
             for p, value in zip(params, state["params"]):
                 p.copy_(value)
 
-    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
-    return Manager(
-        pg=ProcessGroupGloo(timeout=timedelta(seconds=20)),
-        min_replica_size=2,
-        load_state_dict=load_state_dict,
-        state_dict=state_dict,
-        replica_id=f"replica_{replica}",
-        store_addr="localhost",
-        store_port=store.port,
-        rank=0,
-        world_size=1,
-        lighthouse_addr=lighthouse,
-        port=0,
-        timeout=timedelta(seconds=20),
-        use_async_quorum=False,
-        init_sync=False,
-    ), store
+    return single_process_replica_manager(
+        f"replica_{replica}", lighthouse, load_state_dict, state_dict, timeout=timedelta(seconds=20)
+    )
 
 
 def _average_then_fail(self):
@@ -61,7 +43,7 @@ def replica_syncs(lighthouse: str, syncs: int, fail_at_sync: int, failing_replic
     values before it, whether it committed, the values after it and the Manager's step."""
     replica = int(os.environ["RANK"])
     params = [torch.zeros(shape) for shape in SHAPES]
-    manager, store = _manager(lighthouse, replica, params)
+    manager = _manager(lighthouse, replica, params)
     averager = ManagedAverager(params, manager)
     records = []
     try:
@@ -79,7 +61,6 @@ def replica_syncs(lighthouse: str, syncs: int, fail_at_sync: int, failing_replic
             records.append({"before": before, "committed": committed, "after": snapshot(params), "step": manager.current_step()})
     finally:
         manager.shutdown(wait=False)
-    del store
     return records
 
 
@@ -94,7 +75,7 @@ def replica_until_step(lighthouse: str, target_step: int, crashing_replica: int,
 
     replica = int(os.environ["RANK"])
     params = [torch.zeros(shape) for shape in SHAPES]
-    manager, store = _manager(lighthouse, replica, params)
+    manager = _manager(lighthouse, replica, params)
     averager = ManagedAverager(params, manager)
     record = {"replica": replica}
     sync = 0
@@ -107,12 +88,11 @@ def replica_until_step(lighthouse: str, target_step: int, crashing_replica: int,
         if replica == crashing_replica and "left_at" not in record and manager.current_step() >= crash_at_step:
             record["left_at"] = manager.current_step()
             manager.shutdown(wait=False)
-            del store
             time.sleep(down_seconds)
             with torch.no_grad():
                 for p in params:
                     p.zero_()
-            manager, store = _manager(lighthouse, replica, params)
+            manager = _manager(lighthouse, replica, params)
             averager = ManagedAverager(params, manager)
             averager.average()  # the first quorum heals it, then it takes part
             record["healed_to"] = manager.current_step()
@@ -152,13 +132,13 @@ def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_se
         torch.manual_seed(0)  # every replica starts from the same model
         model = torch.nn.Linear(6, 3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        manager, store = _manager(lighthouse, replica, list(model.parameters()))
+        manager = _manager(lighthouse, replica, list(model.parameters()))
         local_sgd = LocalSGD(
             accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager, outer_optimizer="diloco" if outer else None
         )
-        return model, optimizer, manager, store, local_sgd
+        return model, optimizer, manager, local_sgd
 
-    model, optimizer, manager, store, local_sgd = fresh()
+    model, optimizer, manager, local_sgd = fresh()
     generator = torch.Generator().manual_seed(replica)
     records, crashed = [], False
     local_sgd.__enter__()
@@ -180,9 +160,8 @@ def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_se
         if replica == 1 and not crashed and local_sgd.num_steps == crash_at_step:
             crashed = True
             manager.shutdown(wait=False)
-            del store
             time.sleep(down_seconds)
-            model, optimizer, manager, store, local_sgd = fresh()
+            model, optimizer, manager, local_sgd = fresh()
             local_sgd.__enter__()
     local_sgd.__exit__(None, None, None)
     result = {
