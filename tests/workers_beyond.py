@@ -181,7 +181,7 @@ def comm_dtype_training():
     }
 
 
-def _torch_post_local_sgd(model, warmup_steps: int):
+def _torch_post_local_sgd(model, warmup_steps: int, momentum: float):
     """torch's own post-local SGD on a DDP model: `post_localSGD_hook` all-reduces the gradients until
     `start_localSGD_iter`, then leaves them local (subgroups of one rank), and `PostLocalSGDOptimizer`
     averages the parameters with a `PeriodicModelAverager` (period 4, the same warm-up)."""
@@ -193,10 +193,10 @@ def _torch_post_local_sgd(model, warmup_steps: int):
     state = PostLocalSGDState(process_group=None, subgroup=subgroup, start_localSGD_iter=warmup_steps)
     model.register_comm_hook(state, post_localSGD_hook)
     averager = PeriodicModelAverager(period=4, warmup_steps=warmup_steps)
-    return PostLocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), averager)
+    return PostLocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum), averager)
 
 
-def warmup_is_ddp_training(warmup_steps: int, steps: int):
+def warmup_is_ddp_training(warmup_steps: int, steps: int, momentum: float = 0.9):
     """The same seeded training with SGD + momentum on this rank's data, three times: under
     LocalSGD(warmup_steps), under plain DDP (no LocalSGD), and under torch's PostLocalSGDOptimizer with
     post_localSGD_hook. Each run's parameters and momentum buffers after every step."""
@@ -207,9 +207,9 @@ def warmup_is_ddp_training(warmup_steps: int, steps: int):
         module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         if name == "torch_post_local_sgd":
             model = accelerator.prepare(module)
-            optimizer = _torch_post_local_sgd(model, warmup_steps)
+            optimizer = _torch_post_local_sgd(model, warmup_steps, momentum)
         else:
-            model, optimizer = accelerator.prepare(module, torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9))
+            model, optimizer = accelerator.prepare(module, torch.optim.SGD(module.parameters(), lr=0.05, momentum=momentum))
         x, y = _regression_data(dist.get_rank())
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=4, warmup_steps=warmup_steps)
         context = local_sgd if name == "local_sgd" else contextlib.nullcontext()
@@ -224,6 +224,7 @@ def warmup_is_ddp_training(warmup_steps: int, steps: int):
                     local_sgd.step()
                     synced.append(local_sgd.last_step_synced)
                 params.append(snapshot(model.parameters()))
-                momenta.append(snapshot(optimizer.state[p]["momentum_buffer"] for p in model.parameters()))
+                # Plain SGD keeps no momentum buffer.
+                momenta.append(snapshot(optimizer.state[p].get("momentum_buffer", torch.zeros(0)) for p in model.parameters()))
         runs[name] = {"params": params, "momenta": momenta, "synced": synced, "sync_count": local_sgd.sync_count}
     return runs
