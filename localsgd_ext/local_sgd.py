@@ -86,10 +86,11 @@ def _accelerate_replicate_mesh(accelerator):
     return mesh
 
 
-def _gradient_sync_off(model):
+def _gradient_sync_off(model, fault_tolerant: bool):
     """DDP's `no_sync()`. An FSDP2 root module (no `no_sync`) sharded within one replica sends no
-    gradient across replicas to switch off (its own HSDP, which would, is refused by the averager)."""
-    if not hasattr(model, "no_sync") and hasattr(model, "set_requires_all_reduce"):
+    gradient across replicas to switch off (its own HSDP, which would, is refused by the averager), and
+    neither does a torchft replica group of one process (no DDP wrapper)."""
+    if not hasattr(model, "no_sync") and (fault_tolerant or hasattr(model, "set_requires_all_reduce")):
         return contextlib.nullcontext()
     return model.no_sync()
 
@@ -405,12 +406,6 @@ class LocalSGD:
                 # A replica that rejoins is healed with the step count, the sync count and the outer step.
                 self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
                 self._state_registered = True
-            # A replica group of one process has no DDP wrapper, so no gradient sync to switch off.
-            has_sync = hasattr(self.model, "no_sync")
-            self.model_sync_obj = _gradient_sync_off(self.model) if has_sync else contextlib.nullcontext()
-            self._gradient_sync_is_off = False
-            if self.num_steps >= self.warmup_steps or self.config.warmup_by_averaging:
-                self._switch_gradient_sync_off()
         elif self.enabled:
             # Before any other collective: a rank configured differently (e.g. hierarchy on one rank only)
             # would otherwise wait alone inside new_group, or send mismatched messages.
@@ -427,7 +422,8 @@ class LocalSGD:
                 confirm_across_world(self.process_group, outcome)
             elif outcome is not None:
                 raise outcome
-            self.model_sync_obj = _gradient_sync_off(self.model)
+        if self.enabled:
+            self.model_sync_obj = _gradient_sync_off(self.model, self.manager is not None)
             self._gradient_sync_is_off = False
             if self.num_steps >= self.warmup_steps or self.config.warmup_by_averaging:
                 self._switch_gradient_sync_off()
