@@ -99,3 +99,22 @@ def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse):
     restarted = [r["step"] for r in r1["records"]]
     assert restarted[:4] == [1, 2, 3, 4] and restarted[4] == 1, "it started again from step 1"
     assert 6 in restarted, "and was healed to replica 0's step count at its first sync"
+
+
+def test_a_third_replica_joins_mid_run_and_ends_identical():
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50, heartbeat_timeout_ms=500)
+    try:
+        # Replicas 0 and 1 train from the start; replica 2 starts 1.5 s later (no crash: -1).
+        results = run_ranks(
+            3, "workers_fault_tolerance:replica_until_step", server.address(), 16, -1, -1, 0.0, 2, 1.5, timeout=240
+        )
+    finally:
+        server.shutdown()
+    assert results[2]["joined_at"] > 1, "the two others had committed syncs before it joined"
+    for r in results:
+        assert r["step"] >= 16
+    for r in results[1:]:
+        for a, b in zip(results[0]["final"], r["final"]):
+            assert torch.equal(a, b), "the late replica ends with the others' values"

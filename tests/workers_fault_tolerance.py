@@ -64,20 +64,34 @@ def replica_syncs(lighthouse: str, syncs: int, fail_at_sync: int, failing_replic
     return records
 
 
-def replica_until_step(lighthouse: str, target_step: int, crashing_replica: int, crash_at_step: int, down_seconds: float):
+def replica_until_step(
+    lighthouse: str,
+    target_step: int,
+    crashing_replica: int,
+    crash_at_step: int,
+    down_seconds: float,
+    late_replica: int = -1,
+    late_seconds: float = 0.0,
+):
     """Syncs until the Manager's step reaches `target_step`, moving by this replica's own amounts before
     each sync (a pause after each, so that quorums keep forming while a replica is down). Replica
     `crashing_replica` crashes once its step reaches `crash_at_step`: its Manager stops, its tensors and
     step are lost; `down_seconds` later it starts again from zeros with a new Manager under the same
     replica id, and must be healed. The final values, and for the crashed replica the step it left at and
-    the step it was healed to."""
+    the step it was healed to. Replica `late_replica` joins only `late_seconds` after the others started
+    (an upscale), and records the step its first quorum healed it to."""
     import time
 
     replica = int(os.environ["RANK"])
+    if replica == late_replica:
+        time.sleep(late_seconds)
     params = [torch.zeros(shape) for shape in SHAPES]
     manager = _manager(lighthouse, replica, params)
     averager = ManagedAverager(params, manager)
     record = {"replica": replica}
+    if replica == late_replica:
+        averager.average()  # its first quorum heals it from one of the others
+        record["joined_at"] = manager.current_step()
     sync = 0
     while manager.current_step() < target_step:
         with torch.no_grad():
