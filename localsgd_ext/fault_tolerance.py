@@ -1,7 +1,8 @@
 """Averaging that survives a lost replica, on torchft's `Manager` (PyTorch's fault-tolerance library): each
 sync runs in a quorum of the replicas alive now, averages through the compiled engine over the quorum's
-process group, and commits only if every replica group agrees that it succeeded. torchft is an optional
-dependency (`pip install localsgd_ext[ft]`); nothing here imports it."""
+process group, and is committed, or rolled back on a replica whose sync failed (that replica is healed at
+the next quorum). torchft is an optional dependency (`pip install localsgd_ext[ft]`); only
+`single_process_replica_manager` imports it."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ __all__ = ["ManagedAverager", "Quorum", "single_process_replica_manager"]
 class Quorum:
     """A torchft Manager around one sync: `start()` forms the quorum of the replicas alive now (a replica
     that is behind, e.g. restarted after a crash, is healed there from a healthy one through the state the
-    Manager was given, as torchft does) and returns its process group; `run()` averages and commits, or
-    rolls back.
+    Manager was given, as torchft does) and holds its process group in `group`; `run()` averages and
+    commits, or rolls back.
 
     Args:
         manager (`torchft.Manager`):
@@ -48,10 +49,11 @@ class Quorum:
         return changed
 
     def run(self, tensors: List[torch.Tensor], average: Callable[[], None]) -> bool:
-        """`average()` (in place, over `tensors`), then the commit: every replica group must report success.
-        Committed: the tensors hold the average. Not (a peer lost during the collective, an error on this
-        rank): they go back to their values before the sync, so the local progress is kept and the next sync
-        tries again, as torchft's own `LocalSGD` does. The Manager may load a healthy replica's state into
+        """`average()` (in place, over `tensors`), then the commit, which torchft decides per replica group
+        (every rank of this group must report success). Committed: the tensors hold the average. Not (a peer
+        lost during the collective, an error on this rank): they go back to their values before the sync, so
+        the local progress is kept, as torchft's own `LocalSGD` does; the replicas that committed are ahead,
+        and this one is healed from them at the next quorum. The Manager may load a healthy replica's state into
         them while it commits: the average is kept aside and written back."""
         before = [t.detach().clone() for t in tensors]
         try:

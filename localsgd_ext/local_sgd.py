@@ -242,13 +242,14 @@ class LocalSGD:
             localsgd_ext[ft]`): each process (a replica group of one) is one torchft replica; every sync
             runs in a quorum of the replicas alive now (`start_quorum`), averages over the quorum's process
             group with the compiled engine, and commits (`should_commit`), or this rank goes back to its
-            values before the sync and the next sync tries again. A replica that restarts is healed in its
-            first quorum from a healthy one: its model and optimizer through the state the Manager was
-            given, and this object's step count, sync count and outer step (registered with the Manager on
-            enter). Created with `use_async_quorum=False`. Works with plain averaging, fragments and the
-            outer optimizer on the float wires; not yet with `sync_delay`, the quantized wires, `hierarchy`,
-            `zero_copy` or `sync_buffers` (refused). Accelerate's `DistributedType.NO` (one process) does
-            not disable it.
+            values before the sync and is healed from the replicas that committed at the next sync. A
+            replica that restarts is healed in its first quorum from a healthy one: its model and
+            optimizer through the state the Manager was given, and this object's step count, sync count
+            and outer step (registered with the Manager on enter). Created with
+            `use_async_quorum=False` (`fault_tolerance.single_process_replica_manager` makes one). Works
+            with plain averaging, fragments and the outer optimizer on the float wires; not yet with
+            `sync_delay`, the quantized wires, `hierarchy`, `zero_copy` or `sync_buffers` (refused).
+            Accelerate's `DistributedType.NO` (one process) does not disable it.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
             replica, `fully_shard(model, mesh=mesh["shard"])`, and `process_group=mesh.get_group("replicate")`,
