@@ -1,13 +1,15 @@
 // A window of a flat layout (tensor i's elements at offsets[i] onward) seen through the tensors
 // themselves: which stretches of which tensors lie in it, and copies between those stretches and a
 // window-sized stretch of memory. The quantized wire's CPU kernels gather a task's blocks from the
-// parameters and scatter them back this way, instead of packing the model into a flat copy first.
+// parameters and scatter them back this way, instead of packing the model into a flat copy first; the
+// generic path (any device) clips the tensors to the window with the same `window_overlap`.
 // Plain C++ over contiguous float32 memory.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace localsgd_ext::cpu {
@@ -26,16 +28,31 @@ struct TensorSlot {
   float* data;
 };
 
+// A tensor's stretch of the window start..start + length: its elements first..first + count, at window
+// position `position`. Nothing when it lies outside.
+struct WindowOverlap {
+  int64_t first;
+  int64_t count;
+  int64_t position;
+};
+
+inline std::optional<WindowOverlap> window_overlap(int64_t offset, int64_t numel, int64_t start, int64_t length) {
+  const int64_t begin = std::max(offset, start);
+  const int64_t end = std::min(offset + numel, start + length);
+  if (begin >= end) {
+    return std::nullopt;
+  }
+  return WindowOverlap{begin - offset, end - begin, begin - start};
+}
+
 // The segments of the window start..start + length, in order. Slots must not overlap (the ops check that
 // first).
 inline std::vector<WindowSegment> window_segments(std::vector<TensorSlot> slots, int64_t start, int64_t length) {
   std::sort(slots.begin(), slots.end(), [](const TensorSlot& a, const TensorSlot& b) { return a.offset < b.offset; });
   std::vector<WindowSegment> segments;
   for (const TensorSlot& slot : slots) {
-    const int64_t begin = std::max(slot.offset, start);
-    const int64_t end = std::min(slot.offset + slot.numel, start + length);
-    if (begin < end) {
-      segments.push_back({begin - start, end - start, slot.data + (begin - slot.offset)});
+    if (const auto o = window_overlap(slot.offset, slot.numel, start, length)) {
+      segments.push_back({o->position, o->position + o->count, slot.data + o->first});
     }
   }
   return segments;

@@ -6,32 +6,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
+#include "flat_window.h"
 #include "op_handles.h"
 #include "quantize_checks.h"
 
 namespace localsgd_ext {
-namespace {
 
-// Tensor i's stretch of the window start..start + length: its elements first..first + count, at window
-// position first + offset - start. Nothing when it lies outside.
-struct Overlap {
-  int64_t first;
-  int64_t count;
-  int64_t position;
-};
-
-std::optional<Overlap> overlap(int64_t offset, int64_t numel, int64_t start, int64_t length) {
-  const int64_t begin = std::max(offset, start);
-  const int64_t end = std::min(offset + numel, start + length);
-  if (begin >= end) {
-    return std::nullopt;
-  }
-  return Overlap{begin - offset, end - begin, begin - start};
-}
-
-} // namespace
+using cpu::window_overlap;
 
 void quantize_tensors_change_generic(at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
                                      const at::Tensor& anchor, const std::optional<at::Tensor>& residual,
@@ -43,7 +24,7 @@ void quantize_tensors_change_generic(at::TensorList tensors, at::IntArrayRef off
   at::Tensor window = snapshot ? *snapshot : at::empty({length}, anchor.options());
   window.zero_();
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (const auto o = overlap(offsets[i], tensors[i].numel(), start, length)) {
+    if (const auto o = window_overlap(offsets[i], tensors[i].numel(), start, length)) {
       window.narrow(0, o->position, o->count).copy_(tensors[i].reshape(-1).narrow(0, o->first, o->count));
     }
   }
@@ -56,7 +37,7 @@ void apply_quantized_mean_to_generic(const at::Tensor& codes, const at::Tensor& 
   check_apply_quantized_mean_to_arguments(codes, scales, block_size, anchor, offsets, start, tensors);
   apply_quantized_mean_op().call(codes, scales, block_size, anchor);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto o = overlap(offsets[i], tensors[i].numel(), start, anchor.numel());
+    const auto o = window_overlap(offsets[i], tensors[i].numel(), start, anchor.numel());
     if (!o) {
       continue;
     }
