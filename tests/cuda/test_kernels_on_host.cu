@@ -549,6 +549,21 @@ ChangeInputs change_inputs(std::mt19937& rng, int64_t n) {
   return inputs;
 }
 
+// quantize_change's block max as the kernel computes it: each thread's partial max of the change, then the
+// shared-memory tree.
+float block_max_change(const float* snapshot, const float* anchor, const float* residual, int64_t block_size) {
+  float partial[kQuantizeThreads];
+  for (int thread = 0; thread < kQuantizeThreads; ++thread) {
+    partial[thread] = partial_max_change(snapshot, anchor, residual, block_size, thread, kQuantizeThreads);
+  }
+  for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
+    for (int thread = 0; thread < stride; ++thread) {
+      partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
+    }
+  }
+  return partial[0];
+}
+
 void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_blocks) {
   using localsgd_ext::quantize::Int8Codec;
   const int64_t n = block_size * num_blocks;
@@ -566,17 +581,8 @@ void check_quantize_change(std::mt19937& rng, int64_t block_size, int64_t num_bl
   std::vector<float> scales(num_blocks, -1.0f);
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t first = b * block_size;
-    float partial[kQuantizeThreads];
-    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      partial[thread] = partial_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first,
-                                           block_size, thread, kQuantizeThreads);
-    }
-    for (int stride = kQuantizeThreads / 2; stride > 0; stride /= 2) {
-      for (int thread = 0; thread < stride; ++thread) {
-        partial[thread] = localsgd_ext::quantize::max_magnitude(partial[thread], partial[thread + stride]);
-      }
-    }
-    scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(partial[0]);
+    scales[b] = localsgd_ext::quantize::block_scale<Int8Codec>(
+        block_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first, block_size));
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
       write_change_codes<Int8Codec>(snapshot.data() + first, anchor.data() + first, residual.data() + first,
                                     codes.data() + first, block_size, scales[b], thread, kQuantizeThreads);
@@ -715,16 +721,8 @@ void check_int4_schedule(std::mt19937& rng, int64_t block_size, int64_t num_bloc
   std::vector<float> scales(num_blocks);
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t first = b * block_size;
-    float partial[kQuantizeThreads];
-    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      partial[thread] = partial_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first,
-                                           block_size, thread, kQuantizeThreads);
-    }
-    float magnitude = 0.0f;
-    for (int thread = 0; thread < kQuantizeThreads; ++thread) {
-      magnitude = localsgd_ext::quantize::max_magnitude(magnitude, partial[thread]);
-    }
-    scales[b] = localsgd_ext::quantize::block_scale<Int4Codec>(magnitude);
+    scales[b] = localsgd_ext::quantize::block_scale<Int4Codec>(
+        block_max_change(snapshot.data() + first, anchor.data() + first, residual.data() + first, block_size));
     for (int thread = 0; thread < kQuantizeThreads; ++thread) {
       write_change_codes<Int4Codec>(snapshot.data() + first, anchor.data() + first, residual.data() + first,
                                     localsgd_ext::quantize::storage_at<Int4Codec>(codes.data(), first), block_size,
