@@ -228,7 +228,7 @@ class QuantizedAverager:
             anchor=anchor,
             snapshot=None,
             residual=torch.zeros_like(anchor) if self.error_feedback else None,
-            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device, self._per_storage),
+            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device),
             pieces=self._wire_pieces(world_size, length),
         )
 
@@ -551,9 +551,9 @@ class _WireBuffers:
     gathered_scales: torch.Tensor
 
     @classmethod
-    def for_length(
-        cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device, per_storage: int = 1
-    ) -> "_WireBuffers":
+    def for_length(cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device) -> "_WireBuffers":
+        per_storage = ops.codes_per_storage(code_dtype)
+
         def codes_and_scales(n: int):
             codes = torch.empty(n // per_storage, dtype=code_dtype, device=device)
             return codes, torch.empty(n // block_size, device=device)
