@@ -3,6 +3,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -66,6 +67,19 @@ AgreementOutcome AgreementCheck::finish() {
   outcome.any_local_error = v[kLocalError] != 0;
   outcome.narrow_wire_amax = amax_from_key(v[kAmax]);
   return outcome;
+}
+
+// fp16 holds magnitudes up to 65504. A power-of-two scale that brings the group's largest |value|
+// times the group size to at most 2^15 keeps every partial sum finite, and lifts small values out of
+// fp16's subnormal range. Powers of two scale without rounding, so wherever the unscaled values were
+// in fp16's normal range, the result has the same bits as without scaling.
+double AgreementOutcome::narrow_wire_scale(int64_t group_size) const {
+  const double amax = narrow_wire_amax;
+  if (!(amax > 0) || !std::isfinite(amax)) {
+    return 1.0;
+  }
+  const int exponent = std::ilogb(32768.0 / (amax * static_cast<double>(group_size)));
+  return std::ldexp(1.0, std::clamp(exponent, -100, 100));
 }
 
 void join_agreement_check_as_failed(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::Device status_device) {

@@ -29,6 +29,8 @@ struct AgreementOutcome {
   double narrow_wire_amax = 0; // over the group; infinity when any rank's was not finite
 
   bool holds() const { return fingerprints_equal && !any_nonfinite && !any_local_error; }
+  // The power of two every fp16-bound value is multiplied by on the wire (1 without an fp16 wire).
+  double narrow_wire_scale(int64_t group_size) const;
 };
 
 class AgreementCheck {

@@ -13,21 +13,6 @@
 #include "tensor_scans.h"
 
 namespace localsgd_ext {
-namespace {
-
-// fp16 holds magnitudes up to 65504. A power-of-two scale that brings the group's largest |value|
-// times the group size to at most 2^15 keeps every partial sum finite, and lifts small values out of
-// fp16's subnormal range. Powers of two scale without rounding, so wherever the unscaled values were
-// in fp16's normal range, the result has the same bits as without scaling.
-double narrow_wire_scale(double amax, int64_t world_size) {
-  if (!(amax > 0) || !std::isfinite(amax)) {
-    return 1.0;
-  }
-  const int exponent = std::ilogb(32768.0 / (amax * static_cast<double>(world_size)));
-  return std::ldexp(1.0, std::clamp(exponent, -100, 100));
-}
-
-} // namespace
 
 BucketedAverager::BucketedAverager(std::vector<at::Tensor> tensors, int64_t bucket_cap_bytes, int64_t buffers_in_flight,
                                    bool zero_copy, std::optional<c10::ScalarType> comm_dtype,
@@ -186,7 +171,7 @@ bool BucketedAverager::average(const c10::intrusive_ptr<c10d::ProcessGroup>& gro
         sync_abandoned_ = false;
         return false;
       }
-      scale = narrow_wire_scale(outcome.narrow_wire_amax, group->getSize());
+      scale = outcome.narrow_wire_scale(group->getSize());
     }
   }
   bool averaged;

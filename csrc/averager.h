@@ -48,8 +48,8 @@ class BucketedAverager {
                bool check_finite, int64_t extra_fingerprint = 0, bool run_check = true);
 
   // The overlapped sync: prepares and checks as average() does (the check is waited for), then packs
-  // every bucket into a snapshot and starts its all_reduce, and returns without waiting. Copy mode,
-  // no fp16 wire. False, with nothing started, when the check fails.
+  // every bucket into a snapshot and starts its all_reduce, and returns without waiting. Copy mode;
+  // an fp16 wire's scale is agreed in that check. False, with nothing started, when the check fails.
   bool start_delayed(const c10::intrusive_ptr<c10d::ProcessGroup>& group, bool use_avg_op, c10::Device status_device,
                      bool check_finite, int64_t extra_fingerprint = 0);
   // Waits for the started average and merges it: each tensor t += mean(snapshot) - snapshot. Refuses,

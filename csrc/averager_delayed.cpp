@@ -12,8 +12,6 @@ bool BucketedAverager::start_delayed(const c10::intrusive_ptr<c10d::ProcessGroup
                                      c10::Device status_device, bool check_finite, int64_t extra_fingerprint) {
   TORCH_CHECK_VALUE(group, "group must be a ProcessGroup, got None.");
   TORCH_CHECK_VALUE(!zero_copy_, "a delayed average needs copy mode: zero_copy averages the parameters' own memory.");
-  TORCH_CHECK_VALUE(comm_dtype_ != at::kHalf,
-                    "a delayed average cannot use an fp16 wire (its scale is agreed per sync); use bfloat16.");
   TORCH_CHECK_VALUE(!(use_avg_op && comm_dtype_), "use_avg_op cannot be combined with comm_dtype.");
   TORCH_CHECK(!delayed_.pending(),
               "start_average() while an overlapped average is in flight: call finish_average() first.");
@@ -22,9 +20,10 @@ bool BucketedAverager::start_delayed(const c10::intrusive_ptr<c10d::ProcessGroup
   const AgreementInput mine =
       prepare(use_avg_op, check_finite, extra_fingerprint, /*for_average=*/true, /*allocate_staging=*/false);
   sync_abandoned_ = true;
-  const bool holds = AgreementCheck(group, status_device, mine).finish().holds();
+  const AgreementOutcome outcome = AgreementCheck(group, status_device, mine).finish();
+  const bool holds = outcome.holds();
   if (holds) {
-    delayed_.start(group, plan_, use_avg_op);
+    delayed_.start(group, plan_, use_avg_op, outcome.narrow_wire_scale(group->getSize()));
   }
   sync_abandoned_ = false;
   return holds;

@@ -15,7 +15,7 @@ void DelayedAverage::reset() {
 }
 
 void DelayedAverage::start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan,
-                           bool use_avg_op) {
+                           bool use_avg_op, double narrow_wire_scale) {
   TORCH_CHECK(in_flight_.empty(), "a delayed average is already in flight: finish it before starting another.");
   if (buffers_.empty()) { // first start() since the plan was built (reset())
     for (const Bucket& bucket : plan.buckets) {
@@ -25,6 +25,7 @@ void DelayedAverage::start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
     }
   }
   divisor_ = use_avg_op ? 1.0 : static_cast<double>(group->getSize());
+  narrow_wire_scale_ = narrow_wire_scale;
   c10d::AllreduceOptions options;
   options.reduceOp = use_avg_op ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
@@ -32,7 +33,7 @@ void DelayedAverage::start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, 
       continue;
     }
     BucketBuffers& buffers = buffers_[b];
-    pack_op().call(plan.members[b].tensors, plan.members[b].offsets, buffers.snapshot, 1.0);
+    pack_op().call(plan.members[b].tensors, plan.members[b].offsets, buffers.snapshot, scale_of(plan, b));
     buffers.sum.copy_(buffers.snapshot);
     std::vector<at::Tensor> wire{buffers.sum};
     in_flight_.push_back({b, group->allreduce(wire, options)});
@@ -46,7 +47,7 @@ void DelayedAverage::finish(const AveragingPlan& plan) {
   for (const InFlight& done : in_flight_) {
     const BucketTensors& members = plan.members[done.bucket];
     merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, divisor_,
-                    members.tensors);
+                    members.tensors, scale_of(plan, done.bucket));
     bump_versions(members.tensors);
   }
   in_flight_.clear();
@@ -73,7 +74,7 @@ void DelayedAverage::finish_into_mean(const AveragingPlan& plan, const std::vect
   }
   for (const InFlight& done : in_flight_) {
     const BucketTensors& members = plan.members[done.bucket];
-    unpack_op().call(buffers_[done.bucket].sum, members.offsets, divisor_,
+    unpack_op().call(buffers_[done.bucket].sum, members.offsets, divisor_ * scale_of(plan, done.bucket),
                      bucket_targets(plan.buckets[done.bucket], targets));
   }
   awaiting_merge_ = true;
@@ -83,9 +84,13 @@ void DelayedAverage::merge_targets(const AveragingPlan& plan, const std::vector<
   TORCH_CHECK(awaiting_merge_, "merge_targets() without finish_into_mean() first.");
   for (const InFlight& done : in_flight_) {
     const BucketTensors& members = plan.members[done.bucket];
-    // The targets take the sum buffer's place (divisor 1): t + (target - snapshot), in the wire's dtype.
-    pack_op().call(bucket_targets(plan.buckets[done.bucket], targets), members.offsets, buffers_[done.bucket].sum, 1.0);
-    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, 1.0, members.tensors);
+    // The targets take the sum buffer's place (divisor 1): t + (target - snapshot), in the wire's dtype,
+    // scaled as the snapshot was.
+    const double scale = scale_of(plan, done.bucket);
+    pack_op().call(bucket_targets(plan.buckets[done.bucket], targets), members.offsets, buffers_[done.bucket].sum,
+                   scale);
+    merge_op().call(buffers_[done.bucket].sum, buffers_[done.bucket].snapshot, members.offsets, 1.0, members.tensors,
+                    scale);
     bump_versions(members.tensors);
   }
   in_flight_.clear();

@@ -17,8 +17,11 @@ class DelayedAverage {
  public:
   // Drops the buffers (a new plan may need other sizes).
   void reset();
-  // Packs every bucket into its snapshot and starts one all_reduce per bucket on a copy of it.
-  void start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan, bool use_avg_op);
+  // Packs every bucket into its snapshot and starts one all_reduce per bucket on a copy of it. The
+  // buckets the plan scales (float32 on an fp16 wire) are packed times `narrow_wire_scale`, agreed by
+  // every rank in the check before, and every later step divides it out again.
+  void start(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const AveragingPlan& plan, bool use_avg_op,
+             double narrow_wire_scale);
   bool pending() const { return !in_flight_.empty(); }
   // Waits for every bucket (interruptibly on CPU) and merges the correction into the tensors.
   void finish(const AveragingPlan& plan);
@@ -34,6 +37,10 @@ class DelayedAverage {
   int64_t bytes() const;
 
  private:
+  double scale_of(const AveragingPlan& plan, size_t bucket) const {
+    return plan.scaled(plan.buckets[bucket]) ? narrow_wire_scale_ : 1.0;
+  }
+
   struct BucketBuffers {
     at::Tensor snapshot; // the bucket as packed at the sync step
     at::Tensor sum;      // its copy, all-reduced in place
@@ -46,6 +53,7 @@ class DelayedAverage {
   std::vector<BucketBuffers> buffers_; // per bucket, allocated at the first start() after a reset()
   std::vector<InFlight> in_flight_;
   double divisor_ = 1.0;
+  double narrow_wire_scale_ = 1.0;
   bool awaiting_merge_ = false; // finish_into_mean() done, merge_targets() not yet
 };
 

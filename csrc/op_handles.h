@@ -10,7 +10,7 @@ namespace localsgd_ext {
 
 using PackFn = void(at::TensorList, at::IntArrayRef, const at::Tensor&, double);
 using UnpackFn = void(const at::Tensor&, at::IntArrayRef, double, at::TensorList);
-using MergeFn = void(const at::Tensor&, const at::Tensor&, at::IntArrayRef, double, at::TensorList);
+using MergeFn = void(const at::Tensor&, const at::Tensor&, at::IntArrayRef, double, at::TensorList, double);
 using QuantizeChangeFn = void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
                               const at::Tensor&, const at::Tensor&);
 using ApplyQuantizedMeanFn = void(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&);

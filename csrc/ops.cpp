@@ -12,8 +12,11 @@ TORCH_LIBRARY(localsgd_ext, m) {
   m.def("unpack_from(Tensor buffer, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");
   // Overlapped sync's merge: each tensor t becomes t + (sum / divisor - snapshot), reading sum and
   // snapshot (the buffer as packed before its all_reduce) from its offset; computed in float32 for
-  // fp16/bf16 tensors, in the tensor's dtype otherwise.
-  m.def("merge_into(Tensor sum, Tensor snapshot, int[] offsets, float divisor, Tensor(a!)[] tensors) -> ()");
+  // fp16/bf16 tensors, in the tensor's dtype otherwise. Buffers packed with pack_into's `scale` (an
+  // fp16 wire) hold every value times `scale`: t + (sum / (divisor * scale) - snapshot / scale).
+  m.def(
+      "merge_into(Tensor sum, Tensor snapshot, int[] offsets, float divisor, Tensor(a!)[] tensors, "
+      "float scale=1.0) -> ()");
   // The quantized wires: `x` (1-D float32, a multiple of block_size long) in blocks of block_size
   // elements, each with its own scale. int8 codes (the default): scale max|x| / 127, codes
   // round-half-even(x / scale) in -127..127; float8_e4m3fn codes: scale max|x| / 448, codes x / scale

@@ -127,22 +127,27 @@ inline void unpack_one_with_aten(const at::Tensor& buffer, int64_t offset, doubl
 }
 
 // Overlapped sync's merge through ATen (any device, any strides): t + (sum / divisor - snapshot), each
-// operand widened to the tensor's math dtype (float32 for fp16/bf16), rounded once into the tensor.
+// operand widened to the tensor's math dtype (float32 for fp16/bf16) and, with an fp16 wire's scale,
+// divided by it; rounded once into the tensor.
 inline void merge_one_with_aten(const at::Tensor& sum, const at::Tensor& snapshot, int64_t offset, double divisor,
-                                const at::Tensor& tensor) {
+                                const at::Tensor& tensor, double scale) {
   const c10::ScalarType math = at::toOpMathType(tensor.scalar_type());
-  const at::Tensor mean = at::div(slot_in_buffer(sum, offset, tensor).to(math), divisor);
-  const at::Tensor merged = at::add(tensor.to(math), at::sub(mean, slot_in_buffer(snapshot, offset, tensor).to(math)));
+  const at::Tensor mean = at::div(slot_in_buffer(sum, offset, tensor).to(math), divisor * scale);
+  const at::Tensor packed = slot_in_buffer(snapshot, offset, tensor).to(math);
+  const at::Tensor before = scale == 1.0 ? packed : at::div(packed, scale);
+  const at::Tensor merged = at::add(tensor.to(math), at::sub(mean, before));
   const_cast<at::Tensor&>(tensor).copy_(merged);
 }
 
 inline void check_divisor(const char* op, double divisor) { check_float32_factor(op, "divisor", divisor); }
 
 inline void check_merge_arguments(const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets,
-                                  double divisor, at::TensorList tensors) {
+                                  double divisor, at::TensorList tensors, double scale) {
   check_pack_arguments("merge_into", tensors, offsets, sum);
   check_pack_arguments("merge_into", tensors, offsets, snapshot);
   check_divisor("merge_into", divisor);
+  check_scale("merge_into", tensors, sum, scale);
+  check_float32_factor("merge_into", "divisor * scale", divisor * scale);
   TORCH_CHECK_TYPE(sum.scalar_type() == snapshot.scalar_type(),
                    "merge_into: sum and snapshot must have one dtype, got ", sum.scalar_type(), " and ",
                    snapshot.scalar_type(), ".");

@@ -25,11 +25,11 @@ void unpack_from_generic(const at::Tensor& buffer, at::IntArrayRef offsets, doub
 }
 
 void merge_into_generic(const at::Tensor& sum, const at::Tensor& snapshot, at::IntArrayRef offsets, double divisor,
-                        at::TensorList tensors) {
-  check_merge_arguments(sum, snapshot, offsets, divisor, tensors);
+                        at::TensorList tensors, double scale) {
+  check_merge_arguments(sum, snapshot, offsets, divisor, tensors, scale);
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() > 0) {
-      merge_one_with_aten(sum, snapshot, offsets[i], divisor, tensors[i]);
+      merge_one_with_aten(sum, snapshot, offsets[i], divisor, tensors[i], scale);
     }
   }
 }

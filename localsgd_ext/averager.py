@@ -346,7 +346,7 @@ class ParameterAverager:
         `average()` (waited for), then every bucket is packed into a snapshot and its all_reduce started.
         Later `finish_average()` adds to each tensor `mean(snapshot) - snapshot`, the averaged correction,
         so that what the tensors learned meanwhile is kept. A collective: every rank must call it. Copy
-        mode only; `comm_dtype` may be bfloat16, not float16. Extra memory: two copies of the model in
+        mode only; with an fp16 `comm_dtype` the scale is agreed in that check. Extra memory: two copies of the model in
         its wire dtype, kept for the next call."""
         refuse_overlapped_misuse(self.average_pending, "start_average")
         self._run_engine_checked(self._engine.start_delayed)

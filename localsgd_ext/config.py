@@ -140,11 +140,6 @@ class LocalSGDConfig:
                 streaming=self.merge == "streaming",
             )
         self._set(schedule=schedule, hierarchy=levels)
-        if self.sync_delay > 0 and comm_dtype == torch.float16:
-            raise ValueError(
-                "sync_delay needs comm_dtype None or torch.bfloat16 (the fp16 wire's scale is agreed per sync, and an "
-                f"overlapped sync has no second agreement to use it), got comm_dtype={comm_dtype}"
-            )
         self._check_quantized_wire_options()
         self._check_fault_tolerant_options()
 

@@ -61,11 +61,18 @@ def unpack_from(buffer: torch.Tensor, offsets: Sequence[int], divisor: float, te
 
 
 def merge_into(
-    sum: torch.Tensor, snapshot: torch.Tensor, offsets: Sequence[int], divisor: float, tensors: Sequence[torch.Tensor]
+    sum: torch.Tensor,
+    snapshot: torch.Tensor,
+    offsets: Sequence[int],
+    divisor: float,
+    tensors: Sequence[torch.Tensor],
+    scale: float = 1.0,
 ) -> None:
     """An overlapped sync's merge, in one compiled pass: each tensor `t` becomes
     `t + (sum / divisor - snapshot)`, with `sum` and `snapshot` read from its offset, computed in the
     tensor's dtype (float32 for fp16/bf16 tensors, each operand widened first) and rounded once.
+    Buffers packed with `pack_into(..., scale)` (an fp16 wire) hold every value times `scale`, which is
+    divided out: `t + (sum / (divisor * scale) - snapshot / scale)`.
 
     Args:
         sum (`torch.Tensor`):
@@ -78,8 +85,11 @@ def merge_into(
             Positive, in float32's normal range (the group size after a SUM, 1 after an AVG).
         tensors (`Sequence[torch.Tensor]`):
             Updated in place; of the buffers' dtype and device, or float32 with bfloat16/float16 buffers.
+        scale (`float`, defaults to 1):
+            What the buffers' values were multiplied by when packed; 1 unless every tensor is float32
+            with bfloat16/float16 buffers.
     """
-    torch.ops.localsgd_ext.merge_into.default(sum, snapshot, list(offsets), float(divisor), list(tensors))
+    torch.ops.localsgd_ext.merge_into.default(sum, snapshot, list(offsets), float(divisor), list(tensors), float(scale))
 
 
 def quantize_blocks(
@@ -309,12 +319,12 @@ def _check_float32_factor(op, name, value):
         )
 
 
-def _check_scale(tensors, buffer, scale):
-    _check_float32_factor("pack_into", "scale", scale)
+def _check_scale(tensors, buffer, scale, op="pack_into"):
+    _check_float32_factor(op, "scale", scale)
     for i, t in enumerate(tensors):
         if scale != 1.0 and not (t.dtype == torch.float32 and buffer.dtype in (torch.bfloat16, torch.float16)):
             raise ValueError(
-                "pack_into: scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; "
+                f"{op}: scale must be 1 unless every tensor is float32 cast to a bfloat16/float16 buffer; "
                 f"tensors[{i}] has dtype {t.dtype} and buffer {buffer.dtype}, got scale {scale}."
             )
 
@@ -346,12 +356,14 @@ def _pack_into_fake(tensors, offsets, buffer, scale=1.0):
 
 
 @torch.library.register_fake("localsgd_ext::merge_into")
-def _merge_into_fake(sum, snapshot, offsets, divisor, tensors):
+def _merge_into_fake(sum, snapshot, offsets, divisor, tensors, scale=1.0):
     _check_arguments("merge_into", tensors, offsets, sum)
     _check_arguments("merge_into", tensors, offsets, snapshot)
     if sum.dtype != snapshot.dtype:
         raise TypeError(f"merge_into: sum and snapshot must have one dtype, got {sum.dtype} and {snapshot.dtype}.")
     _check_float32_factor("merge_into", "divisor", divisor)
+    _check_scale(tensors, sum, scale, "merge_into")
+    _check_float32_factor("merge_into", "divisor * scale", divisor * scale)
     return None
 
 

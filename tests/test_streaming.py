@@ -1,6 +1,8 @@
 """Overlapped sync (sync_delay) on real gloo ranks: the merge formula, exactly, and a training run with
 averages in flight. The cadence and the argument checks are tested in-process in test_cadence.py."""
 
+import math
+
 import pytest
 import torch
 from multiprocess import run_ranks
@@ -26,13 +28,27 @@ def test_merge_adds_the_averaged_correction_to_local_progress(world_size):
                 assert torch.allclose(merged.float(), expected.float(), rtol=1e-2 if i else 1e-5, atol=1e-2 if i else 1e-5)
 
 
-@pytest.mark.parametrize("comm_dtype", ["fp32", "bfloat16"])
-def test_the_float_wires_overlapped_sync_hands_the_mean_to_an_outer_step_and_merges_its_result(comm_dtype):
-    results = run_ranks(2, "workers_streaming:delayed_merge_with_outer_step", comm_dtype, timeout=90)
+def fp16_wire_scale(values, world_size):
+    """csrc/agreement.cpp's narrow_wire_scale, written again: the power of two that brings the group's
+    largest |value| times the group size to at most 2**15."""
+    amax = max(float(t.abs().max()) for t in values)
+    return 2.0 ** (math.frexp(32768.0 / (amax * world_size))[1] - 1)
+
+
+@pytest.mark.parametrize("comm_dtype, magnitude", [("fp32", 1.0), ("bfloat16", 1.0), ("float16", 1e5), ("float16", 1e-6)])
+def test_the_float_wires_overlapped_sync_hands_the_mean_to_an_outer_step_and_merges_its_result(comm_dtype, magnitude):
+    results = run_ranks(2, "workers_streaming:delayed_merge_with_outer_step", comm_dtype, magnitude, timeout=90)
+    # fp16: the agreed power of two, 2**-5 here for values to 4e5 (which would overflow fp16) and 2**32 for
+    # values near 1e-6 (which would lose their low bits in fp16's subnormals).
+    scale = fp16_wire_scale([t for r in results for t in r["snapshots"]], 2) if comm_dtype == "float16" else 1.0
+    assert scale == {1.0: 1.0, 1e5: 2.0**-5, 1e-6: 2.0**32}[magnitude]
     for r in results:
         assert not r["pending_after"]
         for i, (progressed, snap, mean, merged) in enumerate(zip(r["progressed"], r["snapshots"], r["means"], r["merged"])):
-            wire = lambda t: t if comm_dtype == "fp32" else t.bfloat16().float()  # noqa: E731 - the wire's rounding
+
+            def wire(t):  # the wire's rounding, scaled by a power of two on the way
+                return t if comm_dtype == "fp32" else (t * scale).to(getattr(torch, comm_dtype)).float() / scale
+
             total = wire(results[0]["snapshots"][i]) + wire(results[1]["snapshots"][i])
             assert torch.equal(mean, wire(total) / 2), i  # the same bits on both ranks
             assert torch.equal(mean, results[0]["means"][i])
@@ -63,6 +79,22 @@ def test_merge_op_matches_its_formula_and_passes_opcheck():
         ops.merge_into(total, snap.bfloat16(), [0, 104], 3.0, tensors)
     with pytest.raises(ValueError, match="merge_into: divisor must be a finite positive number, got 0"):
         ops.merge_into(total, snap, [0, 104], 0.0, tensors)
+    with pytest.raises(ValueError, match="merge_into: scale must be 1 unless every tensor is float32 cast to a"):
+        ops.merge_into(total, snap, [0, 104], 3.0, tensors, scale=0.5)
+
+
+def test_merge_op_divides_an_fp16_wires_scale_out_of_both_buffers():
+    generator = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(100, generator=generator) * 1e5, torch.randn(9, 7, generator=generator).t() * 1e5]
+    scale = 2.0**-5
+    total = (torch.randn(170, generator=generator) * 1e5 * scale).half()
+    snap = (torch.randn(170, generator=generator) * 1e5 * scale).half()
+    before = [t.clone() for t in tensors]
+    ops.merge_into(total, snap, [0, 104], 3.0, tensors, scale=scale)
+    for t, b, offset in zip(tensors, before, [0, 104]):
+        view = lambda buffer: buffer[offset : offset + b.numel()].view(b.shape).float()  # noqa: E731
+        assert torch.equal(t, b + (view(total) / (3.0 * scale) - view(snap) / scale))
+    torch.library.opcheck(torch.ops.localsgd_ext.merge_into.default, (total, snap, [0, 104], 3.0, tensors, scale))
 
 
 def test_training_with_averages_in_flight_converges_and_ends_identical():
@@ -206,6 +238,8 @@ EVERY_4TH = list(range(4, 61, 4))
         (dict(wire="fp8", error_feedback=True, sync_delay=2), list(range(6, 59, 4)), 16, None),
         # Streaming DiLoCo on the float wire: every sync overlapped, merged 2 steps after it started.
         (dict(sync_delay=2, outer_optimizer="diloco"), list(range(6, 59, 4)), 16, None),
+        # The same on the fp16 wire, its scale agreed as each sync starts.
+        (dict(sync_delay=2, outer_optimizer="diloco", wire="fp16"), list(range(6, 59, 4)), 16, None),
     ],
     ids=lambda value: ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )

@@ -35,14 +35,14 @@ def delayed_merge():
     }
 
 
-def delayed_merge_with_outer_step(comm_dtype_name: str):
-    """The float wire's overlapped sync with an outer step (Streaming DiLoCo on fp32 or bf16): a stand-in
-    outer step that is easy to check halves the mean of the snapshots; each rank must then hold its own
-    progress plus `result - snapshot`."""
+def delayed_merge_with_outer_step(comm_dtype_name: str, magnitude: float = 1.0):
+    """The float wire's overlapped sync with an outer step (Streaming DiLoCo on fp32, bf16 or fp16): a
+    stand-in outer step that is easy to check halves the mean of the snapshots; each rank must then hold
+    its own progress plus `result - snapshot`. `magnitude` scales the values (past fp16's range)."""
     init_group()
     rank = dist.get_rank()
     generator = torch.Generator().manual_seed(rank)
-    tensors = [torch.randn(300, generator=generator), torch.randn(5, 7, generator=generator)]
+    tensors = [torch.randn(300, generator=generator) * magnitude, torch.randn(5, 7, generator=generator) * magnitude]
     comm_dtype = None if comm_dtype_name == "fp32" else getattr(torch, comm_dtype_name)
     averager = ParameterAverager(tensors, comm_dtype=comm_dtype)
     snapshots = snapshot(tensors)
