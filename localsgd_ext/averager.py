@@ -399,8 +399,16 @@ class ParameterAverager:
         quantized wire's exchange has a second half; every averager has the same interface.)"""
         refuse_overlapped_misuse(self.average_pending, "advance_average")
 
-    def rebase_anchor(self) -> None:
+    def rebase_anchor(self, values: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
         """Nothing to rebase: the float wire sends the tensors themselves, not their change since an anchor."""
+
+    def anchor_values(self) -> List[Optional[torch.Tensor]]:
+        """No anchor: None per tensor."""
+        return [None] * len(self._tensors)
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        """Nothing besides the tensors: the float wire keeps no state between syncs."""
+        return []
 
     @property
     def average_pending(self) -> bool:

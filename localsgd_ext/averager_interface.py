@@ -71,8 +71,18 @@ class Averager(Protocol):
         """Waits for a started average without merging it."""
         ...
 
-    def rebase_anchor(self) -> None:
-        """Takes the tensors' current values as what the next change is measured from (if anything is)."""
+    def rebase_anchor(self, values: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        """Takes the tensors' current values (or `values`, one per tensor) as what the next change is measured
+        from (if anything is)."""
+        ...
+
+    def anchor_values(self) -> List[Optional[torch.Tensor]]:
+        """What the next change is measured from, one tensor per tensor (None where nothing is)."""
+        ...
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        """What a sync changes besides the tensors (the quantized wire's anchor and residual): what a
+        fault-tolerant sync restores with them when its commit fails."""
         ...
 
     def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:

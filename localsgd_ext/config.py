@@ -160,10 +160,9 @@ class LocalSGDConfig:
         if not self.fault_tolerant:
             return
         # What a quorum's sync does not do yet: each needs state that must survive a heal or a failed commit
-        # (an average in flight, the quantized anchor and residual, the levels' groups, the flat buffers).
+        # (an average in flight, the levels' groups, the flat buffers, the buffers' own sync).
         unsupported = {
             "sync_delay": self.sync_delay != 0,
-            "wire": self.quantized,
             "hierarchy": self.hierarchy is not None,
             "zero_copy": self.zero_copy,
             "sync_buffers": self.sync_buffers,
@@ -173,7 +172,7 @@ class LocalSGDConfig:
             raise NotImplementedError(
                 f"LocalSGD with manager= (torchft) does not support {', '.join(named)} yet, got "
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in named)
-                + ": use them without a manager, or the float wires and waited syncs with one"
+                + ": use them without a manager, or waited syncs (any wire, fragments, the outer step) with one"
             )
 
     @property

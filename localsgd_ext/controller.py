@@ -61,6 +61,8 @@ class SyncController:
         self.sync_count = 0
         self.last_sync_seconds: Optional[float] = None
         self.last_step_synced = False
+        # False after a sync in a quorum whose commit failed (this rank rolled back).
+        self.last_sync_committed = True
         # One averager per fragment, over model.parameters()[fragment_starts[i]:fragment_starts[i + 1]].
         self.averagers: List[Averager] = []
         self.fragment_starts: List[int] = []
@@ -75,6 +77,9 @@ class SyncController:
         self.delayed_fragment: Optional[int] = None
         self._buffer_sync: Optional[BufferSync] = None
         self._module_tree: Optional[_C.ModuleTreeSnapshot] = None
+        # Under a quorum with a quantized wire: the anchor (one tensor per parameter) that the averagers built
+        # at the next quorum start from: the parameters on enter, or what a healthy replica sent (a heal).
+        self._anchor_to_load: Optional[List[Optional[torch.Tensor]]] = None
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -88,8 +93,11 @@ class SyncController:
         is no group yet: the averagers are built, and checked, at each quorum; the outer step's anchor is
         taken here, from the parameters as they are (torchft's init_sync makes them every replica's)."""
         if self.quorum is not None:
+            params = list(self.model.parameters())
             if self.outer is not None:
-                self.outer.take_anchor(list(self.model.parameters()))
+                self.outer.take_anchor(params)
+            if self.config.quantized:
+                self._anchor_to_load = [p.detach().clone() for p in local_tensors(params)]
             return
         if self.hierarchy is not None:
             self.hierarchy.build_groups(self.process_group)
@@ -256,7 +264,7 @@ class SyncController:
         for action in actions:
             if isinstance(action, Sync):
                 self._run_sync(action, step, whole_average)
-                self.last_step_synced = self.delayed_fragment is None
+                self.last_step_synced = self.delayed_fragment is None and self.last_sync_committed
             else:
                 self._run(action, step)
 
@@ -347,29 +355,49 @@ class SyncController:
         self.last_sync_seconds = time.perf_counter() - start
 
     def _sync_in_quorum(self, step: int, fragments: Optional[List[int]]) -> None:
-        """A waited sync in a torchft quorum: the averagers are rebuilt when the quorum's group changed, the
-        fragments are averaged and committed together (or this rank rolls back to its values before the
-        sync), and only a committed sync takes the outer step and counts."""
+        """A waited sync in a torchft quorum: the averagers are rebuilt when the quorum's group changed (a
+        quantized wire's anchor carried over, or loaded from a healthy replica in a heal), the fragments are
+        averaged and committed together (or this rank rolls back to its values and anchor before the sync),
+        and only a committed sync takes the outer step and counts."""
         assert self.quorum is not None
         start = time.perf_counter()
         if self.quorum.start():
             self.process_group = self.quorum.group
+            if self._anchor_to_load is None and self.config.quantized:
+                self._anchor_to_load = self.anchor_values()
             self.averagers = []  # rebuilt over the quorum's group
         averagers = self._averagers_or_fail_together()
+        if self._anchor_to_load is not None:
+            anchor, self._anchor_to_load = self._anchor_to_load, None
+            for averager, first in zip(averagers, self.fragment_starts):
+                averager.rebase_anchor(anchor[first : first + len(averager.params)])
         chosen = list(range(len(averagers))) if fragments is None else fragments
-        tensors = [t for f in chosen for t in local_tensors(averagers[f].params)]
+        tensors = [t for f in chosen for t in local_tensors(averagers[f].params) + averagers[f].state_tensors()]
 
         def average() -> None:
             for fragment in chosen:
                 averagers[fragment].average()
 
-        if self.quorum.run(tensors, average):
+        self.last_sync_committed = self.quorum.run(tensors, average)
+        if self.last_sync_committed:
             for fragment in chosen:
                 if self.outer is not None:
                     self.outer.apply(averagers[fragment].params, first=self.fragment_starts[fragment])
+                    averagers[fragment].rebase_anchor()
                 self.synced_at_step[fragment] = step
                 self.sync_count += 1
         self.last_sync_seconds = time.perf_counter() - start
+
+    def anchor_values(self) -> List[Optional[torch.Tensor]]:
+        """The quantized wire's anchor, one tensor per parameter (None on the float wire, or before the first
+        sync under a quorum): what a replica that heals needs to measure its next change from."""
+        if not self.averagers:
+            return list(self._anchor_to_load or [None] * len(list(self.model.parameters())))
+        return [value for averager in self.averagers for value in averager.anchor_values()]
+
+    def load_anchor(self, values: List[Optional[torch.Tensor]]) -> None:
+        """A healthy replica's `anchor_values()`, taken by the averagers at this quorum's sync."""
+        self._anchor_to_load = list(values)
 
     def _average_level(self, group_size: int) -> None:
         """One level's average, within this rank's subgroup of `group_size` ranks."""

@@ -244,11 +244,11 @@ class LocalSGD:
             group with the compiled engine, and commits (`should_commit`), or this rank goes back to its
             values before the sync and is healed from the replicas that committed at the next sync. A
             replica that restarts is healed in its first quorum from a healthy one: its model and
-            optimizer through the state the Manager was given, and this object's step count, sync count
-            and outer step (registered with the Manager on enter). Created with
+            optimizer through the state the Manager was given, and this object's step count, sync count,
+            outer step and quantized wire's anchor (registered with the Manager on enter). Created with
             `use_async_quorum=False` (`fault_tolerance.single_process_replica_manager` makes one). Works
-            with plain averaging, fragments and the outer optimizer on the float wires; not yet with
-            `sync_delay`, the quantized wires, `hierarchy`, `zero_copy` or `sync_buffers` (refused).
+            with waited syncs on every wire (error feedback included), fragments and the outer optimizer;
+            not yet with `sync_delay`, `hierarchy`, `zero_copy` or `sync_buffers` (refused).
             Accelerate's `DistributedType.NO` (one process) does not disable it.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each
@@ -473,7 +473,8 @@ class LocalSGD:
         (Accelerate's `save_state()` writes rank 0's model only). Without `sync_delay` every rank then
         holds the same parameters; with it, the step that merged a delayed average, or that completed a
         sync it waited for (warm-up, a quantized wire's first). With fragments, the ranks agree then on
-        the fragment just synced only."""
+        the fragment just synced only. With a `manager`, false at a sync whose commit failed (this replica
+        rolled back, and is healed at the next)."""
         return self.enabled and self._controller.last_step_synced
 
     def state_dict(self) -> dict:
@@ -482,14 +483,18 @@ class LocalSGD:
         the object with `accelerator.register_for_checkpointing(local_sgd)` before `load_state()`.
         Not while a delayed average (`sync_delay`) is in flight: save where `last_step_synced` is true.
         A quantized wire's anchor and residual are not saved: after a resume the loaded parameters are
-        the anchor (taken on enter), and error feedback starts from zero."""
+        the anchor (taken on enter), and error feedback starts from zero. With a `manager`, the quantized
+        wire's anchor is in it (`"wire_anchor"`): a replica that heals measures its changes from it."""
         if self._controller.delayed_fragment is not None:
             raise RuntimeError(
                 "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
                 "last_step_synced is True"
             )
         outer = None if self._controller.outer is None else self._controller.outer.state_dict()
-        return {"num_steps": self.num_steps, "sync_count": self.sync_count, "outer": outer}
+        state = {"num_steps": self.num_steps, "sync_count": self.sync_count, "outer": outer}
+        if self.manager is not None and self.config.quantized:
+            state["wire_anchor"] = self._controller.anchor_values()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores what `state_dict()` returned; call it before entering the `with` block."""
@@ -502,9 +507,9 @@ class LocalSGD:
 
     def load_state_dict_while_healing(self, state_dict: dict) -> None:
         """What the torchft Manager calls in a quorum that heals this replica (it is behind, e.g. restarted):
-        the healthy replica's step count, sync count and outer step, so that the cadence and the outer
-        optimizer carry on as theirs. Inside the `with` block, at a sync (no average is ever in flight with
-        a manager)."""
+        the healthy replica's step count, sync count, outer step and quantized wire's anchor, so that the
+        cadence, the outer optimizer and the wire carry on as theirs. Inside the `with` block, at a sync (no
+        average is ever in flight with a manager)."""
         self._load_state(state_dict)
 
     def _load_state(self, state_dict: dict) -> None:
@@ -527,3 +532,5 @@ class LocalSGD:
         self.sync_count = sync_count
         if outer is not None:
             outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
+        if state_dict.get("wire_anchor") is not None and self.manager is not None and self.config.quantized:
+            self._controller.load_anchor(state_dict["wire_anchor"])

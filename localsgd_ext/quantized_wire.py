@@ -256,17 +256,36 @@ class QuantizedAverager:
         return [(start, min(start + per_piece, length)) for start in range(0, length, per_piece)]
 
     @torch.no_grad()
-    def rebase_anchor(self) -> None:
-        """Makes the tensors' current values the anchor, locally: they must be the same bits on every rank.
-        On enter (LocalSGD checks that first, as DDP makes them), so that the first sync already sends
-        changes, with no float32 sync first; after something that changed them alike on every rank (e.g.
-        DiLoCo's outer step)."""
+    def rebase_anchor(self, values: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        """Makes the tensors' current values (or `values`, one per tensor, shaped like its local part) the
+        anchor, locally: they must be the same bits on every rank. On enter (LocalSGD checks that first, as
+        DDP makes them), so that the first sync already sends changes, with no float32 sync first; after
+        something that changed them alike on every rank (e.g. DiLoCo's outer step); with the anchor a healthy
+        replica sent (fault tolerance)."""
         if self._layout() != self._planned_layout:
             self._plan()
+        given = None if values is None else [v for v in values if v is not None]
+        if given is not None and len(given) != len(self._tensors):
+            raise ValueError(f"rebase_anchor needs a tensor for each of the {len(self._tensors)} tensors, got {values!r}")
         if self._anchored is None:
-            self._allocate_anchor()
-        else:
-            ops.pack_into(self._tensors, self.offsets, self._anchored.anchor)
+            self._allocate_anchor()  # packs the tensors
+            if given is None:
+                return
+        ops.pack_into(self._tensors if given is None else given, self.offsets, self._state().anchor)
+
+    def anchor_values(self) -> List[Optional[torch.Tensor]]:
+        """The anchor, one view per tensor shaped like its local part (None for each before the first anchor)."""
+        if self._anchored is None:
+            return [None] * len(self._tensors)
+        anchor = self._anchored.anchor
+        return [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        """The anchor and, with error feedback, the residual: what a sync changes besides the tensors."""
+        state = self._anchored
+        if state is None:
+            return []
+        return [state.anchor] + ([] if state.residual is None else [state.residual])
 
     def _quantize_window(self, start: int, end: int, keep_snapshot: bool) -> None:
         """Quantizes the change since the anchor (plus the residual, with error feedback) of the flat layout's

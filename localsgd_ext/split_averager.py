@@ -97,9 +97,19 @@ class SplitAverager:
         for _, part in self.parts:
             part.drain_pending_average()
 
-    def rebase_anchor(self) -> None:
-        for _, part in self.parts:
-            part.rebase_anchor()
+    def rebase_anchor(self, values: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        for positions, part in self.parts:
+            part.rebase_anchor(None if values is None else [values[i] for i in positions])
+
+    def anchor_values(self) -> List[Optional[torch.Tensor]]:
+        values: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        for positions, part in self.parts:
+            for position, value in zip(positions, part.anchor_values()):
+                values[position] = value
+        return values
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        return [t for _, part in self.parts for t in part.state_tensors()]
 
     def verify_ranks_agree(self, equal_values: Optional[Sequence[torch.Tensor]] = None) -> None:
         for positions, part in self.parts:

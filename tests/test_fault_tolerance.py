@@ -72,33 +72,82 @@ def test_a_crashed_replica_restarts_heals_and_ends_identical_while_the_others_ke
             assert torch.equal(a, b), "every replica ends with the same values"
 
 
-@pytest.mark.parametrize("outer", [False, True], ids=["plain", "diloco"])
-def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, outer):
-    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 6, outer, -1, 0.0, timeout=180)
+DILOCO = {"outer_optimizer": "diloco"}
+INT8 = {"wire": "int8"}
+INT8_EF_DILOCO = {"wire": "int8", "error_feedback": True, "outer_optimizer": "diloco"}
+
+
+@pytest.mark.parametrize("options", [{}, DILOCO, INT8, INT8_EF_DILOCO], ids=["plain", "diloco", "int8", "int8+ef+diloco"])
+def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, options):
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 6, options, -1, 0.0, timeout=180)
     assert r0["enabled"] and r1["enabled"], "a replica group of one process (Accelerate's NO) is not disabled"
+    outer, quantized = "outer_optimizer" in options, "wire" in options
+    anchor = r0["initial"]  # the same model on both replicas
     for a, b in zip(r0["records"], r1["records"]):
         assert a["synced"] == b["synced"] == (a["step"] % 2 == 0)
-        if a["synced"] and not outer:
-            for got0, got1, x, y in zip(a["after"], b["after"], a["before"], b["before"]):
-                assert torch.equal(got0, (x + y) / 2) and torch.equal(got1, got0)
-        if a["synced"] and outer:
-            for got0, got1 in zip(a["after"], b["after"]):
-                assert torch.equal(got0, got1)
+        if not a["synced"]:
+            continue
+        # int8 sends each replica's change since the last sync (the anchor), one scale per block of the whole
+        # (small) model, and the mean goes back re-quantized: within two steps of the largest change.
+        change = max((t - s).abs().max().item() for x, y, s in zip(a["before"], b["before"], anchor) for t in (x, y))
+        for got0, got1, x, y in zip(a["after"], b["after"], a["before"], b["before"]):
+            assert torch.equal(got1, got0), "both replicas hold the same bits after every sync"
+            if not outer and not quantized:
+                assert torch.equal(got0, (x + y) / 2)
+            if quantized and not outer:
+                assert torch.allclose(got0, (x + y) / 2, rtol=0, atol=2 * change / 127)
+        if quantized and not outer:
+            assert not all(map(torch.equal, a["after"], [(x + y) / 2 for x, y in zip(a["before"], b["before"])])), (
+                "the int8 wire's rounding shows"
+            )
+        anchor = a["after"]
     for x, y in zip(r0["final"], r1["final"]):
         assert torch.equal(x, y)
     assert r0["sync_count"] == r1["sync_count"] == (3 if outer else 4), "3 syncs, and plain averaging's exit sync"
+    if quantized:
+        for anchor, final in zip(r0["anchor"], r0["final"]):
+            assert torch.equal(anchor, final), "the wire's anchor is the last sync's result"
 
 
-def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse):
+@pytest.mark.parametrize("options", [DILOCO, INT8, INT8_EF_DILOCO], ids=["diloco", "int8", "int8+ef+diloco"])
+def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options):
     # Replica 1 crashes after step 4 and restarts from scratch: its first quorum heals it with replica 0's
-    # model (the Manager's own state) and LocalSGD's step and sync counts, then they sync together.
-    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 10, True, 4, 1.0, timeout=180)
+    # model (the Manager's own state) and LocalSGD's step and sync counts, outer step and wire anchor, then
+    # they sync together.
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 10, options, 4, 1.0, timeout=180)
     assert r1["num_steps"] == r0["num_steps"] == 10 and r1["sync_count"] == r0["sync_count"]
     for x, y in zip(r0["final"], r1["final"]):
         assert torch.equal(x, y)
     restarted = [r["step"] for r in r1["records"]]
     assert restarted[:4] == [1, 2, 3, 4] and restarted[4] == 1, "it started again from step 1"
     assert 6 in restarted, "and was healed to replica 0's step count at its first sync"
+    healed_sync = next(r for r in r1["records"][4:] if r["step"] == 6)
+    peer_sync = next(r for r in r0["records"] if r["step"] == 6)
+    for got, peer in zip(healed_sync["after"], peer_sync["after"]):
+        assert torch.equal(got, peer), "the healed replica's first sync gives the peer's result, bit for bit"
+    if "wire" in options:
+        for x, y in zip(r0["anchor"], r1["anchor"]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("options", [{}, INT8, INT8_EF_DILOCO], ids=["plain", "int8", "int8+ef+diloco"])
+def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lighthouse, options):
+    # Replica 1's sync at step 4 fails after the collective: it keeps its own values (and its wire's anchor),
+    # replica 0 commits; at step 6 replica 1 is behind, is healed from replica 0, and they sync together.
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 8, options, -1, 0.0, 4, timeout=180)
+    failed0, failed1 = r0["records"][3], r1["records"][3]
+    assert failed0["synced"] and not failed1["synced"], "replica 0 committed, replica 1 did not"
+    for got, own in zip(failed1["after"], failed1["before"]):
+        assert torch.equal(got, own), "rolled back to its values before the sync"
+    assert not all(map(torch.equal, failed0["after"], failed0["before"])), "replica 0 took the average"
+    for a, b in zip(r0["records"][5]["after"], r1["records"][5]["after"]):
+        assert torch.equal(a, b), "the next sync heals replica 1 and leaves both identical"
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    assert r1["sync_count"] == r0["sync_count"], "the healed replica took the healthy one's sync count"
+    if "wire" in options:
+        for x, y in zip(r0["anchor"], r1["anchor"]):
+            assert torch.equal(x, y)
 
 
 def test_a_third_replica_joins_mid_run_and_ends_identical():

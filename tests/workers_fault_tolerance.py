@@ -8,7 +8,7 @@ import torch
 from combination_reference import move
 from rank_setup import snapshot
 
-from localsgd_ext import ParameterAverager
+from localsgd_ext import ParameterAverager, QuantizedAverager
 from localsgd_ext.fault_tolerance import ManagedAverager, single_process_replica_manager
 
 SHAPES = [(40,), (3, 5)]
@@ -28,10 +28,17 @@ def _manager(lighthouse: str, replica: int, params):
     )
 
 
-def _average_then_fail(self):
-    """ParameterAverager.average that completes its collective, then fails on this rank."""
-    _real_average(self)
-    raise RuntimeError("injected: this rank failed after the collective")
+def _then_fail(average):
+    """An averager's `average` that completes its collective, then fails on this rank."""
+
+    def average_then_fail(self):
+        average(self)
+        raise RuntimeError("injected: this rank failed after the collective")
+
+    return average_then_fail
+
+
+_average_then_fail = _then_fail(ParameterAverager.average)
 
 
 _real_average = ParameterAverager.average
@@ -117,9 +124,12 @@ def replica_until_step(
     return record
 
 
-def local_sgd_replica(lighthouse: str, steps: int, outer: bool, crash_at_step: int, down_seconds: float):
-    """LocalSGD(manager=...) on a replica group of one process (no torch.distributed group: Accelerate's
-    NO), plain SGD on this replica's own data, K = 2. With `crash_at_step` >= 0, replica 1 crashes after
+def local_sgd_replica(
+    lighthouse: str, steps: int, options: dict, crash_at_step: int, down_seconds: float, fail_at_step: int = -1
+):
+    """LocalSGD(manager=..., **options) on a replica group of one process (no torch.distributed group:
+    Accelerate's NO), plain SGD on this replica's own data, K = 2. At `fail_at_step`, replica 1's sync
+    fails on this rank right after its collective. With `crash_at_step` >= 0, replica 1 crashes after
     that step: its Manager stops and its model, optimizer and LocalSGD are lost; `down_seconds` later it
     starts again from a fresh model under the same replica id and goes on until it reaches `steps`.
     Each step's parameters before and after `step()`, whether it synced, and the final counts."""
@@ -128,12 +138,12 @@ def local_sgd_replica(lighthouse: str, steps: int, outer: bool, crash_at_step: i
     # Each replica group is its own one-process job (the harness gets its variables back for the result).
     saved = {name: os.environ.pop(name) for name in launch if name in os.environ}
     try:
-        return _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_seconds)
+        return _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step)
     finally:
         os.environ.update(saved)
 
 
-def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_seconds):
+def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step):
     import time
 
     from accelerate import Accelerator
@@ -147,12 +157,11 @@ def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_se
         model = torch.nn.Linear(6, 3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         manager = _manager(lighthouse, replica, list(model.parameters()))
-        local_sgd = LocalSGD(
-            accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager, outer_optimizer="diloco" if outer else None
-        )
+        local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager, **options)
         return model, optimizer, manager, local_sgd
 
     model, optimizer, manager, local_sgd = fresh()
+    initial = snapshot(model.parameters())
     generator = torch.Generator().manual_seed(replica)
     records, crashed = [], False
     local_sgd.__enter__()
@@ -162,7 +171,15 @@ def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_se
         optimizer.step()
         optimizer.zero_grad()
         before = snapshot(model.parameters())
-        local_sgd.step()
+        failing = replica == 1 and local_sgd.num_steps + 1 == fail_at_step
+        averager_class = QuantizedAverager if "wire" in options else ParameterAverager
+        real_average = averager_class.average
+        if failing:
+            averager_class.average = _then_fail(real_average)
+        try:
+            local_sgd.step()
+        finally:
+            averager_class.average = real_average
         records.append(
             {
                 "step": local_sgd.num_steps,
@@ -179,11 +196,13 @@ def _local_sgd_replica(replica, lighthouse, steps, outer, crash_at_step, down_se
             local_sgd.__enter__()
     local_sgd.__exit__(None, None, None)
     result = {
+        "initial": initial,
         "records": records,
         "final": snapshot(model.parameters()),
         "num_steps": local_sgd.num_steps,
         "sync_count": local_sgd.sync_count,
         "enabled": local_sgd.enabled,
+        "anchor": local_sgd.state_dict().get("wire_anchor"),
     }
     manager.shutdown(wait=False)
     return result
