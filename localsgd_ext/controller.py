@@ -5,25 +5,25 @@ fragment and one per level below the world, and owns what happens around an aver
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import _C
-from .averager import ParameterAverager
+from .averager import ParameterAverager, _lost_rank_errors
 from .averager_interface import Averager
 from .buffers import BufferSync
 from .config import LocalSGDConfig
-from .consistency import fail_together, world_group
+from .consistency import confirm_across_world, confirm_settings_agree, fail_together, world_group
 from .diloco import OuterStep
 from .fault_tolerance import Quorum
 from .fragments import fragment_bounds
 from .hierarchy import Hierarchy
-from .options import AveragingOptions
+from .options import AveragingOptions, check_int_at_least
 from .quantized_wire import QuantizedAverager
 from .schedule import Action, Advance, EndWarmUp, LevelAverage, Merge, Sync
-from .sharded import local_tensors
+from .sharded import is_sharded, local_tensors
 from .split_averager import SplitAverager, layout_digest, split_by_codec
 
 __all__ = ["SyncController"]
@@ -88,10 +88,31 @@ class SyncController:
     # --- Before training -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """On enter, on every rank: the levels' subgroups (a collective), the averagers, and the checks
-        that refuse bad parameters and ranks whose models differ before any training. Under a quorum there
-        is no group yet: the averagers are built, and checked, at each quorum; the outer step's anchor is
-        taken here, from the parameters as they are (torchft's init_sync makes them every replica's)."""
+        """On enter, on every rank: first the settings' agreement (a rank configured differently, e.g. with a
+        hierarchy on one rank only, would otherwise wait alone inside new_group, or send mismatched
+        messages), then `_prepare_averagers()`; a refusal there reaches every rank of a sharded model (FSDP
+        ties each replica's ranks together, so the other replicas' ranks are waiting too). Under a quorum
+        there is no group yet: each sync's averagers check the settings over it."""
+        if self.quorum is not None:
+            self._prepare_averagers()
+            return
+        with _lost_rank_errors(self.group):
+            confirm_settings_agree(self.group, self.config.settings_to_agree_on(), "created or averaged")
+        outcome = None
+        try:
+            self._prepare_averagers()
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it; re-raised below
+            outcome = error
+        if self.process_group is not None and is_sharded(list(self.model.parameters())):
+            confirm_across_world(self.process_group, outcome)
+        elif outcome is not None:
+            raise outcome
+
+    def _prepare_averagers(self) -> None:
+        """The levels' subgroups (a collective), the averagers, and the checks that refuse bad parameters and
+        ranks whose models differ before any training. Under a quorum the averagers are built, and checked,
+        at each quorum; the anchors (the outer step's, the quantized wire's) are taken here, from the
+        parameters as they are (every replica starts from the same model)."""
         if self.quorum is not None:
             params = list(self.model.parameters())
             if self.outer is not None:
@@ -388,16 +409,49 @@ class SyncController:
                 self.sync_count += 1
         self.last_sync_seconds = time.perf_counter() - start
 
+    # --- State ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The sync count and the outer step's state (None without one); under a quorum with a quantized wire,
+        the wire's anchor too (what a replica that heals measures its changes from)."""
+        if self.delayed_fragment is not None:
+            raise RuntimeError(
+                "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
+                "last_step_synced is True"
+            )
+        state: Dict[str, Any] = {
+            "sync_count": self.sync_count,
+            "outer": None if self.outer is None else self.outer.state_dict(),
+        }
+        if self.quorum is not None and self.config.quantized:
+            state["wire_anchor"] = self.anchor_values()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restores what `state_dict()` returned (checked first: nothing changes when it is refused)."""
+        missing = {"sync_count", "outer"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
+        sync_count = check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
+        if (state_dict["outer"] is None) != (self.outer is None):
+            raise ValueError(
+                "state_dict was saved with outer_optimizer "
+                + ("set" if state_dict["outer"] is not None else "None")
+                + ", but this LocalSGD has outer_optimizer "
+                + ("None" if self.outer is None else "set")
+            )
+        self.sync_count = sync_count
+        if self.outer is not None:
+            self.outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
+        if state_dict.get("wire_anchor") is not None and self.quorum is not None and self.config.quantized:
+            self._anchor_to_load = list(state_dict["wire_anchor"])
+
     def anchor_values(self) -> List[Optional[torch.Tensor]]:
         """The quantized wire's anchor, one tensor per parameter (None on the float wire, or before the first
         sync under a quorum): what a replica that heals needs to measure its next change from."""
         if not self.averagers:
             return list(self._anchor_to_load or [None] * len(list(self.model.parameters())))
         return [value for averager in self.averagers for value in averager.anchor_values()]
-
-    def load_anchor(self, values: List[Optional[torch.Tensor]]) -> None:
-        """A healthy replica's `anchor_values()`, taken by the averagers at this quorum's sync."""
-        self._anchor_to_load = list(values)
 
     def _average_level(self, group_size: int) -> None:
         """One level's average, within this rank's subgroup of `group_size` ranks."""

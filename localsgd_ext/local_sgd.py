@@ -10,15 +10,13 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 
-from .averager import _lost_rank_errors
 from .config import LocalSGDConfig, check_local_sgd_steps
-from .consistency import confirm_across_world, confirm_settings_agree
 from .controller import SyncController
 from .fault_tolerance import Quorum
 from .options import check_int_at_least
 from .quantized_wire import DEFAULT_BLOCK_SIZE
 from .schedule import EndWarmUp
-from .sharded import REPLICATE_DIM_NAMES, is_sharded, replica_group_from_mesh
+from .sharded import REPLICATE_DIM_NAMES, replica_group_from_mesh
 
 __all__ = ["LocalSGD"]
 
@@ -84,6 +82,31 @@ def _accelerate_replicate_mesh(accelerator):
     if not any(name in names and mesh[name].size() > 1 for name in REPLICATE_DIM_NAMES):
         return None
     return mesh
+
+
+def _replica_group(accelerator, manager, process_group, device_mesh, mesh_dim, enabled) -> Optional[dist.ProcessGroup]:
+    """The group LocalSGD averages over: the one given (or cut from a device mesh, Accelerate's FSDP2 mesh by
+    default); None for the world, or under a torchft manager (its quorum's group, formed at each sync)."""
+    if manager is not None:
+        if process_group is not None or device_mesh is not None:
+            raise ValueError(
+                "manager= averages over its quorum's process group: pass no process_group or device_mesh, got "
+                f"process_group={process_group!r}, device_mesh={device_mesh!r}"
+            )
+        return None
+    if device_mesh is not None and process_group is not None:
+        raise ValueError(
+            f"pass process_group or device_mesh, not both: got process_group={process_group!r}, device_mesh={device_mesh!r}"
+        )
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+    if mesh_dim is not None and device_mesh is None:
+        raise ValueError(f"mesh_dim needs device_mesh, got mesh_dim={mesh_dim!r} with device_mesh=None")
+    if device_mesh is None and process_group is None and enabled:
+        device_mesh = _accelerate_replicate_mesh(accelerator)
+    if device_mesh is not None:
+        process_group = replica_group_from_mesh(device_mesh, mesh_dim)
+    return process_group
 
 
 def _gradient_sync_off(model, fault_tolerant: bool):
@@ -338,17 +361,8 @@ class LocalSGD:
             warmup_by_averaging=not hasattr(model, "no_sync"),
         )
         self.manager = manager
-        quorum = None
-        if manager is not None:
-            if process_group is not None or device_mesh is not None:
-                raise ValueError(
-                    "manager= averages over its quorum's process group: pass no process_group or device_mesh, got "
-                    f"process_group={process_group!r}, device_mesh={device_mesh!r}"
-                )
-            quorum = Quorum(manager)
-            self.process_group = None
-        else:
-            self.process_group = self._replica_group(process_group, device_mesh, mesh_dim)
+        self.process_group = _replica_group(accelerator, manager, process_group, device_mesh, mesh_dim, self.enabled)
+        quorum = None if manager is None else Quorum(manager)
         self._controller = SyncController(model, self.config, self.process_group, quorum)
         self._state_registered = False
         self._entered = False
@@ -379,50 +393,18 @@ class LocalSGD:
         lambda self, value: setattr(self._controller, "last_sync_seconds", value),
     )
 
-    def _replica_group(self, process_group, device_mesh, mesh_dim) -> Optional[dist.ProcessGroup]:
-        if device_mesh is not None and process_group is not None:
-            raise ValueError(
-                f"pass process_group or device_mesh, not both: got process_group={process_group!r}, device_mesh={device_mesh!r}"
-            )
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
-        if mesh_dim is not None and device_mesh is None:
-            raise ValueError(f"mesh_dim needs device_mesh, got mesh_dim={mesh_dim!r} with device_mesh=None")
-        if device_mesh is None and process_group is None and self.enabled:
-            device_mesh = _accelerate_replicate_mesh(self.accelerator)
-        if device_mesh is not None:
-            process_group = replica_group_from_mesh(device_mesh, mesh_dim)
-        return process_group
-
     def __enter__(self):
         if self._entered:
             raise RuntimeError(
                 "this LocalSGD is already inside its `with` block: nesting it would sync twice and switch "
                 "gradient sync back on at the inner exit. Enter each LocalSGD object once at a time."
             )
-        if self.enabled and self.manager is not None:
-            # No group before the first quorum: each sync's averagers check the settings over it.
+        if self.enabled:
             self._controller.prepare()
-            if not self._state_registered:
-                # A replica that rejoins is healed with the step count, the sync count and the outer step.
-                self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
-                self._state_registered = True
-        elif self.enabled:
-            # Before any other collective: a rank configured differently (e.g. hierarchy on one rank only)
-            # would otherwise wait alone inside new_group, or send mismatched messages.
-            group = self._controller.group
-            with _lost_rank_errors(group):
-                confirm_settings_agree(group, self.config.settings_to_agree_on(), "created or averaged")
-            outcome = None
-            try:
-                self._controller.prepare()
-            except Exception as error:  # noqa: BLE001 - every rank must hear of it; re-raised below
-                outcome = error
-            if self.process_group is not None and is_sharded(list(self.model.parameters())):
-                # Every rank of a sharded model is here (FSDP ties each replica's ranks together).
-                confirm_across_world(self.process_group, outcome)
-            elif outcome is not None:
-                raise outcome
+        if self.enabled and self.manager is not None and not self._state_registered:
+            # A replica that rejoins is healed with the step count, the sync count, the outer step and the anchor.
+            self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
+            self._state_registered = True
         if self.enabled:
             self.model_sync_obj = _gradient_sync_off(self.model, self.manager is not None)
             self._gradient_sync_is_off = False
@@ -485,16 +467,7 @@ class LocalSGD:
         A quantized wire's anchor and residual are not saved: after a resume the loaded parameters are
         the anchor (taken on enter), and error feedback starts from zero. With a `manager`, the quantized
         wire's anchor is in it (`"wire_anchor"`): a replica that heals measures its changes from it."""
-        if self._controller.delayed_fragment is not None:
-            raise RuntimeError(
-                "state_dict() while a delayed average (sync_delay) is in flight would lose it; save at a step where "
-                "last_step_synced is True"
-            )
-        outer = None if self._controller.outer is None else self._controller.outer.state_dict()
-        state = {"num_steps": self.num_steps, "sync_count": self.sync_count, "outer": outer}
-        if self.manager is not None and self.config.quantized:
-            state["wire_anchor"] = self._controller.anchor_values()
-        return state
+        return {"num_steps": self.num_steps, **self._controller.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores what `state_dict()` returned; call it before entering the `with` block."""
@@ -515,22 +488,8 @@ class LocalSGD:
     def _load_state(self, state_dict: dict) -> None:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from LocalSGD.state_dict(), got {type(state_dict).__name__}")
-        missing = {"num_steps", "sync_count", "outer"} - set(state_dict)
-        if missing:
-            raise ValueError(f"state_dict is missing {sorted(missing)}; it must come from LocalSGD.state_dict()")
+        if "num_steps" not in state_dict:
+            raise ValueError("state_dict is missing ['num_steps']; it must come from LocalSGD.state_dict()")
         num_steps = check_int_at_least("state_dict['num_steps']", state_dict["num_steps"], 0)
-        sync_count = check_int_at_least("state_dict['sync_count']", state_dict["sync_count"], 0)
-        outer = self._controller.outer
-        if (state_dict["outer"] is None) != (outer is None):
-            raise ValueError(
-                "state_dict was saved with outer_optimizer "
-                + ("set" if state_dict["outer"] is not None else "None")
-                + ", but this LocalSGD has outer_optimizer "
-                + ("None" if outer is None else "set")
-            )
+        self._controller.load_state_dict(state_dict)
         self.num_steps = num_steps
-        self.sync_count = sync_count
-        if outer is not None:
-            outer.load_state_dict(state_dict["outer"], list(self.model.parameters()))
-        if state_dict.get("wire_anchor") is not None and self.manager is not None and self.config.quantized:
-            self._controller.load_anchor(state_dict["wire_anchor"])

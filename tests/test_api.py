@@ -297,13 +297,20 @@ def test_freed_storage_is_refused_instead_of_read():
             r"state_dict\['sync_count'\] must be an int >= 0, got -1",
         ),
         ([("num_steps", 3)], TypeError, "state_dict must be a dict from LocalSGD.state_dict"),
+        ({"num_steps": 3}, ValueError, r"state_dict is missing \['outer', 'sync_count'\]; it must come from"),
+        ({"sync_count": 3, "outer": None}, ValueError, r"state_dict is missing \['num_steps'\]"),
+        (
+            {"num_steps": 3, "sync_count": 1, "outer": {"anchor": []}},
+            ValueError,
+            "state_dict was saved with outer_optimizer set, but this LocalSGD has outer_optimizer None",
+        ),
     ],
 )
 def test_load_state_dict_names_bad_entries(single_process_accelerator, state, exception, message):
     local_sgd = LocalSGD(accelerator=single_process_accelerator, model=torch.nn.Linear(2, 2), local_sgd_steps=4)
     with pytest.raises(exception, match=message):
         local_sgd.load_state_dict(state)
-    assert local_sgd.num_steps == 0
+    assert local_sgd.num_steps == 0 and local_sgd.sync_count == 0, "nothing changes when a state is refused"
 
 
 def test_nesting_one_local_sgd_is_refused(single_process_accelerator):

@@ -11,7 +11,6 @@ import torch
 from accelerate import DistributedType
 
 import localsgd_ext.controller as controller_module
-import localsgd_ext.local_sgd as local_sgd_module
 from localsgd_ext import AveragingOptions, LocalSGD, ParameterAverager
 from localsgd_ext.fragments import fragment_bounds
 
@@ -70,7 +69,7 @@ def fake_averager(monkeypatch):
     # The settings' agreement on enter is a collective (tested on real ranks): here it records what it got.
     record.agreed_settings = []
     monkeypatch.setattr(
-        local_sgd_module, "confirm_settings_agree", lambda group, settings, what: record.agreed_settings.append(dict(settings))
+        controller_module, "confirm_settings_agree", lambda group, settings, what: record.agreed_settings.append(dict(settings))
     )
     return record
 
