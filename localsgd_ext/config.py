@@ -160,9 +160,8 @@ class LocalSGDConfig:
         if not self.fault_tolerant:
             return
         # What a quorum's sync does not do yet: each needs state that must survive a heal or a failed commit
-        # (an average in flight, the levels' groups, the flat buffers, the buffers' own sync).
+        # (the levels' groups, the flat buffers, the buffers' own sync).
         unsupported = {
-            "sync_delay": self.sync_delay != 0,
             "hierarchy": self.hierarchy is not None,
             "zero_copy": self.zero_copy,
             "sync_buffers": self.sync_buffers,

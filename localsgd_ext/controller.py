@@ -17,7 +17,7 @@ from .buffers import BufferSync
 from .config import LocalSGDConfig
 from .consistency import confirm_across_world, confirm_settings_agree, fail_together, world_group
 from .diloco import OuterStep
-from .fault_tolerance import Quorum
+from .fault_tolerance import Commit, Quorum
 from .fragments import fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions, check_int_at_least
@@ -80,6 +80,8 @@ class SyncController:
         # Under a quorum with a quantized wire: the anchor (one tensor per parameter) that the averagers built
         # at the next quorum start from: the parameters on enter, or what a healthy replica sent (a heal).
         self._anchor_to_load: Optional[List[Optional[torch.Tensor]]] = None
+        # Under a quorum: the commit of the overlapped sync in flight, decided at its merge.
+        self._pending_commit: Optional[Commit] = None
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -314,11 +316,16 @@ class SyncController:
         if isinstance(action, Merge):
             if self.delayed_fragment is not None:
                 self._finish_delayed_sync(step)
-                self.last_step_synced = True
+                self.last_step_synced = self.last_sync_committed
         elif isinstance(action, Advance):
             # A quantized wire's second half (its all_gather) goes on the wire midway, at the same step everywhere.
             if self.delayed_fragment is not None:
-                self.averagers[self.delayed_fragment].advance_average()
+                try:
+                    self.averagers[self.delayed_fragment].advance_average()
+                except Exception as error:
+                    if self._pending_commit is None:
+                        raise
+                    self._pending_commit.fail(error)  # in a quorum: voted down at the merge
         elif isinstance(action, LevelAverage):
             self._average_level(action.group_size)
         elif isinstance(action, EndWarmUp):
@@ -344,6 +351,10 @@ class SyncController:
     def sync(self, step: int, fragments: Optional[List[int]] = None, delayed: bool = False, merge_now: bool = False) -> None:
         """Syncs the fragments listed (all by default), each waited for or, with `delayed`, started (and
         with `merge_now` merged at once, by the configured merge)."""
+        if self.quorum is not None and delayed:
+            assert fragments is not None and len(fragments) == 1, "one delayed sync at a time"
+            self._start_in_quorum(step, fragments[0], merge_now)
+            return
         if self.quorum is not None:
             self._sync_in_quorum(step, fragments)
             return
@@ -375,13 +386,11 @@ class SyncController:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start
 
-    def _sync_in_quorum(self, step: int, fragments: Optional[List[int]]) -> None:
-        """A waited sync in a torchft quorum: the averagers are rebuilt when the quorum's group changed (a
-        quantized wire's anchor carried over, or loaded from a healthy replica in a heal), the fragments are
-        averaged and committed together (or this rank rolls back to its values and anchor before the sync),
-        and only a committed sync takes the outer step and counts."""
+    def _enter_quorum(self) -> List[Averager]:
+        """Forms this sync's quorum (a replica that is behind is healed in it) and returns the averagers over
+        its group: rebuilt when the group changed, with the quantized wire's anchor carried over, or loaded
+        from the replica that healed this one."""
         assert self.quorum is not None
-        start = time.perf_counter()
         if self.quorum.start():
             self.process_group = self.quorum.group
             if self._anchor_to_load is None and self.config.quantized:
@@ -392,6 +401,14 @@ class SyncController:
             anchor, self._anchor_to_load = self._anchor_to_load, None
             for averager, first in zip(averagers, self.fragment_starts):
                 averager.rebase_anchor(anchor[first : first + len(averager.params)])
+        return averagers
+
+    def _sync_in_quorum(self, step: int, fragments: Optional[List[int]]) -> None:
+        """A waited sync in a torchft quorum: the fragments are averaged and committed together, and only a
+        committed sync takes the outer step and counts (`_conclude_in_quorum`)."""
+        start = time.perf_counter()
+        averagers = self._enter_quorum()
+        assert self.quorum is not None
         chosen = list(range(len(averagers))) if fragments is None else fragments
         tensors = [t for f in chosen for t in local_tensors(averagers[f].params) + averagers[f].state_tensors()]
 
@@ -399,15 +416,82 @@ class SyncController:
             for fragment in chosen:
                 averagers[fragment].average()
 
-        self.last_sync_committed = self.quorum.run(tensors, average)
-        if self.last_sync_committed:
-            for fragment in chosen:
-                if self.outer is not None:
-                    self.outer.apply(averagers[fragment].params, first=self.fragment_starts[fragment])
-                    averagers[fragment].rebase_anchor()
-                self.synced_at_step[fragment] = step
-                self.sync_count += 1
+        committed = self.quorum.run(tensors, average)
+        for fragment in chosen:
+            self._conclude_in_quorum(step, fragment, committed, merged=False)
         self.last_sync_seconds = time.perf_counter() - start
+
+    def _conclude_in_quorum(self, step: int, fragment: int, committed: bool, merged: bool) -> None:
+        """After a quorum's commit: a committed fragment takes the outer step (unless the merge did) and
+        counts (a merge that kept local progress leaves the ranks different: not a sync of the fragment's
+        values for the exit to skip). One that was not is back at its values before the sync (as torchft's
+        LocalSGD keeps them), and with an outer step goes back to its anchor, the last committed outer step's
+        result, as torchft's DiLoCo does. Either way a replica that did not commit is behind the ones that
+        did, and is healed from them at the next quorum."""
+        self.last_sync_committed = committed
+        averager, first = self.averagers[fragment], self.fragment_starts[fragment]
+        if committed:
+            if self.outer is not None and not merged:
+                self.outer.apply(averager.params, first=first)
+                averager.rebase_anchor()
+            if not merged or self.config.streaming_alpha == 0.0:
+                self.synced_at_step[fragment] = step
+            self.sync_count += 1
+        elif self.outer is not None:
+            anchors = local_tensors(self.outer.anchor_slice(first, len(averager.params)))
+            with torch.no_grad():
+                for param, outer_anchor in zip(local_tensors(averager.params), anchors):
+                    param.copy_(outer_anchor)
+
+    def _start_in_quorum(self, step: int, fragment: int, merge_now: bool) -> None:
+        """An overlapped sync in a torchft quorum: the quorum is formed and the average started now; its
+        commit is decided when it is merged (`_finish_delayed_in_quorum`). A start that fails is reported
+        and voted down at once: nothing was sent, nothing changes."""
+        start = time.perf_counter()
+        averager = self._enter_quorum()[fragment]
+        assert self.quorum is not None
+        commit = self.quorum.commit()
+        try:
+            averager.start_average()
+        except Exception as error:  # noqa: BLE001 - a failed sync is reported, and this replica votes no
+            commit.fail(error)
+            averager.drain_pending_average()
+            self.last_sync_committed = commit()
+            return
+        self._pending_commit = commit
+        self.delayed_fragment = fragment
+        self.last_sync_seconds = time.perf_counter() - start
+        if merge_now:
+            self._finish_delayed_sync(step)
+
+    def _finish_delayed_in_quorum(self, step: int, fragment: int, averager: Averager) -> None:
+        """The merge of an overlapped sync started in a quorum, committed as torchft's Streaming DiLoCo does:
+        the average is waited for, then `should_commit()`, and only if it is yes the outer step; a sync not
+        committed leaves this rank as it was before the merge (its local steps kept), or with an outer step
+        at its anchor."""
+        commit, self._pending_commit = self._pending_commit, None
+        assert commit is not None
+        outer, first = self.outer, self.fragment_starts[fragment]
+        tensors = local_tensors(averager.params) + averager.state_tensors()
+        before = [t.detach().clone() for t in tensors]
+
+        def commit_then_outer_step(means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None:
+            if commit() and outer is not None:
+                outer.apply(means, first, positions)
+
+        try:
+            averager.finish_average(outer_step=commit_then_outer_step, fragment_update_alpha=self.config.streaming_alpha)
+        except Exception as error:  # noqa: BLE001 - a failed sync is reported, and this replica votes no
+            if commit.decision is not None:
+                raise  # after the vote: this rank's own failure, not a lost replica
+            commit.fail(error)
+            averager.drain_pending_average()
+        committed = commit()
+        if not committed:
+            with torch.no_grad():
+                for tensor, value in zip(tensors, before):
+                    tensor.copy_(value)
+        self._conclude_in_quorum(step, fragment, committed, merged=True)
 
     # --- State ---------------------------------------------------------------------------------------------
 
@@ -492,6 +576,9 @@ class SyncController:
             return
         averager = self.averagers[fragment]
         self._check_delayed_params_still_the_models(averager)
+        if self.quorum is not None:
+            self._finish_delayed_in_quorum(step, fragment, averager)
+            return
         outer = self.outer
         if outer is not None:
             # The outer step runs on the mean of the snapshots; local progress since is kept on top of it.

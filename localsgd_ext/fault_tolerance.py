@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .averager import ParameterAverager
 from .sharded import local_tensors
 
-__all__ = ["ManagedAverager", "Quorum", "single_process_replica_manager"]
+__all__ = ["Commit", "ManagedAverager", "Quorum", "single_process_replica_manager"]
 
 
 class Quorum:
@@ -48,6 +48,10 @@ class Quorum:
         self.group = group
         return changed
 
+    def commit(self) -> "Commit":
+        """This quorum's commit, to be decided once the average it started has completed."""
+        return Commit(self.manager)
+
     def run(self, tensors: List[torch.Tensor], average: Callable[[], None]) -> bool:
         """`average()` (in place, over `tensors`), then the commit, which torchft decides per replica group
         (every rank of this group must report success). Committed: the tensors hold the average. Not (a peer
@@ -56,18 +60,41 @@ class Quorum:
         and this one is healed from them at the next quorum. The Manager may load a healthy replica's state into
         them while it commits: the average is kept aside and written back."""
         before = [t.detach().clone() for t in tensors]
+        commit = self.commit()
+        result: Optional[List[torch.Tensor]] = None
         try:
             average()
-            result: Optional[List[torch.Tensor]] = [t.detach().clone() for t in tensors]
+            result = [t.detach().clone() for t in tensors]
         except Exception as error:  # noqa: BLE001 - a failed average is reported, and the commit fails
-            self.manager.report_error(error)
-            result = None
-        committed = bool(self.manager.should_commit()) and result is not None
+            commit.fail(error)
+        committed = commit() and result is not None
         kept = result if committed and result is not None else before
         with torch.no_grad():
             for tensor, values in zip(tensors, kept):
                 tensor.copy_(values)
         return committed
+
+
+class Commit:
+    """torchft's two-phase commit of one quorum's sync, decided once (`should_commit()` at the first call):
+    an overlapped sync started in the quorum asks it when its average has arrived, steps later. An error
+    reported before (`fail`) makes this replica's vote a no."""
+
+    def __init__(self, manager: Any):
+        self.manager = manager
+        self.failed = False
+        self.decision: Optional[bool] = None
+
+    def fail(self, error: BaseException) -> None:
+        """Reports `error` to the Manager (before the decision; a later one is this rank's to raise)."""
+        if self.decision is None:
+            self.manager.report_error(error)
+            self.failed = True
+
+    def __call__(self) -> bool:
+        if self.decision is None:
+            self.decision = bool(self.manager.should_commit()) and not self.failed
+        return self.decision
 
 
 class ManagedAverager:

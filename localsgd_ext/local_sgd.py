@@ -265,13 +265,15 @@ class LocalSGD:
             localsgd_ext[ft]`): each process (a replica group of one) is one torchft replica; every sync
             runs in a quorum of the replicas alive now (`start_quorum`), averages over the quorum's process
             group with the compiled engine, and commits (`should_commit`), or this rank goes back to its
-            values before the sync and is healed from the replicas that committed at the next sync. A
+            values before the sync (with an outer optimizer, to its anchor, as torchft's DiLoCo) and is
+            healed from the replicas that committed at the next sync. A
             replica that restarts is healed in its first quorum from a healthy one: its model and
             optimizer through the state the Manager was given, and this object's step count, sync count,
             outer step and quantized wire's anchor (registered with the Manager on enter). Created with
             `use_async_quorum=False` (`fault_tolerance.single_process_replica_manager` makes one). Works
-            with waited syncs on every wire (error feedback included), fragments and the outer optimizer;
-            not yet with `sync_delay`, `hierarchy`, `zero_copy` or `sync_buffers` (refused).
+            with every wire (error feedback included), fragments, the outer optimizer and `sync_delay`
+            (the quorum formed when a sync starts, its commit decided when it is merged, as torchft's
+            Streaming DiLoCo does); not yet with `hierarchy`, `zero_copy` or `sync_buffers` (refused).
             Accelerate's `DistributedType.NO` (one process) does not disable it.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each

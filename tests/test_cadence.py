@@ -247,18 +247,17 @@ def test_sync_delay_refuses_what_it_cannot_do(fake_averager, kwargs, exception, 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(sync_delay=1), dict(hierarchy={2: 2}), dict(zero_copy=True), dict(sync_buffers=True)],
+    [dict(hierarchy={2: 2}), dict(zero_copy=True), dict(sync_buffers=True)],
     ids=lambda kwargs: next(iter(kwargs)),
 )
-def test_a_manager_refuses_what_its_quorum_cannot_carry_yet_and_takes_every_wire(fake_averager, kwargs):
+def test_a_manager_refuses_what_its_quorum_cannot_carry_yet_and_takes_every_wire_and_delay(fake_averager, kwargs):
     manager = types.SimpleNamespace(_use_async_quorum=False)
     name = next(iter(kwargs))
     with pytest.raises(NotImplementedError, match=f"LocalSGD with manager= \\(torchft\\) does not support {name} yet"):
         local_sgd_over(fake_averager, local_sgd_steps=4, manager=manager, **kwargs)
     for wire in ("fp32", "bf16", "fp16", "int8", "fp8", "int4"):
-        local_sgd_over(
-            fake_averager, local_sgd_steps=4, manager=manager, wire=wire, error_feedback=wire.startswith(("int", "fp8"))
-        )
+        quantized = wire.startswith(("int", "fp8"))
+        local_sgd_over(fake_averager, local_sgd_steps=4, manager=manager, wire=wire, error_feedback=quantized, sync_delay=1)
 
 
 class FourLayerModel(NoSyncModel):

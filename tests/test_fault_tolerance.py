@@ -109,7 +109,11 @@ def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, o
             assert torch.equal(anchor, final), "the wire's anchor is the last sync's result"
 
 
-@pytest.mark.parametrize("options", [DILOCO, INT8, INT8_EF_DILOCO], ids=["diloco", "int8", "int8+ef+diloco"])
+@pytest.mark.parametrize(
+    "options",
+    [DILOCO, INT8, INT8_EF_DILOCO, {"sync_delay": 1, **INT8_EF_DILOCO}],
+    ids=["diloco", "int8", "int8+ef+diloco", "sync_delay+int8+ef+diloco"],
+)
 def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options):
     # Replica 1 crashes after step 4 and restarts from scratch: its first quorum heals it with replica 0's
     # model (the Manager's own state) and LocalSGD's step and sync counts, outer step and wire anchor, then
@@ -132,13 +136,16 @@ def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options)
 
 @pytest.mark.parametrize("options", [{}, INT8, INT8_EF_DILOCO], ids=["plain", "int8", "int8+ef+diloco"])
 def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lighthouse, options):
-    # Replica 1's sync at step 4 fails after the collective: it keeps its own values (and its wire's anchor),
-    # replica 0 commits; at step 6 replica 1 is behind, is healed from replica 0, and they sync together.
+    # Replica 1's sync at step 4 fails after the collective: it rolls back (its wire's anchor too), replica 0
+    # commits; at step 6 replica 1 is behind, is healed from replica 0, and they sync together.
     r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 8, options, -1, 0.0, 4, timeout=180)
     failed0, failed1 = r0["records"][3], r1["records"][3]
     assert failed0["synced"] and not failed1["synced"], "replica 0 committed, replica 1 did not"
-    for got, own in zip(failed1["after"], failed1["before"]):
-        assert torch.equal(got, own), "rolled back to its values before the sync"
+    # Plain averaging keeps the local steps (as torchft's LocalSGD); the outer step goes back to its anchor,
+    # the result of the last committed sync at step 2 (as torchft's DiLoCo).
+    rolled_back_to = r1["records"][1]["after"] if "outer_optimizer" in options else failed1["before"]
+    for got, expected in zip(failed1["after"], rolled_back_to):
+        assert torch.equal(got, expected), "rolled back"
     assert not all(map(torch.equal, failed0["after"], failed0["before"])), "replica 0 took the average"
     for a, b in zip(r0["records"][5]["after"], r1["records"][5]["after"]):
         assert torch.equal(a, b), "the next sync heals replica 1 and leaves both identical"
@@ -148,6 +155,61 @@ def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lightho
     if "wire" in options:
         for x, y in zip(r0["anchor"], r1["anchor"]):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"sync_delay": 1}, {"sync_delay": 1, "wire": "int8", "outer_optimizer": "diloco", "merge": "streaming"}],
+    ids=["eager", "streaming+int8+diloco"],
+)
+def test_local_sgd_with_a_manager_overlaps_each_sync_with_a_local_step(lighthouse, options):
+    # K = 2, sync_delay = 1: each sync starts in its quorum and is committed and merged a step later: the eager
+    # merge starts at the boundary (even steps), the streaming one a step before it (odd steps). The exit merges
+    # the last one (and with plain averaging syncs).
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 7, options, -1, 0.0, timeout=180)
+    starts = 1 if options.get("merge") == "streaming" else 0  # the parity of the steps that start a sync
+    for a, b in zip(r0["records"], r1["records"]):
+        assert a["synced"] == b["synced"] == (a["step"] % 2 != starts and a["step"] > 1), a["step"]
+        if a["step"] % 2 == starts:
+            for x, y in zip(a["after"], a["before"]):
+                assert torch.equal(x, y), "a sync that starts leaves the parameters alone"
+    if "wire" not in options:
+        # The eager merge: each replica adds the mean of the two snapshots (taken at the step before) minus its own.
+        for step in (3, 5, 7):
+            snapshots = [r["records"][step - 2]["after"] for r in (r0, r1)]
+            for r, own in zip((r0, r1), snapshots):
+                record = r["records"][step - 1]
+                for got, before, a, b, mine in zip(record["after"], record["before"], *snapshots, own):
+                    assert torch.equal(got, before + ((a + b) / 2 - mine)), step
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    assert r0["sync_count"] == r1["sync_count"] == 4
+
+
+@pytest.mark.parametrize(
+    "options, failure",
+    [
+        ({"sync_delay": 1}, "collective"),
+        ({"sync_delay": 1}, "reported"),
+        ({"sync_delay": 1, "wire": "int8", "error_feedback": True}, "reported"),
+    ],
+    ids=["failed merge", "vote no after the merge", "int8+ef, vote no after the merge"],
+)
+def test_local_sgd_with_a_manager_rolls_back_an_overlapped_sync_whose_commit_fails(lighthouse, options, failure):
+    # Replica 1's sync merged at step 3 fails: its merge does not take the average, or it does and the replica
+    # then votes no (an error reported before). Either way it keeps its values, replica 0 merges; the sync
+    # started at step 4 heals replica 1 in its quorum, and the exit leaves both identical.
+    r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 7, options, -1, 0.0, 3, failure, timeout=180)
+    merged0, failed1 = r0["records"][2], r1["records"][2]
+    assert merged0["synced"] and not failed1["synced"]
+    for got, own in zip(failed1["after"], failed1["before"]):
+        assert torch.equal(got, own), "rolled back to its values before the merge"
+    assert not all(map(torch.equal, merged0["after"], merged0["before"])), "replica 0 merged the average"
+    for a, b in zip(r0["records"][3]["after"], r1["records"][3]["after"]):
+        assert torch.equal(a, b), "healed at the next sync's quorum, at step 4"
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    assert r0["sync_count"] == r1["sync_count"]
 
 
 def test_a_third_replica_joins_mid_run_and_ends_identical():

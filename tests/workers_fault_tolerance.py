@@ -28,14 +28,19 @@ def _manager(lighthouse: str, replica: int, params):
     )
 
 
-def _then_fail(average):
-    """An averager's `average` that completes its collective, then fails on this rank."""
+def _then_fail(method):
+    """An averager's `average` (or `finish_average`) that completes its collective, then fails on this rank."""
 
-    def average_then_fail(self):
-        average(self)
+    def then_fail(self, *args, **kwargs):
+        method(self, *args, **kwargs)
         raise RuntimeError("injected: this rank failed after the collective")
 
-    return average_then_fail
+    return then_fail
+
+
+def _fail_before_finishing(self, *args, **kwargs):
+    """An averager's `finish_average` that fails on this rank before it takes the average in flight."""
+    raise RuntimeError("injected: this rank failed while its average was in flight")
 
 
 _average_then_fail = _then_fail(ParameterAverager.average)
@@ -125,11 +130,19 @@ def replica_until_step(
 
 
 def local_sgd_replica(
-    lighthouse: str, steps: int, options: dict, crash_at_step: int, down_seconds: float, fail_at_step: int = -1
+    lighthouse: str,
+    steps: int,
+    options: dict,
+    crash_at_step: int,
+    down_seconds: float,
+    fail_at_step: int = -1,
+    failure: str = "collective",
 ):
     """LocalSGD(manager=..., **options) on a replica group of one process (no torch.distributed group:
     Accelerate's NO), plain SGD on this replica's own data, K = 2. At `fail_at_step`, replica 1's sync
-    fails on this rank right after its collective. With `crash_at_step` >= 0, replica 1 crashes after
+    fails on this rank: `failure="collective"` right after its collective (a delayed one: before its merge
+    takes the average), `"reported"` elsewhere in the step (an error reported to the Manager before
+    `step()`, so the sync completes and the vote is no). With `crash_at_step` >= 0, replica 1 crashes after
     that step: its Manager stops and its model, optimizer and LocalSGD are lost; `down_seconds` later it
     starts again from a fresh model under the same replica id and goes on until it reaches `steps`.
     Each step's parameters before and after `step()`, whether it synced, and the final counts."""
@@ -138,12 +151,12 @@ def local_sgd_replica(
     # Each replica group is its own one-process job (the harness gets its variables back for the result).
     saved = {name: os.environ.pop(name) for name in launch if name in os.environ}
     try:
-        return _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step)
+        return _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step, failure)
     finally:
         os.environ.update(saved)
 
 
-def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step):
+def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step, failure):
     import time
 
     from accelerate import Accelerator
@@ -173,13 +186,16 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
         before = snapshot(model.parameters())
         failing = replica == 1 and local_sgd.num_steps + 1 == fail_at_step
         averager_class = QuantizedAverager if "wire" in options else ParameterAverager
-        real_average = averager_class.average
-        if failing:
-            averager_class.average = _then_fail(real_average)
+        method = "finish_average" if options.get("sync_delay") else "average"  # where the sync completes
+        real = getattr(averager_class, method)
+        if failing and failure == "reported":
+            manager.report_error(RuntimeError("injected: reported elsewhere in this replica's step"))
+        elif failing:
+            setattr(averager_class, method, _fail_before_finishing if method == "finish_average" else _then_fail(real))
         try:
             local_sgd.step()
         finally:
-            averager_class.average = real_average
+            setattr(averager_class, method, real)
         records.append(
             {
                 "step": local_sgd.num_steps,
