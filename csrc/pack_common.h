@@ -34,7 +34,7 @@ inline void check_pack_arguments(const char* op, at::TensorList tensors, at::Int
                     buffer.layout(), ".");
   TORCH_CHECK_VALUE(buffer.dim() == 1 && buffer.is_contiguous(), op, ": buffer must be 1-D and contiguous, got sizes ",
                     buffer.sizes(), " and strides ", buffer.strides(), ".");
-  check_storage_holds(buffer, std::string(op) + ": buffer");
+  check_storage_holds(buffer, [&] { return std::string(op) + ": buffer"; });
   const int64_t capacity = buffer.numel();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -48,7 +48,7 @@ inline void check_pack_arguments(const char* op, at::TensorList tensors, at::Int
                       buffer.device(), ".");
     TORCH_CHECK_VALUE(offsets[i] >= 0 && offsets[i] <= capacity - t.numel(), op, ": tensors[", i, "] with ", t.numel(),
                       " elements at offset ", offsets[i], " does not fit in a buffer of ", capacity, " elements.");
-    check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
+    check_storage_holds(t, [&] { return std::string(op) + ": tensors[" + std::to_string(i) + "]"; });
   }
 }
 

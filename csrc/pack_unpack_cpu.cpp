@@ -8,10 +8,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "pack_common.h"
+#include "vector_clones.h"
 
 namespace localsgd_ext {
 namespace {
@@ -178,15 +180,34 @@ void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Te
   }
 }
 
-template <typename scalar_t>
-void divide_copy(const CopyChunk& chunk, double divisor) {
+// A divisor that is a power of two (a group of 2, 4, 8... ranks) divides as a multiplication by its
+// reciprocal, which is exact: the same real number, rounded once, so the same bits as `/ divisor`, at a
+// fraction of a division's cost.
+bool is_power_of_two(double divisor) {
+  int exponent = 0;
+  return std::frexp(divisor, &exponent) == 0.5;
+}
+
+template <bool kByReciprocal, typename scalar_t>
+LOCALSGD_VECTOR_CLONES void divide_copy_n(const scalar_t* src, scalar_t* dst, int64_t n, double divisor) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t d = static_cast<opmath_t>(divisor);
+  const opmath_t reciprocal = static_cast<opmath_t>(1.0 / divisor);
+  for (int64_t k = 0; k < n; ++k) {
+    const opmath_t value = static_cast<opmath_t>(src[k]);
+    dst[k] = static_cast<scalar_t>(kByReciprocal ? value * reciprocal : value / d);
+  }
+}
+
+template <typename scalar_t>
+void divide_copy(const CopyChunk& chunk, double divisor, bool by_reciprocal) {
   const auto* src = reinterpret_cast<const scalar_t*>(chunk.src);
   auto* dst = reinterpret_cast<scalar_t*>(chunk.dst);
   const int64_t n = chunk.nbytes / static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t k = 0; k < n; ++k) {
-    dst[k] = static_cast<scalar_t>(static_cast<opmath_t>(src[k]) / d);
+  if (by_reciprocal) {
+    divide_copy_n<true>(src, dst, n, divisor);
+  } else {
+    divide_copy_n<false>(src, dst, n, divisor);
   }
 }
 
@@ -197,9 +218,11 @@ void unpack_from_cpu(const at::Tensor& buffer, at::IntArrayRef offsets, double d
   if (divisor == 1.0) {
     for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
   } else {
+    const bool by_reciprocal = is_power_of_two(divisor);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
-      for_each_chunk(copies.chunks, copies.total_bytes,
-                     [divisor](const CopyChunk& c) { divide_copy<scalar_t>(c, divisor); });
+      for_each_chunk(copies.chunks, copies.total_bytes, [divisor, by_reciprocal](const CopyChunk& c) {
+        divide_copy<scalar_t>(c, divisor, by_reciprocal);
+      });
     });
   }
   if (!copies.casts.empty()) {

@@ -85,7 +85,7 @@ inline void check_flat_float32(const char* op, const char* name, const at::Tenso
                     "), got ", t.numel(), ".");
   TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the others on ",
                     like.device(), ".");
-  check_storage_holds(t, std::string(op) + ": " + name);
+  check_storage_holds(t, [&] { return std::string(op) + ": " + name; });
 }
 
 // Codes (int8, float8_e4m3fn, or uint8 holding int4 two per byte) and scales (float32, one per block) an op
@@ -108,8 +108,8 @@ inline void check_codes_out(const char* op, const at::Tensor& codes, const at::T
                     " entries (one per block), got sizes ", scales.sizes(), ".");
   TORCH_CHECK_VALUE(codes.device() == device && scales.device() == device, op, ": ", codes_name, " and ", scales_name,
                     " must be on ", device, ", got ", codes.device(), " and ", scales.device(), ".");
-  check_storage_holds(codes, std::string(op) + ": " + codes_name);
-  check_storage_holds(scales, std::string(op) + ": " + scales_name);
+  check_storage_holds(codes, [&] { return std::string(op) + ": " + codes_name; });
+  check_storage_holds(scales, [&] { return std::string(op) + ": " + scales_name; });
 }
 
 inline void check_quantize_change_arguments(const at::Tensor& snapshot, const at::Tensor& anchor,
@@ -184,7 +184,7 @@ inline void check_window_tensors(const char* op, at::TensorList tensors, at::Int
     TORCH_CHECK_VALUE(t.device() == anchor.device(), op, ": tensors[", i, "] is on ", t.device(), " but anchor is on ",
                       anchor.device(), ".");
     TORCH_CHECK_VALUE(offsets[i] >= 0, op, ": offsets[", i, "] must be at least 0, got ", offsets[i], ".");
-    check_storage_holds(t, std::string(op) + ": tensors[" + std::to_string(i) + "]");
+    check_storage_holds(t, [&] { return std::string(op) + ": tensors[" + std::to_string(i) + "]"; });
   }
   check_disjoint_slots(op, tensors, offsets);
 }

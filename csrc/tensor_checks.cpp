@@ -48,7 +48,7 @@ void check_memory(const std::vector<at::Tensor>& tensors, const std::vector<std:
                       " has elements that share memory (sizes ", t.sizes(), ", strides ", t.strides(),
                       ", e.g. an expanded view): averaging writes every element, so it cannot be averaged in place. "
                       "Give it memory of its own (e.g. .contiguous()).");
-    check_storage_holds(t, tensor_label(names, i));
+    check_storage_holds(t, [&] { return tensor_label(names, i); });
   }
 }
 
