@@ -2,7 +2,7 @@
 sync runs in a quorum of the replicas alive now, averages through the compiled engine over the quorum's
 process group, and is committed, or rolled back on a replica whose sync failed (that replica is healed at
 the next quorum). torchft is an optional dependency (`pip install localsgd_ext[ft]`); only
-`single_process_replica_manager` imports it."""
+`replica_group_manager` imports it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .averager import ParameterAverager
 from .sharded import local_tensors
 
-__all__ = ["Commit", "ManagedAverager", "Quorum", "single_process_replica_manager"]
+__all__ = ["Commit", "ManagedAverager", "Quorum", "replica_group_manager", "single_process_replica_manager"]
 
 
 class Quorum:
@@ -131,6 +131,61 @@ class ManagedAverager:
         return self.last_committed
 
 
+def replica_group_manager(
+    replica_id: str,
+    lighthouse: str,
+    load_state_dict: Callable[[Any], None],
+    state_dict: Callable[[], Any],
+    min_replicas: int = 2,
+    timeout: timedelta = timedelta(seconds=60),
+    init_sync: bool = False,
+    store_addr: Optional[str] = None,
+    store_port: Optional[int] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> Any:
+    """A torchft `Manager` for this process of a replica group of `world_size` processes (e.g. a DDP or FSDP2
+    group started by torchrun): a gloo process group for the quorum (each rank of the group averages with
+    the same rank of the other groups), the quorum ready before each sync (`use_async_quorum=False`).
+
+    Args:
+        replica_id (`str`): the replica group's name, the same after a restart (so that it is healed, not new),
+            ending in its number (torchft numbers the quorum's ranks from it), e.g. `"replica_3"`.
+        lighthouse (`str`): the lighthouse's address, e.g. `"http://host:29510"`.
+        load_state_dict, state_dict (`Callable`): the model's and optimizer's state, sent to and loaded by a
+            replica that heals.
+        min_replicas (`int`, defaults to 2): the fewest replica groups a sync may commit with.
+        timeout (`timedelta`, defaults to 60 s): for the quorum, the commit and the collectives.
+        init_sync (`bool`, defaults to `False`): torchft's option to copy one replica's state to the others in
+            the first quorum. Off: the first quorum is LocalSGD's first sync, after `local_sgd_steps` local
+            steps, and copying would throw the other replicas' steps away. Start every replica from the
+            same model instead (the same seed), as DDP does.
+        store_addr, store_port (*optional*): a TCPStore of this replica group alone (torchft keeps the group's
+            manager address in it); default `MASTER_ADDR`/`MASTER_PORT`, torchrun's.
+        rank, world_size (`int`, *optional*): this process's rank in the replica group and the group's size;
+            default `RANK`/`WORLD_SIZE`.
+    """
+    from torchft.manager import Manager
+    from torchft.process_group import ProcessGroupGloo
+
+    return Manager(
+        pg=ProcessGroupGloo(timeout=timeout),
+        min_replica_size=min_replicas,
+        load_state_dict=load_state_dict,
+        state_dict=state_dict,
+        replica_id=replica_id,
+        store_addr=store_addr,
+        store_port=store_port,
+        rank=rank,
+        world_size=world_size,
+        lighthouse_addr=lighthouse,
+        port=0,
+        timeout=timeout,
+        use_async_quorum=False,
+        init_sync=init_sync,
+    )
+
+
 def single_process_replica_manager(
     replica_id: str,
     lighthouse: str,
@@ -140,41 +195,21 @@ def single_process_replica_manager(
     timeout: timedelta = timedelta(seconds=60),
     init_sync: bool = False,
 ) -> Any:
-    """A torchft `Manager` for a replica group of one process (what `LocalSGD(manager=...)` takes today):
-    its own store on this host (kept alive with the Manager), a gloo process group for the quorum, the
-    quorum ready before each sync (`use_async_quorum=False`).
-
-    Args:
-        replica_id (`str`): this replica's name, the same after a restart (so that it is healed, not new).
-        lighthouse (`str`): the lighthouse's address, e.g. `"http://host:29510"`.
-        load_state_dict, state_dict (`Callable`): the model's and optimizer's state, sent to and loaded by a
-            replica that heals.
-        min_replicas (`int`, defaults to 2): the fewest replicas a sync may commit with.
-        timeout (`timedelta`, defaults to 60 s): for the quorum, the commit and the collectives.
-        init_sync (`bool`, defaults to `False`): torchft's option to copy one replica's state to the others in
-            the first quorum. Off: the first quorum is LocalSGD's first sync, after `local_sgd_steps` local
-            steps, and copying would throw the other replicas' steps away. Start every replica from the
-            same model instead (the same seed), as DDP does.
-    """
-    from torchft.manager import Manager
-    from torchft.process_group import ProcessGroupGloo
-
+    """`replica_group_manager` for a replica group of one process, with its own store on this host (kept
+    alive with the Manager); the arguments are the same."""
     store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
-    manager = Manager(
-        pg=ProcessGroupGloo(timeout=timeout),
-        min_replica_size=min_replicas,
-        load_state_dict=load_state_dict,
-        state_dict=state_dict,
-        replica_id=replica_id,
+    manager = replica_group_manager(
+        replica_id,
+        lighthouse,
+        load_state_dict,
+        state_dict,
+        min_replicas=min_replicas,
+        timeout=timeout,
+        init_sync=init_sync,
         store_addr="localhost",
         store_port=store.port,
         rank=0,
         world_size=1,
-        lighthouse_addr=lighthouse,
-        port=0,
-        timeout=timeout,
-        use_async_quorum=False,
-        init_sync=init_sync,
     )
     manager.localsgd_store = store  # the Manager connects to it for as long as it lives
     return manager

@@ -112,8 +112,9 @@ def _replica_group(accelerator, manager, process_group, device_mesh, mesh_dim, e
 def _gradient_sync_off(model, fault_tolerant: bool):
     """DDP's `no_sync()`. An FSDP2 root module (no `no_sync`) sharded within one replica sends no
     gradient across replicas to switch off (its own HSDP, which would, is refused by the averager), and
-    neither does a torchft replica group of one process (no DDP wrapper)."""
-    if not hasattr(model, "no_sync") and (fault_tolerant or hasattr(model, "set_requires_all_reduce")):
+    neither does a torchft replica group: its DDP (or FSDP2) syncs gradients within the group, as it
+    should, and the replicas are averaged over the Manager's quorum."""
+    if fault_tolerant or (not hasattr(model, "no_sync") and hasattr(model, "set_requires_all_reduce")):
         return contextlib.nullcontext()
     return model.no_sync()
 
@@ -262,15 +263,18 @@ class LocalSGD:
             progress. With zero-copy the levels average the flat buffers' views in copy mode.
         manager (`torchft.Manager`, *optional*):
             Keyword-only. Fault tolerance on torchft (PyTorch's fault-tolerance library; `pip install
-            localsgd_ext[ft]`): each process (a replica group of one) is one torchft replica; every sync
-            runs in a quorum of the replicas alive now (`start_quorum`), averages over the quorum's process
-            group with the compiled engine, and commits (`should_commit`), or this rank goes back to its
-            values before the sync (with an outer optimizer, to its anchor, as torchft's DiLoCo) and is
-            healed from the replicas that committed at the next sync. A
-            replica that restarts is healed in its first quorum from a healthy one: its model and
-            optimizer through the state the Manager was given, and this object's step count, sync count,
-            outer step and quantized wire's anchor (registered with the Manager on enter). Created with
-            `use_async_quorum=False` (`fault_tolerance.single_process_replica_manager` makes one). Works
+            localsgd_ext[ft]`): each replica group (one process, or a DDP group of processes whose
+            gradients DDP keeps syncing within the group) is one torchft replica; every sync runs in a
+            quorum of the replicas alive now (`start_quorum`), averages over the quorum's process group
+            (each rank with the same rank of the other groups) with the compiled engine, and commits
+            (`should_commit`, decided per group), or this group goes back to its values before the sync
+            (with an outer optimizer, to its anchor, as torchft's DiLoCo) and is healed from the replicas
+            that committed at the next sync. A replica that restarts is healed in its first quorum from a
+            healthy one: its model and optimizer through the state the Manager was given, and this
+            object's step count, sync count, outer step and quantized wire's anchor (registered with the
+            Manager on enter). Created with `use_async_quorum=False` (`fault_tolerance.replica_group_manager`
+            and `single_process_replica_manager` make one). Warm-up averages (no gradient crosses
+            replica groups). Works
             with every wire (error feedback included), fragments, the outer optimizer and `sync_delay`
             (the quorum formed when a sync starts, its commit decided when it is merged, as torchft's
             Streaming DiLoCo does); not yet with `hierarchy`, `zero_copy` or `sync_buffers` (refused).
@@ -359,8 +363,9 @@ class LocalSGD:
             fragment_update_alpha=fragment_update_alpha,
             fault_tolerant=manager is not None,
             # Warm-up is DDP's gradient all-reduce (post-local SGD) where DDP is; an FSDP2 model sharded
-            # within each replica syncs no gradient across replicas, so it warms up by averaging.
-            warmup_by_averaging=not hasattr(model, "no_sync"),
+            # within each replica, and a torchft replica group, sync no gradient across replicas, so they
+            # warm up by averaging.
+            warmup_by_averaging=manager is not None or not hasattr(model, "no_sync"),
         )
         self.manager = manager
         self.process_group = _replica_group(accelerator, manager, process_group, device_mesh, mesh_dim, self.enabled)

@@ -212,6 +212,43 @@ def test_local_sgd_with_a_manager_rolls_back_an_overlapped_sync_whose_commit_fai
     assert r0["sync_count"] == r1["sync_count"]
 
 
+@pytest.mark.parametrize("fail_at_step", [-1, 4], ids=["healthy", "one rank of a group fails"])
+def test_replica_groups_of_two_ddp_processes_average_across_groups_and_commit_per_group(lighthouse, fail_at_step):
+    # Ranks 0-1 are replica group 0, ranks 2-3 replica group 1: DDP within each group every step, Local SGD
+    # across the groups every 2 steps, each rank averaging with the same rank of the other group.
+    results = run_ranks(4, "workers_fault_tolerance:ddp_replica_group", lighthouse, 6, fail_at_step, timeout=180)
+    groups = [results[0:2], results[2:4]]
+    for step in range(6):
+        for first, second in groups:
+            for a, b in zip(first["records"][step]["after"], second["records"][step]["after"]):
+                assert torch.equal(a, b), "DDP keeps the ranks of a replica group identical: its gradients are synced"
+        group0, group1 = results[0]["records"][step], results[2]["records"][step]
+        failed = step + 1 == fail_at_step
+        assert all(
+            r["records"][step]["synced"] == (step % 2 == 1 and not (failed and rank >= 2)) for rank, r in enumerate(results)
+        )
+        if step % 2 == 0:
+            assert not all(map(torch.equal, group0["after"], group1["after"])), "the groups train apart between syncs"
+        elif step + 1 == fail_at_step + 2:
+            # Replica group 1 is healed in this sync's quorum from group 0: it holds group 0's values, so the
+            # mean is them.
+            for got0, got1, x in zip(group0["after"], group1["after"], group0["before"]):
+                assert torch.equal(got0, x) and torch.equal(got1, got0), "healed from replica group 0"
+        elif not failed:
+            for got0, got1, x, y in zip(group0["after"], group1["after"], group0["before"], group1["before"]):
+                assert torch.equal(got0, (x + y) / 2) and torch.equal(got1, got0), "the mean of the two groups"
+        else:
+            # Replica group 1's commit fails on both its ranks (torchft decides it per group): group 0 takes the
+            # mean, group 1 keeps its values, and is healed at the next sync.
+            for got1, own in zip(group1["after"], group1["before"]):
+                assert torch.equal(got1, own)
+            assert not all(map(torch.equal, group0["after"], group0["before"]))
+    for r in results[1:]:
+        for a, b in zip(results[0]["final"], r["final"]):
+            assert torch.equal(a, b), "every rank of every group ends identical"
+    assert len({r["sync_count"] for r in results}) == 1
+
+
 def test_a_third_replica_joins_mid_run_and_ends_identical():
     from torchft._torchft import LighthouseServer
 

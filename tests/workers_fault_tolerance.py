@@ -5,6 +5,7 @@ import os
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from combination_reference import move
 from rank_setup import snapshot
 
@@ -222,3 +223,89 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
     }
     manager.shutdown(wait=False)
     return result
+
+
+def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int):
+    """Two replica groups of two processes each (ranks 0-1 and 2-3), each its own DDP job with its own store
+    and process group, and a Manager per process (`replica_group_manager`); LocalSGD(manager=...) with K = 2
+    on a DDP model, every process on its own data. At `fail_at_step`, rank 3 (replica group 1's second
+    process) fails right after that step's collective: the group's commit fails on both its ranks.
+    Each step's parameters before and after `step()`, whether it synced, and the final counts."""
+    import datetime
+    import types
+
+    from accelerate import DistributedType
+
+    from localsgd_ext import LocalSGD
+    from localsgd_ext.fault_tolerance import replica_group_manager
+
+    rank = int(os.environ["RANK"])
+    replica, local = divmod(rank, 2)
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(seconds=30)
+    )
+    # Each replica group's own store (torchft keeps the group's manager address in it), found through the harness's.
+    own_store = None
+    if local == 0:
+        own_store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
+        shared.set(f"replica_{replica}/port", str(own_store.port))
+    port = int(shared.get(f"replica_{replica}/port"))
+    store = own_store or dist.TCPStore("localhost", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    group_store = dist.PrefixStore("ddp", store)
+    dist.init_process_group("gloo", store=group_store, rank=local, world_size=2, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)  # every process starts from the same model
+        module = torch.nn.Linear(6, 3)
+        model = torch.nn.parallel.DistributedDataParallel(module)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        params = list(model.parameters())
+
+        def state_dict():
+            return {"params": [p.detach().clone() for p in params]}
+
+        def load_state_dict(state):
+            with torch.no_grad():
+                for p, value in zip(params, state["params"]):
+                    p.copy_(value)
+
+        manager = replica_group_manager(
+            f"replica_{replica}",
+            lighthouse,
+            load_state_dict,
+            state_dict,
+            timeout=timedelta(seconds=20),
+            store_addr="localhost",
+            store_port=port,
+            rank=local,
+            world_size=2,
+        )
+        accelerator = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)  # no world of 4: two jobs
+        local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager)
+        generator = torch.Generator().manual_seed(rank)
+        records = []
+        with local_sgd:
+            while local_sgd.num_steps < steps:
+                x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                before = snapshot(params)
+                failing = rank == 3 and local_sgd.num_steps + 1 == fail_at_step
+                ParameterAverager.average = _average_then_fail if failing else _real_average
+                try:
+                    local_sgd.step()
+                finally:
+                    ParameterAverager.average = _real_average
+                records.append(
+                    {
+                        "step": local_sgd.num_steps,
+                        "before": before,
+                        "after": snapshot(params),
+                        "synced": local_sgd.last_step_synced,
+                    }
+                )
+        result = {"records": records, "final": snapshot(params), "sync_count": local_sgd.sync_count}
+        manager.shutdown(wait=False)
+        return result
+    finally:
+        dist.destroy_process_group()
