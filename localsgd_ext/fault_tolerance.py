@@ -133,7 +133,7 @@ class ManagedAverager:
 
 def replica_group_manager(
     replica_id: str,
-    lighthouse: str,
+    lighthouse: Optional[str],
     load_state_dict: Callable[[Any], None],
     state_dict: Callable[[], Any],
     min_replicas: int = 2,
@@ -151,7 +151,7 @@ def replica_group_manager(
     Args:
         replica_id (`str`): the replica group's name, the same after a restart (so that it is healed, not new),
             ending in its number (torchft numbers the quorum's ranks from it), e.g. `"replica_3"`.
-        lighthouse (`str`): the lighthouse's address, e.g. `"http://host:29510"`.
+        lighthouse (`str`): the lighthouse's address, e.g. `"http://host:29510"`; None: `TORCHFT_LIGHTHOUSE`.
         load_state_dict, state_dict (`Callable`): the model's and optimizer's state, sent to and loaded by a
             replica that heals.
         min_replicas (`int`, defaults to 2): the fewest replica groups a sync may commit with.
