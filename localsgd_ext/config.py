@@ -160,10 +160,9 @@ class LocalSGDConfig:
         if not self.fault_tolerant:
             return
         # What a quorum's sync does not do yet: each needs state that must survive a heal or a failed commit
-        # (the levels' groups, the flat buffers, the buffers' own sync).
+        # (the levels' groups, the buffers' own sync).
         unsupported = {
             "hierarchy": self.hierarchy is not None,
-            "zero_copy": self.zero_copy,
             "sync_buffers": self.sync_buffers,
         }
         named = [name for name, used in unsupported.items() if used]
@@ -171,7 +170,7 @@ class LocalSGDConfig:
             raise NotImplementedError(
                 f"LocalSGD with manager= (torchft) does not support {', '.join(named)} yet, got "
                 + ", ".join(f"{name}={getattr(self, name)!r}" for name in named)
-                + ": use them without a manager, or waited syncs (any wire, fragments, the outer step) with one"
+                + ": use them without a manager (with one: every wire, fragments, sync_delay, zero_copy and the outer step)"
             )
 
     @property

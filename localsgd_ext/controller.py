@@ -364,8 +364,7 @@ class SyncController:
             fragments = list(range(len(averagers)))
         for fragment in fragments:
             averager = averagers[fragment]
-            if self.flat_layouts:
-                self.flat_layouts[fragment].keep_flat()
+            self._keep_flat(fragment)
             if delayed:
                 averager.start_average()
             else:
@@ -385,6 +384,12 @@ class SyncController:
         if self._buffer_sync is not None and fragments and fragments[-1] == len(averagers) - 1:
             self._buffer_sync.sync()
         self.last_sync_seconds = time.perf_counter() - start
+
+    def _keep_flat(self, fragment: int) -> None:
+        """With zero-copy under an averager that stages (a narrow wire, `sync_delay`): the fragment's
+        parameters flattened again if something re-pointed one since."""
+        if self.flat_layouts:
+            self.flat_layouts[fragment].keep_flat()
 
     def _enter_quorum(self) -> List[Averager]:
         """Forms this sync's quorum (a replica that is behind is healed in it) and returns the averagers over
@@ -414,6 +419,7 @@ class SyncController:
 
         def average() -> None:
             for fragment in chosen:
+                self._keep_flat(fragment)
                 averagers[fragment].average()
 
         committed = self.quorum.run(tensors, average)
@@ -452,6 +458,7 @@ class SyncController:
         assert self.quorum is not None
         commit = self.quorum.commit()
         try:
+            self._keep_flat(fragment)
             averager.start_average()
         except Exception as error:  # noqa: BLE001 - a failed sync is reported, and this replica votes no
             commit.fail(error)

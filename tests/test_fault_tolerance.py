@@ -77,7 +77,11 @@ INT8 = {"wire": "int8"}
 INT8_EF_DILOCO = {"wire": "int8", "error_feedback": True, "outer_optimizer": "diloco"}
 
 
-@pytest.mark.parametrize("options", [{}, DILOCO, INT8, INT8_EF_DILOCO], ids=["plain", "diloco", "int8", "int8+ef+diloco"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, DILOCO, INT8, INT8_EF_DILOCO, {"zero_copy": True}],
+    ids=["plain", "diloco", "int8", "int8+ef+diloco", "zero-copy"],
+)
 def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, options):
     r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 6, options, -1, 0.0, timeout=180)
     assert r0["enabled"] and r1["enabled"], "a replica group of one process (Accelerate's NO) is not disabled"
@@ -111,8 +115,8 @@ def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, o
 
 @pytest.mark.parametrize(
     "options",
-    [DILOCO, INT8, INT8_EF_DILOCO, {"sync_delay": 1, **INT8_EF_DILOCO}],
-    ids=["diloco", "int8", "int8+ef+diloco", "sync_delay+int8+ef+diloco"],
+    [DILOCO, INT8, INT8_EF_DILOCO, {"sync_delay": 1, **INT8_EF_DILOCO}, {"zero_copy": True, "sync_delay": 1, **INT8}],
+    ids=["diloco", "int8", "int8+ef+diloco", "sync_delay+int8+ef+diloco", "zero-copy+sync_delay+int8"],
 )
 def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options):
     # Replica 1 crashes after step 4 and restarts from scratch: its first quorum heals it with replica 0's
