@@ -5,6 +5,7 @@ replica lost, the time from its restart to its first committed sync (healed), an
 others committed while it was down.
 
     python bench/fault_tolerance.py [--steps 400] [--kill-at 96] [--down-seconds 2] [--out bench/results/fault_tolerance.json]
+    python bench/fault_tolerance.py --example-args "--wire int8 --sync-delay 2 --outer-optimizer diloco --merge streaming"
 
 Needs the `ft` extra (pip install 'localsgd_ext[ft]').
 """
@@ -33,6 +34,9 @@ def parse_args():
     parser.add_argument("--kill-at", type=int, default=96, help="the killed replica's step at which it is killed")
     parser.add_argument("--down-seconds", type=float, default=2.0)
     parser.add_argument("--step-seconds", type=float, default=0.01, help="sleep per step, so a run lasts a few seconds")
+    parser.add_argument(
+        "--example-args", default="", help='more flags for examples/train_digits_ft.py, e.g. "--wire int8 --sync-delay 2"'
+    )
     parser.add_argument("--out", default=None)
     return parser.parse_args()
 
@@ -43,7 +47,7 @@ class Replica:
     def __init__(self, index, lighthouse, args):
         command = [sys.executable, "-u", EXAMPLE, "--replica-id", str(index), "--replicas", str(args.replicas)]
         command += ["--lighthouse", lighthouse, "--steps", str(args.steps), "--local-sgd-steps", str(args.local_sgd_steps)]
-        command += ["--step-seconds", str(args.step_seconds)]
+        command += ["--step-seconds", str(args.step_seconds)] + args.example_args.split()
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.lines = []

@@ -35,6 +35,11 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--outer-optimizer", choices=["none", "diloco"], default="none")
+    wires = ["fp32", "bf16", "fp16", "int8", "fp8", "int4"]
+    parser.add_argument("--wire", choices=wires, default="fp32", help="what a sync sends")
+    parser.add_argument("--error-feedback", action="store_true", help="keep what the quantized wire left out")
+    parser.add_argument("--sync-delay", type=int, default=0, help="local steps a sync overlaps (committed when merged)")
+    parser.add_argument("--merge", choices=["eager", "streaming"], default="eager", help="how an overlapped sync is merged")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step, to slow a demo down")
     return parser.parse_args()
 
@@ -64,7 +69,15 @@ def main():
     generator = torch.Generator().manual_seed(args.replica_id)
     started = time.perf_counter()
     with LocalSGD(
-        accelerator=accelerator, model=model, local_sgd_steps=args.local_sgd_steps, manager=manager, outer_optimizer=outer
+        accelerator=accelerator,
+        model=model,
+        local_sgd_steps=args.local_sgd_steps,
+        manager=manager,
+        outer_optimizer=outer,
+        wire=args.wire,
+        error_feedback=args.error_feedback,
+        sync_delay=args.sync_delay,
+        merge=args.merge,
     ) as local_sgd:
         while local_sgd.num_steps < args.steps:
             batch = torch.randint(len(x), (args.batch_size,), generator=generator)
@@ -74,7 +87,8 @@ def main():
             optimizer.zero_grad()
             synced_before = local_sgd.sync_count
             local_sgd.step()
-            if local_sgd.num_steps % args.local_sgd_steps == 0:
+            # At each sync point, and at each step that completed a sync (with sync_delay, its merge).
+            if local_sgd.num_steps % args.local_sgd_steps == 0 or local_sgd.sync_count > synced_before:
                 print(
                     f"replica {args.replica_id} step {local_sgd.num_steps} quorum {manager.num_participants()} "
                     f"committed {local_sgd.sync_count > synced_before} loss {loss.item():.4f} "
