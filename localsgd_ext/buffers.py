@@ -6,7 +6,7 @@ broadcast per device. The buffers' layout is part of LocalSGD's agreement check,
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,15 +16,22 @@ from .options import AveragingOptions
 
 
 class BufferSync:
-    def __init__(self, named_buffers: List[tuple], options: AveragingOptions):
+    """The buffers of a model, synced over `process_group` (default: the world; a torchft quorum's group,
+    which torch.distributed did not create, is used through its own methods)."""
+
+    def __init__(self, named_buffers: List[tuple], options: AveragingOptions, process_group: Optional[dist.ProcessGroup] = None):
         averaged = [
             (name, torch.view_as_real(b) if b.is_complex() else b)
             for name, b in named_buffers
             if b.is_floating_point() or b.is_complex()
         ]
+        self.tensors = [b for _, b in named_buffers]
         self.integer = [b for _, b in named_buffers if not (b.is_floating_point() or b.is_complex())]
+        self.process_group = process_group
         self.averager = (
-            ParameterAverager.with_options([b for _, b in averaged], options, names=[n for n, _ in averaged])
+            ParameterAverager.with_options(
+                [b for _, b in averaged], options, names=[n for n, _ in averaged], process_group=process_group
+            )
             if averaged
             else None
         )
@@ -39,7 +46,12 @@ class BufferSync:
         for buffers in by_device.values():
             # One int64 message per device; every integer dtype fits in int64 exactly.
             flat = torch.cat([b.reshape(-1).to(torch.int64) for b in buffers])
-            dist.broadcast(flat, src=0)
+            if self.process_group is None:
+                dist.broadcast(flat, src=0)
+            else:
+                options = dist.BroadcastOptions()
+                options.rootRank = 0
+                self.process_group.broadcast([flat], options).wait()
             offset = 0
             for b in buffers:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))

@@ -157,20 +157,13 @@ class LocalSGDConfig:
         self._set(fragment_update_alpha=float(alpha))
 
     def _check_fault_tolerant_options(self) -> None:
-        if not self.fault_tolerant:
-            return
-        # What a quorum's sync does not do yet: each needs state that must survive a heal or a failed commit
-        # (the levels' groups, the buffers' own sync).
-        unsupported = {
-            "hierarchy": self.hierarchy is not None,
-            "sync_buffers": self.sync_buffers,
-        }
-        named = [name for name, used in unsupported.items() if used]
-        if named:
+        # The levels would need groups of their own inside each quorum; a replica group of several processes
+        # is already a lower level (its DDP averages gradients every step).
+        if self.fault_tolerant and self.hierarchy is not None:
             raise NotImplementedError(
-                f"LocalSGD with manager= (torchft) does not support {', '.join(named)} yet, got "
-                + ", ".join(f"{name}={getattr(self, name)!r}" for name in named)
-                + ": use them without a manager (with one: every wire, fragments, sync_delay, zero_copy and the outer step)"
+                f"LocalSGD with manager= (torchft) does not support hierarchy yet, got hierarchy={self.hierarchy!r}: "
+                "use it without a manager, or replica groups of several DDP processes (with a manager: every wire, "
+                "fragments, sync_delay, zero_copy, sync_buffers and the outer step)"
             )
 
     @property

@@ -4,6 +4,7 @@ fragment and one per level below the world, and owns what happens around an aver
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -155,7 +156,13 @@ class SyncController:
             averagers = self.averagers
         if self.config.sync_buffers:
             named_buffers = list(self.model.named_buffers())
-            self._buffer_sync = BufferSync(named_buffers, AveragingOptions(bucket_cap_mb=self.config.bucket_cap_mb))
+            # Over the world, as Accelerate's processes share one model's buffers; under a torchft quorum (no
+            # world) over the quorum's group.
+            self._buffer_sync = BufferSync(
+                named_buffers,
+                AveragingOptions(bucket_cap_mb=self.config.bucket_cap_mb),
+                process_group=self.process_group if self.quorum is not None else None,
+            )
             # Checked with the last fragment's parameters, in the same collective: the buffers' sync
             # runs unchecked, with that fragment's (or every fragment's) sync.
             averagers[-1].agreement_tensors = named_buffers
@@ -381,9 +388,18 @@ class SyncController:
                 averager.rebase_anchor()  # a quantized wire measures the next changes from here
             self.synced_at_step[fragment] = step
             self.sync_count += 1
-        if self._buffer_sync is not None and fragments and fragments[-1] == len(averagers) - 1:
-            self._buffer_sync.sync()
+        buffers = self._buffers_synced_with(fragments[-1]) if fragments else None
+        if buffers is not None:
+            buffers.sync()
         self.last_sync_seconds = time.perf_counter() - start
+
+    def _average_fragment(self, averagers: List[Averager], fragment: int) -> None:
+        self._keep_flat(fragment)
+        averagers[fragment].average()
+
+    def _buffers_synced_with(self, fragment: int) -> Optional[BufferSync]:
+        """The buffers' sync, which rides with the last fragment's (`sync_buffers`)."""
+        return self._buffer_sync if fragment == len(self.averagers) - 1 else None
 
     def _keep_flat(self, fragment: int) -> None:
         """With zero-copy under an averager that stages (a narrow wire, `sync_delay`): the fragment's
@@ -416,11 +432,23 @@ class SyncController:
         assert self.quorum is not None
         chosen = list(range(len(averagers))) if fragments is None else fragments
         tensors = [t for f in chosen for t in local_tensors(averagers[f].params) + averagers[f].state_tensors()]
+        buffers = self._buffers_synced_with(chosen[-1]) if chosen else None
+        tensors += buffers.tensors if buffers is not None else []
 
         def average() -> None:
-            for fragment in chosen:
-                self._keep_flat(fragment)
-                averagers[fragment].average()
+            # Every collective of the sync runs even after one failed on this rank, so that the other
+            # replicas are not left waiting in the next one until their timeout; the first error is raised
+            # once they are done (and the commit fails).
+            failure: Optional[Exception] = None
+            collectives: List[Callable[[], None]] = [functools.partial(self._average_fragment, averagers, f) for f in chosen]
+            collectives += [buffers.sync] if buffers is not None else []
+            for collective in collectives:
+                try:
+                    collective()
+                except Exception as error:  # noqa: BLE001 - raised below, after the other collectives
+                    failure = failure or error
+            if failure is not None:
+                raise failure
 
         committed = self.quorum.run(tensors, average)
         for fragment in chosen:
@@ -479,7 +507,8 @@ class SyncController:
         commit, self._pending_commit = self._pending_commit, None
         assert commit is not None
         outer, first = self.outer, self.fragment_starts[fragment]
-        tensors = local_tensors(averager.params) + averager.state_tensors()
+        buffers = self._buffers_synced_with(fragment)
+        tensors = local_tensors(averager.params) + averager.state_tensors() + (buffers.tensors if buffers else [])
         before = [t.detach().clone() for t in tensors]
 
         def commit_then_outer_step(means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None:
@@ -487,6 +516,8 @@ class SyncController:
                 outer.apply(means, first, positions)
 
         try:
+            if buffers is not None:
+                buffers.sync()  # in the sync's quorum, before its commit
             averager.finish_average(outer_step=commit_then_outer_step, fragment_update_alpha=self.config.streaming_alpha)
         except Exception as error:  # noqa: BLE001 - a failed sync is reported, and this replica votes no
             if commit.decision is not None:

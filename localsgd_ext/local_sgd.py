@@ -277,7 +277,7 @@ class LocalSGD:
             replica groups). Works
             with every wire (error feedback included), fragments, the outer optimizer and `sync_delay`
             (the quorum formed when a sync starts, its commit decided when it is merged, as torchft's
-            Streaming DiLoCo does) and zero-copy; not yet with `hierarchy` or `sync_buffers` (refused).
+            Streaming DiLoCo does), zero-copy and `sync_buffers`; not yet with `hierarchy` (refused).
             Accelerate's `DistributedType.NO` (one process) does not disable it.
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Keyword-only. The ranks to average over (default: all). Sharded models: FSDP2 within each

@@ -79,8 +79,8 @@ INT8_EF_DILOCO = {"wire": "int8", "error_feedback": True, "outer_optimizer": "di
 
 @pytest.mark.parametrize(
     "options",
-    [{}, DILOCO, INT8, INT8_EF_DILOCO, {"zero_copy": True}],
-    ids=["plain", "diloco", "int8", "int8+ef+diloco", "zero-copy"],
+    [{}, DILOCO, INT8, INT8_EF_DILOCO, {"zero_copy": True}, {"sync_buffers": True}],
+    ids=["plain", "diloco", "int8", "int8+ef+diloco", "zero-copy", "buffers"],
 )
 def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, options):
     r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 6, options, -1, 0.0, timeout=180)
@@ -104,6 +104,12 @@ def test_local_sgd_with_a_manager_averages_each_sync_in_the_quorum(lighthouse, o
             assert not all(map(torch.equal, a["after"], [(x + y) / 2 for x, y in zip(a["before"], b["before"])])), (
                 "the int8 wire's rounding shows"
             )
+        if options.get("sync_buffers"):
+            # BatchNorm's running mean and variance averaged in the quorum, its batch count rank 0's.
+            (mean0, var0, count0), (mean1, var1, _) = a["buffers_before"], b["buffers_before"]
+            for got in (a["buffers_after"], b["buffers_after"]):
+                assert torch.equal(got[0], (mean0 + mean1) / 2) and torch.equal(got[1], (var0 + var1) / 2)
+                assert torch.equal(got[2], count0)
         anchor = a["after"]
     for x, y in zip(r0["final"], r1["final"]):
         assert torch.equal(x, y)
@@ -138,7 +144,9 @@ def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options)
             assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("options", [{}, INT8, INT8_EF_DILOCO], ids=["plain", "int8", "int8+ef+diloco"])
+@pytest.mark.parametrize(
+    "options", [{}, INT8, INT8_EF_DILOCO, {"sync_buffers": True}], ids=["plain", "int8", "int8+ef+diloco", "buffers"]
+)
 def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lighthouse, options):
     # Replica 1's sync at step 4 fails after the collective: it rolls back (its wire's anchor too), replica 0
     # commits; at step 6 replica 1 is behind, is healed from replica 0, and they sync together.
@@ -150,6 +158,8 @@ def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lightho
     rolled_back_to = r1["records"][1]["after"] if "outer_optimizer" in options else failed1["before"]
     for got, expected in zip(failed1["after"], rolled_back_to):
         assert torch.equal(got, expected), "rolled back"
+    for got, own in zip(failed1["buffers_after"], failed1["buffers_before"]):
+        assert torch.equal(got, own), "the buffers rolled back with the parameters"
     assert not all(map(torch.equal, failed0["after"], failed0["before"])), "replica 0 took the average"
     for a, b in zip(r0["records"][5]["after"], r1["records"][5]["after"]):
         assert torch.equal(a, b), "the next sync heals replica 1 and leaves both identical"

@@ -169,8 +169,10 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
     def fresh():
         torch.manual_seed(0)  # every replica starts from the same model
         model = torch.nn.Linear(6, 3)
+        if options.get("sync_buffers"):
+            model = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3))  # running statistics to sync
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        manager = _manager(lighthouse, replica, list(model.parameters()))
+        manager = _manager(lighthouse, replica, list(model.parameters()) + list(model.buffers()))
         local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=2, manager=manager, **options)
         return model, optimizer, manager, local_sgd
 
@@ -184,7 +186,7 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        before = snapshot(model.parameters())
+        before, buffers_before = snapshot(model.parameters()), snapshot(model.buffers())
         failing = replica == 1 and local_sgd.num_steps + 1 == fail_at_step
         averager_class = QuantizedAverager if "wire" in options else ParameterAverager
         method = "finish_average" if options.get("sync_delay") else "average"  # where the sync completes
@@ -202,6 +204,8 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
                 "step": local_sgd.num_steps,
                 "before": before,
                 "after": snapshot(model.parameters()),
+                "buffers_before": buffers_before,
+                "buffers_after": snapshot(model.buffers()),
                 "synced": local_sgd.last_step_synced,
             }
         )
