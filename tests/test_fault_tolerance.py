@@ -144,6 +144,22 @@ def test_local_sgd_with_a_manager_heals_a_restarted_replica(lighthouse, options)
             assert torch.equal(x, y)
 
 
+def assert_rolled_back_then_healed(r0, r1, failed_step, rolled_back_to, healed_step):
+    """Replica 1's sync completing at `failed_step` was not committed: it holds `rolled_back_to` there while
+    replica 0 took the average; the sync at `healed_step` heals it (both hold the same values from then on),
+    and both end identical with the same sync count."""
+    committed0, failed1 = r0["records"][failed_step - 1], r1["records"][failed_step - 1]
+    assert committed0["synced"] and not failed1["synced"], "replica 0 committed, replica 1 did not"
+    for got, expected in zip(failed1["after"], rolled_back_to):
+        assert torch.equal(got, expected), "rolled back"
+    assert not all(map(torch.equal, committed0["after"], committed0["before"])), "replica 0 took the average"
+    for a, b in zip(r0["records"][healed_step - 1]["after"], r1["records"][healed_step - 1]["after"]):
+        assert torch.equal(a, b), "the next sync heals replica 1 and leaves both identical"
+    for x, y in zip(r0["final"], r1["final"]):
+        assert torch.equal(x, y)
+    assert r1["sync_count"] == r0["sync_count"], "the healed replica took the healthy one's sync count"
+
+
 @pytest.mark.parametrize(
     "options", [{}, INT8, INT8_EF_DILOCO, {"sync_buffers": True}], ids=["plain", "int8", "int8+ef+diloco", "buffers"]
 )
@@ -151,21 +167,12 @@ def test_local_sgd_rolls_back_a_failed_commit_and_heals_at_the_next_sync(lightho
     # Replica 1's sync at step 4 fails after the collective: it rolls back (its wire's anchor too), replica 0
     # commits; at step 6 replica 1 is behind, is healed from replica 0, and they sync together.
     r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 8, options, -1, 0.0, 4, timeout=180)
-    failed0, failed1 = r0["records"][3], r1["records"][3]
-    assert failed0["synced"] and not failed1["synced"], "replica 0 committed, replica 1 did not"
     # Plain averaging keeps the local steps (as torchft's LocalSGD); the outer step goes back to its anchor,
     # the result of the last committed sync at step 2 (as torchft's DiLoCo).
-    rolled_back_to = r1["records"][1]["after"] if "outer_optimizer" in options else failed1["before"]
-    for got, expected in zip(failed1["after"], rolled_back_to):
-        assert torch.equal(got, expected), "rolled back"
-    for got, own in zip(failed1["buffers_after"], failed1["buffers_before"]):
+    rolled_back_to = r1["records"][1]["after"] if "outer_optimizer" in options else r1["records"][3]["before"]
+    assert_rolled_back_then_healed(r0, r1, failed_step=4, rolled_back_to=rolled_back_to, healed_step=6)
+    for got, own in zip(r1["records"][3]["buffers_after"], r1["records"][3]["buffers_before"]):
         assert torch.equal(got, own), "the buffers rolled back with the parameters"
-    assert not all(map(torch.equal, failed0["after"], failed0["before"])), "replica 0 took the average"
-    for a, b in zip(r0["records"][5]["after"], r1["records"][5]["after"]):
-        assert torch.equal(a, b), "the next sync heals replica 1 and leaves both identical"
-    for x, y in zip(r0["final"], r1["final"]):
-        assert torch.equal(x, y)
-    assert r1["sync_count"] == r0["sync_count"], "the healed replica took the healthy one's sync count"
     if "wire" in options:
         for x, y in zip(r0["anchor"], r1["anchor"]):
             assert torch.equal(x, y)
@@ -214,16 +221,7 @@ def test_local_sgd_with_a_manager_rolls_back_an_overlapped_sync_whose_commit_fai
     # then votes no (an error reported before). Either way it keeps its values, replica 0 merges; the sync
     # started at step 4 heals replica 1 in its quorum, and the exit leaves both identical.
     r0, r1 = run_ranks(2, "workers_fault_tolerance:local_sgd_replica", lighthouse, 7, options, -1, 0.0, 3, failure, timeout=180)
-    merged0, failed1 = r0["records"][2], r1["records"][2]
-    assert merged0["synced"] and not failed1["synced"]
-    for got, own in zip(failed1["after"], failed1["before"]):
-        assert torch.equal(got, own), "rolled back to its values before the merge"
-    assert not all(map(torch.equal, merged0["after"], merged0["before"])), "replica 0 merged the average"
-    for a, b in zip(r0["records"][3]["after"], r1["records"][3]["after"]):
-        assert torch.equal(a, b), "healed at the next sync's quorum, at step 4"
-    for x, y in zip(r0["final"], r1["final"]):
-        assert torch.equal(x, y)
-    assert r0["sync_count"] == r1["sync_count"]
+    assert_rolled_back_then_healed(r0, r1, failed_step=3, rolled_back_to=r1["records"][2]["before"], healed_step=4)
 
 
 @pytest.mark.parametrize("fail_at_step", [-1, 4], ids=["healthy", "one rank of a group fails"])
@@ -261,6 +259,32 @@ def test_replica_groups_of_two_ddp_processes_average_across_groups_and_commit_pe
         for a, b in zip(results[0]["final"], r["final"]):
             assert torch.equal(a, b), "every rank of every group ends identical"
     assert len({r["sync_count"] for r in results}) == 1
+
+
+@pytest.mark.parametrize("options", [DILOCO, INT8_EF_DILOCO], ids=["diloco", "int8+ef+diloco"])
+def test_local_sgd_with_a_third_replica_joining_mid_run_heals_it_and_ends_identical(options):
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50, heartbeat_timeout_ms=500)
+    try:
+        # Replicas 0 and 1 sync every 2 steps, 0.1 s apart; replica 2 starts 1.5 s later.
+        timing = {"step_seconds": 0.1, "join_after": 1.5}
+        results = run_ranks(
+            3, "workers_fault_tolerance:local_sgd_replica", server.address(), 30, options, -1, 0.0, -1, "collective", timing,
+            timeout=240,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    late = [record["step"] for record in results[2]["records"]]
+    assert late[0] == 1 and late[1] > 2, "its first sync healed it to the others' step count"
+    assert results[2]["num_steps"] == 30
+    for r in results[1:]:
+        assert r["sync_count"] == results[0]["sync_count"]
+        for a, b in zip(results[0]["final"], r["final"]):
+            assert torch.equal(a, b), "the late replica ends with the others' values"
+        if "wire" in options:
+            for a, b in zip(results[0]["anchor"], r["anchor"]):
+                assert torch.equal(a, b), "and the same wire anchor"
 
 
 def test_a_third_replica_joins_mid_run_and_ends_identical():

@@ -3,6 +3,7 @@ quorum formed by a real lighthouse the test runs; no torch.distributed default g
 
 import os
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -138,6 +139,7 @@ def local_sgd_replica(
     down_seconds: float,
     fail_at_step: int = -1,
     failure: str = "collective",
+    timing: Optional[dict] = None,
 ):
     """LocalSGD(manager=..., **options) on a replica group of one process (no torch.distributed group:
     Accelerate's NO), plain SGD on this replica's own data, K = 2. At `fail_at_step`, replica 1's sync
@@ -146,18 +148,21 @@ def local_sgd_replica(
     `step()`, so the sync completes and the vote is no). With `crash_at_step` >= 0, replica 1 crashes after
     that step: its Manager stops and its model, optimizer and LocalSGD are lost; `down_seconds` later it
     starts again from a fresh model under the same replica id and goes on until it reaches `steps`.
-    Each step's parameters before and after `step()`, whether it synced, and the final counts."""
+    `timing`: `{"step_seconds": s}` sleeps after each step; `{"join_after": s}` starts replica 2 that much
+    later than the others (a replica joining mid-run). Each step's parameters before and after `step()`,
+    whether it synced, and the final counts."""
     replica = int(os.environ["RANK"])
     launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     # Each replica group is its own one-process job (the harness gets its variables back for the result).
     saved = {name: os.environ.pop(name) for name in launch if name in os.environ}
     try:
-        return _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step, failure)
+        scenario = dict(crash_at_step=crash_at_step, down_seconds=down_seconds, fail_at_step=fail_at_step, failure=failure)
+        return _local_sgd_replica(replica, lighthouse, steps, options, **scenario, timing=timing or {})
     finally:
         os.environ.update(saved)
 
 
-def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step, failure):
+def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_seconds, fail_at_step, failure, timing):
     import time
 
     from accelerate import Accelerator
@@ -165,6 +170,8 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
     from localsgd_ext import LocalSGD
 
     accelerator = Accelerator(cpu=True)
+    if replica == 2:
+        time.sleep(timing.get("join_after", 0.0))
 
     def fresh():
         torch.manual_seed(0)  # every replica starts from the same model
@@ -209,6 +216,7 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
                 "synced": local_sgd.last_step_synced,
             }
         )
+        time.sleep(timing.get("step_seconds", 0.0))
         if replica == 1 and not crashed and local_sgd.num_steps == crash_at_step:
             crashed = True
             manager.shutdown(wait=False)
