@@ -42,7 +42,15 @@ class Quorum:
         """Forms the quorum; whether its process group is a new one (the averagers must be rebuilt over it).
         torchft rebuilds the group at each reconfiguration behind its own wrapper, whose collectives run in
         Python; the engine takes the real c10d group under it."""
-        self.manager.start_quorum()
+        try:
+            self.manager.start_quorum()
+        except Exception as error:
+            raise RuntimeError(
+                "LocalSGD: no torchft quorum could be formed for this sync: the lighthouse is unreachable, or fewer "
+                "replicas than the Manager's min_replica_size joined within its quorum timeout. Restart the "
+                "lighthouse (and any replica that stopped): a replica that rejoins is healed from the others' state. "
+                f"Cause: {error}"
+            ) from error
         group = self.manager._pg.parent
         changed = group is not self.group
         self.group = group
@@ -181,6 +189,7 @@ def replica_group_manager(
         lighthouse_addr=lighthouse,
         port=0,
         timeout=timeout,
+        quorum_timeout=timeout,
         use_async_quorum=False,
         init_sync=init_sync,
     )

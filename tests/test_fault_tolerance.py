@@ -287,6 +287,14 @@ def test_local_sgd_with_a_third_replica_joining_mid_run_heals_it_and_ends_identi
                 assert torch.equal(a, b), "and the same wire anchor"
 
 
+def test_losing_the_lighthouse_stops_the_next_sync_with_a_clear_error_within_the_timeout():
+    # Two syncs (steps 2 and 4) with the lighthouse, which then stops: the sync at step 6 cannot form a quorum.
+    for r in run_ranks(2, "workers_fault_tolerance:lighthouse_lost", 4, timeout=120):
+        assert r["error"] is not None and r["at_step"] == 6, r
+        assert r["error"].startswith("LocalSGD: no torchft quorum could be formed for this sync"), r["error"]
+        assert r["seconds"] < 30, "within the Manager's timeouts (3 s each), not hanging"
+
+
 def test_a_third_replica_joins_mid_run_and_ends_identical():
     from torchft._torchft import LighthouseServer
 

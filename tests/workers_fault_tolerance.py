@@ -14,6 +14,8 @@ from localsgd_ext import ParameterAverager, QuantizedAverager
 from localsgd_ext.fault_tolerance import ManagedAverager, single_process_replica_manager
 
 SHAPES = [(40,), (3, 5)]
+# What the harness sets for a torch.distributed job; a one-process replica group runs without them.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _manager(lighthouse: str, replica: int, params):
@@ -152,9 +154,8 @@ def local_sgd_replica(
     later than the others (a replica joining mid-run). Each step's parameters before and after `step()`,
     whether it synced, and the final counts."""
     replica = int(os.environ["RANK"])
-    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     # Each replica group is its own one-process job (the harness gets its variables back for the result).
-    saved = {name: os.environ.pop(name) for name in launch if name in os.environ}
+    saved = {name: os.environ.pop(name) for name in LAUNCH_VARIABLES if name in os.environ}
     try:
         scenario = dict(crash_at_step=crash_at_step, down_seconds=down_seconds, fail_at_step=fail_at_step, failure=failure)
         return _local_sgd_replica(replica, lighthouse, steps, options, **scenario, timing=timing or {})
@@ -321,3 +322,76 @@ def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int):
         return result
     finally:
         dist.destroy_process_group()
+
+
+def lighthouse_lost(steps_before: int):
+    """Two single-process replicas with LocalSGD (K = 2) and a lighthouse process (torchft_lighthouse) that
+    rank 0 starts and kills (SIGKILL) after its step `steps_before`; the next sync's error (or its absence)
+    on each replica."""
+    import datetime
+    import socket
+    import subprocess
+    import sys
+
+    replica = int(os.environ["RANK"])
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(seconds=30)
+    )
+    server = None
+    if replica == 0:
+        with socket.socket() as probe:  # a free port for the lighthouse, as torchrun picks one
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        binary = os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
+        server = subprocess.Popen([binary, "--min_replicas", "2", "--bind", f"[::]:{port}"], stderr=subprocess.DEVNULL)
+        shared.set("lighthouse", f"http://localhost:{port}")
+    lighthouse = shared.get("lighthouse").decode()
+    saved = {name: os.environ.pop(name) for name in LAUNCH_VARIABLES if name in os.environ}
+    try:
+        return _until_the_lighthouse_is_lost(replica, lighthouse, server, steps_before)
+    finally:
+        os.environ.update(saved)
+
+
+def _until_the_lighthouse_is_lost(replica, lighthouse, server, steps_before):
+    import time
+
+    from accelerate import Accelerator
+
+    from localsgd_ext import LocalSGD
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    manager = single_process_replica_manager(
+        f"replica_{replica}",
+        lighthouse,
+        lambda state: [p.data.copy_(v) for p, v in zip(params, state["params"])],
+        lambda: {"params": [p.detach().clone() for p in params]},
+        timeout=timedelta(seconds=3),
+    )
+    local_sgd = LocalSGD(accelerator=Accelerator(cpu=True), model=model, local_sgd_steps=2, manager=manager)
+    result = {"error": None}
+    started = time.perf_counter()
+    try:
+        with local_sgd:
+            while local_sgd.num_steps < steps_before + 4:
+                torch.nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 3)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                local_sgd.step()
+                if local_sgd.num_steps == steps_before and server is not None:
+                    time.sleep(0.5)  # both replicas are past this step's quorum
+                    server.kill()
+                    server.wait()
+                    started = time.perf_counter()
+                elif local_sgd.num_steps == steps_before:
+                    started = time.perf_counter()
+    except RuntimeError as error:
+        result = {"error": str(error), "at_step": local_sgd.num_steps, "seconds": time.perf_counter() - started}
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()
+    manager.shutdown(wait=False)
+    return result
