@@ -263,8 +263,8 @@ class LocalSGD:
             progress. With zero-copy the levels average the flat buffers' views in copy mode.
         manager (`torchft.Manager`, *optional*):
             Keyword-only. Fault tolerance on torchft (PyTorch's fault-tolerance library; `pip install
-            localsgd_ext[ft]`): each replica group (one process, or a DDP group of processes whose
-            gradients DDP keeps syncing within the group) is one torchft replica; every sync runs in a
+            localsgd_ext[ft]`): each replica group (one process, or a group of processes whose DDP or
+            FSDP2 keeps syncing gradients within the group) is one torchft replica; every sync runs in a
             quorum of the replicas alive now (`start_quorum`), averages over the quorum's process group
             (each rank with the same rank of the other groups) with the compiled engine, and commits
             (`should_commit`, decided per group), or this group goes back to its values before the sync

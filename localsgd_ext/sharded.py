@@ -112,7 +112,12 @@ def _refuse_group_across_shards(param, process_group: dist.ProcessGroup) -> None
 
     mesh = param.device_mesh
     me = dist.get_rank()
-    members = set(dist.get_process_group_ranks(process_group))
+    try:
+        members = set(dist.get_process_group_ranks(process_group))
+    except (KeyError, ValueError, RuntimeError):
+        # A group torch.distributed did not create (a torchft quorum's, across replica groups that are jobs of
+        # their own): none of its ranks is another rank of this job's mesh.
+        return
     coordinates = (mesh.mesh == me).nonzero()
     if len(coordinates) != 1:
         return

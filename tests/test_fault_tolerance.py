@@ -261,6 +261,25 @@ def test_replica_groups_of_two_ddp_processes_average_across_groups_and_commit_pe
     assert len({r["sync_count"] for r in results}) == 1
 
 
+def test_replica_groups_sharded_by_fsdp2_average_each_shard_with_the_same_shard_of_the_other_group(lighthouse):
+    # Each group shards the model over its two ranks: rank l of group 0 and rank l of group 1 hold the same
+    # shard, and average it over the quorum's group of their local rank.
+    results = run_ranks(4, "workers_fault_tolerance:ddp_replica_group", lighthouse, 6, -1, "fsdp2", timeout=180)
+    for local in (0, 1):
+        group0, group1 = results[local], results[2 + local]
+        for a, b in zip(group0["records"], group1["records"]):
+            assert a["synced"] == b["synced"] == (a["step"] % 2 == 0)
+            if a["synced"]:
+                for got0, got1, x, y in zip(a["after"], b["after"], a["before"], b["before"]):
+                    assert torch.equal(got0, (x + y) / 2) and torch.equal(got1, got0), "the mean of the two groups' shard"
+            else:
+                assert not all(map(torch.equal, a["after"], b["after"])), "the groups train apart between syncs"
+        for x, y in zip(group0["final"], group1["final"]):
+            assert torch.equal(x, y)
+    for a, b in zip(results[0]["final"], results[1]["final"]):
+        assert a.shape == b.shape and not torch.equal(a, b), "the two ranks of a group hold different shards"
+
+
 @pytest.mark.parametrize("options", [DILOCO, INT8_EF_DILOCO], ids=["diloco", "int8+ef+diloco"])
 def test_local_sgd_with_a_third_replica_joining_mid_run_heals_it_and_ends_identical(options):
     from torchft._torchft import LighthouseServer

@@ -238,10 +238,11 @@ def _local_sgd_replica(replica, lighthouse, steps, options, crash_at_step, down_
     return result
 
 
-def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int):
-    """Two replica groups of two processes each (ranks 0-1 and 2-3), each its own DDP job with its own store
-    and process group, and a Manager per process (`replica_group_manager`); LocalSGD(manager=...) with K = 2
-    on a DDP model, every process on its own data. At `fail_at_step`, rank 3 (replica group 1's second
+def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int, wrapper: str = "ddp"):
+    """Two replica groups of two processes each (ranks 0-1 and 2-3), each its own DDP job (or with
+    `wrapper="fsdp2"`, FSDP2 sharding the model over the group's two ranks) with its own store and process
+    group, and a Manager per process (`replica_group_manager`); LocalSGD(manager=...) with K = 2, every
+    process on its own data. At `fail_at_step`, rank 3 (replica group 1's second
     process) fails right after that step's collective: the group's commit fails on both its ranks.
     Each step's parameters before and after `step()`, whether it synced, and the final counts."""
     import datetime
@@ -268,10 +269,18 @@ def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int):
     dist.init_process_group("gloo", store=group_store, rank=local, world_size=2, timeout=datetime.timedelta(seconds=30))
     try:
         torch.manual_seed(0)  # every process starts from the same model
-        module = torch.nn.Linear(6, 3)
-        model = torch.nn.parallel.DistributedDataParallel(module)
+        module = torch.nn.Linear(6, 4)
+        if wrapper == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(module, mesh=init_device_mesh("cpu", (2,)))  # each rank holds half of each tensor
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(module)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        params = list(model.parameters())
+        # This rank's part of each parameter: all of it under DDP, its shard under FSDP2 (which the same rank of
+        # the other group holds too, and heals it with).
+        params = [p.to_local() if wrapper == "fsdp2" else p for p in model.parameters()]
 
         def state_dict():
             return {"params": [p.detach().clone() for p in params]}
@@ -298,7 +307,7 @@ def ddp_replica_group(lighthouse: str, steps: int, fail_at_step: int):
         records = []
         with local_sgd:
             while local_sgd.num_steps < steps:
-                x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+                x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 4, generator=generator)
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 optimizer.step()
                 optimizer.zero_grad()
