@@ -46,10 +46,10 @@ class Quorum:
             self.manager.start_quorum()
         except Exception as error:
             raise RuntimeError(
-                "LocalSGD: no torchft quorum could be formed for this sync: the lighthouse is unreachable, or fewer "
-                "replicas than the Manager's min_replica_size joined within its quorum timeout. Restart the "
-                "lighthouse (and any replica that stopped): a replica that rejoins is healed from the others' state. "
-                f"Cause: {error}"
+                "LocalSGD: no torchft quorum could be formed for this sync: the lighthouse is unreachable, fewer "
+                "replicas than the Manager's min_replica_size joined within its quorum timeout, or healing this "
+                "replica in it failed (see the cause). Restart the lighthouse (and any replica that stopped): a "
+                f"replica that rejoins is healed from the others' state. Cause: {error}"
             ) from error
         group = self.manager._pg.parent
         changed = group is not self.group
