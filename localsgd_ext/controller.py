@@ -18,7 +18,7 @@ from .buffers import BufferSync
 from .config import LocalSGDConfig
 from .consistency import confirm_across_world, confirm_settings_agree, fail_together, world_group
 from .diloco import OuterStep
-from .fault_tolerance import Commit, Quorum
+from .fault_tolerance import Commit, Quorum, Rollback
 from .fragments import fragment_bounds
 from .hierarchy import Hierarchy
 from .options import AveragingOptions, check_int_at_least
@@ -472,10 +472,7 @@ class SyncController:
                 self.synced_at_step[fragment] = step
             self.sync_count += 1
         elif self.outer is not None:
-            anchors = local_tensors(self.outer.anchor_slice(first, len(averager.params)))
-            with torch.no_grad():
-                for param, outer_anchor in zip(local_tensors(averager.params), anchors):
-                    param.copy_(outer_anchor)
+            self.outer.restore(averager.params, first)
 
     def _start_in_quorum(self, step: int, fragment: int, merge_now: bool) -> None:
         """An overlapped sync in a torchft quorum: the quorum is formed and the average started now; its
@@ -508,8 +505,7 @@ class SyncController:
         assert commit is not None
         outer, first = self.outer, self.fragment_starts[fragment]
         buffers = self._buffers_synced_with(fragment)
-        tensors = local_tensors(averager.params) + averager.state_tensors() + (buffers.tensors if buffers else [])
-        before = [t.detach().clone() for t in tensors]
+        before = Rollback(local_tensors(averager.params) + averager.state_tensors() + (buffers.tensors if buffers else []))
 
         def commit_then_outer_step(means: List[torch.Tensor], positions: Optional[Sequence[int]] = None) -> None:
             if commit() and outer is not None:
@@ -526,9 +522,7 @@ class SyncController:
             averager.drain_pending_average()
         committed = commit()
         if not committed:
-            with torch.no_grad():
-                for tensor, value in zip(tensors, before):
-                    tensor.copy_(value)
+            before.restore()
         self._conclude_in_quorum(step, fragment, committed, merged=True)
 
     # --- State ---------------------------------------------------------------------------------------------

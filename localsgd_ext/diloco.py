@@ -9,6 +9,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .sharded import local_tensors
+
 __all__ = ["OuterStep", "diloco_outer_optimizer"]
 
 ANCHOR_DEVICES = ("device", "cpu")
@@ -85,6 +87,13 @@ class OuterStep:
         self._check_matches(params, anchors)
         for anchor, param in zip(anchors, params):
             anchor.copy_(param.detach())
+
+    @torch.no_grad()
+    def restore(self, params: Sequence[torch.Tensor], first: int = 0) -> None:
+        """The inverse of `rebase`: parameters `first` onwards (a fragment) take their anchors' values, the
+        last outer step's result (a sync that was not committed, as torchft's DiLoCo drops it)."""
+        for param, anchor in zip(local_tensors(params), local_tensors(self.anchor_slice(first, len(params)))):
+            param.copy_(anchor)
 
     def anchor_slice(self, first: int = 0, count: Optional[int] = None) -> List[torch.Tensor]:
         """The anchors of parameters `first` to `first + count` (a fragment; all of them by default)."""

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .averager import ParameterAverager
 from .sharded import local_tensors
 
-__all__ = ["Commit", "ManagedAverager", "Quorum", "replica_group_manager", "single_process_replica_manager"]
+__all__ = ["Commit", "ManagedAverager", "Quorum", "Rollback", "replica_group_manager", "single_process_replica_manager"]
 
 
 class Quorum:
@@ -67,20 +67,30 @@ class Quorum:
         the local progress is kept, as torchft's own `LocalSGD` does; the replicas that committed are ahead,
         and this one is healed from them at the next quorum. The Manager may load a healthy replica's state into
         them while it commits: the average is kept aside and written back."""
-        before = [t.detach().clone() for t in tensors]
+        before = Rollback(tensors)
         commit = self.commit()
-        result: Optional[List[torch.Tensor]] = None
+        result: Optional[Rollback] = None
         try:
             average()
-            result = [t.detach().clone() for t in tensors]
+            result = Rollback(tensors)
         except Exception as error:  # noqa: BLE001 - a failed average is reported, and the commit fails
             commit.fail(error)
         committed = commit() and result is not None
-        kept = result if committed and result is not None else before
-        with torch.no_grad():
-            for tensor, values in zip(tensors, kept):
-                tensor.copy_(values)
+        (result if committed and result is not None else before).restore()
         return committed
+
+
+class Rollback:
+    """Tensors' values kept aside, to be put back into them: the state before a sync whose commit may fail."""
+
+    def __init__(self, tensors: List[torch.Tensor]):
+        self.tensors = tensors
+        self.values = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, values in zip(self.tensors, self.values):
+            tensor.copy_(values)
 
 
 class Commit:

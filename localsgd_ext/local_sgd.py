@@ -408,11 +408,10 @@ class LocalSGD:
             )
         if self.enabled:
             self._controller.prepare()
-        if self.enabled and self.manager is not None and not self._state_registered:
-            # A replica that rejoins is healed with the step count, the sync count, the outer step and the anchor.
-            self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
-            self._state_registered = True
-        if self.enabled:
+            if self.manager is not None and not self._state_registered:
+                # A replica that rejoins is healed with the step count, the sync count, the outer step and the anchor.
+                self.manager.register_state_dict_fn("localsgd_ext.LocalSGD", self.load_state_dict_while_healing, self.state_dict)
+                self._state_registered = True
             self.model_sync_obj = _gradient_sync_off(self.model, self.manager is not None)
             self._gradient_sync_is_off = False
             if self.num_steps >= self.warmup_steps or self.config.warmup_by_averaging:

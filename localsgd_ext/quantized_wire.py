@@ -277,8 +277,7 @@ class QuantizedAverager:
         """The anchor, one view per tensor shaped like its local part (None for each before the first anchor)."""
         if self._anchored is None:
             return [None] * len(self._tensors)
-        anchor = self._anchored.anchor
-        return [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
+        return list(self._views_of(self._anchored.anchor))
 
     def state_tensors(self) -> List[torch.Tensor]:
         """The anchor and, with error feedback, the residual: what a sync changes besides the tensors."""
@@ -530,14 +529,14 @@ class QuantizedAverager:
         if fragment_update_alpha is None:
             ops.merge_into(state.anchor, self._snapshot(), self.offsets, 1.0, self._tensors)
         else:
-            anchor = state.anchor
-            views = [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
-            streaming_merge(self._tensors, views, fragment_update_alpha)
+            streaming_merge(self._tensors, self._views_of(state.anchor), fragment_update_alpha)
+
+    def _views_of(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """Each tensor's stretch of a buffer in the flat layout, viewed in the shape of its local part."""
+        return [flat[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
 
     def _anchor_views(self) -> List[torch.Tensor]:
-        anchor = self._state().anchor
-        views = [anchor[o : o + t.numel()].view(t.shape) for o, t in zip(self.offsets, self._tensors)]
-        return shaped_like_parameters(views, self.params)
+        return shaped_like_parameters(self._views_of(self._state().anchor), self.params)
 
     @property
     def average_pending(self) -> bool:
