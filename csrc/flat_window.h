@@ -12,6 +12,8 @@
 #include <optional>
 #include <vector>
 
+#include "streaming_stores.h"
+
 namespace localsgd_ext::cpu {
 
 // One tensor's elements within the window: window positions begin..end, starting at `data`.
@@ -79,11 +81,19 @@ inline void gather_window(const std::vector<WindowSegment>& segments, int64_t lo
 }
 
 // The window's elements lo..hi that lie in a tensor = in[0 .. hi - lo) (the rest of `in` is not written anywhere).
+// `kStream`: with streaming stores (streaming_stores.h; the caller fences).
+template <bool kStream = false>
 inline void scatter_window(const std::vector<WindowSegment>& segments, int64_t lo, int64_t hi, const float* in) {
   for (size_t s = first_segment_after(segments, lo); s < segments.size() && segments[s].begin < hi; ++s) {
     const int64_t from = std::max(segments[s].begin, lo);
     const int64_t to = std::min(segments[s].end, hi);
-    std::memcpy(segments[s].data + (from - segments[s].begin), in + (from - lo), (to - from) * sizeof(float));
+    float* dst = segments[s].data + (from - segments[s].begin);
+    const int64_t nbytes = (to - from) * static_cast<int64_t>(sizeof(float));
+    if constexpr (kStream) {
+      stream_copy(reinterpret_cast<const char*>(in + (from - lo)), reinterpret_cast<char*>(dst), nbytes);
+    } else {
+      std::memcpy(dst, in + (from - lo), nbytes);
+    }
   }
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "pack_common.h"
+#include "streaming_stores.h"
 #include "vector_clones.h"
 
 namespace localsgd_ext {
@@ -95,6 +96,16 @@ BucketCopies plan_copies(at::TensorList tensors, at::IntArrayRef offsets, const 
 
 void copy_chunk(const CopyChunk& c) { std::memcpy(c.dst, c.src, c.nbytes); }
 
+void stream_chunk(const CopyChunk& c) {
+  stream_copy(c.src, c.dst, c.nbytes);
+  streaming_fence();
+}
+
+void copy_chunks(const BucketCopies& copies) {
+  for_each_chunk(copies.chunks, copies.total_bytes,
+                 use_streaming_stores(copies.total_bytes) ? stream_chunk : copy_chunk);
+}
+
 // Elements per task when a cast is spread over intra-op threads.
 constexpr int64_t kCastGrain = 64 * 1024;
 // From this many elements an fp16 cast goes through ATen's kernels, which are built for the CPU's
@@ -171,7 +182,7 @@ void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Te
   check_disjoint_slots("pack_into", tensors, offsets);
   check_scale("pack_into", tensors, buffer, scale);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
-  for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
+  copy_chunks(copies);
   if (!copies.casts.empty()) {
     pack_casts(tensors, offsets, buffer, scale, copies.casts);
   }
@@ -216,7 +227,22 @@ void unpack_from_cpu(const at::Tensor& buffer, at::IntArrayRef offsets, double d
   check_divisor("unpack_from", divisor);
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kFromBuffer);
   if (divisor == 1.0) {
-    for_each_chunk(copies.chunks, copies.total_bytes, copy_chunk);
+    copy_chunks(copies);
+  } else if (buffer.scalar_type() == at::kFloat && use_streaming_stores(copies.total_bytes)) {
+    const auto d = static_cast<float>(divisor);
+    const auto reciprocal = static_cast<float>(1.0 / divisor);
+    const bool by_reciprocal = is_power_of_two(divisor);
+    for_each_chunk(copies.chunks, copies.total_bytes, [d, reciprocal, by_reciprocal](const CopyChunk& c) {
+      const auto* src = reinterpret_cast<const float*>(c.src);
+      auto* dst = reinterpret_cast<float*>(c.dst);
+      const int64_t n = c.nbytes / static_cast<int64_t>(sizeof(float));
+      if (by_reciprocal) {
+        stream_multiply(src, dst, n, reciprocal);
+      } else {
+        stream_divide(src, dst, n, d);
+      }
+      streaming_fence();
+    });
   } else {
     const bool by_reciprocal = is_power_of_two(divisor);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {

@@ -127,9 +127,19 @@ void apply_mean_all(const void* codes, const float* scales, int64_t length, int6
       apply_mean_blocks<Codec>(in, scales, first, last, block_size, anchor);
       return;
     }
+    // The tensors are only written: past a cache's size, around it (streaming_stores.h).
+    const bool stream = use_streaming_stores(length * static_cast<int64_t>(sizeof(float)));
     for (int64_t b = first; b < last; ++b) {
       apply_mean_blocks<Codec>(in, scales, b, b + 1, block_size, anchor);
-      scatter_window(*segments, b * block_size, (b + 1) * block_size, anchor + b * block_size);
+      const int64_t lo = b * block_size;
+      if (stream) {
+        scatter_window<true>(*segments, lo, lo + block_size, anchor + lo);
+      } else {
+        scatter_window(*segments, lo, lo + block_size, anchor + lo);
+      }
+    }
+    if (stream) {
+      streaming_fence();
     }
   });
 }

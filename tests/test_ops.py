@@ -91,6 +91,35 @@ def test_unpack_divides_exactly_like_torch(kernel, device, dtype, divisor):
         assert torch.equal(dst, expected), f"max diff {(dst.double() - expected.double()).abs().max()}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("divisor", [1.0, 4.0, 3.0])
+def test_buckets_past_the_streaming_size_give_the_same_bits(dtype, divisor):
+    """From 8 MiB per call the CPU kernels store around the cache (streaming_stores.h): the same bits as
+    torch, whatever the slots' alignment (odd offsets), the tails' lengths, and special values."""
+    rng = random.Random(5)
+    sizes = [rng.randrange(1, 40) for _ in range(20)] + [1_100_003, 1_300_001, 7, 5_000_001 // dtype.itemsize]
+    tensors = [torch.randn(n, dtype=torch.float64).mul_(1e3).to(dtype) for n in sizes]
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e-40, -0.0, 3e38], dtype=torch.float64)
+    tensors[-3][: specials.numel()] = specials.to(dtype)
+    offsets, total = layout_offsets(tensors, pad=3)
+    assert total * tensors[0].element_size() >= 8 * 2**20
+    buffer = torch.full((total + 1,), 5.0, dtype=dtype)[1:]  # a buffer starting 1 element past an allocation
+    ops.pack_into(tensors, offsets, buffer)
+    for t, off in zip(tensors, offsets):
+        assert torch.equal(bits(buffer[off : off + t.numel()]), bits(t))
+    targets = [torch.full((t.numel() + 1,), 9.0, dtype=dtype)[1:] for t in tensors]
+    ops.unpack_from(buffer, offsets, divisor, targets)
+    for src, dst in zip(tensors, targets):
+        expected = src / divisor
+        # NaN stays NaN; its payload is the one thing torch's division may rewrite (bfloat16's).
+        assert torch.equal(dst.isnan(), expected.isnan())
+        assert torch.equal(bits(dst)[~dst.isnan()], bits(expected)[~expected.isnan()])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_lists_are_no_ops(device):
     buffer = torch.arange(4.0, device=device)

@@ -427,6 +427,27 @@ def test_the_window_ops_give_the_bits_of_pack_quantize_apply_unpack(device, code
             assert torch.equal(got, want)
 
 
+def test_a_window_past_the_streaming_size_writes_the_same_bits():
+    """From 8 MiB of window, apply_quantized_mean_to writes the tensors with streaming stores
+    (streaming_stores.h): odd sizes and offsets (unaligned starts), a gap, the same bits as apply + unpack."""
+    block_size = 1024
+    generator = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(n, generator=generator) for n in [37, 1_200_001, 0, 63, 1_100_003]]
+    offsets = [0, 37, 1_200_038, 1_200_038, 1_200_111]
+    length = -(-(offsets[-1] + tensors[-1].numel()) // (4 * block_size)) * 4 * block_size
+    assert length * 4 >= 8 * 2**20
+    anchor = _packed(tensors, offsets, length, "cpu") + 0.25
+    codes, scales = _codes_out(length, block_size, torch.int8, "cpu")
+    ops.quantize_tensors_change(tensors, offsets, 0, anchor, None, block_size, codes, scales, None)
+    expected_anchor, expected_tensors = anchor.clone(), [t.clone() for t in tensors]
+    ops.apply_quantized_mean(codes, scales, block_size, expected_anchor)
+    ops.unpack_from(expected_anchor, offsets, 1.0, expected_tensors)
+    ops.apply_quantized_mean_to(codes, scales, block_size, anchor, offsets, 0, tensors)
+    assert torch.equal(anchor, expected_anchor)
+    for got, want in zip(tensors, expected_tensors):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_window_ops_pass_opcheck(device):
     tensors, offsets, used = _window_layout(device)
