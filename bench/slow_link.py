@@ -8,7 +8,8 @@
 Modes: `ddp` (gradient all-reduce every step), `K` (LocalSGD, local_sgd_steps=K), `none` (no
 communication at all: each rank trains alone; the compute-only floor). A LocalSGD mode `K` may carry,
 in this order: `dT` (sync_delay=T: each sync overlapped with the next T steps), `fP`
-(num_fragments=P), `q` (wire="int8"), `fp8` (wire="fp8") or `i4` (wire="int4"), then `e` (error_feedback), `o`
+(num_fragments=P), `q` (wire="int8"), `fp8` (wire="fp8"), `i4` (wire="int4"), `bf16` or `fp16` (those wires),
+then `e` (error_feedback, with the quantized wires), `o`
 (outer_optimizer="diloco"), `s` (merge="streaming": Streaming DiLoCo's timing and merge, alpha 0). With
 sync_delay or fragments the loss is measured on rank 0's parameters, which then include some local steps of
 its own.
@@ -150,24 +151,24 @@ def train(args):
 
 
 MODE_PATTERN = re.compile(
-    r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8|i4)(?P<ef>e)?)?(?P<outer>o)?(?P<streaming>s)?$"
+    r"^(?P<steps>\d+)(?:d(?P<delay>\d+))?(?:f(?P<fragments>\d+))?(?:(?P<wire>q|fp8|i4|bf16|fp16)(?P<ef>e)?)?(?P<outer>o)?(?P<streaming>s)?$"
 )
 
 
 def parse_mode(mode: str) -> dict:
-    """'ddp', 'none', or 'K[dT][fP][q|fp8|i4][e][o][s]' (see the module docstring)."""
+    """'ddp', 'none', or 'K[dT][fP][q|fp8|i4|bf16|fp16][e][o][s]' (see the module docstring)."""
     plain = {"delay": 0, "fragments": 1, "wire": None, "error_feedback": False, "outer": False, "streaming": False}
     if mode in ("ddp", "none"):
         return {"kind": mode, "steps": 1, **plain}
     match = MODE_PATTERN.match(mode)
     if match is None:
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8|i4][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
+        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8|i4|bf16|fp16][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
     return {
         "kind": "local_sgd",
         "steps": int(match["steps"]),
         "delay": int(match["delay"] or 0),
         "fragments": int(match["fragments"] or 1),
-        "wire": {"q": "int8", "fp8": "fp8", "i4": "int4", None: None}[match["wire"]],
+        "wire": {"q": "int8", "fp8": "fp8", "i4": "int4", "bf16": "bf16", "fp16": "fp16", None: None}[match["wire"]],
         "error_feedback": match["ef"] is not None,
         "outer": match["outer"] is not None,
         "streaming": match["streaming"] is not None,
