@@ -162,7 +162,9 @@ def parse_mode(mode: str) -> dict:
         return {"kind": mode, "steps": 1, **plain}
     match = MODE_PATTERN.match(mode)
     if match is None:
-        raise SystemExit(f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8|i4|bf16|fp16][e][o][s]' (e.g. 8d2f2qe), got {mode!r}")
+        raise SystemExit(
+            f"--modes: each mode is 'ddp', 'none' or 'K[dT][fP][q|fp8|i4|bf16|fp16][e][o][s]' (e.g. 8d2f2qe), got {mode!r}"
+        )
     return {
         "kind": "local_sgd",
         "steps": int(match["steps"]),
