@@ -224,12 +224,15 @@ class QuantizedAverager:
         length = self._padded_length(world_size)
         anchor = torch.zeros(length, dtype=torch.float32, device=device)
         ops.pack_into(self._tensors, self.offsets, anchor)
+        pieces = self._wire_pieces(world_size, length)
         self._anchored = _Anchored(
             anchor=anchor,
             snapshot=None,
             residual=torch.zeros_like(anchor) if self.error_feedback else None,
-            wire=_WireBuffers.for_length(length, world_size, self.block_size, self._code_dtype, device),
-            pieces=self._wire_pieces(world_size, length),
+            wire=_WireBuffers.for_length(
+                length, world_size, self.block_size, self._code_dtype, device, piece_length=pieces[0][1] - pieces[0][0]
+            ),
+            pieces=pieces,
         )
 
     def _snapshot(self) -> torch.Tensor:
@@ -286,9 +289,9 @@ class QuantizedAverager:
             return []
         return [state.anchor] + ([] if state.residual is None else [state.residual])
 
-    def _quantize_window(self, start: int, end: int, keep_snapshot: bool) -> None:
+    def _quantize_window(self, start: int, end: int, codes: torch.Tensor, keep_snapshot: bool) -> None:
         """Quantizes the change since the anchor (plus the residual, with error feedback) of the flat layout's
-        elements start..end into the wire's codes and scales, reading the tensors themselves, in one pass;
+        elements start..end into `codes` and the wire's scales, reading the tensors themselves, in one pass;
         with `keep_snapshot` (an overlapped sync) their values are also kept in the snapshot."""
         state = self._state()
         window = slice(start, end)
@@ -299,19 +302,21 @@ class QuantizedAverager:
             state.anchor[window],
             None if state.residual is None else state.residual[window],
             self.block_size,
-            state.wire.codes[self._codes_of(start, end)],
+            codes,
             state.wire.scales[self._scales_of(start, end)],
             self._snapshot()[window] if keep_snapshot else None,
         )
 
     def _quantized_delta(self, keep_snapshot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The whole change quantized (see `_quantize_window`); refuses one that float32 cannot hold."""
+        """The whole change quantized at once, into the whole-length codes (see `_quantize_window`); refuses
+        one that float32 cannot hold."""
         state = self._state()
-        self._quantize_window(0, state.anchor.numel(), keep_snapshot)
+        codes = state.wire.sent.whole()
+        self._quantize_window(0, state.anchor.numel(), codes, keep_snapshot)
         error = self._overflowed_change(state.wire.scales)
         if error is not None:
             raise error
-        return state.wire.codes, state.wire.scales
+        return codes, state.wire.scales
 
     def _overflowed_change(self, scales: torch.Tensor) -> Optional[ValueError]:
         """A block holding NaN or Inf has a non-finite scale (one pass over the scales, not the model). If the
@@ -351,27 +356,33 @@ class QuantizedAverager:
 
     def _start_exchange(self, group: dist.ProcessGroup, quantize_pieces: bool) -> "_Exchange":
         """Phase 1, started: per piece, an all_to_all gives rank r chunk r of the piece of every rank's codes
-        and scales, all left on the wire at once. Codes travel as bytes (backends may not know float8). With
-        `quantize_pieces` (a waited sync), each piece is quantized just before its all_to_all starts, so the
-        next is quantized while it travels; whether a rank's change overflowed float32 then travels last, in
-        a one-number all_reduce that `_check_overflow` reads before anything is applied."""
+        and scales. Codes travel as bytes (backends may not know float8). With `quantize_pieces` (a waited
+        sync), each piece is quantized just before its all_to_all starts, so the next is quantized while it
+        travels, into the slot of the piece two before it once that one was sent (two pieces of codes in
+        flight); whether a rank's change overflowed float32 then travels last, in a one-number all_reduce
+        that `_check_overflow` reads before anything is applied. Else (an overlapped sync, quantized whole
+        before the check) every piece is left on the wire at once."""
         state = self._state()
         wire = state.wire
-        codes, scales = wire.codes, wire.scales
-        works = []
-        for start, end in state.pieces:
-            if quantize_pieces:
-                self._quantize_window(start, end, keep_snapshot=False)
+        scales = wire.scales
+        exchange = _Exchange(phase=1, works=[], host_blocking=wire.received_codes.device.type == "cpu", whole=not quantize_pieces)
+        for index, (start, end) in enumerate(state.pieces):
             its_scales, its_codes = self._scales_of(start, end), self._codes_of(start, end)
-            works.append(
+            if quantize_pieces:
+                if index >= 2:
+                    exchange.wait_for(exchange.works[index - 2])
+                codes = wire.sent.for_piece(index, its_codes, whole=False)
+                self._quantize_window(start, end, codes, keep_snapshot=False)
+            else:
+                codes = wire.sent.whole()[its_codes]
+            exchange.works.append(
                 [
                     dist.all_to_all_single(
-                        _as_bytes(wire.received_codes[its_codes]), _as_bytes(codes[its_codes]), group=group, async_op=True
+                        _as_bytes(wire.received_codes[its_codes]), _as_bytes(codes), group=group, async_op=True
                     ),
                     dist.all_to_all_single(wire.received_scales[its_scales], scales[its_scales], group=group, async_op=True),
                 ]
             )
-        exchange = _Exchange(phase=1, works=works, host_blocking=codes.device.type == "cpu")
         if quantize_pieces:
             exchange.overflow = self._overflowed_change(scales)
             flag = torch.tensor([0.0 if exchange.overflow is None else 1.0], device=codes.device)
@@ -397,11 +408,12 @@ class QuantizedAverager:
 
     def _start_gather(self, group: dist.ProcessGroup, exchange: "_Exchange") -> None:
         """Phase 2, started: piece by piece as its all_to_all arrives, this rank's chunk averaged in float32
-        and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive)."""
+        and quantized again, then an all_gather of every rank's chunk of it (while the next pieces arrive).
+        A waited sync's chunks of the mean take turns in two slots, as its sent codes do."""
         world_size = group.size()
         wire = self._state().wire
-        gathers = []
-        for (start, end), arriving in zip(self._state().pieces, exchange.works):
+        gathers: List[list] = []
+        for index, ((start, end), arriving) in enumerate(zip(self._state().pieces, exchange.works)):
             exchange.wait_for(arriving)
             its_scales, its_codes = self._scales_of(start, end), self._codes_of(start, end)
             # This rank's chunk of the piece's mean: elements start / W .. end / W of the mean buffers.
@@ -409,20 +421,20 @@ class QuantizedAverager:
                 self._scales_of(start // world_size, end // world_size),
                 self._codes_of(start // world_size, end // world_size),
             )
+            if not exchange.whole and index >= 2:
+                exchange.wait_for(gathers[index - 2])
+            mean_codes = wire.mean.for_piece(index, mine_codes, whole=exchange.whole)
             ops.requantize_mean(
                 wire.received_codes[its_codes].view(world_size, -1),
                 wire.received_scales[its_scales].view(world_size, -1),
                 self.block_size,
-                wire.mean_codes[mine_codes],
+                mean_codes,
                 wire.mean_scales[mine_scales],
             )
             gathers.append(
                 [
                     _all_gather_single(
-                        _as_bytes(wire.gathered_codes[its_codes]),
-                        _as_bytes(wire.mean_codes[mine_codes]),
-                        group=group,
-                        async_op=True,
+                        _as_bytes(wire.gathered_codes[its_codes]), _as_bytes(mean_codes), group=group, async_op=True
                     ),
                     _all_gather_single(
                         wire.gathered_scales[its_scales], wire.mean_scales[mine_scales], group=group, async_op=True
@@ -430,7 +442,7 @@ class QuantizedAverager:
                 ]
             )
         exchange.phase, exchange.works = 2, gathers
-        mean_bytes = wire.mean_codes.numel() + 4 * wire.mean_scales.numel()
+        mean_bytes = wire.mean.length + 4 * wire.mean_scales.numel()  # codes are stored in bytes
         self.last_wire_bytes = 2 * (world_size - 1) * mean_bytes
 
     def _finish_exchange(self, group: dist.ProcessGroup, exchange: "_Exchange", write_tensors: bool) -> None:
@@ -551,33 +563,78 @@ class QuantizedAverager:
         self._full_precision.verify_ranks_agree(equal_values)
 
 
+class _CodeSpace:
+    """One of the exchange's code buffers, in the codes' storage units: whole (an overlapped sync has every
+    piece on the wire at once), or two piece-sized slots that the pieces of a waited sync take in turn.
+    Each is allocated at its first use and reused."""
+
+    def __init__(self, length: int, piece_length: int, dtype: torch.dtype, device):
+        self.length, self.piece_length, self.dtype, self.device = length, min(piece_length, length), dtype, device
+        self._whole: Optional[torch.Tensor] = None
+        self._slots: List[torch.Tensor] = []
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = torch.empty(self.length, dtype=self.dtype, device=self.device)
+        return self._whole
+
+    def for_piece(self, index: int, codes: slice, whole: bool) -> torch.Tensor:
+        """Where piece `index` (whose codes are `codes` of the whole) goes."""
+        if whole:
+            return self.whole()[codes]
+        if not self._slots:
+            self._slots = [torch.empty(self.piece_length, dtype=self.dtype, device=self.device) for _ in range(2)]
+        return self._slots[index % 2][: codes.stop - codes.start]
+
+
 @dataclasses.dataclass
 class _WireBuffers:
     """What a sync sends and receives, allocated with the anchor and reused (a fresh 100 MB tensor per sync
-    costs more in page faults than the pass that fills it): this rank's codes and scales, the chunks the
-    all_to_all brings, this rank's chunk of the mean, and every chunk's mean after the all_gather. The last
-    share the memory of the received chunks: a piece's all_gather starts only once its received chunks
-    were averaged into this rank's chunk of the mean, and writes nothing else."""
+    costs more in page faults than the pass that fills it): this rank's codes (`sent`) and scales, the
+    chunks the all_to_all brings, this rank's chunk of the mean (`mean`), and every chunk's mean after the
+    all_gather. The last share the memory of the received chunks: a piece's all_gather starts only once its
+    received chunks were averaged into this rank's chunk of the mean, and writes nothing else. The received
+    codes are whole-length: no piece may be applied before every rank's change is known not to overflow,
+    i.e. before every piece was quantized. A waited sync's sent codes and chunks of the mean take two
+    pieces' room each (`_CodeSpace`); the scales are a block's 4 bytes per `block_size` codes."""
 
-    codes: torch.Tensor
+    sent: _CodeSpace
     scales: torch.Tensor
     received_codes: torch.Tensor
     received_scales: torch.Tensor
-    mean_codes: torch.Tensor
+    mean: _CodeSpace
     mean_scales: torch.Tensor
     gathered_codes: torch.Tensor
     gathered_scales: torch.Tensor
 
     @classmethod
-    def for_length(cls, length: int, world_size: int, block_size: int, code_dtype: torch.dtype, device) -> "_WireBuffers":
+    def for_length(
+        cls,
+        length: int,
+        world_size: int,
+        block_size: int,
+        code_dtype: torch.dtype,
+        device,
+        piece_length: Optional[int] = None,
+    ) -> "_WireBuffers":
         per_storage = ops.codes_per_storage(code_dtype)
+        piece_length = length if piece_length is None else piece_length
 
-        def codes_and_scales(n: int):
-            codes = torch.empty(n // per_storage, dtype=code_dtype, device=device)
-            return codes, torch.empty(n // block_size, device=device)
+        def scales(n: int) -> torch.Tensor:
+            return torch.empty(n // block_size, device=device)
 
-        received = codes_and_scales(length)
-        return cls(*codes_and_scales(length), *received, *codes_and_scales(length // world_size), *received)
+        received_codes = torch.empty(length // per_storage, dtype=code_dtype, device=device)
+        received_scales = scales(length)
+        return cls(
+            sent=_CodeSpace(length // per_storage, piece_length // per_storage, code_dtype, device),
+            scales=scales(length),
+            received_codes=received_codes,
+            received_scales=received_scales,
+            mean=_CodeSpace(length // world_size // per_storage, piece_length // world_size // per_storage, code_dtype, device),
+            mean_scales=scales(length // world_size),
+            gathered_codes=received_codes,
+            gathered_scales=received_scales,
+        )
 
 
 @dataclasses.dataclass
@@ -606,6 +663,8 @@ class _Exchange:
     works: List[list]
     # gloo on CPU: the wait blocks this thread, so it waits in slices that let Ctrl-C through.
     host_blocking: bool
+    # An overlapped sync's: every piece in flight at once, in the whole-length buffers.
+    whole: bool = True
     # A waited sync's: this rank's overflow error, if any, and the all_reduce telling whether any rank had one.
     overflow: Optional[ValueError] = None
     overflow_flag: Optional[Tuple[torch.Tensor, Any]] = None
