@@ -225,6 +225,11 @@ class ParameterAverager:
         if self._shard_aliases is not None:
             self._shard_aliases.follow(self._tensors, self._engine.plans_built)
 
+    @property
+    def local_tensors(self) -> List[torch.Tensor]:
+        """What a sync reads and writes: `params` themselves, or their local shards when they are DTensors."""
+        return self._tensors
+
     # The options, as attributes of their own (read-only).
     bucket_cap_mb = property(lambda self: self.options.bucket_cap_mb)
     check_finite = property(lambda self: self.options.check_finite)
@@ -263,7 +268,8 @@ class ParameterAverager:
         """Bytes of the flat buffers the tensors live in (zero-copy mode; 0 in copy mode)."""
         return self._engine.flat_bytes
 
-    def _group(self) -> dist.ProcessGroup:
+    def group(self) -> dist.ProcessGroup:
+        """The group a sync runs over: `process_group`, or the default group."""
         if self.process_group is not None:
             return self.process_group
         if not dist.is_available() or not dist.is_initialized():
@@ -319,7 +325,7 @@ class ParameterAverager:
     def _run_engine_checked(self, engine_call) -> None:
         """`engine_call(group, use_avg_op, status_device, check_finite, extra_fingerprint)`: an engine sync
         that starts with the agreement check, through `_run_checked`."""
-        group = self._group()
+        group = self.group()
         device = status_device(group, self._tensors)
         use_avg_op = self._use_avg_op(group)
         self._run_checked(group, lambda: engine_call(group, use_avg_op, device, self.check_finite, self._extra_fingerprint()))
@@ -334,10 +340,10 @@ class ParameterAverager:
         """
         self._run_engine_checked(self._engine.average)
 
-    def _average_unchecked(self) -> None:
+    def average_without_check(self) -> None:
         """average() without its check, for a caller whose own check has just covered these tensors'
         layout (LocalSGD's buffers). A local failure raises here only."""
-        group = self._group()
+        group = self.group()
         with _lost_rank_errors(group):
             self._engine.average(group, self._use_avg_op(group), status_device(group, self._tensors), False, 0, run_check=False)
 
@@ -370,12 +376,12 @@ class ParameterAverager:
         """
         refuse_overlapped_misuse(self.average_pending, "finish_average")
         if outer_step is None and fragment_update_alpha is None:
-            with _lost_rank_errors(self._group()):
+            with _lost_rank_errors(self.group()):
                 self._engine.finish_delayed()
             return
         with torch.no_grad():
             means = [torch.empty_like(t) for t in self._tensors]
-            with _lost_rank_errors(self._group()):
+            with _lost_rank_errors(self.group()):
                 self._engine.finish_delayed_into_mean(means)
             if outer_step is not None:
                 outer_step(shaped_like_parameters(means, self.params))
@@ -430,7 +436,7 @@ class ParameterAverager:
                 One tensor per parameter (e.g. DiLoCo's anchor) whose values must also be bit-identical on
                 every rank; compared by a digest of their bytes, in the same collective.
         """
-        group = self._group()
+        group = self.group()
         values = None
         extra = self._extra_fingerprint()
         if equal_values is not None:

@@ -39,7 +39,7 @@ class BufferSync:
     @torch.no_grad()
     def sync(self) -> None:
         if self.averager is not None:
-            self.averager._average_unchecked()
+            self.averager.average_without_check()
         by_device: Dict[torch.device, List[torch.Tensor]] = {}
         for b in self.integer:
             by_device.setdefault(b.device, []).append(b)

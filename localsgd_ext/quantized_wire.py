@@ -153,7 +153,7 @@ class QuantizedAverager:
         )
         self.params: List[torch.Tensor] = self._full_precision.params
         # What is packed and written: the tensors themselves, or DTensors' local shards.
-        self._tensors: List[torch.Tensor] = self._full_precision._tensors
+        self._tensors: List[torch.Tensor] = self._full_precision.local_tensors
         self.names = self._full_precision.names
         # The anchor and the buffers around it, from the first sync on.
         self._anchored: Optional[_Anchored] = None
@@ -205,8 +205,9 @@ class QuantizedAverager:
     def agreement_tensors(self, named_tensors) -> None:
         self._full_precision.agreement_tensors = named_tensors
 
-    def _group(self) -> dist.ProcessGroup:
-        return self._full_precision._group()
+    def group(self) -> dist.ProcessGroup:
+        """The group a sync runs over, as `ParameterAverager.group`."""
+        return self._full_precision.group()
 
     def _padded_length(self, world_size: int) -> int:
         # Each rank owns an equal chunk of whole blocks.
@@ -219,7 +220,7 @@ class QuantizedAverager:
 
     def _allocate_anchor(self) -> None:
         """The anchor, packed from the tensors as they are now, and the buffers every sync reuses."""
-        world_size = self._group().size()
+        world_size = self.group().size()
         device = self._device
         length = self._padded_length(world_size)
         anchor = torch.zeros(length, dtype=torch.float32, device=device)
@@ -479,7 +480,7 @@ class QuantizedAverager:
             if self._anchored is not None and quantize_now:
                 self._quantized_delta(keep_snapshot=True)
         except Exception as error:  # noqa: BLE001 - every rank must hear of it; fail_together re-raises it
-            fail_together(self._group(), error)
+            fail_together(self.group(), error)
             raise  # unreachable: fail_together raises
         if self._anchored is None:
             self._take_anchor_by_averaging()
@@ -492,7 +493,7 @@ class QuantizedAverager:
         """Replaces every tensor by the quantized-wire mean over the group (see the class docstring)."""
         if not self._begin_sync("average", quantize_now=False):
             return
-        group = self._group()
+        group = self.group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, self._start_exchange(group, quantize_pieces=True), write_tensors=True)
 
@@ -505,7 +506,7 @@ class QuantizedAverager:
         float32 instead."""
         if not self._begin_sync("start_average", quantize_now=True):
             return
-        group = self._group()
+        group = self.group()
         with _lost_rank_errors(group):
             self._pending = self._start_exchange(group, quantize_pieces=False)
 
@@ -514,7 +515,7 @@ class QuantizedAverager:
         """Moves an overlapped average to its second half (the all_gather), so that it too is on the wire
         while training goes on. A collective: every rank must call it at the same step."""
         if self._pending is not None and self._pending.phase == 1:
-            group = self._group()
+            group = self.group()
             with _lost_rank_errors(group):
                 self._start_gather(group, self._pending)
 
@@ -532,7 +533,7 @@ class QuantizedAverager:
         refuse_overlapped_misuse(exchange is not None, "finish_average")
         assert exchange is not None
         self._pending = None
-        group = self._group()
+        group = self.group()
         with _lost_rank_errors(group):
             self._finish_exchange(group, exchange, write_tensors=False)
         if outer_step is not None:
