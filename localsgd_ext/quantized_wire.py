@@ -386,7 +386,7 @@ class QuantizedAverager:
             )
         if quantize_pieces:
             exchange.overflow = self._overflowed_change(scales)
-            flag = torch.tensor([0.0 if exchange.overflow is None else 1.0], device=codes.device)
+            flag = torch.tensor([0.0 if exchange.overflow is None else 1.0], device=scales.device)
             exchange.overflow_flag = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True))
         return exchange
 
