@@ -73,7 +73,9 @@ def quantized_pieces_agree(wire: str, overlapped: bool):
     init_group()
     rank = dist.get_rank()
     results = []
-    for bucket_cap_mb in (25, 0.004):  # one piece; pieces of 1024 elements (2 ranks x 512-element blocks)
+    # One piece; pieces of 1024 elements (2 ranks x 512-element blocks); pieces of 2048, the last of 1024
+    # (a waited sync's slots then take a shorter piece).
+    for bucket_cap_mb in (25, 0.004, 8192 / 2**20):
         generator = torch.Generator().manual_seed(rank)
         tensors = [torch.randn(3000, generator=generator), torch.randn(40, 30, generator=generator)]
         averager = QuantizedAverager(tensors, wire=wire, block_size=512, error_feedback=True, bucket_cap_mb=bucket_cap_mb)
