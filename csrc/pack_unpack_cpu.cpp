@@ -145,6 +145,24 @@ void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tenso
 void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
                   const std::vector<size_t>& casts) {
   const float d = static_cast<float>(divisor);
+  if (buffer.scalar_type() == at::kBFloat16) {
+    int64_t widened_bytes = 0;
+    for (size_t i : casts) {
+      widened_bytes += tensors[i].numel() * static_cast<int64_t>(sizeof(float));
+    }
+    if (use_streaming_stores(widened_bytes)) {
+      const auto* base = static_cast<const uint16_t*>(buffer.const_data_ptr());
+      for (size_t i : casts) {
+        float* dst = tensors[i].mutable_data_ptr<float>();
+        const uint16_t* src = base + offsets[i];
+        at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+          stream_widen_bfloat16(src + begin, dst + begin, end - begin, d);
+          streaming_fence();
+        });
+      }
+      return;
+    }
+  }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
     const scalar_t* base = buffer.const_data_ptr<scalar_t>();
     for (size_t i : casts) {

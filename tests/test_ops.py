@@ -116,6 +116,28 @@ def test_buckets_past_the_streaming_size_give_the_same_bits(dtype, divisor):
         assert torch.equal(bits(dst)[~dst.isnan()], bits(expected)[~expected.isnan()])
 
 
+@pytest.mark.parametrize("divisor", [1.0, 4.0, 3.0])
+def test_a_bfloat16_wire_past_the_streaming_size_widens_to_the_same_bits(divisor):
+    """float32 tensors on a bfloat16 wire: from 8 MiB of float32 per unpack the widening stores around the
+    cache; the bits of `slot.float() / divisor` (NaN payloads included when nothing is divided)."""
+    sizes = [13, 1_100_003, 5, 1_300_001]
+    tensors = [torch.randn(n, dtype=torch.float64).mul_(1e3).float() for n in sizes]
+    tensors[2][:] = torch.tensor([float("inf"), float("-inf"), 1e-40, -0.0, 3e38])
+    offsets, total = layout_offsets(tensors, pad=3)
+    buffer = torch.zeros(total + 1, dtype=torch.bfloat16)[1:]
+    ops.pack_into(tensors, offsets, buffer)
+    buffer[offsets[0]] = torch.tensor(-1, dtype=torch.int16).view(torch.bfloat16)  # a NaN with a payload
+    targets = [torch.full((t.numel() + 1,), 9.0)[1:] for t in tensors]
+    assert sum(t.numel() for t in targets) * 4 >= 8 * 2**20
+    ops.unpack_from(buffer, offsets, divisor, targets)
+    for t, off, dst in zip(tensors, offsets, targets):
+        expected = buffer[off : off + t.numel()].float() / divisor
+        if divisor == 1.0:
+            assert torch.equal(bits(dst), bits(buffer[off : off + t.numel()].float()))
+        assert torch.equal(dst.isnan(), expected.isnan())
+        assert torch.equal(bits(dst)[~dst.isnan()], bits(expected)[~expected.isnan()])
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
