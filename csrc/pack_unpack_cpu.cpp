@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bfloat16_casts.h"
 #include "pack_common.h"
 #include "streaming_stores.h"
 #include "vector_clones.h"
@@ -110,11 +111,19 @@ void copy_chunks(const BucketCopies& copies) {
 constexpr int64_t kCastGrain = 64 * 1024;
 // From this many elements an fp16 cast goes through ATen's kernels, which are built for the CPU's
 // vector units (this extension is not: its fp16 conversion is scalar, 2-4x slower on `wide`; bf16's is
-// a shift and stays here). Below it, ATen's per-call cost (microseconds) outweighs that.
+// bfloat16_casts.h's). Below it, ATen's per-call cost (microseconds) outweighs that.
 constexpr int64_t kAtenCastElements = 16 * 1024;
 
 bool cast_through_aten(const at::Tensor& tensor, const at::Tensor& buffer) {
   return buffer.scalar_type() == at::kHalf && tensor.numel() >= kAtenCastElements;
+}
+
+int64_t cast_elements(at::TensorList tensors, const std::vector<size_t>& casts) {
+  int64_t total = 0;
+  for (size_t i : casts) {
+    total += tensors[i].numel();
+  }
+  return total;
 }
 
 // float32 (times `scale`, in float32) -> the wire dtype, rounding to nearest even (as
@@ -122,6 +131,17 @@ bool cast_through_aten(const at::Tensor& tensor, const at::Tensor& buffer) {
 void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
                 const std::vector<size_t>& casts) {
   const float s = static_cast<float>(scale);
+  if (buffer.scalar_type() == at::kBFloat16) {
+    auto* base = buffer.mutable_data_ptr<c10::BFloat16>();
+    for (size_t i : casts) {
+      const float* src = tensors[i].const_data_ptr<float>();
+      c10::BFloat16* dst = base + offsets[i];
+      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+        narrow_to_bfloat16(src + begin, dst + begin, end - begin, s);
+      });
+    }
+    return;
+  }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
     scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
     for (size_t i : casts) {
@@ -146,22 +166,19 @@ void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divi
                   const std::vector<size_t>& casts) {
   const float d = static_cast<float>(divisor);
   if (buffer.scalar_type() == at::kBFloat16) {
-    int64_t widened_bytes = 0;
+    const auto* base = buffer.const_data_ptr<c10::BFloat16>();
+    const bool stream = use_streaming_stores(cast_elements(tensors, casts) * static_cast<int64_t>(sizeof(float)));
     for (size_t i : casts) {
-      widened_bytes += tensors[i].numel() * static_cast<int64_t>(sizeof(float));
-    }
-    if (use_streaming_stores(widened_bytes)) {
-      const auto* base = static_cast<const uint16_t*>(buffer.const_data_ptr());
-      for (size_t i : casts) {
-        float* dst = tensors[i].mutable_data_ptr<float>();
-        const uint16_t* src = base + offsets[i];
-        at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-          stream_widen_bfloat16(src + begin, dst + begin, end - begin, d);
+      float* dst = tensors[i].mutable_data_ptr<float>();
+      const c10::BFloat16* src = base + offsets[i];
+      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
+        widen_from_bfloat16(src + begin, dst + begin, end - begin, d, stream);
+        if (stream) {
           streaming_fence();
-        });
-      }
-      return;
+        }
+      });
     }
+    return;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
     const scalar_t* base = buffer.const_data_ptr<scalar_t>();

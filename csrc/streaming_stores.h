@@ -91,33 +91,6 @@ inline void stream_divide(const float* src, float* dst, int64_t n, float divisor
       [divisors](__m128 v) { return _mm_div_ps(v, divisors); });
 }
 
-// bfloat16 (as its bits) widened to float32 (exact: the bits move up 16 places), then divided unless
-// `divisor` is 1 (a division would quiet a signalling NaN that the plain widening keeps).
-inline void stream_widen_bfloat16(const uint16_t* src, float* dst, int64_t n, float divisor) {
-  const auto widen = [](uint16_t bits) {
-    const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-    float v;
-    std::memcpy(&v, &wide, sizeof(v));
-    return v;
-  };
-  const bool divide = divisor != 1.0f;
-  const __m128 divisors = _mm_set1_ps(divisor);
-  const auto one = [&](int64_t k) { dst[k] = divide ? widen(src[k]) / divisor : widen(src[k]); };
-  int64_t k = 0;
-  for (const int64_t head = streaming_detail::bytes_to_alignment(dst) / static_cast<int64_t>(sizeof(float));
-       k < std::min(n, head); ++k) {
-    one(k);
-  }
-  for (; k + 4 <= n; k += 4) {
-    const __m128i four = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k));
-    const __m128 values = _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), four));
-    _mm_stream_ps(dst + k, divide ? _mm_div_ps(values, divisors) : values);
-  }
-  for (; k < n; ++k) {
-    one(k);
-  }
-}
-
 #else
 
 inline void streaming_fence() {}
@@ -135,15 +108,6 @@ inline void stream_multiply(const float* src, float* dst, int64_t n, float facto
 inline void stream_divide(const float* src, float* dst, int64_t n, float divisor) {
   for (int64_t k = 0; k < n; ++k) {
     dst[k] = src[k] / divisor;
-  }
-}
-
-inline void stream_widen_bfloat16(const uint16_t* src, float* dst, int64_t n, float divisor) {
-  for (int64_t k = 0; k < n; ++k) {
-    const uint32_t wide = static_cast<uint32_t>(src[k]) << 16;
-    float v;
-    std::memcpy(&v, &wide, sizeof(v));
-    dst[k] = divisor != 1.0f ? v / divisor : v;
   }
 }
 

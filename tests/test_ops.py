@@ -138,6 +138,33 @@ def test_a_bfloat16_wire_past_the_streaming_size_widens_to_the_same_bits(divisor
         assert torch.equal(bits(dst)[~dst.isnan()], bits(expected)[~expected.isnan()])
 
 
+def c10_round_to_bfloat16(values: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16's rounding, written out on the bits: NaN -> 0x7FC0, else round to nearest even."""
+    u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + ((u >> 16) & 1) + 0x7FFF) >> 16
+    return torch.where(values.isnan(), 0x7FC0, rounded).to(torch.int32).to(torch.int16)
+
+
+@pytest.mark.parametrize("n", [101, 3_000_001])  # vectorized only; then also around the cache
+@pytest.mark.parametrize("scale", [1.0, 2.0**-5])
+def test_a_bfloat16_wire_narrows_with_c10s_rounding(n, scale):
+    """float32 tensors packed into a bfloat16 buffer (the bf16 wire): every element rounded as
+    c10::BFloat16 does, ties, NaN payloads, infinities and overflow to infinity included."""
+    generator = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=generator) * 1e3
+    ties = (torch.randint(-(2**15), 2**15, (64,), generator=generator, dtype=torch.int32) << 16) | 0x8000
+    specials = [float("nan"), float("-nan"), float("inf"), float("-inf"), 3.4e38, -3.4e38, 1e-40, -0.0, 0.0]
+    t[:64] = ties.view(torch.float32)
+    t[64 : 64 + len(specials)] = torch.tensor(specials)
+    t[80] = torch.tensor(-8388608 | 0x7F800001, dtype=torch.int32).view(torch.float32)  # a NaN with a payload
+    offsets = [0, 5]
+    head = torch.randn(3, generator=generator)
+    buffer = torch.zeros(n + 5 + 1, dtype=torch.bfloat16)[1:]  # the tensor's slot starts unaligned
+    ops.pack_into([head, t], offsets, buffer, scale)
+    assert torch.equal(buffer[5 : 5 + n].view(torch.int16), c10_round_to_bfloat16(t * scale))
+    assert torch.equal(buffer[:3].view(torch.int16), c10_round_to_bfloat16(head * scale))
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
