@@ -131,7 +131,7 @@ int64_t cast_elements(at::TensorList tensors, const std::vector<size_t>& casts) 
 void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
                 const std::vector<size_t>& casts) {
   const float s = static_cast<float>(scale);
-  if (buffer.scalar_type() == at::kBFloat16) {
+  if (buffer.scalar_type() == at::kBFloat16) { // vectorized, with c10's bits (bfloat16_casts.h)
     auto* base = buffer.mutable_data_ptr<c10::BFloat16>();
     for (size_t i : casts) {
       const float* src = tensors[i].const_data_ptr<float>();
@@ -165,7 +165,7 @@ void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tenso
 void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
                   const std::vector<size_t>& casts) {
   const float d = static_cast<float>(divisor);
-  if (buffer.scalar_type() == at::kBFloat16) {
+  if (buffer.scalar_type() == at::kBFloat16) { // vectorized, streamed when large (bfloat16_casts.h)
     const auto* base = buffer.const_data_ptr<c10::BFloat16>();
     const bool stream = use_streaming_stores(cast_elements(tensors, casts) * static_cast<int64_t>(sizeof(float)));
     for (size_t i : casts) {
