@@ -2,6 +2,8 @@
 
 import datetime
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -46,3 +48,11 @@ def save_result_and_leave(result) -> None:
     as rank_main would, and exits at once, without the teardown that would wait for the lost peer."""
     torch.save(result, os.path.join(os.environ["LOCALSGD_TEST_OUT_DIR"], f"rank{dist.get_rank()}.pt"))
     os._exit(0)
+
+
+def press_ctrl_c_after(seconds: float) -> None:
+    """SIGINT to this process after `seconds`, raised as KeyboardInterrupt. Python's handler is installed
+    first: a process started in the background by a shell without job control (`cmd &` in a script)
+    inherits SIGINT ignored, and the signal would then do nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()

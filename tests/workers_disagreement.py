@@ -4,15 +4,13 @@ reproduces a crash, hang or silently wrong result found by trying the library as
 
 import os
 import resource
-import signal
-import threading
 import time
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-from rank_setup import group_timeout, init_group, save_result_and_leave, snapshot
+from rank_setup import group_timeout, init_group, press_ctrl_c_after, save_result_and_leave, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, RanksDisagreeError
 
@@ -259,7 +257,7 @@ def interrupted_sync():
     if rank == 1:
         time.sleep(3600)  # killed by the test once rank 0 is done
     averager = ParameterAverager([torch.zeros(1000)])
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    press_ctrl_c_after(1.0)
     start = time.monotonic()
     try:
         averager.average()

@@ -4,16 +4,13 @@ Each case reproduces a crash, hang or silently wrong result found by trying the 
 adversarial user; `local_mistakes` runs the cases that leave the group healthy one after another."""
 
 import contextlib
-import os
-import signal
-import threading
 import time
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from rank_setup import group_timeout, init_group, save_result_and_leave, snapshot
+from rank_setup import group_timeout, init_group, press_ctrl_c_after, save_result_and_leave, snapshot
 
 from localsgd_ext import LocalSGD, ParameterAverager, QuantizedAverager
 
@@ -269,7 +266,7 @@ def interrupted_quantized_sync():
     if rank == 1:
         time.sleep(3600)  # killed by the test once rank 0 is done
     averager.params[0].add_(1.0)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    press_ctrl_c_after(1.0)
     start = time.monotonic()
     try:
         averager.average()
