@@ -1,7 +1,7 @@
 // CPU kernels for pack_into / unpack_from: one call walks every tensor of a bucket. Contiguous
 // tensors are cut into chunks copied by raw loops across intra-op threads (no per-tensor
 // TensorIterator, which costs microseconds per tiny tensor); float32 tensors in a bfloat16/float16
-// buffer (comm_dtype) are converted by raw loops; strided ones go through ATen's copy.
+// buffer (comm_dtype) are converted by wire_casts_cpu.cpp; strided ones go through ATen's copy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -10,12 +10,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#include "bfloat16_casts.h"
 #include "pack_common.h"
 #include "streaming_stores.h"
 #include "vector_clones.h"
+#include "wire_casts_cpu.h"
 
 namespace localsgd_ext {
 namespace {
@@ -107,111 +108,6 @@ void copy_chunks(const BucketCopies& copies) {
                  use_streaming_stores(copies.total_bytes) ? stream_chunk : copy_chunk);
 }
 
-// Elements per task when a cast is spread over intra-op threads.
-constexpr int64_t kCastGrain = 64 * 1024;
-// From this many elements an fp16 cast goes through ATen's kernels, which are built for the CPU's
-// vector units (this extension is not: its fp16 conversion is scalar, 2-4x slower on `wide`; bf16's is
-// bfloat16_casts.h's). Below it, ATen's per-call cost (microseconds) outweighs that.
-constexpr int64_t kAtenCastElements = 16 * 1024;
-
-bool cast_through_aten(const at::Tensor& tensor, const at::Tensor& buffer) {
-  return buffer.scalar_type() == at::kHalf && tensor.numel() >= kAtenCastElements;
-}
-
-int64_t cast_elements(at::TensorList tensors, const std::vector<size_t>& casts) {
-  int64_t total = 0;
-  for (size_t i : casts) {
-    total += tensors[i].numel();
-  }
-  return total;
-}
-
-// float32 (times `scale`, in float32) -> the wire dtype, rounding to nearest even (as
-// `(tensor * scale).to(dtype)` does).
-void pack_casts(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale,
-                const std::vector<size_t>& casts) {
-  const float s = static_cast<float>(scale);
-  if (buffer.scalar_type() == at::kBFloat16) { // vectorized, with c10's bits (bfloat16_casts.h)
-    auto* base = buffer.mutable_data_ptr<c10::BFloat16>();
-    for (size_t i : casts) {
-      const float* src = tensors[i].const_data_ptr<float>();
-      c10::BFloat16* dst = base + offsets[i];
-      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-        narrow_to_bfloat16(src + begin, dst + begin, end - begin, s);
-      });
-    }
-    return;
-  }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "pack_into", [&] {
-    scalar_t* base = buffer.mutable_data_ptr<scalar_t>();
-    for (size_t i : casts) {
-      if (cast_through_aten(tensors[i], buffer)) {
-        // Multiplied in float32 (a power of two: exact), rounded once to the buffer's dtype.
-        pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
-        continue;
-      }
-      const float* src = tensors[i].const_data_ptr<float>();
-      scalar_t* dst = base + offsets[i];
-      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          dst[k] = static_cast<scalar_t>(src[k] * s);
-        }
-      });
-    }
-  });
-}
-
-// The wire dtype -> float32, then the division in float32 (as `slot.float() / divisor` does).
-void unpack_casts(const at::Tensor& buffer, at::IntArrayRef offsets, double divisor, at::TensorList tensors,
-                  const std::vector<size_t>& casts) {
-  const float d = static_cast<float>(divisor);
-  if (buffer.scalar_type() == at::kBFloat16) { // vectorized, streamed when large (bfloat16_casts.h)
-    const auto* base = buffer.const_data_ptr<c10::BFloat16>();
-    const bool stream = use_streaming_stores(cast_elements(tensors, casts) * static_cast<int64_t>(sizeof(float)));
-    for (size_t i : casts) {
-      float* dst = tensors[i].mutable_data_ptr<float>();
-      const c10::BFloat16* src = base + offsets[i];
-      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-        widen_from_bfloat16(src + begin, dst + begin, end - begin, d, stream);
-        if (stream) {
-          streaming_fence();
-        }
-      });
-    }
-    return;
-  }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(buffer.scalar_type(), "unpack_from", [&] {
-    const scalar_t* base = buffer.const_data_ptr<scalar_t>();
-    for (size_t i : casts) {
-      float* dst = tensors[i].mutable_data_ptr<float>();
-      if (cast_through_aten(tensors[i], buffer)) {
-        // Widened by ATen's vectorized copy, then divided in place here, as `slot.float() / divisor`.
-        const_cast<at::Tensor&>(tensors[i]).copy_(slot_in_buffer(buffer, offsets[i], tensors[i]));
-        if (divisor != 1.0) {
-          at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-            for (int64_t k = begin; k < end; ++k) {
-              dst[k] = dst[k] / d;
-            }
-          });
-        }
-        continue;
-      }
-      const scalar_t* src = base + offsets[i];
-      at::parallel_for(0, tensors[i].numel(), kCastGrain, [&](int64_t begin, int64_t end) {
-        if (divisor == 1.0) {
-          for (int64_t k = begin; k < end; ++k) {
-            dst[k] = static_cast<float>(src[k]);
-          }
-        } else {
-          for (int64_t k = begin; k < end; ++k) {
-            dst[k] = static_cast<float>(src[k]) / d;
-          }
-        }
-      });
-    }
-  });
-}
-
 void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& buffer, double scale) {
   check_pack_arguments("pack_into", tensors, offsets, buffer);
   check_disjoint_slots("pack_into", tensors, offsets);
@@ -219,7 +115,7 @@ void pack_into_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Te
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kIntoBuffer);
   copy_chunks(copies);
   if (!copies.casts.empty()) {
-    pack_casts(tensors, offsets, buffer, scale, copies.casts);
+    cpu::pack_casts(tensors, offsets, buffer, scale, copies.casts);
   }
   for (size_t i : copies.strided) {
     pack_one_with_aten(tensors[i], offsets[i], buffer, scale);
@@ -245,11 +141,23 @@ LOCALSGD_VECTOR_CLONES void divide_copy_n(const scalar_t* src, scalar_t* dst, in
   }
 }
 
+// `stream`: float32 stores around the cache (streaming_stores.h), the same bits.
 template <typename scalar_t>
-void divide_copy(const CopyChunk& chunk, double divisor, bool by_reciprocal) {
+void divide_copy(const CopyChunk& chunk, double divisor, bool by_reciprocal, bool stream) {
   const auto* src = reinterpret_cast<const scalar_t*>(chunk.src);
   auto* dst = reinterpret_cast<scalar_t*>(chunk.dst);
   const int64_t n = chunk.nbytes / static_cast<int64_t>(sizeof(scalar_t));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream) {
+      if (by_reciprocal) {
+        stream_multiply(src, dst, n, static_cast<float>(1.0 / divisor));
+      } else {
+        stream_divide(src, dst, n, static_cast<float>(divisor));
+      }
+      streaming_fence();
+      return;
+    }
+  }
   if (by_reciprocal) {
     divide_copy_n<true>(src, dst, n, divisor);
   } else {
@@ -263,31 +171,17 @@ void unpack_from_cpu(const at::Tensor& buffer, at::IntArrayRef offsets, double d
   const BucketCopies copies = plan_copies(tensors, offsets, buffer, Direction::kFromBuffer);
   if (divisor == 1.0) {
     copy_chunks(copies);
-  } else if (buffer.scalar_type() == at::kFloat && use_streaming_stores(copies.total_bytes)) {
-    const auto d = static_cast<float>(divisor);
-    const auto reciprocal = static_cast<float>(1.0 / divisor);
-    const bool by_reciprocal = is_power_of_two(divisor);
-    for_each_chunk(copies.chunks, copies.total_bytes, [d, reciprocal, by_reciprocal](const CopyChunk& c) {
-      const auto* src = reinterpret_cast<const float*>(c.src);
-      auto* dst = reinterpret_cast<float*>(c.dst);
-      const int64_t n = c.nbytes / static_cast<int64_t>(sizeof(float));
-      if (by_reciprocal) {
-        stream_multiply(src, dst, n, reciprocal);
-      } else {
-        stream_divide(src, dst, n, d);
-      }
-      streaming_fence();
-    });
   } else {
     const bool by_reciprocal = is_power_of_two(divisor);
+    const bool stream = use_streaming_stores(copies.total_bytes);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "unpack_from", [&] {
-      for_each_chunk(copies.chunks, copies.total_bytes, [divisor, by_reciprocal](const CopyChunk& c) {
-        divide_copy<scalar_t>(c, divisor, by_reciprocal);
+      for_each_chunk(copies.chunks, copies.total_bytes, [divisor, by_reciprocal, stream](const CopyChunk& c) {
+        divide_copy<scalar_t>(c, divisor, by_reciprocal, stream);
       });
     });
   }
   if (!copies.casts.empty()) {
-    unpack_casts(buffer, offsets, divisor, tensors, copies.casts);
+    cpu::unpack_casts(buffer, offsets, divisor, tensors, copies.casts);
   }
   for (size_t i : copies.strided) {
     unpack_one_with_aten(buffer, offsets[i], divisor, tensors[i]);
