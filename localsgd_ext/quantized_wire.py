@@ -369,13 +369,10 @@ class QuantizedAverager:
         exchange = _Exchange(phase=1, works=[], host_blocking=wire.received_codes.device.type == "cpu", whole=not quantize_pieces)
         for index, (start, end) in enumerate(state.pieces):
             its_scales, its_codes = self._scales_of(start, end), self._codes_of(start, end)
+            exchange.wait_for_slot(exchange.works, index)
+            codes = wire.sent.for_piece(index, its_codes, whole=exchange.whole)
             if quantize_pieces:
-                if index >= 2:
-                    exchange.wait_for(exchange.works[index - 2])
-                codes = wire.sent.for_piece(index, its_codes, whole=False)
                 self._quantize_window(start, end, codes, keep_snapshot=False)
-            else:
-                codes = wire.sent.whole()[its_codes]
             exchange.works.append(
                 [
                     dist.all_to_all_single(
@@ -422,8 +419,7 @@ class QuantizedAverager:
                 self._scales_of(start // world_size, end // world_size),
                 self._codes_of(start // world_size, end // world_size),
             )
-            if not exchange.whole and index >= 2:
-                exchange.wait_for(gathers[index - 2])
+            exchange.wait_for_slot(gathers, index)
             mean_codes = wire.mean.for_piece(index, mine_codes, whole=exchange.whole)
             ops.requantize_mean(
                 wire.received_codes[its_codes].view(world_size, -1),
@@ -564,6 +560,11 @@ class QuantizedAverager:
         self._full_precision.verify_ranks_agree(equal_values)
 
 
+# A waited sync's pieces in flight per buffer: while one piece is quantized (or averaged), the one before
+# it travels.
+_SLOTS = 2
+
+
 class _CodeSpace:
     """One of the exchange's code buffers, in the codes' storage units: whole (an overlapped sync has every
     piece on the wire at once), or two piece-sized slots that the pieces of a waited sync take in turn.
@@ -584,8 +585,8 @@ class _CodeSpace:
         if whole:
             return self.whole()[codes]
         if not self._slots:
-            self._slots = [torch.empty(self.piece_length, dtype=self.dtype, device=self.device) for _ in range(2)]
-        return self._slots[index % 2][: codes.stop - codes.start]
+            self._slots = [torch.empty(self.piece_length, dtype=self.dtype, device=self.device) for _ in range(_SLOTS)]
+        return self._slots[index % _SLOTS][: codes.stop - codes.start]
 
 
 @dataclasses.dataclass
@@ -669,6 +670,12 @@ class _Exchange:
     # A waited sync's: this rank's overflow error, if any, and the all_reduce telling whether any rank had one.
     overflow: Optional[ValueError] = None
     overflow_flag: Optional[Tuple[torch.Tensor, Any]] = None
+
+    def wait_for_slot(self, earlier: List[list], index: int) -> None:
+        """Before piece `index` of a waited sync takes its slot (`_CodeSpace`): the collectives of the piece
+        that held it last, in `earlier`, are done with it."""
+        if not self.whole and index >= _SLOTS:
+            self.wait_for(earlier[index - _SLOTS])
 
     def wait_for(self, works: list) -> None:
         for work in works:
