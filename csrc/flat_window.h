@@ -80,6 +80,17 @@ inline void gather_window(const std::vector<WindowSegment>& segments, int64_t lo
   std::fill(out + (filled - lo), out + (hi - lo), 0.0f);
 }
 
+// The window's elements lo..hi: the tensor's own memory when one tensor holds all of them, else gathered
+// into `buffer` (hi - lo floats).
+inline const float* window_stretch(const std::vector<WindowSegment>& segments, int64_t lo, int64_t hi, float* buffer) {
+  const size_t s = first_segment_after(segments, lo);
+  if (s < segments.size() && segments[s].begin <= lo && segments[s].end >= hi) {
+    return segments[s].data + (lo - segments[s].begin);
+  }
+  gather_window(segments, lo, hi, buffer);
+  return buffer;
+}
+
 // The window's elements lo..hi that lie in a tensor = in[0 .. hi - lo) (the rest of `in` is not written anywhere).
 // `kStream`: with streaming stores (streaming_stores.h; the caller fences).
 template <bool kStream = false>

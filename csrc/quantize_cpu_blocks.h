@@ -30,22 +30,33 @@ void with_codec(c10::ScalarType codes_dtype, const Body& body) {
 // Blocks per parallel task: enough elements that a task outweighs its scheduling.
 inline int64_t blocks_per_task(int64_t block_size) { return std::max<int64_t>(1, (64 * 1024) / block_size); }
 
-// One block's scale and codes, from `value(k)` for k < block_size (read twice: once for the scale, once
-// for the codes). The max runs over the magnitudes' bit patterns as integers: for non-negative floats the
-// integer order is the float order, and every NaN's pattern lies above infinity's, so NaN wins as in
-// quantize::max_magnitude (the CUDA kernels' step). An integer max is associative, so the compiler
-// vectorizes the loop without -ffast-math, and the result is the same in any order.
-template <typename Codec, typename Value>
-inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Storage* codes) {
+// The largest |value(k)| for k < n, as its bit pattern. The max runs over the magnitudes' bit patterns as
+// integers: for non-negative floats the integer order is the float order, and every NaN's pattern lies
+// above infinity's, so NaN wins as in quantize::max_magnitude (the CUDA kernels' step). An integer max is
+// associative, so the compiler vectorizes the loop without -ffast-math, and the result is the same in any
+// order.
+template <typename Value>
+inline int32_t largest_magnitude_bits(const Value& value, int64_t n) {
   // Signed: the sign bit is cleared, and SSE2 compares only signed integers.
   int32_t largest_bits = 0;
-  for (int64_t k = 0; k < block_size; ++k) {
+  for (int64_t k = 0; k < n; ++k) {
     const auto bits = static_cast<int32_t>(quantize::float_bits(value(k)) & 0x7fffffffu);
     largest_bits = bits > largest_bits ? bits : largest_bits;
   }
+  return largest_bits;
+}
+
+// A block's scale from its largest magnitude's bits: NaN if the block holds one.
+template <typename Codec>
+inline float scale_of_largest_bits(int32_t largest_bits) {
   const bool has_nan = largest_bits > 0x7f800000;
   const float magnitude = quantize::bits_float(static_cast<uint32_t>(largest_bits));
-  const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : quantize::block_scale<Codec>(magnitude);
+}
+
+// A block's codes for its scale.
+template <typename Codec, typename Value>
+inline void encode_block(const Value& value, int64_t block_size, float scale, typename Codec::Storage* codes) {
   if (!quantize::scale_gives_codes(scale)) {
     std::fill(codes, codes + block_size / Codec::kPerStorage, typename Codec::Storage{0});
   } else if constexpr (Codec::kPerStorage == 2) {
@@ -57,6 +68,14 @@ inline float quantize_block(const Value& value, int64_t block_size, typename Cod
       codes[k] = Codec::encode(value(k), scale);
     }
   }
+}
+
+// One block's scale and codes, from `value(k)` for k < block_size (read twice: once for the scale, once
+// for the codes).
+template <typename Codec, typename Value>
+inline float quantize_block(const Value& value, int64_t block_size, typename Codec::Storage* codes) {
+  const float scale = scale_of_largest_bits<Codec>(largest_magnitude_bits(value, block_size));
+  encode_block<Codec>(value, block_size, scale, codes);
   return scale;
 }
 

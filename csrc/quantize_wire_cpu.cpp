@@ -60,6 +60,64 @@ void quantize_change_all(const float* snapshot, const float* anchor, float* resi
   });
 }
 
+// One loop over two blocks: the codes of the current block, whose scale is known and whose inputs are in
+// cache since its scan, and the scan of the next block, whose inputs come from memory. The next block's
+// loads then overlap the current block's arithmetic, instead of stalling a loop of their own. Returns the
+// next block's largest magnitude's bits (largest_magnitude_bits).
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES int32_t encode_block_and_scan_next(const float* snapshot, const float* anchor, float scale,
+                                                          typename Codec::Storage* codes, const float* next_snapshot,
+                                                          const float* next_anchor, int64_t block_size) {
+  int32_t largest_bits = 0;
+  for (int64_t k = 0; k < block_size; ++k) {
+    const auto bits = static_cast<int32_t>(
+        quantize::float_bits(quantize::change_at(next_snapshot, next_anchor, nullptr, k)) & 0x7fffffffu);
+    largest_bits = bits > largest_bits ? bits : largest_bits;
+    codes[k] = Codec::encode(quantize::change_at(snapshot, anchor, nullptr, k), scale);
+  }
+  return largest_bits;
+}
+
+// quantize_tensors_change without a residual or a snapshot, for codes of one element per byte: blocks
+// first..last of the window, each read where it lies when one tensor holds it (else gathered into one of
+// two block buffers that stay in L1), with each block's codes made in the loop that scans the next.
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES void quantize_window_blocks_overlapped(const std::vector<WindowSegment>& segments,
+                                                              const float* anchor, int64_t first, int64_t last,
+                                                              int64_t block_size, typename Codec::Storage* out,
+                                                              float* scale_out) {
+  std::vector<float> buffers(2 * block_size);
+  const auto stretch = [&](int64_t b) {
+    return window_stretch(segments, b * block_size, (b + 1) * block_size,
+                          buffers.data() + ((b - first) & 1) * block_size);
+  };
+  const auto change_of = [](const float* s, const float* a) {
+    return [s, a](int64_t k) { return quantize::change_at(s, a, nullptr, k); };
+  };
+  const float* s = stretch(first);
+  const float* a = anchor + first * block_size;
+  int32_t largest_bits = largest_magnitude_bits(change_of(s, a), block_size);
+  for (int64_t b = first; b < last; ++b) {
+    const float scale = scale_of_largest_bits<Codec>(largest_bits);
+    scale_out[b] = scale;
+    typename Codec::Storage* codes = quantize::storage_at<Codec>(out, b * block_size);
+    if (b + 1 == last) {
+      encode_block<Codec>(change_of(s, a), block_size, scale, codes);
+      break;
+    }
+    const float* next_s = stretch(b + 1);
+    const float* next_a = anchor + (b + 1) * block_size;
+    if (quantize::scale_gives_codes(scale)) {
+      largest_bits = encode_block_and_scan_next<Codec>(s, a, scale, codes, next_s, next_a, block_size);
+    } else {
+      encode_block<Codec>(change_of(s, a), block_size, scale, codes);
+      largest_bits = largest_magnitude_bits(change_of(next_s, next_a), block_size);
+    }
+    s = next_s;
+    a = next_a;
+  }
+}
+
 // quantize_tensors_change: block by block, gathered from the tensors into the snapshot when one is asked
 // for, else into one block's buffer that stays in L1 (a task-sized one would cost a page fault per task),
 // then quantized as quantize_change.
@@ -69,6 +127,12 @@ void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, con
                                  float* snapshot) {
   auto* out = static_cast<typename Codec::Storage*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
+    if constexpr (!kWithResidual && Codec::kPerStorage == 1) {
+      if (snapshot == nullptr) {
+        quantize_window_blocks_overlapped<Codec>(segments, anchor, first, last, block_size, out, scale_out);
+        return;
+      }
+    }
     std::vector<float> block(snapshot == nullptr ? block_size : 0);
     for (int64_t b = first; b < last; ++b) {
       const int64_t offset = b * block_size;

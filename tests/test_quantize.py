@@ -427,6 +427,36 @@ def test_the_window_ops_give_the_bits_of_pack_quantize_apply_unpack(device, code
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quantizing_the_tensors_in_place_gives_the_bits_of_the_packed_change(code_dtype):
+    """Without a residual or a snapshot, the CPU kernel reads each block where it lies when one tensor holds
+    it, and makes a block's codes in the loop that scans the next: the same codes and scales as
+    quantize_change of the packed window, over blocks held by one tensor, blocks that straddle tensors or a
+    gap, unchanged blocks (scale 0), a NaN, a change that overflows float32, the last block of a task (64
+    blocks of 1024) and windows that start mid-layout."""
+    block_size = 1024
+    generator = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(n, generator=generator) for n in [5 * 1024 + 3, 90_000, 1, 70 * 1024, 2000]]
+    offsets = [0, 5 * 1024 + 3, 5 * 1024 + 3 + 90_000 + 11, 5 * 1024 + 3 + 90_000 + 12, 180_000]
+    length = -(-(offsets[-1] + tensors[-1].numel()) // block_size) * block_size
+    tensors[1][50_000] = 3e38
+    packed = _packed(tensors, offsets, length, "cpu")
+    anchor = packed + torch.randn(length, generator=generator) * 0.01
+    anchor[2 * block_size : 4 * block_size] = packed[2 * block_size : 4 * block_size]  # unchanged blocks
+    anchor[8 * block_size + 5] = float("nan")
+    anchor[offsets[1] + 50_000] = -3e38  # a change of 6e38: an infinite scale
+    anchor[63 * block_size : 66 * block_size] = packed[63 * block_size : 66 * block_size]  # at a task's edge
+    for start, end in [(0, length), (block_size, 70 * block_size), (3 * block_size, 4 * block_size)]:
+        window = slice(start, end)
+        expected = _quantize_change(packed[window], anchor[window], None, block_size, code_dtype)
+        codes, scales = _codes_out(end - start, block_size, code_dtype, "cpu")
+        ops.quantize_tensors_change(tensors, offsets, start, anchor[window], None, block_size, codes, scales)
+        assert torch.equal(codes.view(torch.uint8), expected[0].view(torch.uint8)), (start, end)
+        assert torch.equal(scales.view(torch.int32), expected[1].view(torch.int32)), (start, end)
+        if start == 0:  # the cases named above are there
+            assert (scales == 0).any() and scales.isnan().any() and scales.isinf().any()
+
+
 def test_a_window_past_the_streaming_size_writes_the_same_bits():
     """From 8 MiB of window, apply_quantized_mean_to writes the tensors with streaming stores
     (streaming_stores.h): odd sizes and offsets (unaligned starts), a gap, the same bits as apply + unpack."""
