@@ -4,9 +4,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "pack_common.h"
 #include "storage_checks.h"
@@ -189,6 +191,51 @@ inline void check_window_tensors(const char* op, at::TensorList tensors, at::Int
   check_disjoint_slots(op, tensors, offsets);
 }
 
+// The bytes from a tensor's first element to one past its last (for a strided view, everything between):
+// empty for an empty tensor.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) {
+    return {0, 0};
+  }
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+inline bool spans_overlap(const std::pair<uintptr_t, uintptr_t>& a, const std::pair<uintptr_t, uintptr_t>& b) {
+  return a.first < b.second && b.first < a.second;
+}
+
+// What quantize_tensors_change writes must share memory neither with what it reads (the anchor, the
+// tensors) nor with its other outputs: the results would be garbage on any device, and the CPU kernel
+// reads and writes through restrict pointers.
+inline void check_outputs_apart(const char* op, at::TensorList tensors, const at::Tensor& anchor,
+                                const std::vector<std::pair<const char*, const at::Tensor*>>& outputs) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> tensor_spans;
+  tensor_spans.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    tensor_spans.push_back(byte_span(t));
+  }
+  const auto anchor_span = byte_span(anchor);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const auto [name, output] = outputs[i];
+    const auto written = byte_span(*output);
+    TORCH_CHECK_VALUE(!spans_overlap(written, anchor_span), op, ": ", name,
+                      " must not share memory with anchor, got overlapping tensors.");
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK_VALUE(!spans_overlap(written, byte_span(*outputs[j].second)), op, ": ", name,
+                        " must not share memory with ", outputs[j].first, ", got overlapping tensors.");
+    }
+    for (size_t t = 0; t < tensor_spans.size(); ++t) {
+      TORCH_CHECK_VALUE(!spans_overlap(written, tensor_spans[t]), op, ": ", name,
+                        " must not share memory with tensors[", t, "], got overlapping tensors.");
+    }
+  }
+}
+
 inline void check_quantize_tensors_change_arguments(at::TensorList tensors, at::IntArrayRef offsets, int64_t start,
                                                     const at::Tensor& anchor, const std::optional<at::Tensor>& residual,
                                                     int64_t block_size, const at::Tensor& codes,
@@ -207,6 +254,14 @@ inline void check_quantize_tensors_change_arguments(at::TensorList tensors, at::
   }
   check_codes_out(op, codes, scales, anchor.numel(), block_size, anchor.device(), "codes", "scales");
   check_window_tensors(op, tensors, offsets, start, anchor);
+  std::vector<std::pair<const char*, const at::Tensor*>> outputs = {{"codes", &codes}, {"scales", &scales}};
+  if (residual) {
+    outputs.emplace_back("residual", &*residual);
+  }
+  if (snapshot) {
+    outputs.emplace_back("snapshot", &*snapshot);
+  }
+  check_outputs_apart(op, tensors, anchor, outputs);
 }
 
 inline void check_apply_quantized_mean_to_arguments(const at::Tensor& codes, const at::Tensor& scales,

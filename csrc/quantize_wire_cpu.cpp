@@ -22,6 +22,15 @@ namespace {
 
 using namespace cpu;
 
+// What each code of a block leaves out of its change, into the residual (read before it is written).
+template <typename Codec, typename Change>
+inline void write_left_out(const Change& change, const typename Codec::Storage* codes, float scale, float* residual,
+                           int64_t block_size) {
+  for (int64_t k = 0; k < block_size; ++k) {
+    residual[k] = quantize::left_out(change(k), Codec::decode(Codec::load(codes, k)), scale);
+  }
+}
+
 // quantize_change: the change (snapshot - anchor + residual) is recomputed from inputs that a block keeps
 // in cache, rather than stored: for the scale, for the codes, and for the residual. The pointers are at
 // the first of `num_blocks` blocks.
@@ -40,10 +49,7 @@ LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const 
     const float scale = quantize_block<Codec>(change, block_size, block_codes);
     scale_out[b] = scale;
     if constexpr (kWithResidual) {
-      for (int64_t k = 0; k < block_size; ++k) {
-        // Reads r[k] before writing it.
-        r[k] = quantize::left_out(change(k), Codec::decode(Codec::load(block_codes, k)), scale);
-      }
+      write_left_out<Codec>(change, block_codes, scale, r, block_size);
     }
   }
 }
@@ -60,61 +66,86 @@ void quantize_change_all(const float* snapshot, const float* anchor, float* resi
   });
 }
 
-// One loop over two blocks: the codes of the current block, whose scale is known and whose inputs are in
-// cache since its scan, and the scan of the next block, whose inputs come from memory. The next block's
-// loads then overlap the current block's arithmetic, instead of stalling a loop of their own. Returns the
-// next block's largest magnitude's bits (largest_magnitude_bits).
-template <typename Codec>
-LOCALSGD_VECTOR_CLONES int32_t encode_block_and_scan_next(const float* snapshot, const float* anchor, float scale,
-                                                          typename Codec::Storage* codes, const float* next_snapshot,
-                                                          const float* next_anchor, int64_t block_size) {
+// One loop over two blocks: the codes (and with error feedback, the residual) of the current block, whose
+// scale is known and whose inputs are in cache since its scan, and the scan of the next block, whose
+// inputs come from memory. The next block's loads then overlap the current block's arithmetic, instead of
+// stalling a loop of their own. Returns the next block's largest magnitude's bits (largest_magnitude_bits).
+// The residual pointers are null without error feedback.
+template <typename Codec, bool kWithResidual>
+LOCALSGD_VECTOR_CLONES int32_t encode_block_and_scan_next(
+    const float* __restrict__ snapshot, const float* __restrict__ anchor, float* __restrict__ residual, float scale,
+    typename Codec::Storage* __restrict__ codes, const float* __restrict__ next_snapshot,
+    const float* __restrict__ next_anchor, const float* __restrict__ next_residual, int64_t block_size) {
+  // quantize::change_at's arithmetic, with the residual's presence known at compile time: a pointer tested
+  // for null at run time is if-converted into masked loads, which cost a microcode assist each from a
+  // null address and are slower than plain loads from any other.
+  const auto change_at = [](const float* s, const float* a, const float* r, int64_t k) {
+    if constexpr (kWithResidual) {
+      return (s[k] - a[k]) + r[k];
+    } else {
+      return s[k] - a[k];
+    }
+  };
   int32_t largest_bits = 0;
   for (int64_t k = 0; k < block_size; ++k) {
     const auto bits = static_cast<int32_t>(
-        quantize::float_bits(quantize::change_at(next_snapshot, next_anchor, nullptr, k)) & 0x7fffffffu);
+        quantize::float_bits(change_at(next_snapshot, next_anchor, next_residual, k)) & 0x7fffffffu);
     largest_bits = bits > largest_bits ? bits : largest_bits;
-    codes[k] = Codec::encode(quantize::change_at(snapshot, anchor, nullptr, k), scale);
+    const float change = change_at(snapshot, anchor, residual, k);
+    const auto code = Codec::encode(change, scale);
+    codes[k] = code;
+    if constexpr (kWithResidual) {
+      residual[k] = quantize::left_out(change, Codec::decode(code), scale);
+    }
   }
   return largest_bits;
 }
 
-// quantize_tensors_change without a residual or a snapshot, for codes of one element per byte: blocks
-// first..last of the window, each read where it lies when one tensor holds it (else gathered into one of
-// two block buffers that stay in L1), with each block's codes made in the loop that scans the next.
-template <typename Codec>
+// quantize_tensors_change without a snapshot, for codes of one element per byte: blocks first..last of the
+// window, each read where it lies when one tensor holds it (else gathered into one of two block buffers
+// that stay in L1), with each block's codes made in the loop that scans the next.
+template <typename Codec, bool kWithResidual>
 LOCALSGD_VECTOR_CLONES void quantize_window_blocks_overlapped(const std::vector<WindowSegment>& segments,
-                                                              const float* anchor, int64_t first, int64_t last,
-                                                              int64_t block_size, typename Codec::Storage* out,
-                                                              float* scale_out) {
+                                                              const float* anchor, float* residual, int64_t first,
+                                                              int64_t last, int64_t block_size,
+                                                              typename Codec::Storage* out, float* scale_out) {
   std::vector<float> buffers(2 * block_size);
   const auto stretch = [&](int64_t b) {
     return window_stretch(segments, b * block_size, (b + 1) * block_size,
                           buffers.data() + ((b - first) & 1) * block_size);
   };
-  const auto change_of = [](const float* s, const float* a) {
-    return [s, a](int64_t k) { return quantize::change_at(s, a, nullptr, k); };
+  // A compile-time null without error feedback, so that the inner loops have no branch on it.
+  const auto residual_of = [&](int64_t b) { return kWithResidual ? residual + b * block_size : nullptr; };
+  const auto change_of = [](const float* s, const float* a, const float* r) {
+    return [s, a, r](int64_t k) { return quantize::change_at(s, a, r, k); };
   };
   const float* s = stretch(first);
   const float* a = anchor + first * block_size;
-  int32_t largest_bits = largest_magnitude_bits(change_of(s, a), block_size);
+  float* r = residual_of(first);
+  int32_t largest_bits = largest_magnitude_bits(change_of(s, a, r), block_size);
   for (int64_t b = first; b < last; ++b) {
     const float scale = scale_of_largest_bits<Codec>(largest_bits);
     scale_out[b] = scale;
     typename Codec::Storage* codes = quantize::storage_at<Codec>(out, b * block_size);
-    if (b + 1 == last) {
-      encode_block<Codec>(change_of(s, a), block_size, scale, codes);
-      break;
-    }
-    const float* next_s = stretch(b + 1);
+    const bool has_next = b + 1 < last;
+    const float* next_s = has_next ? stretch(b + 1) : nullptr;
     const float* next_a = anchor + (b + 1) * block_size;
-    if (quantize::scale_gives_codes(scale)) {
-      largest_bits = encode_block_and_scan_next<Codec>(s, a, scale, codes, next_s, next_a, block_size);
+    float* next_r = residual_of(b + 1);
+    if (has_next && quantize::scale_gives_codes(scale)) {
+      largest_bits =
+          encode_block_and_scan_next<Codec, kWithResidual>(s, a, r, scale, codes, next_s, next_a, next_r, block_size);
     } else {
-      encode_block<Codec>(change_of(s, a), block_size, scale, codes);
-      largest_bits = largest_magnitude_bits(change_of(next_s, next_a), block_size);
+      encode_block<Codec>(change_of(s, a, r), block_size, scale, codes);
+      if constexpr (kWithResidual) {
+        write_left_out<Codec>(change_of(s, a, r), codes, scale, r, block_size);
+      }
+      if (has_next) {
+        largest_bits = largest_magnitude_bits(change_of(next_s, next_a, next_r), block_size);
+      }
     }
     s = next_s;
     a = next_a;
+    r = next_r;
   }
 }
 
@@ -127,9 +158,10 @@ void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, con
                                  float* snapshot) {
   auto* out = static_cast<typename Codec::Storage*>(codes);
   at::parallel_for(0, num_blocks, blocks_per_task(block_size), [&](int64_t first, int64_t last) {
-    if constexpr (!kWithResidual && Codec::kPerStorage == 1) {
+    if constexpr (Codec::kPerStorage == 1) {
       if (snapshot == nullptr) {
-        quantize_window_blocks_overlapped<Codec>(segments, anchor, first, last, block_size, out, scale_out);
+        quantize_window_blocks_overlapped<Codec, kWithResidual>(segments, anchor, residual, first, last, block_size,
+                                                                out, scale_out);
         return;
       }
     }

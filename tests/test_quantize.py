@@ -428,9 +428,10 @@ def test_the_window_ops_give_the_bits_of_pack_quantize_apply_unpack(device, code
 
 
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
-def test_quantizing_the_tensors_in_place_gives_the_bits_of_the_packed_change(code_dtype):
-    """Without a residual or a snapshot, the CPU kernel reads each block where it lies when one tensor holds
-    it, and makes a block's codes in the loop that scans the next: the same codes and scales as
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_quantizing_the_tensors_in_place_gives_the_bits_of_the_packed_change(code_dtype, error_feedback):
+    """Without a snapshot, the CPU kernel reads each block where it lies when one tensor holds it, and makes
+    a block's codes (and residual) in the loop that scans the next: the same codes, scales and residual as
     quantize_change of the packed window, over blocks held by one tensor, blocks that straddle tensors or a
     gap, unchanged blocks (scale 0), a NaN, a change that overflows float32, the last block of a task (64
     blocks of 1024) and windows that start mid-layout."""
@@ -446,13 +447,21 @@ def test_quantizing_the_tensors_in_place_gives_the_bits_of_the_packed_change(cod
     anchor[8 * block_size + 5] = float("nan")
     anchor[offsets[1] + 50_000] = -3e38  # a change of 6e38: an infinite scale
     anchor[63 * block_size : 66 * block_size] = packed[63 * block_size : 66 * block_size]  # at a task's edge
+    residual = None
+    if error_feedback:
+        residual = torch.randn(length, generator=generator) * 1e-3
+        residual[2 * block_size : 4 * block_size] = residual[63 * block_size : 66 * block_size] = 0
     for start, end in [(0, length), (block_size, 70 * block_size), (3 * block_size, 4 * block_size)]:
         window = slice(start, end)
-        expected = _quantize_change(packed[window], anchor[window], None, block_size, code_dtype)
+        expected_residual = None if residual is None else residual[window].clone()
+        expected = _quantize_change(packed[window], anchor[window], expected_residual, block_size, code_dtype)
+        got_residual = None if residual is None else residual[window].clone()
         codes, scales = _codes_out(end - start, block_size, code_dtype, "cpu")
-        ops.quantize_tensors_change(tensors, offsets, start, anchor[window], None, block_size, codes, scales)
+        ops.quantize_tensors_change(tensors, offsets, start, anchor[window], got_residual, block_size, codes, scales)
         assert torch.equal(codes.view(torch.uint8), expected[0].view(torch.uint8)), (start, end)
         assert torch.equal(scales.view(torch.int32), expected[1].view(torch.int32)), (start, end)
+        if residual is not None:
+            assert torch.equal(got_residual.view(torch.int32), expected_residual.view(torch.int32)), (start, end)
         if start == 0:  # the cases named above are there
             assert (scales == 0).any() and scales.isnan().any() and scales.isinf().any()
 
@@ -495,6 +504,19 @@ def test_the_window_ops_pass_opcheck(device):
     torch.library.opcheck(op.apply_quantized_mean_to.default, (codes, scales, 32, anchor, offsets, 0, tensors))
 
 
+def _quantize_with_shared_memory(case):
+    """quantize_tensors_change with an output in memory that an input or another output also uses."""
+    tensors, anchor, residual, codes, scales = [torch.zeros(3), torch.zeros(2)], torch.zeros(8), None, _int8(8), torch.zeros(2)
+    if case == "residual is the anchor":
+        residual = anchor
+    elif case == "codes in a tensor":
+        codes = tensors[1].view(torch.int8)
+    else:
+        flat = torch.zeros(10)
+        residual, scales = flat[2:], flat[1:3]
+    ops.quantize_tensors_change(tensors, [0, 3], 0, anchor, residual, 4, codes, scales)
+
+
 @pytest.mark.parametrize(
     "call, exception, message",
     [
@@ -523,6 +545,21 @@ def test_the_window_ops_pass_opcheck(device):
             ),
             ValueError,
             r"snapshot must have the length of the others \(8\), got 4",
+        ),
+        (
+            lambda: _quantize_with_shared_memory("residual is the anchor"),
+            ValueError,
+            "quantize_tensors_change: residual must not share memory with anchor, got overlapping tensors",
+        ),
+        (
+            lambda: _quantize_with_shared_memory("codes in a tensor"),
+            ValueError,
+            r"quantize_tensors_change: codes must not share memory with tensors\[1\], got overlapping tensors",
+        ),
+        (
+            lambda: _quantize_with_shared_memory("scales in the residual"),
+            ValueError,
+            "quantize_tensors_change: residual must not share memory with scales, got overlapping tensors",
         ),
         (
             lambda: ops.apply_quantized_mean_to(_int8(8), torch.ones(2), 4, torch.zeros(8), [0, 1], 0, [torch.zeros(1)]),
