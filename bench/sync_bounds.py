@@ -98,13 +98,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="wide", help="the model (bench/models.py)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
+    parser.add_argument("--smoke", action="store_true", help="the shape's smallest form (bench/models.py), to test the script")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     torch.manual_seed(dist.get_rank())
     world_size = dist.get_world_size()
 
     def model_tensors():
-        return [p.detach() for p in SHAPES[args.shape]().parameters()]
+        return [p.detach() for p in SHAPES[args.shape](smoke=args.smoke).parameters()]
 
     numel = sum(t.numel() for t in model_tensors())
     flat = torch.randn(numel)

@@ -278,6 +278,33 @@ def test_wires_public_api_bench_runs(tmp_path):
     assert set(shape["methods"]) == {"fp32", "int8 zero-copy", "flat all_reduce (floor)"} and not shape["refused"]
 
 
+def test_sync_bounds_bench_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "bench/sync_bounds.py",
+            "--shape",
+            "tiny",
+            "--smoke",
+            "--rounds",
+            "1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for method in ("flat all_reduce (floor)", "int8: exchange alone", "int8: passes alone", "int8: sync"):
+        assert method in result.stdout
+    assert "int8 with one core per rank: exchange CPU + two streamed copies" in result.stdout
+
+
 @pytest.mark.parametrize(
     "script, recorded",
     [("bench/averaging_latency.py", "averaging_latency.json"), ("bench/slow_link.py", "fragments_int8_slow_link.json")],
