@@ -149,9 +149,10 @@ LOCALSGD_VECTOR_CLONES void quantize_window_blocks_overlapped(const std::vector<
   }
 }
 
-// quantize_tensors_change: block by block, gathered from the tensors into the snapshot when one is asked
-// for, else into one block's buffer that stays in L1 (a task-sized one would cost a page fault per task),
-// then quantized as quantize_change.
+// quantize_tensors_change: without a snapshot, for codes of one element per byte, as above; else (a
+// snapshot asked for, or int4's two codes per byte) block by block, gathered from the tensors into the
+// snapshot or into one block's buffer that stays in L1 (a task-sized one would cost a page fault per
+// task), then quantized as quantize_change.
 template <typename Codec, bool kWithResidual>
 void quantize_tensors_change_all(const std::vector<WindowSegment>& segments, const float* anchor, float* residual,
                                  int64_t num_blocks, int64_t block_size, void* codes, float* scale_out,

@@ -227,7 +227,9 @@ def quantize_tensors_change(
     `scales`, `residual`, `snapshot`) cover the elements `start .. start + anchor.numel()` of the flat layout in
     which `tensors[i]` sits at `offsets[i]` (a window: a piece of the layout, or all of it). The same bits as
     `pack_into` of those elements (zero where no tensor lies) followed by `quantize_change`; on CPU each
-    task gathers its blocks in cache, elsewhere the window is gathered first.
+    task reads its blocks where they lie (gathering those that straddle tensors in cache), elsewhere the
+    window is gathered first. The outputs (`codes`, `scales`, `residual`, `snapshot`) must share memory
+    neither with the anchor or the tensors nor with each other (a ValueError names the pair).
 
     Args:
         tensors (`Sequence[torch.Tensor]`):
