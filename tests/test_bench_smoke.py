@@ -12,6 +12,21 @@ from multiprocess import REPO_ROOT
 REPO_ROOT_PATH = pathlib.Path(REPO_ROOT)
 
 
+def run_on_two_ranks(script, *args, timeout=240):
+    """`script` under torchrun with two ranks on this machine, one thread each; fails with its output unless
+    it exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_cuda_pack_unpack_bench_runs_in_cpu_mode(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -116,27 +131,7 @@ def test_agreement_check_bench_runs_at_tiny_sizes(tmp_path):
 
 
 def test_pipeline_depth_bench_runs_at_tiny_sizes():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "bench/pipeline_depth.py",
-            "--smoke",
-            "--rounds",
-            "1",
-            "--bucket-cap-mb",
-            "0.001",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_on_two_ranks("bench/pipeline_depth.py", "--smoke", "--rounds", "1", "--bucket-cap-mb", "0.001", timeout=180)
     for variant in ("copy, 1 in flight", "copy, 3 in flight", "zero-copy", "flat all_reduce AVG (floor)"):
         assert variant in result.stdout, variant
 
@@ -247,59 +242,16 @@ def test_two_nodes_launched_with_torchrun_end_identical_to_one_node(tmp_path, sl
 
 def test_wires_public_api_bench_runs(tmp_path):
     out = tmp_path / "wires.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "bench/wires_public_api.py",
-            "--shapes",
-            "tiny",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",
-            "--configs",
-            "fp32",
-            "int8 zero-copy",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    configs = ["--configs", "fp32", "int8 zero-copy"]
+    run_on_two_ranks(
+        "bench/wires_public_api.py", "--shapes", "tiny", "--rounds", "1", "--warmup", "0", *configs, "--out", str(out)
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (shape,) = json.loads(out.read_text())["results"]
     assert set(shape["methods"]) == {"fp32", "int8 zero-copy", "flat all_reduce (floor)"} and not shape["refused"]
 
 
 def test_sync_bounds_bench_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "bench/sync_bounds.py",
-            "--shape",
-            "tiny",
-            "--smoke",
-            "--rounds",
-            "1",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_on_two_ranks("bench/sync_bounds.py", "--shape", "tiny", "--smoke", "--rounds", "1")
     for method in ("flat all_reduce (floor)", "int8: exchange alone", "int8: passes alone", "int8: sync"):
         assert method in result.stdout
     assert "int8 with one core per rank: exchange CPU + two streamed copies" in result.stdout
