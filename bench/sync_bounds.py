@@ -12,7 +12,7 @@ The parts, both ranks at once as in a sync:
     (int8: `quantize_tensors_change`, `requantize_mean` on this rank's chunk, `apply_quantized_mean_to`;
     float32 copy mode: `pack_into` then `unpack_from`);
   - "one streamed copy": `unpack_from` of a model-sized buffer into the tensors (4 bytes read and 4
-    written per element, the stores around the cache): the unit of memory traffic. Any int8 sync that keeps
+    written per element, the stores around the cache from 8 MiB): the unit of memory traffic. Any int8 sync that keeps
     an anchor reads the parameters and the anchor and writes both (16 bytes per element), i.e. at least
     two of these.
 Besides wall time, each method's CPU time (this process, all its threads, user + system) says whether
@@ -41,6 +41,13 @@ from localsgd_ext.quantized_wire import DEFAULT_BLOCK_SIZE  # noqa: E402
 
 # torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def add_a_change(tensors):
+    """A change for the int8 passes to quantize, not timed (an unchanged model quantizes to zeros and skips
+    making codes)."""
+    for t in tensors:
+        t.add_(0.01)
 
 
 def flat_offsets(tensors):
@@ -73,11 +80,6 @@ class Int8Parts:
         self.mean_scales = torch.ones(blocks // world_size)
         self.all_codes = torch.empty(self.length, dtype=torch.int8)
         self.all_scales = torch.empty(blocks)
-
-    def change(self):
-        """A change for the passes to quantize (an unchanged model quantizes to zeros, skipping the codes)."""
-        for t in self.tensors:
-            t.add_(0.01)
 
     def exchange(self):
         dist.all_to_all_single(self.received_codes, self.codes)
@@ -118,11 +120,6 @@ def main():
     int8_averager = QuantizedAverager(int8_tensors, wire="int8")
     int8_averager.rebase_anchor()
 
-    def before_int8_sync():
-        # A change for the wire to carry; not timed.
-        for t in int8_tensors:
-            t.add_(0.01)
-
     methods = {
         "flat all_reduce (floor)": (lambda: dist.all_reduce(flat), None),
         "fp32 copy: passes alone (pack + unpack)": (
@@ -135,8 +132,8 @@ def main():
         "fp32 copy: sync": (copy_averager.average, None),
         "one streamed copy": (lambda: ops.unpack_from(copy_buffer, copy_offsets, 1.0, copy_tensors), None),
         "int8: exchange alone": (int8_parts.exchange, None),
-        "int8: passes alone": (int8_parts.passes, int8_parts.change),
-        "int8: sync": (int8_averager.average, before_int8_sync),
+        "int8: passes alone": (int8_parts.passes, lambda: add_a_change(int8_parts.tensors)),
+        "int8: sync": (int8_averager.average, lambda: add_a_change(int8_tensors)),
     }
     walls = {name: [] for name in methods}
     cpus = {name: [] for name in methods}
