@@ -1,7 +1,9 @@
 // The CPU loops every quantized-wire kernel shares (quantize_cpu.cpp: quantize_blocks / dequantize_blocks;
-// quantize_wire_cpu.cpp: the fused send, reduce and receive): how blocks are spread over threads, one block's
-// scale and codes, one block's mean over rows. The arithmetic is quantize_math.h's, shared with the CUDA
-// kernels; its branch-free decode vectorizes (a 256-entry table lookup did not, and was slower).
+// quantize_wire_cpu.cpp and quantize_window_cpu.cpp: the fused send, reduce and receive, on packed buffers
+// and on the tensors themselves): how blocks are spread over threads, one block's scale and codes, one
+// block's mean over rows, the change's codes and residual, the anchor moved by a block's codes. The arithmetic is
+// quantize_math.h's, shared with the CUDA kernels; its branch-free decode vectorizes (a 256-entry table lookup did not,
+// and was slower).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -11,6 +13,7 @@
 #include <limits>
 
 #include "quantize_math.h"
+#include "vector_clones.h"
 
 namespace localsgd_ext::cpu {
 
@@ -92,6 +95,51 @@ inline void sum_rows_of_block(const typename Codec::Storage* codes, const float*
     const float scale = quantize::scale_for_mean(scales[r * num_blocks + b], divisor);
     for (int64_t k = 0; k < block_size; ++k) {
       sums[k] = quantize::add_dequantized(sums[k], Codec::decode(Codec::load(row, k)), scale);
+    }
+  }
+}
+
+// What each code of a block leaves out of its change, into the residual (read before it is written).
+template <typename Codec, typename Change>
+inline void write_left_out(const Change& change, const typename Codec::Storage* codes, float scale, float* residual,
+                           int64_t block_size) {
+  for (int64_t k = 0; k < block_size; ++k) {
+    residual[k] = quantize::left_out(change(k), Codec::decode(Codec::load(codes, k)), scale);
+  }
+}
+
+// quantize_change: the change (snapshot - anchor + residual) is recomputed from inputs that a block keeps
+// in cache, rather than stored: for the scale, for the codes, and for the residual. The pointers are at
+// the first of `num_blocks` blocks.
+template <typename Codec, bool kWithResidual>
+LOCALSGD_VECTOR_CLONES void quantize_change_blocks(const float* snapshot, const float* anchor, float* residual,
+                                                   int64_t num_blocks, int64_t block_size, typename Codec::Storage* out,
+                                                   float* scale_out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t offset = b * block_size;
+    const float* s = snapshot + offset;
+    const float* a = anchor + offset;
+    // A compile-time null without error feedback, so that the inner loops have no branch on it.
+    float* r = kWithResidual ? residual + offset : nullptr;
+    const auto change = [s, a, r](int64_t k) { return quantize::change_at(s, a, r, k); };
+    typename Codec::Storage* block_codes = quantize::storage_at<Codec>(out, offset);
+    const float scale = quantize_block<Codec>(change, block_size, block_codes);
+    scale_out[b] = scale;
+    if constexpr (kWithResidual) {
+      write_left_out<Codec>(change, block_codes, scale, r, block_size);
+    }
+  }
+}
+
+template <typename Codec>
+LOCALSGD_VECTOR_CLONES void apply_mean_blocks(const typename Codec::Storage* in, const float* scales, int64_t first,
+                                              int64_t last, int64_t block_size, float* anchor) {
+  for (int64_t b = first; b < last; ++b) {
+    const float scale = scales[b];
+    float* a = anchor + b * block_size;
+    const typename Codec::Storage* c = quantize::storage_at<Codec>(in, b * block_size);
+    for (int64_t k = 0; k < block_size; ++k) {
+      a[k] = quantize::add_dequantized(a[k], Codec::decode(Codec::load(c, k)), scale);
     }
   }
 }

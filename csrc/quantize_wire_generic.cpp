@@ -8,7 +8,7 @@
 
 #include "flat_window.h"
 #include "op_handles.h"
-#include "quantize_checks.h"
+#include "quantize_window_checks.h"
 
 namespace localsgd_ext {
 
